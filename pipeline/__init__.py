@@ -1,0 +1,1 @@
+"""Crosscoders: layer-agnostic TopK sparse autoencoders on a code LLM's residual stream."""
