@@ -1,0 +1,24 @@
+"""Parsing of the counts users type: `50M` tokens, `20K` steps."""
+
+import re
+
+from pipeline.errors import CrosscodersError
+
+SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}
+
+
+def parse_count(text: str | int, option: str = "--n-tokens") -> int:
+    """'20K' -> 20000, '1.5M' -> 1500000; a positive whole number of items."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMbB]?)\s*", text)
+        if not match:
+            raise CrosscodersError(f"{option} {text!r} is not a count; write e.g. 20000, 20K, 50M or 1B")
+        value = float(match.group(1)) * SUFFIXES[match.group(2).upper()]
+        if value != int(value):
+            raise CrosscodersError(f"{option} {text!r} is not a whole number of items")
+        value = int(value)
+    if value <= 0:
+        raise CrosscodersError(f"{option} must be positive, got {text!r}")
+    return value
