@@ -1,9 +1,14 @@
 """Batches of (activation, layer) rows for SAE training: shuffled, exact per epoch, resumable."""
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
+import numpy as np
 import torch
+
+from pipeline.errors import CrosscodersError
+from pipeline.store import CHUNK_ROWS, Store
 
 
 @dataclass(frozen=True)
@@ -23,7 +28,7 @@ class BatchSource(Protocol):
     stats: LayerStats
 
     def n_train_batches(self) -> int:
-        """Full batches in one training epoch (a partial last batch is dropped)."""
+        """Batches in one training epoch; the last may be smaller, so every row is seen once."""
 
     def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields (x: [batch, d_model] float32, layer: [batch] int64) on the device, in epoch order."""
@@ -60,7 +65,7 @@ class MemoryLoader:
         self.stats = layer_stats_of(acts, self.layers, n_layers)
 
     def n_train_batches(self) -> int:
-        return len(self.acts) // self.batch_size
+        return -(-len(self.acts) // self.batch_size)
 
     def train_batches(self, epoch: int, start_batch: int = 0):
         order = epoch_permutation(len(self.acts), self.seed, epoch)
@@ -85,3 +90,121 @@ def layer_stats_of(acts: torch.Tensor, layers: torch.Tensor, n_layers: int) -> L
     sq = torch.zeros(n_layers, dtype=torch.float64).index_add_(0, layers, acts64.pow(2).sum(1))
     denominator = count.clamp(min=1).double()
     return LayerStats((total / denominator[:, None]).float(), (sq / denominator).float(), count)
+
+
+class ShardLoader:
+    """Training rows of an activation store in a shuffled order that spans the whole store.
+
+    An epoch visits the store's compressed chunks in a seeded random order; `window_chunks` of them
+    at a time are read by worker threads (decompression releases the GIL), concatenated and
+    shuffled row by row. A batch thus mixes rows of many shards while memory stays bounded by a
+    few windows, whatever the store's size. The order depends only on (seed, epoch), so a run
+    resumes mid-epoch by skipping whole windows without reading them.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        batch_size: int,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        window_chunks: int = 64,
+        workers: int = 4,
+        val_rows: int = 65536,
+    ):
+        if not store.shards:
+            raise CrosscodersError(f"{store.path} holds no complete shard yet; run cache-acts --out {store.path} first")
+        if store.n_rows("train") == 0:
+            raise CrosscodersError(f"{store.path} holds no training rows; cache more tokens or lower --val-fraction")
+        self.store, self.batch_size, self.seed = store, batch_size, seed
+        self.device, self.window_chunks, self.val_rows = torch.device(device), window_chunks, val_rows
+        self.d_model, self.n_layers = store.d_model, store.n_hidden_states
+        self.chunks = [
+            (shard, start, min(start + CHUNK_ROWS, shard.n_rows["train"]))
+            for shard in store.shards
+            for start in range(0, shard.n_rows["train"], CHUNK_ROWS)
+        ]
+        self.n_rows = sum(end - start for _, start, end in self.chunks)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk-reader")
+        self.stats = self._stats()
+        self._val: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _stats(self) -> LayerStats:
+        count, total, sq = self.store.layer_stats_sums()
+        denominator = np.maximum(count, 1).astype(np.float64)
+        return LayerStats(
+            torch.from_numpy(total / denominator[:, None]).float(),
+            torch.from_numpy(sq / denominator).float(),
+            torch.from_numpy(count),
+        )
+
+    def n_train_batches(self) -> int:
+        return -(-self.n_rows // self.batch_size)
+
+    def _windows(self, epoch: int) -> list[list[int]]:
+        order = epoch_permutation(len(self.chunks), self.seed, epoch).tolist()
+        return [order[i : i + self.window_chunks] for i in range(0, len(order), self.window_chunks)]
+
+    def _read_chunk(self, chunk_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shard, start, end = self.chunks[chunk_id]
+        acts = self.store.read_acts(shard, "train", start, end)
+        layers = torch.from_numpy(self.store.read(shard, "train/layer", start, end).astype(np.int64))
+        return acts, layers
+
+    def _read_window(self, epoch: int, window: int, chunk_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A window's rows in their shuffled order (acts in the storage dtype)."""
+        parts = list(self.pool.map(self._read_chunk, chunk_ids))
+        acts, layers = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        order = epoch_permutation(len(acts), self.seed + 7919 * (window + 1), epoch)
+        return acts[order], layers[order]
+
+    def train_batches(self, epoch: int, start_batch: int = 0):
+        windows = self._windows(epoch)
+        sizes = [sum(self.chunks[c][2] - self.chunks[c][1] for c in w) for w in windows]
+        skip = start_batch * self.batch_size
+        first = 0
+        while first < len(windows) and skip >= sizes[first]:
+            skip -= sizes[first]
+            first += 1
+        ahead = [self.pool.submit(self._read_window, epoch, w, windows[w]) for w in range(first, min(first + 2, len(windows)))]
+        carry_acts, carry_layers = None, None
+        for w in range(first, len(windows)):
+            acts, layers = ahead.pop(0).result()
+            if w + 2 < len(windows):
+                ahead.append(self.pool.submit(self._read_window, epoch, w + 2, windows[w + 2]))
+            if w == first:
+                acts, layers = acts[skip:], layers[skip:]
+            if carry_acts is not None:
+                acts, layers = torch.cat([carry_acts, acts]), torch.cat([carry_layers, layers])
+            n_full = len(acts) // self.batch_size * self.batch_size
+            for start in range(0, n_full, self.batch_size):
+                yield self._to_device(acts[start : start + self.batch_size], layers[start : start + self.batch_size])
+            carry_acts, carry_layers = acts[n_full:], layers[n_full:]
+        if carry_acts is not None and len(carry_acts):
+            yield self._to_device(carry_acts, carry_layers)
+
+    def val_batches(self):
+        if self._val is None:
+            self._val = self._read_val()
+        acts, layers = self._val
+        for start in range(0, len(acts), self.batch_size):
+            yield self._to_device(acts[start : start + self.batch_size], layers[start : start + self.batch_size])
+
+    def _read_val(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `val_rows` held-out rows in store order, kept in memory in the storage dtype."""
+        acts, layers, remaining = [], [], self.val_rows
+        for shard in self.store.shards:
+            take = min(shard.n_rows["val"], remaining)
+            if take:
+                acts.append(self.store.read_acts(shard, "val", 0, take))
+                layers.append(torch.from_numpy(self.store.read(shard, "val/layer", 0, take).astype(np.int64)))
+                remaining -= take
+        if not acts:
+            return torch.zeros(0, self.d_model), torch.zeros(0, dtype=torch.int64)
+        return torch.cat(acts), torch.cat(layers)
+
+    def _to_device(self, acts: torch.Tensor, layers: torch.Tensor):
+        """Host -> device in the storage dtype (half the bytes of float32), widened on the device."""
+        if self.device.type == "cuda":
+            acts, layers = acts.pin_memory(), layers.pin_memory()
+        return acts.to(self.device, non_blocking=True).float(), layers.to(self.device, non_blocking=True)

@@ -97,7 +97,8 @@ def _create(group, name: str, data: np.ndarray, codecs: tuple, chunk_rows: int =
     chunks = (min(chunk_rows, rows),) + data.shape[1:]
     shard_rows = -(-rows // chunks[0]) * chunks[0]
     array = group.create_array(
-        name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=(shard_rows,) + data.shape[1:], compressors=codecs
+        name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=(shard_rows,) + data.shape[1:], compressors=codecs,
+        config={"write_empty_chunks": True},  # an all-zero chunk still gets its file, so a lost file is detectable
     )
     if len(data):
         array[...] = data

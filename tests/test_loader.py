@@ -1,0 +1,117 @@
+"""The shard loader: every row once per epoch, shards mixed in a batch, deterministic, resumable."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import CrosscodersError
+from pipeline.loader import MemoryLoader, ShardLoader
+from pipeline.store import ShardData, SplitRows, Store, create_or_open, to_storage
+
+D_MODEL, N_STATES = 8, 4
+
+
+def write_store(path, shard_sizes: list[int], val_per_shard: int = 50) -> Store:
+    """Rows whose first feature is their global id, so a batch says which rows it holds."""
+    store = create_or_open(path, {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": N_STATES}, "dtype": "float32"})
+    next_id, pairs = 0, 0
+    for index, rows in enumerate(shard_sizes):
+        def split_rows(n: int, first_id: int) -> SplitRows:
+            acts = torch.zeros(n, D_MODEL)
+            acts[:, 0] = torch.arange(first_id, first_id + n)
+            acts[:, 1] = index
+            return SplitRows(to_storage(acts, "float32"), np.arange(first_id, first_id + n) % N_STATES,
+                             np.zeros(n), np.full(n, index), np.arange(n))
+
+        train, val = split_rows(rows, next_id), split_rows(val_per_shard, 10**6 + next_id)
+        next_id += rows
+        pairs += rows + val_per_shard
+        layer_acts = torch.from_numpy(train.acts).double()
+        count = np.bincount(train.layer, minlength=N_STATES)
+        total = np.stack([layer_acts[train.layer == i].sum(0).numpy() for i in range(N_STATES)])
+        sq = np.array([layer_acts[train.layer == i].pow(2).sum().item() for i in range(N_STATES)])
+        store.write_shard(ShardData({"train": train, "val": val}, np.array([index]), np.array([0]), np.array([0, 1]),
+                                    np.array([7]), count, total, sq, index + 1, pairs))
+    return Store(path)
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return write_store(tmp_path / "s", [3000, 2500, 4100, 700])
+
+
+def ids(batches) -> list[np.ndarray]:
+    return [x[:, 0].long().numpy() for x, _ in batches]
+
+
+def test_every_training_row_once_per_epoch_in_a_new_order(store):
+    loader = ShardLoader(store, batch_size=512, seed=1, window_chunks=3)
+    epochs = [np.concatenate(ids(loader.train_batches(epoch))) for epoch in (0, 1)]
+    for seen in epochs:
+        assert np.array_equal(np.sort(seen), np.arange(10300))
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert loader.n_train_batches() == len(ids(loader.train_batches(0))) == 21
+
+
+def test_layers_travel_with_their_rows(store):
+    for x, layer in ShardLoader(store, batch_size=700, window_chunks=2).train_batches(0):
+        assert torch.equal(layer, x[:, 0].long() % N_STATES)
+
+
+def test_a_batch_mixes_rows_of_different_shards(store):
+    loader = ShardLoader(store, batch_size=1024, seed=0, window_chunks=4)
+    shards_per_batch = [len(torch.unique(x[:, 1])) for x, _ in loader.train_batches(0)]
+    assert np.mean(shards_per_batch) > 2
+
+
+def test_same_seed_same_order_and_other_seed_other_order(store):
+    first = np.concatenate(ids(ShardLoader(store, 256, seed=3).train_batches(0)))
+    assert np.array_equal(first, np.concatenate(ids(ShardLoader(store, 256, seed=3).train_batches(0))))
+    assert not np.array_equal(first, np.concatenate(ids(ShardLoader(store, 256, seed=4).train_batches(0))))
+
+
+@pytest.mark.parametrize("start_batch", [1, 5, 13, 20])
+def test_resuming_mid_epoch_yields_the_remaining_batches_exactly(store, start_batch):
+    loader = ShardLoader(store, batch_size=500, seed=2, window_chunks=3)
+    full = ids(loader.train_batches(1))
+    resumed = ids(loader.train_batches(1, start_batch=start_batch))
+    assert len(resumed) == len(full) - start_batch
+    for a, b in zip(full[start_batch:], resumed):
+        assert np.array_equal(a, b)
+
+
+def test_validation_rows_come_from_the_held_out_split(store):
+    loader = ShardLoader(store, batch_size=64, val_rows=120)
+    val = np.concatenate(ids(loader.val_batches()))
+    assert len(val) == 120 and (val >= 10**6).all()
+
+
+def test_statistics_are_the_exact_per_layer_moments(store):
+    loader = ShardLoader(store, batch_size=64)
+    rows = torch.cat([x for x, _ in loader.train_batches(0)])
+    layers = torch.cat([layer for _, layer in loader.train_batches(0)])
+    for layer in range(N_STATES):
+        mine = rows[layers == layer].double()
+        torch.testing.assert_close(loader.stats.mean[layer], mine.mean(0).float())
+        torch.testing.assert_close(loader.stats.mean_sq_norm[layer], mine.pow(2).sum(1).mean().float())
+
+
+def test_memory_loader_sees_every_row_once(store):
+    acts = torch.arange(1000.0)[:, None].repeat(1, D_MODEL)
+    seen = np.concatenate(ids(MemoryLoader(acts, torch.zeros(1000, dtype=torch.long), N_STATES, 300).train_batches(0)))
+    assert np.array_equal(np.sort(seen), np.arange(1000))
+
+
+def test_an_empty_store_is_a_clear_error(tmp_path):
+    empty = create_or_open(tmp_path / "e", {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": N_STATES}, "dtype": "float32"})
+    with pytest.raises(CrosscodersError, match="holds no complete shard yet; run cache-acts"):
+        ShardLoader(empty, 64)
+
+
+def test_a_damaged_chunk_stops_the_epoch_with_a_clear_error(store):
+    data = next(p for p in (store.path / "shard-000002" / "train" / "acts").rglob("*") if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CrosscodersError, match="shard-000002/train/acts is damaged"):
+        list(ShardLoader(store, 512).train_batches(0))
