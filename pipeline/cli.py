@@ -1,0 +1,96 @@
+"""Command lines built from config dataclasses: one option per field, same name, same help text.
+
+A field declares its help (and, optionally, a parser for what users type) with `option(...)`.
+User errors (CrosscodersError) are printed as one red line and exit with status 2.
+"""
+
+import dataclasses
+import inspect
+import sys
+import types
+import typing
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from pipeline.errors import CrosscodersError
+
+
+def option(default: Any, help: str, parse: Callable[[str], Any] | None = None, cli_type: type | None = None):
+    """A dataclass field that is also a CLI option; `parse` turns the typed text into the value."""
+    return dataclasses.field(default=default, metadata={"help": help, "parse": parse, "cli_type": cli_type})
+
+
+def _cli_annotation(field: dataclasses.Field) -> Any:
+    if field.metadata.get("cli_type") is not None:
+        return field.metadata["cli_type"]
+    annotation = field.type
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return typing.Optional[inner[0]]
+    if typing.get_origin(annotation) in (tuple, list):
+        return list[typing.get_args(annotation)[0]]
+    return annotation
+
+
+def _parameter(field: dataclasses.Field) -> inspect.Parameter:
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if isinstance(default, tuple):
+        default = list(default)
+    flag = "--" + field.name.replace("_", "-")
+    annotation = _cli_annotation(field)
+    if annotation is bool:
+        flag = f"{flag}/--no-{field.name.replace('_', '-')}"
+    return inspect.Parameter(
+        field.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(default, flag, help=field.metadata.get("help", "")),
+        annotation=annotation,
+    )
+
+
+def build_config(cls, values: dict[str, Any]):
+    """A config from CLI values: typed text goes through each field's parser."""
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in values:
+            continue
+        value, parse = values[field.name], field.metadata.get("parse")
+        if parse is not None and value is not None and not isinstance(value, bool):
+            value = parse(value) if not isinstance(value, list) else [parse(v) for v in value]
+        if isinstance(value, list) and typing.get_origin(field.type) is tuple:
+            value = tuple(value)
+        kwargs[field.name] = value
+    return cls(**kwargs)
+
+
+def config_command(app: typer.Typer, config_classes: list[type], run: Callable, extra: list[inspect.Parameter] = (), help: str = ""):
+    """Registers `run(configs..., **extra)` as the app's command with one option per config field."""
+    config_fields = [f for cls in config_classes for f in dataclasses.fields(cls) if "help" in f.metadata]
+    names = [f.name for f in config_fields]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise RuntimeError(f"config fields share CLI names: {duplicates}")
+
+    def command(**values):
+        try:
+            configs = [build_config(cls, values) for cls in config_classes]
+            run(*configs, **{p.name: values[p.name] for p in extra})
+        except CrosscodersError as error:
+            Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    command.__signature__ = inspect.Signature([_parameter(f) for f in config_fields] + list(extra))
+    command.__doc__ = help
+    app.command()(command)
+    return command
+
+
+def run_app(app: typer.Typer) -> None:
+    """Entry point: run the app; a user error never shows a traceback."""
+    try:
+        app()
+    except CrosscodersError as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,214 @@
+"""Documents to run the model over: code-instruction chats mined offline, or rows of a `datasets` source."""
+
+import ast
+import dataclasses
+import hashlib
+import itertools
+import os
+import random
+import re
+import sysconfig
+import textwrap
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from pipeline.cli import option
+from pipeline.errors import CrosscodersError
+
+SYSTEM_PROMPT = "You are Qwen, a helpful coding assistant."
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FUNCTION_BUFFER = 256  # mined functions held for shuffling; small so the first documents come fast
+ROW_BUFFER = 10_000  # dataset rows held for shuffling
+MAX_FUNCTION_LINES = 60
+MIN_DOCSTRING_WORDS = 4
+MAX_FILE_BYTES = 1_000_000  # larger files are mostly generated tables, slow to parse
+# Tests, caches, GUI demos and Python-2-era code make poor or duplicate examples.
+SKIP_DIRS = {"__pycache__", "site-packages", "test", "tests", "idlelib", "turtledemo", "lib2to3", "pydoc_data", "ensurepip"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Which documents to read and how to shuffle and split them."""
+
+    dataset: str | None = option(None, "Hub id or local jsonl/json/parquet/csv file or folder; default: Python functions mined from this machine.")
+    prompt_field: str = option("prompt", "Column holding the user prompt.")
+    response_field: str = option("response", "Column holding the assistant response.")
+    text_field: str | None = option(None, "Column of raw text; when set, documents are not chat-formatted.")
+    hf_split: str = option("train", "Split of the dataset to read.")
+    system_prompt: str = option(SYSTEM_PROMPT, "System prompt of every chat document.")
+    seed: int = option(0, "Seed of the corpus shuffle and of the per-token layer draw.")
+    val_fraction: float = option(0.05, "Fraction of documents held out for validation and evaluation.")
+
+    def to_dict(self) -> dict:
+        """The config as plain JSON values."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: a chat (system, user, assistant) or raw text."""
+
+    index: int  # position in the shuffled stream, stable for a config
+    messages: tuple[dict, ...] | None  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+    text: str | None
+
+
+def iter_documents(config: CorpusConfig, start: int = 0) -> Iterator[Document]:
+    """Streams the shuffled documents from index `start` on; skipped ones are read but never tokenized."""
+    if config.dataset is None:
+        rows = mined_pairs(config.seed)
+    else:
+        rows = dataset_rows(config)
+    for index, (prompt, response, text) in enumerate(itertools.islice(rows, start, None), start):
+        if text is not None:
+            yield Document(index, None, text)
+        else:
+            messages = (
+                {"role": "system", "content": config.system_prompt},
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": response},
+            )
+            yield Document(index, messages, None)
+
+
+def tokenize_document(doc: Document, tokenizer, max_seq_len: int) -> list[int]:
+    """Token ids of a document, chats through the tokenizer's chat template, cut to `max_seq_len`."""
+    if doc.messages is not None:
+        ids = tokenizer.apply_chat_template(list(doc.messages), tokenize=True, return_dict=False)
+    else:
+        ids = tokenizer(doc.text)["input_ids"]
+    return list(ids[:max_seq_len])
+
+
+def is_validation(doc_index: int, config: CorpusConfig) -> bool:
+    """Whether a document is held out: a hash of (seed, index) mapped to [0, 1), below `val_fraction`."""
+    digest = hashlib.blake2b(f"{config.seed}:{doc_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < config.val_fraction
+
+
+def mined_pairs(seed: int) -> Iterator[tuple[str, str, None]]:
+    """(prompt, response, None) for documented functions of this machine's stdlib, then its installed packages."""
+    file_rng, buffer_rng = random.Random(f"files:{seed}"), random.Random(f"functions:{seed}")
+    return buffer_shuffle(
+        (pair for path in shuffled_files(file_rng) for pair in function_pairs(path)), FUNCTION_BUFFER, buffer_rng
+    )
+
+
+def shuffled_files(rng: random.Random) -> Iterator[Path]:
+    """Python files of the stdlib, then of site-packages, each group in seeded order and listed only when reached."""
+    paths = sysconfig.get_paths()
+    roots = [[paths["stdlib"]], sorted({paths["purelib"], paths["platlib"]})]
+    for group in roots:
+        files = sorted(path for root in group for path in python_files(Path(root)))
+        rng.shuffle(files)
+        yield from files
+
+
+def python_files(root: Path) -> Iterator[Path]:
+    """The .py files under `root`, leaving out tests, caches and nested site-packages."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith((".dist-info", ".egg-info"))]
+        yield from (Path(folder, name) for name in files if name.endswith(".py"))
+
+
+def function_pairs(path: Path) -> list[tuple[str, str, None]]:
+    """A (prompt, response) per documented, not too long function or method of one file; [] if it does not parse."""
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            return []
+        source = path.read_bytes().decode("utf-8")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escape sequences in third-party code
+            tree = ast.parse(source)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError, MemoryError):
+        return []
+    lines = source.splitlines()
+    pairs = []
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            pairs += [pair for child in node.body if (pair := function_pair(child, lines, node.name))]
+        elif pair := function_pair(node, lines):
+            pairs.append(pair)
+    return pairs
+
+
+def function_pair(node: ast.AST, lines: list[str], class_name: str | None = None) -> tuple[str, str, None] | None:
+    """The instruction asking for a function with this signature and docstring, and its source as the answer."""
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    docstring = ast.get_docstring(node)
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    if not docstring or len(docstring.split()) < MIN_DOCSTRING_WORDS or node.end_lineno - first >= MAX_FUNCTION_LINES:
+        return None
+    prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+    returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+    signature = f"{prefix} {node.name}({ast.unparse(node.args)}){returns}:"
+    owner = f" (a method of class `{class_name}`)" if class_name else ""
+    prompt = f"Write a Python function{owner} with the signature `{signature}` that does the following:\n\n{docstring}"
+    code = textwrap.dedent("\n".join(lines[first - 1 : node.end_lineno]))
+    return prompt, f"```python\n{code}\n```", None
+
+
+def buffer_shuffle(items: Iterable, size: int, rng: random.Random) -> Iterator:
+    """Items in a seeded order that only looks `size` items ahead, so it streams."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def dataset_rows(config: CorpusConfig) -> Iterator[tuple[str | None, str | None, str | None]]:
+    """(prompt, response, None) or (None, None, text) per row of a shuffled, streamed `datasets` source."""
+    fields = [config.text_field] if config.text_field else [config.prompt_field, config.response_field]
+    option = "--text-field" if config.text_field else "--prompt-field/--response-field"
+    for row in load_rows(config).shuffle(seed=config.seed, buffer_size=ROW_BUFFER):
+        for field in fields:
+            if field not in row:
+                raise CrosscodersError(
+                    f"dataset {config.dataset} has no field {field!r} (columns: {', '.join(sorted(row))}); "
+                    f"set {option} to the right column"
+                )
+        if config.text_field:
+            yield None, None, str(row[config.text_field])
+        else:
+            yield str(row[config.prompt_field]), str(row[config.response_field]), None
+
+
+def load_rows(config: CorpusConfig):
+    """The streaming `datasets.IterableDataset` for a local file, folder or hub id."""
+    import datasets  # slow to import; the mined default does without it
+
+    path = Path(config.dataset).expanduser()
+    if path.is_file():
+        builder = BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise CrosscodersError(f"dataset file {path} is not jsonl/json/parquet/csv; convert it or pass a hub id")
+        return datasets.load_dataset(builder, data_files={config.hf_split: str(path)}, split=config.hf_split, streaming=True)
+    if path.is_dir():
+        try:
+            return datasets.load_dataset(str(path), split=config.hf_split, streaming=True)
+        except Exception as e:
+            raise CrosscodersError(f"could not load split {config.hf_split!r} of folder {path}: {one_line(e)}") from e
+    if path.suffix.lower() in BUILDERS or not HUB_ID.fullmatch(config.dataset):
+        raise CrosscodersError(f"dataset {config.dataset} is neither an existing file or folder nor a hub id; check it")
+    try:
+        return datasets.load_dataset(config.dataset, split=config.hf_split, streaming=True)
+    except Exception as e:
+        raise CrosscodersError(
+            f"could not load dataset {config.dataset} from the Hugging Face Hub (offline?): {one_line(e)}; "
+            f"a local jsonl/json/parquet/csv file or folder works too"
+        ) from e
+
+
+def one_line(error: Exception) -> str:
+    """A library error squeezed onto one line, for a user-facing message."""
+    return " ".join(str(error).split()) or type(error).__name__

@@ -1,0 +1,135 @@
+"""Corpus: mined code-instruction chats stream fast and reproducibly; local datasets load; split and tokens behave."""
+
+import csv
+import itertools
+import json
+import math
+import re
+
+import datasets
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline import corpus
+from pipeline.corpus import SYSTEM_PROMPT, CorpusConfig, Document, is_validation, iter_documents, tokenize_document
+from pipeline.errors import CrosscodersError
+
+
+def first(config: CorpusConfig, n: int, start: int = 0) -> list[Document]:
+    return list(itertools.islice(iter_documents(config, start), n))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_mined_documents_ask_for_a_signature_and_answer_with_its_code():
+    docs = first(CorpusConfig(), 50)
+    assert [doc.index for doc in docs] == list(range(50))
+    for doc in docs:
+        system, user, assistant = doc.messages
+        assert doc.text is None
+        assert (system["role"], user["role"], assistant["role"]) == ("system", "user", "assistant")
+        assert system["content"] == SYSTEM_PROMPT
+        signature = re.search(r"signature `((?:async )?def (\w+)\(.*\).*:)`", user["content"])
+        assert signature, user["content"]
+        assert assistant["content"].startswith("```python\n") and assistant["content"].endswith("\n```")
+        assert f"def {signature[2]}(" in assistant["content"]
+
+
+def test_first_documents_parse_only_a_few_files(monkeypatch):
+    parsed = []
+    real = corpus.function_pairs
+    monkeypatch.setattr(corpus, "function_pairs", lambda path: parsed.append(path) or real(path))
+    assert len(first(CorpusConfig(), 200)) == 200
+    assert len(parsed) < 300
+
+
+def test_same_seed_same_documents_other_seed_other_order():
+    a, b, c = first(CorpusConfig(seed=0), 100), first(CorpusConfig(seed=0), 100), first(CorpusConfig(seed=1), 100)
+    assert a == b
+    assert [d.messages for d in a] != [d.messages for d in c]
+
+
+def test_start_resumes_at_that_index():
+    full = first(CorpusConfig(seed=3), 400)
+    assert first(CorpusConfig(seed=3), 100, start=300) == full[300:]
+
+
+def test_local_jsonl_chat_pairs_keep_every_row_once(tmp_path):
+    rows = [{"prompt": f"question {i}", "response": f"answer {i}", "id": i} for i in range(300)]
+    config = CorpusConfig(dataset=str(write_jsonl(tmp_path / "pairs.jsonl", rows)), seed=1, system_prompt="Be brief.")
+    docs = list(iter_documents(config))
+    assert [doc.index for doc in docs] == list(range(300))
+    pairs = [(doc.messages[1]["content"], doc.messages[2]["content"]) for doc in docs]
+    assert sorted(pairs) == sorted((row["prompt"], row["response"]) for row in rows)
+    assert pairs != [(row["prompt"], row["response"]) for row in rows]  # shuffled
+    assert docs[0].messages[0] == {"role": "system", "content": "Be brief."}
+    assert list(iter_documents(config, start=250)) == docs[250:]
+
+
+def test_text_field_gives_raw_text_documents(tmp_path):
+    path = write_jsonl(tmp_path / "text.jsonl", [{"content": f"print({i})"} for i in range(20)])
+    docs = list(iter_documents(CorpusConfig(dataset=str(path), text_field="content")))
+    assert all(doc.messages is None for doc in docs)
+    assert sorted(doc.text for doc in docs) == sorted(f"print({i})" for i in range(20))
+
+
+def test_missing_field_names_it_and_the_columns(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"instruction": "q", "output": "a"}])
+    with pytest.raises(CrosscodersError, match=r"'prompt'.*instruction, output.*--prompt-field/--response-field"):
+        list(iter_documents(CorpusConfig(dataset=str(path))))
+    with pytest.raises(CrosscodersError, match=r"'body'.*--text-field"):
+        list(iter_documents(CorpusConfig(dataset=str(path), text_field="body")))
+
+
+def test_parquet_file_and_csv_folder_load(tmp_path, monkeypatch):
+    # datasets sleeps 5 s when a parquet stream ends, a workaround for an Arrow threading bug
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(10)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "pairs.parquet"))
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    with open(folder / "train.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt", "response"])
+        writer.writeheader()
+        writer.writerows(rows)
+    for dataset in [tmp_path / "pairs.parquet", folder]:
+        docs = list(iter_documents(CorpusConfig(dataset=str(dataset))))
+        assert sorted(doc.messages[1]["content"] for doc in docs) == sorted(row["prompt"] for row in rows)
+
+
+def test_missing_path_and_offline_hub_give_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(CrosscodersError, match="neither an existing file or folder nor a hub id"):
+        first(CorpusConfig(dataset=str(tmp_path / "nope.jsonl")), 1)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub\nno network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(CrosscodersError, match=r"could not load .*\(offline\?\).*local") as info:
+        first(CorpusConfig(dataset="someone/code-instructions"), 1)
+    assert "\n" not in str(info.value)
+
+
+def test_validation_split_is_five_percent_and_deterministic():
+    config = CorpusConfig(seed=7)
+    n = 20_000
+    held_out = [is_validation(i, config) for i in range(n)]
+    sd = math.sqrt(n * 0.05 * 0.95)
+    assert abs(sum(held_out) - n * 0.05) < 5 * sd
+    assert held_out == [is_validation(i, config) for i in range(n)]
+    assert held_out != [is_validation(i, CorpusConfig(seed=8)) for i in range(n)]
+
+
+def test_tokenize_document_uses_chat_template_and_truncates(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    doc = first(CorpusConfig(), 1)[0]
+    ids = tokenize_document(doc, tokenizer, max_seq_len=100_000)
+    head = tokenizer.encode("<|im_start|>system\n", add_special_tokens=False)
+    assert ids[: len(head)] == head
+    assert SYSTEM_PROMPT in tokenizer.decode(ids)
+    assert tokenize_document(doc, tokenizer, max_seq_len=16) == ids[:16]
+    text_ids = tokenize_document(Document(0, None, "def add(a, b):\n    return a + b\n" * 20), tokenizer, 8)
+    assert len(text_ids) == 8
