@@ -89,6 +89,9 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
 
 def run_app(app: typer.Typer) -> None:
     """Entry point: run the app; a user error never shows a traceback."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our own progress bars say what is happening
     try:
         app()
     except CrosscodersError as error:

@@ -1,0 +1,30 @@
+"""`cache-acts`: stage one, run the model once and store (layer, activation) pairs."""
+
+import typer
+from rich.console import Console
+
+from pipeline.cache import CacheConfig, cache_activations
+from pipeline.cli import config_command, run_app
+from pipeline.corpus import CorpusConfig
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def run(cache: CacheConfig, corpus: CorpusConfig) -> None:
+    console = Console(stderr=True)
+    report = cache_activations(cache, corpus, console=console)
+    console.print(
+        f"stored {report.n_pairs_written:,} pairs in {report.seconds:.1f} s "
+        f"({report.model_tokens_per_s:,.0f} model tokens/s); {report.out} holds {report.n_pairs_total:,} pairs"
+    )
+
+
+config_command(app, [CacheConfig, CorpusConfig], run, help=__doc__)
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Stage one: run the model once over the corpus and store (layer, activation) pairs."""
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+
+from pipeline.corpus import CorpusConfig, is_validation, iter_documents, tokenize_document
+from pipeline.cli import option
+from pipeline.errors import CrosscodersError
+from pipeline.hidden_states import capture_rows
+from pipeline.models import DEFAULT_MODEL, load_model
+from pipeline.shard_writer import RecordedBatch, ShardWriter
+from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, create_or_open
+from pipeline.units import parse_count
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Options of `cache-acts` (the corpus has its own CorpusConfig)."""
+
+    model: str = option(DEFAULT_MODEL, "Embedded preset name, local Hugging Face folder, local .gguf file, or hub id.")
+    out: str = option("./shards", "Store folder; re-running the same command resumes it.")
+    n_tokens: int = option(1_000_000, "Total (layer, activation) pairs to store, e.g. 20K, 50M.", parse_count, str)
+    layers: str = option("all", "Hidden states to sample from: all, 0-28, or 4,8,12 (0 = embeddings).")
+    layers_per_token: str = option("1", "Distinct random layers stored per token: a number, or all.")
+    max_seq_len: int = option(1024, "Tokens per document; longer documents are truncated.")
+    batch_tokens: int = option(16384, "Token budget of a forward batch, padding included.")
+    skip_special: bool = option(True, "Skip the first position and special tokens (attention sinks with outsized norms).")
+    dtype: str = option("bf16", "Storage dtype of activations: bf16, float16 or float32.")
+    model_dtype: str = option("auto", "Dtype the model runs in: auto (bf16 on GPU, float32 on CPU), bf16, float16, float32.")
+    device: str = option("auto", "Device for the forward pass: auto, cpu, cuda, cuda:1, ...")
+    shard_rows: int = option(65536, "Training rows per shard (each shard is written whole, then made visible).")
+
+    def __post_init__(self):
+        if self.dtype not in STORAGE_DTYPES:
+            raise CrosscodersError(f"--dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+        if self.max_seq_len < 2:
+            raise CrosscodersError("--max-seq-len must be at least 2")
+        if self.batch_tokens < self.max_seq_len:
+            raise CrosscodersError(f"--batch-tokens ({self.batch_tokens}) must be at least --max-seq-len ({self.max_seq_len})")
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    out: Path
+    n_pairs_written: int
+    n_pairs_total: int
+    n_model_tokens: int
+    seconds: float
+
+    @property
+    def model_tokens_per_s(self) -> float:
+        return self.n_model_tokens / max(self.seconds, 1e-9)
+
+
+def parse_layers(spec: str, n_hidden_states: int) -> list[int]:
+    """'all', '0-28', '4,8,12' or '0-8,20' -> sorted layer ids, each checked against the model."""
+    if spec.strip() == "all":
+        return list(range(n_hidden_states))
+    layers: set[int] = set()
+    try:
+        for part in spec.split(","):
+            first, _, last = part.strip().partition("-")
+            layers.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise CrosscodersError(f"--layers {spec!r} is not a layer list; write e.g. all, 0-28 or 4,8,12") from None
+    bad = sorted(layer for layer in layers if not 0 <= layer < n_hidden_states)
+    if bad or not layers:
+        raise CrosscodersError(
+            f"--layers {spec!r}: layer {bad[0] if bad else '?'} is out of range; the model has "
+            f"{n_hidden_states} hidden states (0..{n_hidden_states - 1})"
+        )
+    return sorted(layers)
+
+
+def parse_layers_per_token(spec: str, n_layers: int) -> int:
+    """'1'..'n' or 'all' -> how many distinct layers each token contributes."""
+    if spec == "all":
+        return n_layers
+    if not spec.isdigit() or not 1 <= int(spec) <= n_layers:
+        raise CrosscodersError(f"--layers-per-token {spec!r} must be 'all' or a number from 1 to {n_layers} (the chosen layers)")
+    return int(spec)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def resolve_model_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """bf16 on a GPU, float32 on the CPU (where bf16 matmuls are slow), unless asked otherwise."""
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if spec not in names:
+        raise CrosscodersError(f"--model-dtype {spec!r} is not one of auto, {', '.join(names)}")
+    return names[spec]
+
+
+@dataclass
+class Packed:
+    """Documents padded into one batch: right padding, never recorded."""
+
+    doc_index: list[int]
+    doc_tokens: list[np.ndarray]
+    input_ids: torch.Tensor  # [batch, seq]
+    attention_mask: torch.Tensor  # [batch, seq]
+
+
+def pack_batches(docs: Iterable[tuple[int, np.ndarray]], batch_tokens: int, pad_id: int) -> Iterator[Packed]:
+    """Greedy packing in corpus order: a batch grows while rows x longest row stays within budget."""
+    group: list[tuple[int, np.ndarray]] = []
+    for doc in docs:
+        longest = max([len(doc[1])] + [len(t) for _, t in group])
+        if group and (len(group) + 1) * longest > batch_tokens:
+            yield _pad(group, pad_id)
+            group = []
+        group.append(doc)
+    if group:
+        yield _pad(group, pad_id)
+
+
+def _pad(group: list[tuple[int, np.ndarray]], pad_id: int) -> Packed:
+    longest = max(len(t) for _, t in group)
+    input_ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(group), longest), dtype=torch.long)
+    for row, (_, tokens) in enumerate(group):
+        input_ids[row, : len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
+        attention_mask[row, : len(tokens)] = 1
+    return Packed([d for d, _ in group], [t for _, t in group], input_ids, attention_mask)
+
+
+def choose_pairs(
+    tokens: np.ndarray, doc_index: int, layers: list[int], per_token: int, skip: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, layers) recorded for one document, ordered by position then layer.
+
+    The layer draw depends only on (seed, document), not on batching, so resumed runs match.
+    `skip` marks positions never recorded (the first position and special tokens, by default).
+    """
+    rng = np.random.default_rng([seed, doc_index])
+    positions = np.flatnonzero(~skip)
+    if per_token == 1:
+        choice = rng.integers(0, len(layers), size=(len(positions), 1))
+    else:
+        choice = np.argsort(rng.random((len(positions), len(layers))), axis=1)[:, :per_token]
+    chosen = np.sort(np.asarray(layers)[choice], axis=1)
+    return np.repeat(positions, per_token), chosen.reshape(-1)
+
+
+def skip_mask(tokens: np.ndarray, special_ids: np.ndarray, skip_special: bool) -> np.ndarray:
+    """Positions not to record. The first position and special tokens act as attention sinks with
+    residual norms orders of magnitude above the rest; recording them would dominate an SAE's loss."""
+    mask = np.zeros(len(tokens), dtype=bool)
+    if skip_special:
+        mask[0] = True
+        mask |= np.isin(tokens, special_ids)
+    return mask
+
+
+def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Console | None = None, progress: bool = True) -> CacheReport:
+    """Caches activations into config.out until it holds config.n_tokens pairs; resumes a partial store."""
+    console = console or Console(stderr=True)
+    device = resolve_device(config.device)
+    model_dtype = resolve_model_dtype(config.model_dtype, device)
+    loaded = load_model(config.model, device=device, dtype=model_dtype)
+    info = loaded.info
+    layers = parse_layers(config.layers, info.n_hidden_states)
+    per_token = parse_layers_per_token(config.layers_per_token, len(layers))
+    metadata = {
+        "model": info.to_dict(),
+        "dtype": config.dtype,
+        "layers": layers,
+        "layers_per_token": per_token,
+        "model_dtype": str(model_dtype).removeprefix("torch."),
+        "cache": asdict(config),
+        "corpus": corpus.to_dict(),
+    }
+    store = create_or_open(config.out, metadata)
+    remaining = config.n_tokens - store.n_pairs
+    if remaining <= 0:
+        console.print(f"{store.path} already holds {store.n_pairs:,} pairs (asked for {config.n_tokens:,}); nothing to do")
+        return CacheReport(store.path, 0, store.n_pairs, 0, 0.0)
+    check_disk_space(store, remaining, info.d_model, config.dtype)
+
+    tokenizer = loaded.tokenizer
+    special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    docs = (
+        (doc.index, np.asarray(tokenize_document(doc, tokenizer, config.max_seq_len), dtype=np.int32))
+        for doc in iter_documents(corpus, start=store.next_doc)
+    )
+    writer = ShardWriter(store, config.shard_rows)
+    n_pairs_before = n_pairs = store.n_pairs
+    n_model_tokens, start_time = 0, time.perf_counter()
+    with _progress_bar(console, progress) as bar:
+        task = bar.add_task("caching", total=config.n_tokens, completed=n_pairs)
+        try:
+            for packed in pack_batches(docs, config.batch_tokens, pad_id):
+                recorded = _record_batch(loaded.model, packed, layers, per_token, special_ids, config, corpus, n_pairs, device)
+                n_pairs = recorded.n_pairs_end
+                n_model_tokens += int(packed.attention_mask.sum())
+                writer.submit(recorded)
+                bar.update(task, completed=n_pairs)
+                if n_pairs >= config.n_tokens:
+                    break
+        finally:
+            writer.close()
+    seconds = time.perf_counter() - start_time
+    if n_pairs < config.n_tokens:
+        console.print(f"[yellow]the corpus ran out after {n_pairs:,} pairs (asked for {config.n_tokens:,})[/]")
+    return CacheReport(store.path, n_pairs - n_pairs_before, n_pairs, n_model_tokens, seconds)
+
+
+def _record_batch(model, packed: Packed, layers, per_token, special_ids, config: CacheConfig, corpus: CorpusConfig, n_pairs: int, device) -> RecordedBatch:
+    """Chooses the pairs of one batch, runs the model up to the last needed layer, gathers them."""
+    rows = {name: [] for name in ("batch", *ROW_FIELDS, "split")}
+    doc_split = np.array([is_validation(d, corpus) for d in packed.doc_index], dtype=np.uint8)
+    budget = config.n_tokens - n_pairs
+    n_docs = len(packed.doc_index)
+    for b, (doc, tokens) in enumerate(zip(packed.doc_index, packed.doc_tokens)):
+        positions, chosen = choose_pairs(tokens, doc, layers, per_token, skip_mask(tokens, special_ids, config.skip_special), corpus.seed)
+        positions, chosen = positions[:budget], chosen[:budget]
+        budget -= len(positions)
+        for name, values in (("batch", b), ("layer", chosen), ("token", tokens[positions]), ("doc", doc), ("pos", positions), ("split", doc_split[b])):
+            rows[name].append(np.broadcast_to(values, positions.shape))
+        if budget == 0:  # documents after this one stay unrecorded, for a later run with a larger --n-tokens
+            n_docs = b + 1
+            break
+    columns = {name: np.concatenate(parts) for name, parts in rows.items()}
+    order = np.argsort(columns["layer"], kind="stable")  # rows grouped by layer, as the hooks gather them
+    columns = {name: values[order] for name, values in columns.items()}
+
+    batch_index = torch.from_numpy(columns["batch"].astype(np.int64)).to(device)
+    position = torch.from_numpy(columns["pos"].astype(np.int64)).to(device)
+    selections = {}
+    for layer in np.unique(columns["layer"]):
+        where = np.flatnonzero(columns["layer"] == layer)
+        selections[int(layer)] = (batch_index[where[0] : where[-1] + 1], position[where[0] : where[-1] + 1])
+    storage_dtype = STORAGE_DTYPES[config.dtype]
+    if selections:
+        captured = capture_rows(model, packed.input_ids.to(device), packed.attention_mask.to(device), selections)
+        acts = torch.cat([captured[layer] for layer in sorted(selections)]).to(storage_dtype)
+    else:
+        acts = torch.zeros((0, model.config.hidden_size), dtype=storage_dtype)
+    acts, copied = _to_host(acts)
+    return RecordedBatch(
+        acts=acts,
+        layer=columns["layer"],
+        token=columns["token"],
+        doc=columns["doc"],
+        pos=columns["pos"],
+        split=columns["split"],
+        doc_index=np.asarray(packed.doc_index[:n_docs], dtype=np.int64),
+        doc_split=doc_split[:n_docs],
+        doc_tokens=packed.doc_tokens[:n_docs],
+        next_doc=packed.doc_index[n_docs - 1] + 1,
+        n_pairs_end=n_pairs + len(order),
+        copied=copied,
+    )
+
+
+def _to_host(acts: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+    """Starts the device-to-host copy without waiting for it; the writer thread waits on the event."""
+    if acts.device.type != "cuda":
+        return acts, None
+    host = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=True)
+    host.copy_(acts, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def check_disk_space(store: Store, n_pairs: int, d_model: int, dtype: str) -> None:
+    """Refuses a run the disk cannot hold (uncompressed bound: compression only helps)."""
+    bytes_per_pair = d_model * STORAGE_DTYPES[dtype].itemsize + sum(np.dtype(t).itemsize for t in ROW_FIELDS.values()) + 4
+    needed = n_pairs * bytes_per_pair
+    free = shutil.disk_usage(store.path).free
+    if needed > free:
+        raise CrosscodersError(
+            f"{n_pairs:,} more pairs need up to {needed / 2**30:.1f} GiB but {store.path} has {free / 2**30:.1f} GiB free; "
+            "lower --n-tokens or choose another --out"
+        )
+
+
+class RateColumn(ProgressColumn):
+    """Pairs per second, as measured by rich over the recent updates."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} pairs/s", style="cyan")
+
+
+def _progress_bar(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,} pairs"),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )

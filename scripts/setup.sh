@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv with the CPU build of torch, the package, its test tools and the 0.5B preset.
+# Usage: bash scripts/setup.sh [extras]   (default extras: qwen-0-5b,test; add qwen-1-5b for the 1.5B preset)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-qwen-0-5b,test}"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# The CPU wheel of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/python -m pip install --quiet torch==2.13.0
+fi
+.venv/bin/python -m pip install --quiet -e ".[${extras}]"

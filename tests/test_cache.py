@@ -1,0 +1,273 @@
+"""Stage one end to end on the tiny model: exact activations, sampling, budget, resume, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.cache import CacheConfig, cache_activations, choose_pairs, pack_batches, parse_layers
+from pipeline.corpus import CorpusConfig
+from pipeline.errors import CrosscodersError
+from pipeline.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = Console(file=open(os.devnull, "w"))
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    """Sixty prompt/response pairs of varied length, as a local jsonl dataset."""
+    path = tmp_path_factory.mktemp("corpus") / "pairs.jsonl"
+    rng = np.random.default_rng(0)
+    with path.open("w") as handle:
+        for i in range(60):
+            body = "\n".join(f"    x{j} = x{j - 1} + {i}" for j in range(1, int(rng.integers(2, 30))))
+            handle.write(json.dumps({"prompt": f"Write function number {i}.", "response": f"```python\ndef f{i}(x0):\n{body}\n    return x0\n```"}) + "\n")
+    return path
+
+
+def run_cache(model_dir, corpus_file, out, **options) -> Store:
+    config = CacheConfig(model=str(model_dir), out=str(out), **{"n_tokens": 3000, "batch_tokens": 1024, "max_seq_len": 256, "shard_rows": 700, **options})
+    cache_activations(config, CorpusConfig(dataset=str(corpus_file)), console=QUIET, progress=False)
+    return Store(out)
+
+
+def all_rows(store: Store, split: str) -> dict[str, np.ndarray]:
+    columns = {name: [] for name in ("layer", "token", "doc", "pos")}
+    acts = []
+    for shard in store.shards:
+        for name in columns:
+            columns[name].append(store.read(shard, f"{split}/{name}"))
+        acts.append(store.read_acts(shard, split).float())
+    return {**{n: np.concatenate(v) for n, v in columns.items()}, "acts": torch.cat(acts)}
+
+
+def sorted_rows(store: Store) -> tuple[np.ndarray, torch.Tensor]:
+    """Every stored row as (doc, pos, layer) keys plus activations, in key order."""
+    keys, acts = [], []
+    for split in ("train", "val"):
+        rows = all_rows(store, split)
+        keys.append(np.stack([rows["doc"], rows["pos"], rows["layer"]], 1))
+        acts.append(rows["acts"])
+    keys, acts = np.concatenate(keys), torch.cat(acts)
+    order = np.lexsort(keys.T[::-1])
+    return keys[order], acts[order]
+
+
+@pytest.fixture(scope="module")
+def float32_store(tiny_model_dir, corpus_file, tmp_path_factory) -> Store:
+    return run_cache(tiny_model_dir, corpus_file, tmp_path_factory.mktemp("s") / "store", dtype="float32", layers_per_token="2")
+
+
+def test_stored_pairs_equal_the_models_hidden_states(tiny_model_dir, float32_store):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    docs = float32_store.document_tokens()
+    keys, acts = sorted_rows(float32_store)
+    checked = 0
+    for doc in np.unique(keys[:, 0])[:12]:
+        with torch.no_grad():
+            states = model(torch.from_numpy(docs[doc].astype(np.int64))[None], output_hidden_states=True).hidden_states
+        for (_, pos, layer), row in zip(keys[keys[:, 0] == doc], acts[keys[:, 0] == doc]):
+            torch.testing.assert_close(row, states[layer][0, pos], rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked > 100
+
+
+def test_pairs_in_a_batch_are_bit_identical_to_output_hidden_states(tiny_model_dir):
+    """Same batch, same padding: the hooks read exactly the tensors output_hidden_states returns."""
+    from pipeline.hidden_states import capture_rows
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokens = [np.arange(5, 5 + n, dtype=np.int32) for n in (9, 17, 4)]
+    packed = next(pack_batches(list(enumerate(tokens)), 1024, pad_id=0))
+    batch_index, position = torch.tensor([0, 1, 1, 2]), torch.tensor([8, 0, 16, 3])
+    selections = {layer: (batch_index, position) for layer in range(5)}
+    captured = capture_rows(model, packed.input_ids, packed.attention_mask, selections)
+    with torch.no_grad():
+        states = model(packed.input_ids, attention_mask=packed.attention_mask, output_hidden_states=True).hidden_states
+    for layer in range(5):
+        assert torch.equal(captured[layer], states[layer][batch_index, position]), layer
+
+
+def test_exact_pair_count_and_no_padding_or_skipped_tokens(tiny_model_dir, float32_store):
+    assert float32_store.n_pairs == 3000
+    assert float32_store.n_rows("train") + float32_store.n_rows("val") == 3000
+    assert len(float32_store.shards) > 2
+    docs = float32_store.document_tokens()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for split in ("train", "val"):
+        rows = all_rows(float32_store, split)
+        for doc, pos, token in zip(rows["doc"], rows["pos"], rows["token"]):
+            assert 0 < pos < len(docs[doc]) and docs[doc][pos] == token
+        assert not np.isin(rows["token"], tokenizer.all_special_ids).any()
+
+
+def test_layers_per_token_stores_distinct_layers(float32_store):
+    keys, _ = sorted_rows(float32_store)
+    per_token = Counter(map(tuple, keys[:, :2]))
+    assert set(per_token.values()) <= {1, 2}  # 1 only for the last token cut by --n-tokens
+    assert sum(v == 1 for v in per_token.values()) <= 1
+    assert len({tuple(k) for k in keys}) == len(keys)
+
+
+def test_held_out_documents_go_to_the_val_split(float32_store):
+    from pipeline.corpus import is_validation
+
+    corpus = CorpusConfig(**{k: v for k, v in float32_store.metadata["corpus"].items()})
+    for split, expected in (("train", False), ("val", True)):
+        for doc in np.unique(all_rows(float32_store, split)["doc"]):
+            assert is_validation(int(doc), corpus) == expected
+
+
+def test_layer_statistics_match_the_stored_training_rows(float32_store):
+    count, total, sq = float32_store.layer_stats_sums()
+    rows = all_rows(float32_store, "train")
+    for layer in range(5):
+        mine = rows["acts"][rows["layer"] == layer].double()
+        assert count[layer] == len(mine)
+        np.testing.assert_allclose(total[layer], mine.sum(0).numpy(), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(sq[layer], mine.pow(2).sum().item(), rtol=1e-9)
+
+
+def test_bf16_store_rounds_the_float32_values_bit_exactly(tiny_model_dir, corpus_file, float32_store, tmp_path):
+    bf16 = run_cache(tiny_model_dir, corpus_file, tmp_path / "bf16", dtype="bf16", layers_per_token="2")
+    keys32, acts32 = sorted_rows(float32_store)
+    keys16, acts16 = sorted_rows(bf16)
+    np.testing.assert_array_equal(keys32, keys16)
+    assert torch.equal(acts32.bfloat16().float(), acts16)
+
+
+def test_layer_sampling_is_uniform():
+    layers = list(range(29))
+    counts = np.zeros(29)
+    for doc in range(400):
+        _, chosen = choose_pairs(np.arange(100), doc, layers, 1, np.zeros(100, bool), seed=0)
+        counts += np.bincount(chosen, minlength=29)
+    expected = counts.sum() / 29
+    chi_square = ((counts - expected) ** 2 / expected).sum()
+    assert chi_square < 56.9  # 99.9th percentile of chi-square with 28 degrees of freedom
+
+
+def test_layer_draw_depends_on_seed_and_document_only():
+    skip = np.zeros(50, bool)
+    first = choose_pairs(np.arange(50), 7, list(range(10)), 1, skip, seed=3)[1]
+    assert np.array_equal(first, choose_pairs(np.arange(50), 7, list(range(10)), 1, skip, seed=3)[1])
+    assert not np.array_equal(first, choose_pairs(np.arange(50), 8, list(range(10)), 1, skip, seed=3)[1])
+
+
+def test_rerun_with_more_tokens_extends_and_same_run_does_nothing(tiny_model_dir, corpus_file, tmp_path):
+    full = run_cache(tiny_model_dir, corpus_file, tmp_path / "full", n_tokens=2500)
+    first = run_cache(tiny_model_dir, corpus_file, tmp_path / "grown", n_tokens=1200)
+    cut_doc = first.next_doc - 1
+    grown = run_cache(tiny_model_dir, corpus_file, tmp_path / "grown", n_tokens=2500)
+    again = run_cache(tiny_model_dir, corpus_file, tmp_path / "grown", n_tokens=2500)
+    assert grown.n_pairs == again.n_pairs == 2500
+    assert len(again.shards) == len(grown.shards)
+    full_keys, full_acts = sorted_rows(full)
+    grown_keys, grown_acts = sorted_rows(grown)
+    assert len(np.unique(grown_keys, axis=0)) == len(grown_keys)  # nothing written twice
+    # Stopping at 1200 pairs cut one document short; the extension records the documents after it
+    # (in batches packed differently from the uninterrupted run's, hence a tolerance).
+    in_grown = (full_keys[:, None] == grown_keys[None]).all(-1).any(1)
+    in_full = (grown_keys[:, None] == full_keys[None]).all(-1).any(1)
+    assert set(full_keys[~in_grown, 0]) <= {cut_doc, full_keys[:, 0].max()}
+    assert (grown_keys[~in_full, 0] >= full_keys[:, 0].max()).all()
+    torch.testing.assert_close(full_acts[in_grown], grown_acts[in_full], rtol=1e-5, atol=1e-5)
+
+
+def cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "cache_activations.py"), *args], capture_output=True, text=True, cwd=REPO, **kwargs)
+
+
+def cli_args(model_dir, corpus_file, out, n_tokens="3K") -> list[str]:
+    return ["--model", str(model_dir), "--dataset", str(corpus_file), "--out", str(out), "--n-tokens", n_tokens,
+            "--batch-tokens", "512", "--max-seq-len", "256", "--shard-rows", "300", "--dtype", "float32"]
+
+
+def test_kill_9_and_resume_stores_exactly_the_uninterrupted_rows(tiny_model_dir, corpus_file, tmp_path):
+    reference = cli(*cli_args(tiny_model_dir, corpus_file, tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+    killed_out = tmp_path / "killed"
+    for delay in (0.0, 0.3):
+        process = subprocess.Popen([sys.executable, str(REPO / "cache_activations.py"), *cli_args(tiny_model_dir, corpus_file, killed_out)],
+                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(killed_out.glob("shard-*"))) < 2 + 3 * int(delay > 0):
+            time.sleep(0.02)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert 0 < len(list(killed_out.glob("shard-*"))) < len(list((tmp_path / "reference").glob("shard-*")))
+    resumed = cli(*cli_args(tiny_model_dir, corpus_file, killed_out))
+    assert resumed.returncode == 0, resumed.stderr
+    ref_keys, ref_acts = sorted_rows(Store(tmp_path / "reference"))
+    keys, acts = sorted_rows(Store(killed_out))
+    np.testing.assert_array_equal(ref_keys, keys)
+    assert torch.equal(ref_acts, acts)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "qwen9-unknown"], "qwen2.5-coder-0.5b-instruct"),
+        (["--n-tokens", "12Q"], "--n-tokens '12Q' is not a count"),
+        (["--layers", "0-9"], "layer 5 is out of range; the model has 5 hidden states (0..4)"),
+        (["--layers-per-token", "9", "--layers", "1,2"], "--layers-per-token '9' must be 'all' or a number from 1 to 2"),
+        (["--dtype", "int8"], "--dtype 'int8' is not one of bf16, float16, float32"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors(tiny_model_dir, corpus_file, tmp_path, args, message):
+    base = ["--model", str(tiny_model_dir), "--dataset", str(corpus_file), "--out", str(tmp_path / "s"), "--n-tokens", "100"]
+    result = cli(*base, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not list((tmp_path / "s").glob("shard-*"))
+
+
+def test_store_of_another_model_is_refused(tiny_model_dir, corpus_file, tmp_path):
+    from conftest import build_tiny_model, build_tiny_tokenizer
+
+    other = tmp_path / "other-model"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(len(tokenizer), seed=0).save_pretrained(other)
+    config = json.loads((other / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    config.pop("layer_types", None)
+    (other / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(other)
+    run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=200)
+    result = cli("--model", str(other), "--dataset", str(corpus_file), "--out", str(tmp_path / "s"), "--n-tokens", "400")
+    assert result.returncode == 2
+    assert f"{tmp_path / 's' / 'zarr.json'} was made with a different model" in result.stderr
+
+
+def test_changed_options_on_an_existing_store_are_refused(tiny_model_dir, corpus_file, tmp_path):
+    run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=200)
+    with pytest.raises(CrosscodersError, match=r"different layers \(store has \[0, 1, 2, 3, 4\], this run has \[1, 2\]\)"):
+        run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=400, layers="1,2")
+
+
+def test_disk_preflight_refuses_a_run_that_cannot_fit(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: shutil_module._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CrosscodersError, match=r"need up to .* GiB but .* GiB free; lower --n-tokens"):
+        run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=1000)
+
+
+def test_parse_layers():
+    assert parse_layers("all", 5) == [0, 1, 2, 3, 4]
+    assert parse_layers("0-2,4", 5) == [0, 1, 2, 4]
+    with pytest.raises(CrosscodersError, match="not a layer list"):
+        parse_layers("a-b", 5)

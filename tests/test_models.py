@@ -1,0 +1,119 @@
+import importlib.util
+import json
+import shutil
+
+import huggingface_hub.constants
+import pytest
+import torch
+
+from pipeline.errors import CrosscodersError
+from pipeline.models import PRESETS, ModelInfo, Preset, decoder_layers, embedding, final_norm, load_model, unembedding_matrix
+
+REAL_PRESET = "qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+def test_a_local_folder_loads_in_eval_mode_with_its_shape(tiny, tiny_model_dir):
+    info = tiny.info
+    assert (info.name, info.d_model, info.n_layers, info.n_hidden_states) == (str(tiny_model_dir), 64, 4, 5)
+    assert info.vocab_size == len(tiny.tokenizer)
+    assert info.fingerprint.startswith("config-sha256:")
+    assert not tiny.model.training
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+    assert tiny.model.config._attn_implementation == "sdpa"
+    hidden = tiny.model(torch.tensor([[1, 2, 3]]), output_hidden_states=True).hidden_states
+    assert len(hidden) == info.n_hidden_states
+
+
+def test_the_fingerprint_is_stable_across_loads_and_dtypes(tiny, tiny_model_dir):
+    again = load_model(str(tiny_model_dir), dtype=torch.bfloat16)
+    assert again.info.fingerprint == tiny.info.fingerprint
+    assert next(again.model.parameters()).dtype == torch.bfloat16
+
+
+def test_the_fingerprint_changes_with_the_config(tiny, tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    config = json.loads((folder / "config.json").read_text())
+    config["transformers_version"] = "0.0.0"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_model(str(folder)).info.fingerprint == tiny.info.fingerprint
+
+    config["max_position_embeddings"] = 1024
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_model(str(folder)).info.fingerprint != tiny.info.fingerprint
+
+
+def test_model_info_round_trips_through_a_dict(tiny):
+    assert ModelInfo.from_dict(json.loads(json.dumps(tiny.info.to_dict()))) == tiny.info
+
+
+def test_the_module_helpers_return_the_qwen2_modules(tiny):
+    model = tiny.model
+    assert decoder_layers(model) is model.model.layers and len(decoder_layers(model)) == 4
+    assert embedding(model) is model.model.embed_tokens
+    assert final_norm(model) is model.model.norm
+    assert unembedding_matrix(model) is model.lm_head.weight
+    assert unembedding_matrix(model).shape == (tiny.info.vocab_size, 64)
+
+
+@pytest.mark.parametrize("spec", ["no-such-model", "missing/model.gguf", "someorg/no-such-model"])
+def test_an_unloadable_name_lists_the_presets(spec, monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CrosscodersError) as raised:
+        load_model(spec, cache_dir=tmp_path)
+    message = str(raised.value)
+    assert f"could not load model '{spec}'" in message
+    assert all(name in message for name in PRESETS)
+    assert "local .gguf file" in message and "\n" not in message
+
+
+def test_a_preset_with_missing_parts_gives_the_pip_command(monkeypatch, tmp_path):
+    preset = Preset(("crosscoders-absent-part1", "crosscoders-absent-part2"), "1.0", "0" * 64, 10, "absent")
+    monkeypatch.setitem(PRESETS, "absent", preset)
+    command = "pip install crosscoders-absent-part1==1.0 crosscoders-absent-part2==1.0"
+    with pytest.raises(CrosscodersError, match=f"`{command}` .*pip install '.\\[absent\\]'"):
+        load_model("absent", cache_dir=tmp_path)
+
+
+def test_a_digest_mismatch_is_refused_and_leaves_no_cache(monkeypatch, tmp_path):
+    packages = tmp_path / "site"
+    for i in (1, 2):
+        package = packages / f"crosscoders_fake_part{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "data" / f"part0{i}.bin").write_bytes(b"not a gguf")
+        (package / "__init__.py").write_text(
+            f"import os\ndef get_part_path():\n    return os.path.join(os.path.dirname(__file__), 'data', 'part0{i}.bin')\n"
+        )
+    monkeypatch.syspath_prepend(packages)
+    monkeypatch.setitem(PRESETS, "fake", Preset(("crosscoders-fake-part1", "crosscoders-fake-part2"), "1.0", "0" * 64, 20, "fake"))
+    cache = tmp_path / "cache"
+    with pytest.raises(CrosscodersError, match=r"fake\.gguf .* has sha256 [0-9a-f]{64} \(20 bytes\), expected 0{64}"):
+        load_model("fake", cache_dir=cache)
+    assert list((cache / "models").iterdir()) == []
+
+
+@pytest.mark.integration
+def test_the_real_0_5b_preset_generates_code():
+    missing = [p for p in PRESETS[REAL_PRESET].packages if importlib.util.find_spec(p.replace("-", "_")) is None]
+    if missing:
+        pytest.skip(f"the {REAL_PRESET} parts are not installed (missing {', '.join(missing)}); pip install '.[qwen-0-5b]'")
+    loaded = load_model(REAL_PRESET)  # converts once into the default cache, later runs take seconds
+    assert loaded.info.to_dict() == {
+        "name": REAL_PRESET,
+        "fingerprint": "gguf-sha256:" + PRESETS[REAL_PRESET].sha256,
+        "d_model": 896,
+        "n_layers": 24,
+        "n_hidden_states": 25,
+        "vocab_size": loaded.info.vocab_size,
+    }
+    assert loaded.info.fingerprint.startswith("gguf-sha256:1d96")
+    assert loaded.tokenizer.chat_template
+    ids = loaded.tokenizer('print("Hello', return_tensors="pt").input_ids
+    output = loaded.model.generate(ids, max_new_tokens=5, do_sample=False)
+    text = loaded.tokenizer.decode(output[0])
+    assert text.startswith('print("Hello') and '")' in text[len('print("Hello') :]
