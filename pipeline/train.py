@@ -1,0 +1,421 @@
+"""Train layer-agnostic TopK SAEs; every run of a sweep reads the same batches, fetched once, in one pass."""
+
+import dataclasses
+import json
+import math
+import shutil
+import typing
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from itertools import product
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+
+from pipeline.cli import option
+from pipeline.errors import CrosscodersError
+from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
+from pipeline.store import Store
+from pipeline.sae import DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
+from pipeline.units import parse_count
+
+LR_DECAYS = ("cosine", "linear")
+RESUMABLE_CHANGES = ("val_every", "save_every", "wandb")  # settings a resumed run may change: they leave weights alone
+CHECKPOINT = "checkpoint"
+
+
+def counts(flag: str):
+    """Parser of counts typed as 20000, 20K or 50M, naming flag in its errors."""
+    return partial(parse_count, option=flag)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of `train-sae`, one SAE training run; saved as train_config.json."""
+
+    expansion: int = option(4, "Latents per input dimension: n_latents = expansion * d_model.")
+    k: int = option(32, "Latents kept per row (TopK).")
+    layer_encoding: str = option("sinusoidal", "How the encoder is told the layer: sinusoidal, learned or none.")
+    normalize: bool = option(True, "Normalize each layer to zero mean and E||x||^2 = d_model, from the cache's stats.")
+    decoder: str = option("auto", "Decoder path: dense, sparse (gathers the k rows), or auto (by k / n_latents).")
+    lr: float = option(3e-4, "Adam learning rate after warm-up.")
+    weight_decay: float = option(1e-4, "L2 penalty added to the gradient (torch.optim.Adam's weight_decay).")
+    warmup_steps: int = option(100, "Steps of linear learning-rate warm-up from 0.")
+    lr_decay: str = option("cosine", "After warm-up: cosine (to 10% of lr) or linear (to 0 over the last 20%).")
+    batch_size: int = option(4096, "Rows per step; every run of a sweep shares it.")
+    steps: int | None = option(None, "Training steps, e.g. 20K; default: one epoch.", counts("--steps"), str)
+    tokens: int | None = option(None, "Training rows instead of steps, e.g. 50M.", counts("--tokens"), str)
+    val_every: int = option(200, "Steps between validations.")
+    save_every: int = option(1000, "Steps between checkpoints.")
+    dead_tokens: int = option(10_000_000, "Rows without firing that make a latent dead.", counts("--dead-tokens"), str)
+    auxk_alpha: float = option(1 / 32, "Weight of the AuxK loss (0 turns it off).")
+    seed: int = option(0, "Seed of the SAE's initialization.")
+    wandb: bool = option(False, "Also log to Weights & Biases (WANDB_MODE=offline works).")
+
+    def __post_init__(self):
+        for name, choices in (("layer_encoding", LAYER_ENCODINGS), ("decoder", DECODERS), ("lr_decay", LR_DECAYS)):
+            if getattr(self, name) not in choices:
+                raise CrosscodersError(f"{name}={getattr(self, name)!r} is unknown; use one of {choices}")
+        positive = ("expansion", "k", "batch_size", "val_every", "save_every", "dead_tokens", "lr")
+        if any(getattr(self, name) <= 0 for name in positive) or self.warmup_steps < 0:
+            raise CrosscodersError(f"{', '.join(positive)} must be positive and warmup_steps >= 0; got {self}")
+        if self.steps is not None and self.tokens is not None:
+            raise CrosscodersError(f"give steps or tokens, not both (steps={self.steps}, tokens={self.tokens})")
+        if (self.steps is not None and self.steps < 1) or (self.tokens is not None and self.tokens < self.batch_size):
+            raise CrosscodersError(f"steps={self.steps}, tokens={self.tokens} train for no step; ask for at least one")
+
+    def sae_config(self, d_model: int, n_layers: int) -> SAEConfig:
+        return SAEConfig(d_model, n_layers, self.expansion, self.k, self.layer_encoding, self.normalize, self.decoder)
+
+    def total_steps(self, n_train_batches: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return n_train_batches if self.tokens is None else self.tokens // self.batch_size
+
+
+def expand_sweep(base: TrainConfig, sweep: list[str]) -> list[tuple[str, TrainConfig]]:
+    """["k=16,32", "expansion=4,8"] -> (run name like "k16-expansion8", config) per combination; [] -> [("", base)]."""
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    axes: dict[str, list[tuple[str, object]]] = {}
+    for option_text in sweep:
+        name, equals, values = (part.strip() for part in option_text.partition("="))
+        if not equals or name not in fields or name in axes:
+            raise CrosscodersError(
+                f"sweep {option_text!r} must be FIELD=V1,V2,..., each FIELD once, one of {list(fields)}"
+            )
+        axes[name] = [(text.strip(), parse_value(fields[name], text.strip())) for text in values.split(",")]
+    runs = []
+    for combination in product(*axes.values()):
+        run_name = "-".join(f"{name}{text}" for name, (text, _) in zip(axes, combination))
+        runs.append((run_name, replace(base, **{name: value for name, (_, value) in zip(axes, combination)})))
+    if len({name for name, _ in runs}) < len(runs):
+        raise CrosscodersError(f"sweep {sweep} repeats a value; give each value once")
+    return runs
+
+
+def parse_value(field: dataclasses.Field, text: str):
+    """A sweep value from its text, as the CLI would parse it."""
+    kind = typing.get_type_hints(TrainConfig)[field.name]
+    try:
+        if field.metadata.get("parse") is not None:
+            return field.metadata["parse"](text)
+        if kind is bool:
+            return {"true": True, "false": False}[text.lower()]
+        return kind(text)
+    except (KeyError, ValueError):
+        raise CrosscodersError(f"sweep value {field.name}={text!r} is not a valid {kind.__name__}") from None
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate of step (0-based) of total_steps: linear warm-up, then cfg.lr_decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    decay_start = int(0.8 * total_steps)
+    return cfg.lr * min(1.0, (total_steps - step) / max(1, total_steps - decay_start))
+
+
+class Run:
+    """One SAE being trained: its model, optimizer, dead-latent counter, step and output folder."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, source: BatchSource, device: torch.device, resume: bool):
+        self.cfg, self.dir, self.device = cfg, Path(out_dir), device
+        self.n_train_batches = source.n_train_batches()
+        self.total_steps = cfg.total_steps(self.n_train_batches)
+        sae_cfg = cfg.sae_config(source.d_model, source.n_layers)
+        checkpoint = latest_checkpoint(self.dir) if resume else None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if checkpoint is None:
+            torch.manual_seed(cfg.seed)
+            self.sae = TopKSAE(sae_cfg, source.stats).to(device)
+        else:
+            self.sae = load(checkpoint, device)
+            self.sae.check_compatible(source.d_model, source.n_layers)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.tokens_since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
+        self.step, self.checkpoint_step = 0, None  # checkpoint_step: step of the checkpoint on disk
+        if checkpoint is not None:
+            self.load_trainer_state(checkpoint)
+        self.metrics_file = self.dir / "metrics.jsonl"
+        kept = [r for r in read_metrics(self.metrics_file) if r["step"] <= self.step] if checkpoint else []
+        self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        self.wandb = start_wandb(cfg, self.dir) if cfg.wandb else None
+        self.last_train: dict = {}
+        self.last_val: dict | None = None
+
+    def train_step(self, x: torch.Tensor, layer: torch.Tensor):
+        """One optimizer step on x: [batch, d_model] of layers layer: [batch]."""
+        lr = lr_at(self.cfg, self.step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        dead_mask = self.tokens_since_fired >= self.cfg.dead_tokens  # [n_latents]
+        with autocast(self.device):
+            out = self.sae(x, layer, dead_mask)
+        mse = (out.x_hat_normalized.float() - out.x_normalized.float()).pow(2).mean()
+        loss = mse + self.cfg.auxk_alpha * out.auxk_loss
+        dead_fraction = dead_mask.float().mean()  # of the latents AuxK trained this step
+        metrics = [loss, mse, out.auxk_loss, dead_fraction, *batch_metrics(x, out.x_hat, out.top_values)]
+        values = torch.stack(metrics).tolist()  # one read-back for all metrics
+        if not math.isfinite(values[0]):
+            where = latest_checkpoint(self.dir) or "nowhere (none was saved yet)"
+            raise CrosscodersError(
+                f"loss became {values[0]} at step {self.step + 1}; last good checkpoint kept at {where}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.remove_gradient_parallel_to_decoder_directions()
+        self.optimizer.step()
+        self.sae.set_decoder_norm_to_unit_norm()
+        fired = torch.zeros_like(self.tokens_since_fired).index_add_(
+            0, out.top_indices.flatten(), (out.top_values > 0).flatten().long()
+        )
+        self.tokens_since_fired = torch.where(fired > 0, 0, self.tokens_since_fired + len(x))
+        self.step += 1
+        names = ("loss", "mse", "auxk_loss", "dead_fraction", "mse_raw", "fvu", "l0")
+        self.log({"split": "train", "step": self.step, **dict(zip(names, values)), "lr": lr})
+
+    def validate(self, source: BatchSource):
+        """Metrics on the held-out rows, logged and kept as last_val; nothing when there are none."""
+        metrics = evaluate(self.sae, source, self.device)
+        if metrics is not None:
+            self.last_val = {"split": "val", "step": self.step, **metrics}
+            self.log(self.last_val)
+
+    def log(self, record: dict):
+        """Append a record to metrics.jsonl (and wandb)."""
+        if record["split"] == "train":
+            self.last_train = record
+        with self.metrics_file.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            split, step = record["split"], record["step"]
+            values = {f"{split}/{name}": value for name, value in record.items() if name not in ("split", "step")}
+            self.wandb.log(values, step=step)
+
+    def save_checkpoint(self):
+        """Write <run>/checkpoint/ atomically: build it beside, then swap it in, so a crash keeps the previous one."""
+        temporary, final, old = (self.dir / f"{CHECKPOINT}{suffix}" for suffix in (".tmp", "", ".old"))
+        shutil.rmtree(temporary, ignore_errors=True)
+        self.sae.save(temporary)
+        optimizer_state = self.optimizer.state_dict()["state"]  # {param index: {"step", "exp_avg", "exp_avg_sq"}}
+        tensors = {f"{i}.{name}": t.contiguous() for i, state in optimizer_state.items() for name, t in state.items()}
+        save_file(tensors, temporary / "optimizer.safetensors")
+        save_file(
+            {"tokens_since_fired": self.tokens_since_fired, "cpu_rng_state": torch.get_rng_state()},
+            temporary / "trainer_state.safetensors",
+        )
+        epoch, batch = divmod(self.step, self.n_train_batches)
+        state = {"step": self.step, "epoch": epoch, "batch": batch, "n_train_batches": self.n_train_batches}
+        (temporary / "trainer_state.json").write_text(json.dumps({**state, "train_config": asdict(self.cfg)}, indent=2))
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        temporary.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        self.checkpoint_step = self.step
+
+    def load_trainer_state(self, checkpoint: Path):
+        """Restore the optimizer, step, dead-latent counter and RNG saved by save_checkpoint."""
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if state["n_train_batches"] != self.n_train_batches:
+            raise CrosscodersError(
+                f"{checkpoint} was trained on {state['n_train_batches']} batches per epoch, the cache now has "
+                f"{self.n_train_batches}; resume on the same cache and batch_size"
+            )
+        self.step = self.checkpoint_step = state["step"]
+        optimizer_state: dict[int, dict] = {}
+        for key, tensor in load_file(checkpoint / "optimizer.safetensors").items():
+            index, name = key.split(".")
+            optimizer_state.setdefault(int(index), {})[name] = tensor
+        param_groups = self.optimizer.state_dict()["param_groups"]  # lr etc. come from the config, set every step
+        self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": param_groups})
+        tensors = load_file(checkpoint / "trainer_state.safetensors")
+        self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
+        torch.set_rng_state(tensors["cpu_rng_state"])
+
+    def finish(self) -> dict:
+        """Save the final SAE (run folder and checkpoint), plot the losses; returns the final metrics."""
+        if self.checkpoint_step != self.step:
+            self.save_checkpoint()
+        self.sae.save(self.dir)
+        plot_losses(read_metrics(self.metrics_file), self.dir / "loss.png")
+        if self.wandb is not None:
+            self.wandb.finish()
+        return {**self.last_train, **(self.last_val or {})}
+
+
+def train(
+    configs: list[TrainConfig],
+    source: BatchSource,
+    out_dirs: list[Path],
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Train one SAE per config into its folder, all from the same batches; returns each run's final metrics."""
+    device = torch.device(device)
+    if len(configs) != len(out_dirs) or len({Path(d).resolve() for d in out_dirs}) < len(out_dirs):
+        raise CrosscodersError(f"give one distinct folder per config ({len(configs)} configs, {len(out_dirs)} folders)")
+    if len({cfg.batch_size for cfg in configs}) > 1:
+        raise CrosscodersError("runs of a sweep share batches, so batch_size cannot be swept; train them separately")
+    if source.n_train_batches() < 1:
+        raise CrosscodersError(f"the cache holds less than one batch of {configs[0].batch_size} rows; lower batch_size")
+    for cfg, out_dir in zip(configs, out_dirs):  # every config and folder error before any training
+        cfg.sae_config(source.d_model, source.n_layers)
+        check_run_folder(cfg, Path(out_dir), resume)
+    runs = [Run(cfg, out_dir, source, device, resume) for cfg, out_dir in zip(configs, out_dirs)]
+    start, end = min(run.step for run in runs), max(run.total_steps for run in runs)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    batch_size = configs[0].batch_size
+    with Progress(*columns, disable=not progress) as bar:
+        tasks = [bar.add_task(run.dir.name, total=run.total_steps, completed=run.step) for run in runs]
+        for step, (x, layer) in zip(range(start, end), batches_from(source, start)):
+            if len(x) != batch_size and (step + 1) % source.n_train_batches():  # an epoch's last may be short
+                raise CrosscodersError(f"the cache yields batches of {len(x)} rows, not batch_size={batch_size}")
+            x, layer = x.to(device), layer.to(device)
+            for run, task in zip(runs, tasks):
+                if run.step != step or step >= run.total_steps:
+                    continue  # resumed ahead of the others, or already done
+                run.train_step(x, layer)
+                if run.step % run.cfg.val_every == 0:
+                    run.validate(source)
+                if run.step % run.cfg.save_every == 0:
+                    run.save_checkpoint()
+                bar.update(task, completed=run.step, description=describe(run))
+        results = []
+        for run, task in zip(runs, tasks):
+            if run.last_val is None or run.last_val["step"] != run.step:
+                run.validate(source)
+            bar.update(task, description=describe(run))
+            results.append(run.finish())
+    return results
+
+
+def batches_from(source: BatchSource, step: int):
+    """Training batches from global step on, epoch after epoch."""
+    epoch, start_batch = divmod(step, source.n_train_batches())
+    while True:
+        yield from source.train_batches(epoch=epoch, start_batch=start_batch)
+        epoch, start_batch = epoch + 1, 0
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, top_values: torch.Tensor) -> list[torch.Tensor]:
+    """[mse_raw, fvu, l0] of one batch, as 0-d tensors (no device sync)."""
+    with torch.no_grad():
+        squared_error = (x_hat.float() - x).pow(2)
+        fvu = squared_error.sum() / (x - x.mean(0)).pow(2).sum()
+        return [squared_error.mean(), fvu, (top_values > 0).sum(1).float().mean()]
+
+
+@torch.no_grad()
+def evaluate(sae: TopKSAE, source: BatchSource, device: torch.device) -> dict | None:
+    """MSE (normalized and raw), FVU (overall and per layer) and L0 over the validation rows; None if there are none."""
+    n_layers, d_model = sae.cfg.n_layers, sae.cfg.d_model
+    count = torch.zeros(n_layers, dtype=torch.float64, device=device)
+    sum_x = torch.zeros(n_layers, d_model, dtype=torch.float64, device=device)
+    sum_sq, sum_error = torch.zeros_like(count), torch.zeros_like(count)  # [n_layers]: sum ||x||^2, sum ||x - x_hat||^2
+    sum_error_normalized, n_fired = torch.zeros((), dtype=torch.float64, device=device), 0
+    for x, layer in source.val_batches():
+        x, layer = x.to(device), layer.to(device)
+        with autocast(device):
+            out = sae(x, layer)
+        x64 = x.double()
+        count.index_add_(0, layer, torch.ones_like(x64[:, 0]))
+        sum_x.index_add_(0, layer, x64)
+        sum_sq.index_add_(0, layer, x64.pow(2).sum(1))
+        sum_error.index_add_(0, layer, (out.x_hat.double() - x64).pow(2).sum(1))
+        sum_error_normalized += (out.x_hat_normalized.double() - out.x_normalized.double()).pow(2).sum()
+        n_fired = n_fired + (out.top_values > 0).sum()
+    n_rows = count.sum()
+    if n_rows == 0:
+        return None
+    deviation = sum_sq - sum_x.pow(2).sum(1) / count.clamp(min=1)  # [n_layers]: sum ||x - mean of its layer||^2
+    fvu_by_layer = {str(i): (sum_error[i] / deviation[i]).item() for i in range(n_layers) if count[i] > 0}
+    return {
+        "mse": (sum_error_normalized / (n_rows * d_model)).item(),
+        "mse_raw": (sum_error.sum() / (n_rows * d_model)).item(),
+        "fvu": (sum_error.sum() / (sum_sq.sum() - sum_x.sum(0).pow(2).sum() / n_rows)).item(),
+        "l0": (n_fired / n_rows).item(),
+        "fvu_by_layer": fvu_by_layer,
+    }
+
+
+def describe(run: Run) -> str:
+    """Progress bar label: run name, latest train and validation MSE."""
+    val = f"{run.last_val['mse']:.4f}" if run.last_val else "-"
+    return f"{run.dir.name} train {run.last_train.get('mse', float('nan')):.4f} val {val}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's checkpoint folder; the previous one if a crash hit between the two renames of a save."""
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
+        if (run_dir / name / "trainer_state.json").exists():
+            return run_dir / name
+    return None
+
+
+def check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool):
+    """Raise if run_dir holds a run that is not to be resumed, or one saved with settings that change training."""
+    saved_cfg = run_dir / "train_config.json"
+    if not saved_cfg.exists():
+        return
+    if not resume:
+        raise CrosscodersError(f"{run_dir} already holds a training run; resume it or train into a new folder")
+    saved, current = json.loads(saved_cfg.read_text()), asdict(cfg)
+    changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
+    if changed:
+        differences = ", ".join(f"{name}={saved.get(name)!r} (now {current[name]!r})" for name in changed)
+        raise CrosscodersError(f"cannot resume {run_dir} with other settings: {differences}; use the saved ones")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; none if it does not exist."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def plot_losses(records: list[dict], path: Path):
+    """Train and validation MSE (normalized space) over steps, as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's plotting backend alone
+
+    figure = Figure(figsize=(8, 5))
+    axes = figure.subplots()
+    for split, style in (("train", "-"), ("val", "o-")):
+        points = [(r["step"], r["mse"]) for r in records if r["split"] == split]
+        if points:
+            axes.plot(*zip(*points), style, label=split)
+    axes.set(xlabel="step", ylabel="MSE (normalized)", yscale="log", title=path.parent.name)
+    axes.legend()
+    figure.savefig(path, dpi=100)
+
+
+def start_wandb(cfg: TrainConfig, run_dir: Path):
+    """A Weights & Biases run for this SAE (one per SAE of a sweep)."""
+    try:
+        import wandb
+    except ImportError:
+        raise CrosscodersError("wandb is not installed: pip install 'crosscoders[wandb]' or train without it") from None
+    return wandb.init(project="crosscoders", name=run_dir.name, dir=run_dir, config=asdict(cfg), reinit="create_new")
+
+
+def train_on_store(
+    loader_cfg: LoaderConfig, base: TrainConfig, out: Path, sweep: list[str], device: torch.device, resume: bool, progress: bool = True
+) -> dict[str, dict]:
+    """`train-sae`: one SAE, or every combination of a sweep, trained in one pass over a store's shards."""
+    runs = expand_sweep(base, sweep)
+    source = ShardLoader(Store(loader_cfg.shards), base.batch_size, base.seed, device, loader_cfg.window_chunks,
+                         loader_cfg.workers, loader_cfg.val_rows)
+    out_dirs = [out / name if name else out for name, _ in runs]
+    results = train([cfg for _, cfg in runs], source, out_dirs, device, resume, progress)
+    return {str(d): r for d, r in zip(out_dirs, results)}

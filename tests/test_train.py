@@ -1,0 +1,219 @@
+"""The trainer: recovers a planted dictionary, sweeps in one pass, resumes exactly, stops on NaN."""
+
+import json
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.errors import CrosscodersError
+from pipeline.loader import MemoryLoader
+from pipeline.sae import load
+from pipeline.train import TrainConfig, expand_sweep, lr_at, train
+
+N_LAYERS = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and steady when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def planted_rows(n_rows: int, seed: int, atoms: torch.Tensor, n_active: int = 4):
+    """Rows that are sums of n_active atoms with positive weights, shifted and scaled per layer: (x, layer)."""
+    generator = torch.Generator().manual_seed(seed)
+    active = torch.rand(n_rows, len(atoms), generator=generator).argsort(1)[:, :n_active]  # [n_rows, n_active]
+    weights = 0.5 + torch.rand(n_rows, n_active, generator=generator)
+    layer = torch.randint(0, N_LAYERS, (n_rows,), generator=generator)
+    per_layer = torch.Generator().manual_seed(7)
+    offset = 5 * torch.randn(N_LAYERS, atoms.shape[1], generator=per_layer)
+    scale = torch.tensor([1.0, 4.0, 20.0])
+    x = (weights[..., None] * atoms[active]).sum(1)
+    return x * scale[layer, None] + offset[layer], layer
+
+
+def planted_source(d_model: int, n_atoms: int, n_rows: int, batch_size: int):
+    """A MemoryLoader of planted rows with 1024 validation rows, and the atoms: [n_atoms, d_model] unit norm."""
+    atoms = torch.randn(n_atoms, d_model, generator=torch.Generator().manual_seed(123))
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    x, layer = planted_rows(n_rows, 0, atoms)
+    val_x, val_layer = planted_rows(1024, 1, atoms)
+    return MemoryLoader(x, layer, N_LAYERS, batch_size, val_acts=val_x, val_layers=val_layer), atoms
+
+
+def small_source(batch_size: int = 64):
+    """9 batches per epoch (the last of 10 rows) of d_model 32, for the exactness tests."""
+    return planted_source(d_model=32, n_atoms=64, n_rows=8 * batch_size + 10, batch_size=batch_size)[0]
+
+
+SMALL = TrainConfig(
+    expansion=4, k=4, lr=3e-3, warmup_steps=5, batch_size=64, steps=30, val_every=10, save_every=10, dead_tokens=5 * 64
+)
+
+
+class Interrupted(Exception):
+    """Stands in for a crash or Ctrl-C."""
+
+
+class InterruptAt:
+    """A source that crashes at global batch number `at`, or from then on serves its rows times `scale`."""
+
+    def __init__(self, source: MemoryLoader, at: int, scale: float | None = None):
+        self.source, self.at, self.scale = source, at, scale
+        self.d_model, self.n_layers, self.stats = source.d_model, source.n_layers, source.stats
+        self.n_train_batches, self.val_batches = source.n_train_batches, source.val_batches
+
+    def train_batches(self, epoch: int, start_batch: int = 0):
+        for number, (x, layer) in enumerate(self.source.train_batches(epoch, start_batch), start=start_batch):
+            if epoch * self.n_train_batches() + number >= self.at:
+                if self.scale is None:
+                    raise Interrupted
+                x = x * self.scale
+            yield x, layer
+
+
+def weights(folder):
+    return load_file(folder / "sae_weights.safetensors")
+
+
+def assert_same_tensors(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_recovers_a_planted_dictionary(tmp_path):
+    source, atoms = planted_source(d_model=64, n_atoms=128, n_rows=100 * 256, batch_size=256)
+    cfg = replace(SMALL, warmup_steps=50, batch_size=256, steps=1500, val_every=500, save_every=1000, dead_tokens=5120)
+    [final] = train([cfg], source, [tmp_path / "run"], progress=True)
+    assert max(final["fvu_by_layer"].values()) < 0.1  # every layer, each against its own mean
+    assert final["l0"] == 4 and final["step"] == 1500
+    sae = load(tmp_path / "run")
+    best_cosine = (atoms @ sae.W_dec.T).max(1).values  # [n_atoms]
+    assert (best_cosine > 0.9).float().mean() >= 0.9
+
+
+def test_writes_metrics_plot_and_saelens_layout(tmp_path):
+    [final] = train([SMALL], small_source(), [tmp_path], progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    val_records = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in train_records] == list(range(1, 31))
+    assert [r["step"] for r in val_records] == [10, 20, 30] and val_records[-1] == {"split": "val", **final}
+    assert {"loss", "mse", "mse_raw", "fvu", "l0", "dead_fraction", "auxk_loss", "lr"} <= train_records[0].keys()
+    assert set(final["fvu_by_layer"]) == {"0", "1", "2"} and final["l0"] == 4
+    assert any(r["auxk_loss"] > 0 for r in train_records)  # dead_tokens is short enough for latents to die
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "train_config.json").read_text())["k"] == 4
+    assert_same_tensors(weights(tmp_path), weights(tmp_path / "checkpoint"))
+    files = {p.name for p in (tmp_path / "checkpoint").iterdir()}
+    assert files == {"cfg.json", "sae_weights.safetensors", "optimizer.safetensors"} | {
+        "trainer_state.safetensors", "trainer_state.json"
+    }
+
+
+def test_sweep_equals_separate_runs_bit_for_bit(tmp_path):
+    runs = expand_sweep(SMALL, ["k=4,8", "layer_encoding=sinusoidal,learned"])
+    train([cfg for _, cfg in runs], small_source(), [tmp_path / "sweep" / name for name, _ in runs], progress=False)
+    for name, cfg in runs:
+        train([cfg], small_source(), [tmp_path / "alone" / name], progress=False)
+        assert_same_tensors(weights(tmp_path / "sweep" / name), weights(tmp_path / "alone" / name))
+        metrics = [(tmp_path / kind / name / "metrics.jsonl").read_text() for kind in ("sweep", "alone")]
+        assert metrics[0] == metrics[1]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    train([SMALL], small_source(), [tmp_path / "whole"], progress=False)
+    with pytest.raises(Interrupted):  # mid-epoch, three steps after the step-20 checkpoint
+        train([SMALL], InterruptAt(small_source(), at=23), [tmp_path / "resumed"], progress=False)
+    assert json.loads((tmp_path / "resumed/checkpoint/trainer_state.json").read_text())["step"] == 20
+    train([SMALL], small_source(), [tmp_path / "resumed"], resume=True, progress=False)
+    for file in ("sae_weights.safetensors", "checkpoint/optimizer.safetensors", "checkpoint/trainer_state.safetensors"):
+        assert_same_tensors(load_file(tmp_path / "whole" / file), load_file(tmp_path / "resumed" / file))
+    assert (tmp_path / "whole/metrics.jsonl").read_text() == (tmp_path / "resumed/metrics.jsonl").read_text()
+
+
+def test_checkpoint_round_trips_through_load(tmp_path):
+    train([SMALL], small_source(), [tmp_path], progress=False)
+    state = json.loads((tmp_path / "checkpoint/trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batch"]) == (30, 3, 3)
+    assert state["train_config"] == json.loads((tmp_path / "train_config.json").read_text())
+    x, layer = next(small_source().val_batches())
+    assert torch.equal(load(tmp_path / "checkpoint")(x, layer).x_hat, load(tmp_path)(x, layer).x_hat)
+    optimizer = load_file(tmp_path / "checkpoint/optimizer.safetensors")
+    assert optimizer["0.step"].item() == 30 and optimizer["2.exp_avg"].shape == (128, 32)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    message = re.escape(f"at step 16; last good checkpoint kept at {tmp_path / 'checkpoint'}")
+    with pytest.raises(CrosscodersError, match=message) as error:
+        train([SMALL], InterruptAt(small_source(), at=15, scale=float("inf")), [tmp_path], progress=False)
+    assert re.match(r"loss became (nan|inf) at step 16", str(error.value))
+    assert json.loads((tmp_path / "checkpoint/trainer_state.json").read_text())["step"] == 10
+    assert all(tensor.isfinite().all() for tensor in weights(tmp_path / "checkpoint").values())
+    assert not (tmp_path / "sae_weights.safetensors").exists()
+
+
+def test_tokens_set_the_length_and_epochs_wrap(tmp_path):
+    cfg = replace(SMALL, steps=None, tokens=64 * 20 + 5)
+    [final] = train([cfg], small_source(), [tmp_path], progress=False)
+    assert final["step"] == 20  # over two epochs of 9 batches
+
+
+def test_config_errors_come_before_any_training(tmp_path):
+    with pytest.raises(CrosscodersError, match="k=200 is larger than n_latents=128"):
+        train([SMALL, replace(SMALL, k=200)], small_source(), [tmp_path / "a", tmp_path / "b"], progress=False)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(CrosscodersError, match="not both"):
+        TrainConfig(steps=10, tokens=10_000)
+    with pytest.raises(CrosscodersError, match="batches of 64 rows, not batch_size=32"):
+        train([replace(SMALL, batch_size=32)], small_source(), [tmp_path / "c"], progress=False)
+
+
+def test_resume_refuses_other_settings_and_fresh_runs_refuse_used_folders(tmp_path):
+    train([SMALL], small_source(), [tmp_path], progress=False)
+    with pytest.raises(CrosscodersError, match="already holds a training run"):
+        train([SMALL], small_source(), [tmp_path], progress=False)
+    with pytest.raises(CrosscodersError, match=r"cannot resume .* k=4 \(now 8\)"):
+        train([replace(SMALL, k=8)], small_source(), [tmp_path], resume=True, progress=False)
+    relaxed = replace(SMALL, save_every=7, val_every=3)  # changes no weight
+    assert train([relaxed], small_source(), [tmp_path], resume=True, progress=False)[0]["step"] == 30
+
+
+def test_expand_sweep_names_runs_and_checks_values():
+    runs = expand_sweep(TrainConfig(), ["k=16,32", "expansion=4,8", "normalize=false"])
+    assert [name for name, _ in runs] == [
+        "k16-expansion4-normalizefalse", "k16-expansion8-normalizefalse",
+        "k32-expansion4-normalizefalse", "k32-expansion8-normalizefalse",
+    ]
+    assert (runs[1][1].k, runs[1][1].expansion, runs[1][1].normalize) == (16, 8, False)
+    assert expand_sweep(TrainConfig(), []) == [("", TrainConfig())]
+    assert [cfg.tokens for _, cfg in expand_sweep(TrainConfig(), ["tokens=20K,1M"])] == [20_000, 1_000_000]
+    bad_sweeps = (["depth=2"], ["k=16", "k=32"], ["k"], ["k=1.5"], ["normalize=maybe"], ["k=0"], ["lr_decay=no"])
+    for bad in (*bad_sweeps, ["steps=1x"]):
+        with pytest.raises(CrosscodersError):
+            expand_sweep(TrainConfig(), bad)
+
+
+def test_lr_warms_up_then_decays():
+    cosine = TrainConfig(lr=1.0, warmup_steps=10)
+    assert [lr_at(cosine, step, 100) for step in (0, 9)] == [0.1, 1.0]
+    assert lr_at(cosine, 10, 100) == 1.0 and lr_at(cosine, 100, 100) == pytest.approx(0.1)
+    linear = TrainConfig(lr=1.0, warmup_steps=10, lr_decay="linear")
+    assert lr_at(linear, 79, 100) == 1.0 and lr_at(linear, 90, 100) == pytest.approx(0.5)
+    assert lr_at(linear, 99, 100) == pytest.approx(0.05)
+
+
+def test_wandb_logs_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    configs = [replace(SMALL, wandb=True), replace(SMALL, k=8, wandb=True)]
+    train(configs, small_source(), [tmp_path / "a", tmp_path / "b"], progress=False)
+    assert list((tmp_path / "a").glob("wandb/offline-run-*")) and list((tmp_path / "b").glob("wandb/offline-run-*"))

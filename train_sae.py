@@ -1,0 +1,55 @@
+"""`train-sae`: stage two, train one layer-agnostic TopK SAE (or a sweep of them) on cached activations."""
+
+import inspect
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.cache import resolve_device
+from pipeline.cli import config_command, run_app
+from pipeline.loader import LoaderConfig
+from pipeline.train import TrainConfig, train_on_store
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+METRICS = ("fvu", "mse", "mse_raw", "l0", "dead_fraction")
+
+
+def run(loader: LoaderConfig, train: TrainConfig, out: str, sweep: list[str], resume: bool, device: str) -> None:
+    results = train_on_store(loader, train, Path(out), sweep or [], resolve_device(device), resume)
+    table = Table(title="final metrics (validation when held-out rows exist)")
+    table.add_column("run")
+    for name in METRICS:
+        table.add_column(name, justify="right")
+    for run_dir, metrics in results.items():
+        table.add_row(run_dir, *(f"{metrics[m]:.4g}" if isinstance(metrics.get(m), (int, float)) else "-" for m in METRICS))
+    Console().print(table)
+
+
+def extra(name: str, default, help: str, annotation) -> inspect.Parameter:
+    flag = "--" + name.replace("_", "-")
+    flags = (f"{flag}/--no-{name}",) if annotation is bool else (flag,)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, *flags, help=help), annotation=annotation)
+
+
+config_command(
+    app,
+    [LoaderConfig, TrainConfig],
+    run,
+    extra=[
+        extra("out", "./runs/sae", "Run folder; a sweep puts each run in a subfolder named by its values.", str),
+        extra("sweep", None, "FIELD=V1,V2,... (repeatable): train every combination in one pass over the shards.", list[str]),
+        extra("resume", False, "Continue the run(s) in --out from their last checkpoint.", bool),
+        extra("device", "auto", "Training device: auto, cpu, cuda, cuda:1, ...", str),
+    ],
+    help=__doc__,
+)
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()
