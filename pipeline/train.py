@@ -24,6 +24,7 @@ from pipeline.units import parse_count
 LR_DECAYS = ("cosine", "linear")
 RESUMABLE_CHANGES = ("val_every", "save_every", "wandb")  # settings a resumed run may change: they leave weights alone
 CHECKPOINT = "checkpoint"
+DATA_FILE = "data.json"  # the store a run was trained on; eval-sae and sae-features default to it
 
 
 def counts(flag: str):
@@ -414,8 +415,11 @@ def train_on_store(
 ) -> dict[str, dict]:
     """`train-sae`: one SAE, or every combination of a sweep, trained in one pass over a store's shards."""
     runs = expand_sweep(base, sweep)
-    source = ShardLoader(Store(loader_cfg.shards), base.batch_size, base.seed, device, loader_cfg.window_chunks,
-                         loader_cfg.workers, loader_cfg.val_rows)
+    store = Store(loader_cfg.shards)
+    source = ShardLoader(store, base.batch_size, base.seed, device, loader_cfg.window_chunks, loader_cfg.workers, loader_cfg.val_rows)
     out_dirs = [out / name if name else out for name, _ in runs]
     results = train([cfg for _, cfg in runs], source, out_dirs, device, resume, progress)
+    for out_dir in out_dirs:  # which store (and so which model and held-out split) made this SAE
+        data = {"shards": str(store.path.resolve()), "model": store.metadata["model"], "layers": store.metadata["layers"]}
+        (out_dir / DATA_FILE).write_text(json.dumps({**data, "loader": asdict(loader_cfg)}, indent=2))
     return {str(d): r for d, r in zip(out_dirs, results)}
