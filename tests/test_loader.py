@@ -13,7 +13,7 @@ D_MODEL, N_STATES = 8, 4
 
 def write_store(path, shard_sizes: list[int], val_per_shard: int = 50) -> Store:
     """Rows whose first feature is their global id, so a batch says which rows it holds."""
-    store = create_or_open(path, {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": N_STATES}, "dtype": "float32"})
+    store = create_or_open(path, {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": N_STATES}, "dtype": "float32", "layers": list(range(N_STATES))})
     next_id, pairs = 0, 0
     for index, rows in enumerate(shard_sizes):
         def split_rows(n: int, first_id: int) -> SplitRows:
@@ -103,7 +103,7 @@ def test_memory_loader_sees_every_row_once(store):
 
 
 def test_an_empty_store_is_a_clear_error(tmp_path):
-    empty = create_or_open(tmp_path / "e", {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": N_STATES}, "dtype": "float32"})
+    empty = create_or_open(tmp_path / "e", {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": N_STATES}, "dtype": "float32", "layers": list(range(N_STATES))})
     with pytest.raises(CrosscodersError, match="holds no complete shard yet; run cache-acts"):
         ShardLoader(empty, 64)
 

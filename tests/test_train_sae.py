@@ -1,0 +1,102 @@
+"""`train-sae` as users run it: from shards, sweeps reading the shards once, one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.loader import LoaderConfig, ShardLoader
+from pipeline.sae import load
+from pipeline.store import Store
+from pipeline.train import TrainConfig, train_on_store
+from test_loader import write_store
+
+REPO = Path(__file__).resolve().parents[1]
+D_MODEL = 8
+
+
+@pytest.fixture
+def store_path(tmp_path) -> Path:
+    write_store(tmp_path / "shards", [1500, 1200, 900])
+    return tmp_path / "shards"
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train_sae.py"), *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_a_sweep_trains_every_combination_reading_each_chunk_once(store_path, tmp_path, monkeypatch):
+    reads = []
+    original = ShardLoader._read_chunk
+    monkeypatch.setattr(ShardLoader, "_read_chunk", lambda self, chunk: reads.append(chunk) or original(self, chunk))
+    base = TrainConfig(batch_size=256, expansion=2, k=2, val_every=5, save_every=5, warmup_steps=2)
+    results = train_on_store(LoaderConfig(shards=str(store_path)), base, tmp_path / "runs", ["k=2,4", "expansion=2,3"],
+                             torch.device("cpu"), resume=False, progress=False)
+    assert sorted(Path(p).name for p in results) == ["k2-expansion2", "k2-expansion3", "k4-expansion2", "k4-expansion3"]
+    n_chunks = len(ShardLoader(Store(store_path), 256).chunks)
+    assert sorted(reads) == list(range(n_chunks))  # one epoch, four SAEs, every chunk read once
+    for run_dir in results:
+        sae = load(run_dir)
+        assert sae.cfg.k == int(Path(run_dir).name[1]) and sae.cfg.d_model == D_MODEL
+        assert json.loads((Path(run_dir) / "data.json").read_text())["shards"] == str(store_path.resolve())
+        assert (Path(run_dir) / "loss.png").stat().st_size > 1000
+
+
+def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
+    result = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "12",
+                 "--expansion", "2", "--k", "2", "--val-every", "4", "--save-every", "6")
+    assert result.returncode == 0, result.stderr
+    assert "final metrics" in result.stdout and "fvu" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in records if r.get("split") == "val"} >= {4, 8, 12}
+    assert (tmp_path / "run" / "checkpoint" / "sae_weights.safetensors").exists()
+    longer = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "16",
+                 "--expansion", "2", "--k", "2", "--resume")
+    assert longer.returncode == 2 and "steps=12 (now 16)" in longer.stderr  # the LR schedule depends on the length
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shards", "{tmp}/nowhere"], "no activation store at"),
+        (["--shards", "{tmp}/empty"], "holds no complete shard yet; run cache-acts"),
+        (["--k", "99", "--expansion", "2"], "k=99 is larger than n_latents=16"),
+        (["--sweep", "kk=1,2"], "sweep 'kk=1,2' must be FIELD=V1,V2"),
+        (["--steps", "ten"], "--steps 'ten' is not a count"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors(store_path, tmp_path, args, message):
+    from pipeline.store import create_or_open
+
+    create_or_open(tmp_path / "empty", {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": 4}, "dtype": "float32"})
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "3", *args)
+    assert result.returncode == 2, result.stdout
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_damaged_chunk_is_a_one_line_error(store_path, tmp_path):
+    data = next(p for p in (store_path / "shard-000001" / "train" / "acts").rglob("*") if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(data.read_bytes())
+    raw[50] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    result = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "20")
+    assert result.returncode == 2
+    assert "shard-000001/train/acts is damaged" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resuming_from_a_checkpoint_of_another_hidden_size_is_refused(store_path, tmp_path):
+    from pipeline.sae import SAEConfig, TopKSAE
+
+    run = tmp_path / "run"
+    ok = cli("--shards", str(store_path), "--out", str(run), "--batch-size", "256", "--steps", "4", "--expansion", "2", "--k", "2", "--save-every", "2")
+    assert ok.returncode == 0, ok.stderr
+    TopKSAE(SAEConfig(d_model=D_MODEL * 2, n_layers=4, expansion=2, k=2)).save(run / "checkpoint")
+    result = cli("--shards", str(store_path), "--out", str(run), "--batch-size", "256", "--steps", "4", "--expansion", "2", "--k", "2",
+                 "--save-every", "2", "--resume")
+    assert result.returncode == 2
+    assert "d_model=16" in result.stderr and "Traceback" not in result.stderr
