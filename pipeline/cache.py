@@ -1,5 +1,6 @@
 """Stage one: run the model once over the corpus and store (layer, activation) pairs."""
 
+import itertools
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ class CacheConfig:
     layers_per_token: str = option("1", "Distinct random layers stored per token: a number, or all.")
     max_seq_len: int = option(1024, "Tokens per document; longer documents are truncated.")
     batch_tokens: int = option(16384, "Token budget of a forward batch, padding included.")
+    pack_window: int = option(256, "Documents sorted by length together before packing (less padding); shards end on window ends.")
     skip_special: bool = option(True, "Skip the first position and special tokens (attention sinks with outsized norms).")
     dtype: str = option("bf16", "Storage dtype of activations: bf16, float16 or float32.")
     model_dtype: str = option("auto", "Dtype the model runs in: auto (bf16 on GPU, float32 on CPU), bf16, float16, float32.")
@@ -114,29 +116,49 @@ class Packed:
     doc_tokens: list[np.ndarray]
     input_ids: torch.Tensor  # [batch, seq]
     attention_mask: torch.Tensor  # [batch, seq]
+    window_end: int  # the corpus position after this batch's packing window
+    ends_window: bool  # the window's last batch: a resumed run may start after it
 
 
-def pack_batches(docs: Iterable[tuple[int, np.ndarray]], batch_tokens: int, pad_id: int) -> Iterator[Packed]:
-    """Greedy packing in corpus order: a batch grows while rows x longest row stays within budget."""
-    group: list[tuple[int, np.ndarray]] = []
+def pack_batches(docs: Iterable[tuple[int, np.ndarray]], batch_tokens: int, pad_id: int, window: int | None = None) -> Iterator[Packed]:
+    """Batches of documents: rows x longest row stays within `batch_tokens`.
+
+    Each window of `window` documents is sorted by length before packing, so rows of a batch have
+    similar lengths and little padding; batches never span windows, so a window's end is a point a
+    resumed run can restart from. `window=None` packs in corpus order and every batch end is such a point.
+    """
+    if window is None:
+        for batch in _greedy(docs, batch_tokens):
+            yield _pad(batch, pad_id, batch[-1][0] + 1, True)
+        return
+    docs = iter(docs)
+    while group := list(itertools.islice(docs, window)):
+        window_end = max(d for d, _ in group) + 1
+        batches = list(_greedy(sorted(group, key=lambda doc: len(doc[1])), batch_tokens))
+        for i, batch in enumerate(batches):
+            yield _pad(batch, pad_id, window_end, i == len(batches) - 1)
+
+
+def _greedy(docs: Iterable[tuple[int, np.ndarray]], batch_tokens: int) -> Iterator[list[tuple[int, np.ndarray]]]:
+    group, longest = [], 0
     for doc in docs:
-        longest = max([len(doc[1])] + [len(t) for _, t in group])
-        if group and (len(group) + 1) * longest > batch_tokens:
-            yield _pad(group, pad_id)
-            group = []
+        if group and (len(group) + 1) * max(longest, len(doc[1])) > batch_tokens:
+            yield group
+            group, longest = [], 0
         group.append(doc)
+        longest = max(longest, len(doc[1]))
     if group:
-        yield _pad(group, pad_id)
+        yield group
 
 
-def _pad(group: list[tuple[int, np.ndarray]], pad_id: int) -> Packed:
+def _pad(group: list[tuple[int, np.ndarray]], pad_id: int, window_end: int, ends_window: bool) -> Packed:
     longest = max(len(t) for _, t in group)
     input_ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(group), longest), dtype=torch.long)
     for row, (_, tokens) in enumerate(group):
         input_ids[row, : len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
         attention_mask[row, : len(tokens)] = 1
-    return Packed([d for d, _ in group], [t for _, t in group], input_ids, attention_mask)
+    return Packed([d for d, _ in group], [t for _, t in group], input_ids, attention_mask, window_end, ends_window)
 
 
 def choose_pairs(
@@ -205,7 +227,7 @@ def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Consol
     with _progress_bar(console, progress) as bar:
         task = bar.add_task("caching", total=config.n_tokens, completed=n_pairs)
         try:
-            for packed in pack_batches(docs, config.batch_tokens, pad_id):
+            for packed in pack_batches(docs, config.batch_tokens, pad_id, config.pack_window):
                 recorded = _record_batch(loaded.model, packed, layers, per_token, special_ids, config, corpus, n_pairs, device)
                 n_pairs = recorded.n_pairs_end
                 n_model_tokens += int(packed.attention_mask.sum())
@@ -233,7 +255,7 @@ def _record_batch(model, packed: Packed, layers, per_token, special_ids, config:
         budget -= len(positions)
         for name, values in (("batch", b), ("layer", chosen), ("token", tokens[positions]), ("doc", doc), ("pos", positions), ("split", doc_split[b])):
             rows[name].append(np.broadcast_to(values, positions.shape))
-        if budget == 0:  # documents after this one stay unrecorded, for a later run with a larger --n-tokens
+        if budget == 0:  # the run ends here: later documents of the batch stay unrecorded
             n_docs = b + 1
             break
     columns = {name: np.concatenate(parts) for name, parts in rows.items()}
@@ -263,7 +285,8 @@ def _record_batch(model, packed: Packed, layers, per_token, special_ids, config:
         doc_index=np.asarray(packed.doc_index[:n_docs], dtype=np.int64),
         doc_split=doc_split[:n_docs],
         doc_tokens=packed.doc_tokens[:n_docs],
-        next_doc=packed.doc_index[n_docs - 1] + 1,
+        window_end=packed.window_end,
+        ends_window=packed.ends_window,
         n_pairs_end=n_pairs + len(order),
         copied=copied,
     )

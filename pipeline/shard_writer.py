@@ -1,9 +1,9 @@
 """A background thread that gathers recorded batches into shards, compresses and writes them.
 
 The model keeps running while earlier batches are copied, compressed and written; the bounded
-queue stops the producer from running ahead of the disk. Shards end on batch boundaries, so a
-resumed run (which starts at the next unwritten document) forms exactly the batches that an
-uninterrupted run would have.
+queue stops the producer from running ahead of the disk. Shards end where a packing window ends
+(or the run does), so a resumed run, which starts at the next unwritten window, forms exactly the
+batches that an uninterrupted run would have.
 """
 
 import queue
@@ -29,7 +29,8 @@ class RecordedBatch:
     doc_index: np.ndarray  # [n_docs]
     doc_split: np.ndarray  # [n_docs]
     doc_tokens: list[np.ndarray]  # token ids per document
-    next_doc: int
+    window_end: int  # the corpus position after the batch's packing window
+    ends_window: bool  # a shard may end after this batch
     n_pairs_end: int
     copied: torch.cuda.Event | None = None
 
@@ -72,7 +73,7 @@ class ShardWriter:
                     batch.copied.synchronize()
                 pending.batches.append(batch)
                 pending.train_rows += int((batch.split == 0).sum())
-                if pending.train_rows >= self.shard_rows:
+                if pending.train_rows >= self.shard_rows and batch.ends_window:
                     self.store.write_shard(self._assemble(pending.batches))
                     pending = _Pending()
             if pending.batches:
@@ -103,7 +104,7 @@ class ShardWriter:
             stats_count=count,
             stats_sum=total,
             stats_sum_sq_norm=sq,
-            next_doc=batches[-1].next_doc,
+            next_doc=batches[-1].window_end,
             n_pairs_end=batches[-1].n_pairs_end,
         )
 

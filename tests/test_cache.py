@@ -37,7 +37,7 @@ def corpus_file(tmp_path_factory) -> Path:
 
 
 def run_cache(model_dir, corpus_file, out, **options) -> Store:
-    config = CacheConfig(model=str(model_dir), out=str(out), **{"n_tokens": 3000, "batch_tokens": 1024, "max_seq_len": 256, "shard_rows": 700, **options})
+    config = CacheConfig(model=str(model_dir), out=str(out), **{"n_tokens": 3000, "batch_tokens": 1024, "max_seq_len": 256, "shard_rows": 500, "pack_window": 4, **options})
     cache_activations(config, CorpusConfig(dataset=str(corpus_file)), console=QUIET, progress=False)
     return Store(out)
 
@@ -89,7 +89,7 @@ def test_pairs_in_a_batch_are_bit_identical_to_output_hidden_states(tiny_model_d
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokens = [np.arange(5, 5 + n, dtype=np.int32) for n in (9, 17, 4)]
-    packed = next(pack_batches(list(enumerate(tokens)), 1024, pad_id=0))
+    packed = next(pack_batches(list(enumerate(tokens)), 1024, pad_id=0, window=4))
     batch_index, position = torch.tensor([0, 1, 1, 2]), torch.tensor([8, 0, 16, 3])
     selections = {layer: (batch_index, position) for layer in range(5)}
     captured = capture_rows(model, packed.input_ids, packed.attention_mask, selections)
@@ -166,9 +166,9 @@ def test_layer_draw_depends_on_seed_and_document_only():
 
 
 def test_rerun_with_more_tokens_extends_and_same_run_does_nothing(tiny_model_dir, corpus_file, tmp_path):
+    window = 4  # run_cache's pack_window
     full = run_cache(tiny_model_dir, corpus_file, tmp_path / "full", n_tokens=2500)
     first = run_cache(tiny_model_dir, corpus_file, tmp_path / "grown", n_tokens=1200)
-    cut_doc = first.next_doc - 1
     grown = run_cache(tiny_model_dir, corpus_file, tmp_path / "grown", n_tokens=2500)
     again = run_cache(tiny_model_dir, corpus_file, tmp_path / "grown", n_tokens=2500)
     assert grown.n_pairs == again.n_pairs == 2500
@@ -176,12 +176,15 @@ def test_rerun_with_more_tokens_extends_and_same_run_does_nothing(tiny_model_dir
     full_keys, full_acts = sorted_rows(full)
     grown_keys, grown_acts = sorted_rows(grown)
     assert len(np.unique(grown_keys, axis=0)) == len(grown_keys)  # nothing written twice
-    # Stopping at 1200 pairs cut one document short; the extension records the documents after it
-    # (in batches packed differently from the uninterrupted run's, hence a tolerance).
+    # The first run stopped inside a packing window; the extension starts after that window, so only
+    # that window's unrecorded pairs and the final window differ from the uninterrupted run.
     in_grown = (full_keys[:, None] == grown_keys[None]).all(-1).any(1)
     in_full = (grown_keys[:, None] == full_keys[None]).all(-1).any(1)
-    assert set(full_keys[~in_grown, 0]) <= {cut_doc, full_keys[:, 0].max()}
-    assert (grown_keys[~in_full, 0] >= full_keys[:, 0].max()).all()
+    cut_window = range(first.next_doc - window, first.next_doc)
+    last_window_start = full_keys[:, 0].max() // window * window
+    assert all(doc in cut_window or doc >= last_window_start for doc in full_keys[~in_grown, 0])
+    assert (grown_keys[~in_full, 0] >= last_window_start).all()
+    assert in_grown[full_keys[:, 0] < cut_window.start].all()
     torch.testing.assert_close(full_acts[in_grown], grown_acts[in_full], rtol=1e-5, atol=1e-5)
 
 
@@ -191,18 +194,18 @@ def cli(*args, **kwargs) -> subprocess.CompletedProcess:
 
 def cli_args(model_dir, corpus_file, out, n_tokens="3K") -> list[str]:
     return ["--model", str(model_dir), "--dataset", str(corpus_file), "--out", str(out), "--n-tokens", n_tokens,
-            "--batch-tokens", "512", "--max-seq-len", "256", "--shard-rows", "300", "--dtype", "float32"]
+            "--batch-tokens", "512", "--max-seq-len", "256", "--shard-rows", "150", "--pack-window", "2", "--dtype", "float32"]
 
 
 def test_kill_9_and_resume_stores_exactly_the_uninterrupted_rows(tiny_model_dir, corpus_file, tmp_path):
     reference = cli(*cli_args(tiny_model_dir, corpus_file, tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr
     killed_out = tmp_path / "killed"
-    for delay in (0.0, 0.3):
+    for target, delay in ((2, 0.0), (4, 0.2)):
         process = subprocess.Popen([sys.executable, str(REPO / "cache_activations.py"), *cli_args(tiny_model_dir, corpus_file, killed_out)],
                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while time.time() < deadline and len(list(killed_out.glob("shard-*"))) < 2 + 3 * int(delay > 0):
+        while time.time() < deadline and len(list(killed_out.glob("shard-*"))) < target:
             time.sleep(0.02)
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
@@ -294,3 +297,17 @@ def test_real_05b_preset_pairs_equal_its_hidden_states(tmp_path):
         rows = keys[:, 0] == doc
         expected = torch.stack([states[layer][0, pos] for _, pos, layer in keys[rows]])
         torch.testing.assert_close(acts[rows], expected, rtol=1e-4, atol=1e-3)
+
+
+def test_packing_sorts_each_window_and_keeps_every_document_once():
+    rng = np.random.default_rng(0)
+    docs = [(i, np.ones(int(rng.integers(5, 200)), np.int32)) for i in range(50)]
+    batches = list(pack_batches(docs, 600, pad_id=0, window=16))
+    assert sorted(d for b in batches for d in b.doc_index) == list(range(50))
+    for b in batches:
+        assert b.input_ids.numel() <= 600 or len(b.doc_index) == 1
+        assert len({d // 16 for d in b.doc_index}) == 1  # a batch never spans two windows
+    assert [b.window_end for b in batches if b.ends_window] == [16, 32, 48, 50]
+    windowed = sum(int(b.attention_mask.sum()) for b in batches) / sum(b.input_ids.numel() for b in batches)
+    greedy = list(pack_batches(docs, 600, pad_id=0))
+    assert windowed > sum(int(b.attention_mask.sum()) for b in greedy) / sum(b.input_ids.numel() for b in greedy)
