@@ -1,0 +1,118 @@
+"""Stage two: training from shards against training from memory, the loader alone, the SAE step alone.
+
+Usage: python bench/train_throughput.py --shards /tmp/s --steps 30 --batch-size 1024
+       python bench/train_throughput.py --synthetic-rows 2M --d-model 1536 --batch-size 4096   (GPU: a random store)
+
+One run measures, on the same rows: training rows/s reading shards (ShardLoader) and reading the
+same rows from memory (MemoryLoader) and their ratio; rows/s of the loader alone; and rows/s of one
+SAE training step alone, with the dense and the sparse decoder, at the seed's size (expansion 4,
+k 32) and a large one (expansion 16, k 64).
+"""
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.cache import resolve_device
+from pipeline.loader import MemoryLoader, ShardLoader
+from pipeline.store import ShardData, SplitRows, Store, create_or_open, to_storage
+from pipeline.train import Run, TrainConfig, train
+from pipeline.units import parse_count
+
+SIZES = [(4, 32), (16, 64)]
+
+
+def synthetic_store(path: Path, n_rows: int, d_model: int, n_layers: int = 29, shard_rows: int = 262144) -> Store:
+    """A bf16 store of random rows, for loader speed where no real store is at hand."""
+    store = create_or_open(path, {"model": {"name": "synthetic", "fingerprint": "synthetic", "d_model": d_model, "n_hidden_states": n_layers},
+                                  "dtype": "bf16", "layers": list(range(n_layers))})
+    generator = torch.Generator().manual_seed(0)
+    for start in range(0, n_rows, shard_rows):
+        rows = min(shard_rows, n_rows - start)
+        acts = torch.randn(rows, d_model, generator=generator) * torch.linspace(0.5, 20, n_layers)[torch.arange(rows) % n_layers, None]
+        layer = (np.arange(rows) % n_layers).astype(np.int16)
+        train_rows = SplitRows(to_storage(acts, "bf16"), layer, np.zeros(rows), np.zeros(rows), np.zeros(rows))
+        val_rows = SplitRows(to_storage(acts[:256], "bf16"), layer[:256], np.zeros(256), np.zeros(256), np.zeros(256))
+        stats_sum = torch.zeros(n_layers, d_model, dtype=torch.float64).index_add_(0, torch.from_numpy(layer.astype(np.int64)), acts.double())
+        sq = torch.zeros(n_layers, dtype=torch.float64).index_add_(0, torch.from_numpy(layer.astype(np.int64)), acts.double().pow(2).sum(1))
+        store.write_shard(ShardData({"train": train_rows, "val": val_rows}, np.array([0]), np.array([0]), np.array([0, 0]),
+                                    np.zeros(0, np.int32), np.bincount(layer, minlength=n_layers), stats_sum.numpy(), sq.numpy(),
+                                    0, start + rows))
+    return Store(path)
+
+
+def timed_training(source, cfg: TrainConfig, device: torch.device) -> float:
+    """Rows/s of train() over cfg.steps steps (no validation or checkpoint inside the timed span)."""
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        train([cfg], source, [Path(out) / "run"], device, progress=False)
+        return cfg.steps * cfg.batch_size / (time.perf_counter() - start)
+
+
+def loader_rows_per_s(loader: ShardLoader, n_batches: int, device: torch.device) -> float:
+    start, rows = time.perf_counter(), 0
+    for i, (x, _) in enumerate(loader.train_batches(epoch=1)):
+        rows += len(x)
+        if i + 1 == n_batches:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return rows / (time.perf_counter() - start)
+
+
+def step_rows_per_s(source, cfg: TrainConfig, device: torch.device, n_steps: int) -> float:
+    """One Run's train_step alone, on a batch already on the device."""
+    x, layer = next(iter(source.train_batches(0)))
+    with tempfile.TemporaryDirectory() as out:
+        run = Run(cfg, Path(out), source, device, resume=False)
+        run.train_step(x, layer)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n_steps):
+            run.train_step(x, layer)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n_steps * len(x) / (time.perf_counter() - start)
+
+
+def main(
+    shards: str = typer.Option(None, help="A store written by cache-acts; or give --synthetic-rows."),
+    synthetic_rows: str = typer.Option(None, help="Write a random bf16 store of this many rows (e.g. 2M) and use it."),
+    d_model: int = typer.Option(1536, help="Width of the synthetic store."),
+    batch_size: int = 1024,
+    steps: int = 30,
+    device: str = "auto",
+):
+    torch_device = resolve_device(device)
+    scratch = tempfile.TemporaryDirectory()
+    store = synthetic_store(Path(scratch.name) / "s", parse_count(synthetic_rows), d_model) if synthetic_rows else Store(shards)
+    loader = ShardLoader(store, batch_size, seed=0, device=torch_device)
+    rows = list(loader.train_batches(0))
+    memory = MemoryLoader(torch.cat([x for x, _ in rows]).cpu(), torch.cat([layer for _, layer in rows]).cpu(), store.n_hidden_states,
+                          batch_size, device=torch_device)
+    steps = min(steps, loader.n_train_batches() - 1)
+    table = Table(title=f"stage two: d_model {store.d_model}, batch {batch_size}, {torch_device}, {loader.n_rows:,} rows")
+    for column in ("measure", "expansion", "k", "decoder", "rows/s", "ratio"):
+        table.add_column(column, justify="right")
+    table.add_row("loader alone", "-", "-", "-", f"{loader_rows_per_s(loader, steps, torch_device):,.0f}", "")
+    for expansion, k in SIZES:
+        base = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, steps=steps, val_every=10**9, save_every=10**9, warmup_steps=1)
+        from_memory = timed_training(memory, base, torch_device)
+        from_shards = timed_training(loader, base, torch_device)
+        table.add_row("train from memory", str(expansion), str(k), "auto", f"{from_memory:,.0f}", "")
+        table.add_row("train from shards", str(expansion), str(k), "auto", f"{from_shards:,.0f}", f"{from_shards / from_memory:.2f}")
+        for decoder in ("dense", "sparse"):
+            cfg = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, decoder=decoder, warmup_steps=1)
+            table.add_row("SAE step alone", str(expansion), str(k), decoder, f"{step_rows_per_s(memory, cfg, torch_device, max(steps // 3, 3)):,.0f}", "")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    typer.run(main)
