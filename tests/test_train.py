@@ -105,7 +105,8 @@ def test_writes_metrics_plot_and_saelens_layout(tmp_path):
     train_records = [r for r in records if r["split"] == "train"]
     val_records = [r for r in records if r["split"] == "val"]
     assert [r["step"] for r in train_records] == list(range(1, 31))
-    assert [r["step"] for r in val_records] == [10, 20, 30] and val_records[-1] == {"split": "val", **final}
+    assert [r["step"] for r in val_records] == [10, 20, 30]
+    assert final == {**train_records[-1], **val_records[-1]}  # validation metrics, plus the last step's training ones
     assert {"loss", "mse", "mse_raw", "fvu", "l0", "dead_fraction", "auxk_loss", "lr"} <= train_records[0].keys()
     assert set(final["fvu_by_layer"]) == {"0", "1", "2"} and final["l0"] == 4
     assert any(r["auxk_loss"] > 0 for r in train_records)  # dead_tokens is short enough for latents to die
