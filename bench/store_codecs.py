@@ -6,6 +6,7 @@ Prints one row per codec: compression ratio, compress and decompress MB/s (one t
 
 import time
 
+import numcodecs.blosc
 import numpy as np
 import typer
 from numcodecs import Blosc, Zstd
@@ -27,7 +28,7 @@ CODECS = {
 
 
 def main(shards: str = typer.Option(..., help="A store written by cache-acts."), chunk_rows: int = 1024):
-    Blosc.set_nthreads(1) if hasattr(Blosc, "set_nthreads") else None
+    numcodecs.blosc.set_nthreads(1)  # per-thread speeds; the loader runs several readers
     store = Store(shards)
     acts = np.concatenate([store.read(s, "train/acts") for s in store.shards])
     chunks = [np.ascontiguousarray(acts[i : i + chunk_rows]) for i in range(0, len(acts) - chunk_rows + 1, chunk_rows)]
