@@ -1,0 +1,343 @@
+"""What the SAE's latents mean: density, layer profile, top-activating contexts and promoted tokens, from one pass over stored rows."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from pipeline.cache import resolve_device
+from pipeline.cli import option
+from pipeline.errors import CrosscodersError
+from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix
+from pipeline.sae import TopKSAE, load
+from pipeline.store import SPLITS, Store
+from pipeline.train import CHECKPOINT, DATA_FILE
+from pipeline.units import parse_count
+
+DENSE_FREQUENCY = 0.1  # a latent firing on more rows than this is "dense"
+BATCH_ROWS = 4096
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def parse_rows(text: str | int) -> int | None:
+    """'200K' -> 200000; 'all' -> None (every row of the split)."""
+    return None if str(text).strip().lower() == "all" else parse_count(text, "--n-rows")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Options of `sae-features`: which SAE, which stored rows to scan, and what to show."""
+
+    sae: str = option("./runs/sae", "Training run folder (or its checkpoint/) holding the SAE.")
+    shards: str | None = option(None, "Activation store to scan; default: the one the run was trained on (RUN/data.json).")
+    split: str = option("train", "Rows to scan: train (most rows, so most contexts; fine for density) or val (held out).")
+    n_rows: int | None = option(200_000, "Rows of the split to scan, e.g. 200K, or all.", parse_rows, str)
+    feature: int | None = option(None, "Print this latent in the terminal: contexts, density, layer profile, promoted tokens.")
+    top: int = option(10, "Top-activating contexts kept per latent.")
+    context: int = option(12, "Tokens of context shown on each side of the activating token.")
+    html: str | None = option(None, "HTML report path; default RUN/features.html (with --feature, written only when given).")
+    n_report_features: int = option(50, "Latents in the HTML report: half the most frequent alive ones, half random alive ones.")
+    model: str | None = option(None, "Model for the tokenizer and unembedding; default: the store's model.")
+    device: str = option("auto", "Device for encoding: auto, cpu, cuda, cuda:1, ...")
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise CrosscodersError(f"--split {self.split!r} is unknown; use one of {', '.join(SPLITS)}")
+        if min(self.top, self.n_report_features) < 1 or self.context < 0:
+            raise CrosscodersError(f"--top and --n-report-features must be positive and --context >= 0; got {self}")
+
+
+@dataclass(frozen=True)
+class FeatureScan:
+    """Per-latent statistics over the scanned rows of one split; top_* entries are sorted by activation."""
+
+    split: str
+    n_rows: int  # rows scanned
+    layer_counts: torch.Tensor  # [n_latents, n_layers] int64 rows of each layer a latent fired on
+    n_rows_by_layer: torch.Tensor  # [n_layers] int64 scanned rows of each layer
+    top_values: torch.Tensor  # [n_latents, top] largest activations, 0 where a latent fired on fewer rows
+    top_rows: torch.Tensor  # [n_latents, top] int64 index among the scanned rows (store order), -1 where empty
+    top_shard: torch.Tensor  # [n_latents, top] the provenance of those rows: shard index,
+    top_layer: torch.Tensor  # hidden state,
+    top_token: torch.Tensor  # token id,
+    top_doc: torch.Tensor  # document index
+    top_pos: torch.Tensor  # and position in the document (all -1 where empty)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """[n_latents] rows each latent fired on."""
+        return self.layer_counts.sum(1)
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """[n_latents] fraction of scanned rows each latent fired on."""
+        return self.counts / max(self.n_rows, 1)
+
+    @property
+    def layer_frequency(self) -> torch.Tensor:
+        """[n_latents, n_layers] firing rate among each layer's rows, so layers sampled less often compare fairly."""
+        return self.layer_counts / self.n_rows_by_layer.clamp(min=1)
+
+    @property
+    def dead(self) -> torch.Tensor:
+        """[n_latents] bool: never fired in the scanned rows."""
+        return self.counts == 0
+
+    @property
+    def dense(self) -> torch.Tensor:
+        """[n_latents] bool: fired on more than DENSE_FREQUENCY of the rows."""
+        return self.frequency > DENSE_FREQUENCY
+
+    def peak_layer(self, feature: int) -> int:
+        """The layer on whose rows the latent fires most often."""
+        return int(self.layer_frequency[feature].argmax())
+
+
+@torch.no_grad()
+def scan_features(
+    sae: TopKSAE,
+    store: Store,
+    split: str = "train",
+    n_rows: int | None = None,
+    top: int = 10,
+    device: torch.device | str = "cpu",
+    batch_rows: int = BATCH_ROWS,
+    progress: Progress | None = None,
+) -> FeatureScan:
+    """Encodes the first n_rows rows of a split (all when None) in store order: firing counts and running top-k rows."""
+    sae.check_compatible(store.d_model, store.n_hidden_states)
+    n_latents, n_layers = sae.cfg.n_latents, sae.cfg.n_layers
+    total = store.n_rows(split) if n_rows is None else min(n_rows, store.n_rows(split))
+    if total == 0:
+        raise CrosscodersError(f"{store.path} has no {split} rows; scan the other --split or cache more tokens")
+    layer_counts = torch.zeros(n_latents * n_layers, dtype=torch.int64, device=device)
+    n_rows_by_layer = torch.zeros(n_layers, dtype=torch.int64, device=device)
+    top_values = torch.zeros(n_latents, top, device=device)
+    top_rows = torch.full((n_latents, top), -1, dtype=torch.int64, device=device)
+    task = progress.add_task("scanning", total=total) if progress is not None else None
+    shard_rows, seen = [], 0
+    for shard in store.shards:
+        rows = min(shard.n_rows[split], total - seen)
+        shard_rows.append(rows)
+        layers = torch.from_numpy(store.read(shard, f"{split}/layer", 0, rows).astype(np.int64)).to(device)
+        for start in range(0, rows, batch_rows):
+            end = min(start + batch_rows, rows)
+            layer = layers[start:end]  # [batch]
+            values, indices = sae.encode(store.read_acts(shard, split, start, end).to(device, torch.float32), layer)  # [batch, k]
+            fired = values > 0
+            layer_counts += torch.bincount((indices * n_layers + layer[:, None])[fired], minlength=n_latents * n_layers)
+            n_rows_by_layer += torch.bincount(layer, minlength=n_layers)
+            code = values.new_zeros(end - start, n_latents).scatter_(1, indices, values)  # [batch, n_latents]
+            candidates = torch.cat([top_values, code.T], 1)  # [n_latents, top + batch]
+            top_values, best = candidates.topk(top, dim=1)  # best < top: a kept old row; otherwise batch row best - top
+            top_rows = torch.where(best < top, top_rows.gather(1, best.clamp(max=top - 1)), best - top + seen + start)
+            if task is not None:
+                progress.update(task, advance=end - start)
+        seen += rows
+        if seen == total:
+            break
+    top_values, top_rows = top_values.cpu(), top_rows.cpu().where(top_values.cpu() > 0, -1)
+    provenance = _provenance(store, split, shard_rows, top_rows)
+    return FeatureScan(split, total, layer_counts.view(n_latents, n_layers).cpu(), n_rows_by_layer.cpu(), top_values, top_rows, **provenance)
+
+
+def _provenance(store: Store, split: str, shard_rows: list[int], top_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Shard, layer, token, doc and pos of the scanned rows top_rows: [n_latents, top], -1 where a row is -1."""
+    names = ("layer", "token", "doc", "pos")
+    found = {name: torch.full_like(top_rows, -1) for name in ("shard", *names)}
+    start = 0
+    for index, rows in enumerate(shard_rows):
+        inside = (top_rows >= start) & (top_rows < start + rows)
+        if inside.any():
+            offsets = (top_rows[inside] - start).numpy()
+            found["shard"][inside] = index
+            for name in names:
+                found[name][inside] = torch.from_numpy(store.read(store.shards[index], f"{split}/{name}", 0, rows)[offsets].astype(np.int64))
+        start += rows
+    return {f"top_{name}": value for name, value in found.items()}
+
+
+def density_histogram(scan: FeatureScan, n_bins: int = 40) -> tuple[np.ndarray, np.ndarray, int]:
+    """(counts [n_bins] of alive latents by log10 firing frequency, bin edges [n_bins + 1], number of dead latents)."""
+    frequency = scan.counts[~scan.dead].numpy() / scan.n_rows  # float64, so a single firing lands on the first edge
+    counts, edges = np.histogram(np.log10(frequency), bins=n_bins, range=(np.log10(1 / scan.n_rows), 0))
+    return counts, edges, int(scan.dead.sum())
+
+
+def report_features(scan: FeatureScan, n: int, seed: int = 0) -> list[int]:
+    """Alive latents to report: the n // 2 most frequent (largest first), then random others, for a fair sample."""
+    alive = torch.nonzero(~scan.dead).flatten()
+    by_count = alive[scan.counts[alive].argsort(descending=True, stable=True)]
+    frequent, rest = by_count[: n // 2], by_count[n // 2 :]
+    random = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[: n - len(frequent)]]
+    return frequent.tolist() + sorted(random.tolist())
+
+
+@dataclass(frozen=True)
+class Context:
+    """One top activation of a latent: document tokens around it, the activating one at `center`."""
+
+    value: float
+    layer: int
+    doc: int
+    pos: int  # position of the activating token in the document
+    token_ids: list[int]  # the window, clipped to the document
+    tokens: list[str]  # each token decoded on its own
+    center: int  # index of the activating token in the window
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Each token decoded on its own (or shown as [id] without a tokenizer); newlines drawn as ⏎ so contexts stay one line."""
+    texts = tokenizer.batch_decode([[i] for i in ids]) if tokenizer is not None else [f"[{i}]" for i in ids]
+    return [text.replace("\r", "").replace("\n", "⏎").replace("\t", "→") for text in texts]
+
+
+def feature_contexts(scan: FeatureScan, store: Store, tokenizer, feature: int, context: int = 12) -> list[Context]:
+    """The latent's top-activating rows as token windows of `context` tokens each side, from the store's documents."""
+    documents = {}  # shard index -> (doc index -> row, offsets, tokens), read once per call
+    contexts = []
+    for j in torch.nonzero(scan.top_values[feature] > 0).flatten().tolist():
+        shard, doc, pos = (int(t[feature, j]) for t in (scan.top_shard, scan.top_doc, scan.top_pos))
+        if shard not in documents:
+            info = store.shards[shard]
+            index = store.read(info, "docs/index")
+            documents[shard] = ({int(d): i for i, d in enumerate(index)}, store.read(info, "docs/offsets"), store.read(info, "docs/tokens"))
+        rows, offsets, tokens = documents[shard]
+        document = tokens[offsets[rows[doc]] : offsets[rows[doc] + 1]]
+        start, end = max(0, pos - context), min(len(document), pos + context + 1)
+        ids = document[start:end].tolist()
+        contexts.append(Context(float(scan.top_values[feature, j]), int(scan.top_layer[feature, j]), doc, pos, ids, token_texts(tokenizer, ids), pos - start))
+    return contexts
+
+
+@dataclass(frozen=True)
+class Lens:
+    """The model's readout, for the logit lens: tokenizer, unembedding and final-norm weight."""
+
+    tokenizer: object
+    unembedding: torch.Tensor  # [vocab, d_model]
+    norm_weight: torch.Tensor  # [d_model]
+    final_layer: int  # hidden state that is already the final norm's output
+
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> "Lens":
+        """The readout of a model loaded with load_model."""
+        model = loaded.model
+        return cls(loaded.tokenizer, unembedding_matrix(model).detach(), final_norm(model).weight.detach(), loaded.info.n_layers)
+
+
+@torch.no_grad()
+def promoted_tokens(sae: TopKSAE, lens: Lens, feature: int, layer: int, n_tokens: int = 10) -> list[tuple[str, float]]:
+    """Tokens the latent's decoder direction raises most through the logit lens at layer: (text, logit per unit activation)."""
+    direction = (sae.W_dec[feature] / sae.norm_scale[layer]).to(lens.unembedding)  # [d_model] in the layer's raw space
+    if layer != lens.final_layer:  # earlier states still pass through the final norm, whose weight scales each dimension
+        direction = direction * lens.norm_weight
+    logits = lens.unembedding @ direction  # [vocab]
+    values, ids = logits.topk(n_tokens)
+    return list(zip(token_texts(lens.tokenizer, ids.tolist()), values.tolist()))
+
+
+def highlight_rgb(fraction: float) -> tuple[int, int, int]:
+    """Background of an activating token: pale to orange as its activation nears the latent's maximum."""
+    return 255, round(235 - 115 * fraction), round(200 - 200 * fraction)
+
+
+def sparkline(values: list[float]) -> str:
+    """One block character per value, scaled to the largest; blank for zero."""
+    top = max(values, default=0) or 1
+    return "".join(SPARK[min(len(SPARK) - 1, int(len(SPARK) * v / top))] if v > 0 else " " for v in values)
+
+
+def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: list[Context], promoted: list[tuple[str, float]] | None):
+    """The latent in the terminal: density, layer profile as a sparkline, contexts with the activating token highlighted."""
+    count, frequency = int(scan.counts[feature]), float(scan.frequency[feature])
+    kind = " [red]dead[/]" if count == 0 else " [yellow]dense[/]" if frequency > DENSE_FREQUENCY else ""
+    console.print(f"[bold]feature {feature}[/]{kind}: fires on {count:,} of {scan.n_rows:,} {scan.split} rows ({frequency:.3%})")
+    rates = scan.layer_frequency[feature].tolist()
+    peak = scan.peak_layer(feature)
+    console.print(f"layers 0-{len(rates) - 1} [cyan]{sparkline(rates)}[/]  peak layer {peak} ({rates[peak]:.3%} of its rows)")
+    if promoted is not None:
+        console.print("promotes " + "  ".join(f"{text!r} {value:+.3g}" for text, value in promoted), highlight=False)
+    top = max((c.value for c in contexts), default=1.0)
+    for c in contexts:
+        line = Text(f"{c.value:8.3f}  L{c.layer:<3d} doc {c.doc} pos {c.pos}  ", style="dim")
+        line.append("".join(c.tokens[: c.center]))
+        active = c.tokens[c.center] if console.color_system else f"⟦{c.tokens[c.center]}⟧"  # still visible without colour
+        line.append(active, style="bold black on rgb({},{},{})".format(*highlight_rgb(c.value / top)))
+        line.append("".join(c.tokens[c.center + 1 :]))
+        console.print(line, no_wrap=True, overflow="ellipsis")
+
+
+def run_data(sae_dir: Path) -> dict | None:
+    """The run's data.json (store, model, layers), also found from its checkpoint/ folder; None if absent."""
+    for folder in (sae_dir, sae_dir.parent) if sae_dir.name == CHECKPOINT else (sae_dir,):
+        if (folder / DATA_FILE).is_file():
+            return json.loads((folder / DATA_FILE).read_text())
+    return None
+
+
+def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = True) -> Path | None:
+    """`sae-features`: scan the store, print --feature, write the HTML report; returns the report's path (None if not written)."""
+    from pipeline.report import write_html_report  # here, not at the top: report.py builds on this module
+
+    device = resolve_device(cfg.device)
+    sae_dir = Path(cfg.sae)
+    sae = load(sae_dir, device).eval()
+    data = run_data(sae_dir)
+    if cfg.shards is None and data is None:
+        raise CrosscodersError(f"{sae_dir} has no {DATA_FILE} naming the store it was trained on; pass --shards DIR")
+    store = Store(cfg.shards or data["shards"])
+    sae.check_compatible(store.d_model, store.n_hidden_states)
+    fingerprint = store.metadata["model"]["fingerprint"]
+    if data is not None and data["model"]["fingerprint"] != fingerprint:
+        raise CrosscodersError(
+            f"{store.path} holds activations of {store.metadata['model']['name']!r}, but the SAE was trained on "
+            f"{data['model']['name']!r}; pass a store of that model as --shards"
+        )
+    if cfg.feature is not None and not 0 <= cfg.feature < sae.cfg.n_latents:
+        raise CrosscodersError(f"--feature {cfg.feature} is out of range: the SAE has latents 0 to {sae.cfg.n_latents - 1}")
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
+        scan = scan_features(sae, store, cfg.split, cfg.n_rows, cfg.top, device, progress=bar)
+    spec = cfg.model or store.metadata["model"]["name"]
+    try:
+        loaded = load_model(spec)
+    except (CrosscodersError, OSError) as error:
+        console.print(f"[yellow]note:[/] model {spec!r} did not load ({error}): no promoted tokens, contexts shown as token ids")
+        lens = None
+    else:
+        if loaded.info.fingerprint != fingerprint:
+            raise CrosscodersError(
+                f"model {spec!r} ({loaded.info.fingerprint}) is not the model the store was cached from ({fingerprint}); "
+                "pass that model as --model"
+            )
+        lens = Lens.of(loaded)
+    tokenizer = lens.tokenizer if lens is not None else None
+
+    def promoted(feature: int) -> list[tuple[str, float]] | None:
+        return None if lens is None else promoted_tokens(sae, lens, feature, scan.peak_layer(feature))
+
+    if cfg.feature is not None:
+        print_feature(console, scan, cfg.feature, feature_contexts(scan, store, tokenizer, cfg.feature, cfg.context), promoted(cfg.feature))
+    console.print(
+        f"scanned {scan.n_rows:,} {scan.split} rows: {int((~scan.dead).sum()):,} of {sae.cfg.n_latents:,} latents alive, "
+        f"{int(scan.dead.sum()):,} dead, {int(scan.dense.sum()):,} dense (> {DENSE_FREQUENCY:.0%} of rows)"
+    )
+    if cfg.feature is not None and cfg.html is None:
+        return None
+    features = ([cfg.feature] if cfg.feature is not None else []) + report_features(scan, cfg.n_report_features)
+    features = list(dict.fromkeys(features))
+    path = Path(cfg.html or sae_dir / "features.html")
+    write_html_report(
+        path, scan, {f: feature_contexts(scan, store, tokenizer, f, cfg.context) for f in features}, {f: promoted(f) for f in features},
+        title=f"{sae_dir} on {store.path}",
+    )
+    console.print(f"wrote {path}")
+    return path

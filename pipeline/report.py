@@ -1,0 +1,137 @@
+"""The static HTML report of `sae-features`: one self-contained file, charts inline (SVG) or as PNG data URIs."""
+
+import base64
+import io
+from html import escape
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: leaves the caller's plotting backend alone
+
+from pipeline.features import DENSE_FREQUENCY, Context, FeatureScan, density_histogram
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+table.index { border-collapse: collapse; } .index td, .index th { padding: 2px 10px; text-align: left; border-bottom: 1px solid #ddd; }
+section.feature { border-top: 2px solid #888; margin-top: 2em; }
+.ctx { font-family: ui-monospace, monospace; white-space: pre; overflow-x: auto; margin: 2px 0; }
+.where { color: #888; display: inline-block; min-width: 16em; }
+.act { border-radius: 3px; outline: 1px solid #e07000; }
+.tok { font-family: ui-monospace, monospace; white-space: pre; background: #eef; border-radius: 3px; padding: 0 2px; margin-right: 4px; }
+.chart { margin-right: 2em; }
+.dense { color: #b60; } .muted { color: #888; }
+"""
+
+
+def png_data_uri(figure: Figure) -> str:
+    """The figure as a base64 PNG data URI, so the report needs no other file."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def density_figure(histogram: tuple[np.ndarray, np.ndarray, int]) -> str:
+    """The density histogram of all alive latents, with the dense threshold marked."""
+    counts, edges, n_dead = histogram
+    figure = Figure(figsize=(8, 3))
+    axes = figure.subplots()
+    axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4477aa")
+    axes.axvline(np.log10(DENSE_FREQUENCY), color="#b60", linestyle="--", linewidth=1, label="dense")
+    axes.set(xlabel="log10 firing frequency", ylabel="latents", title=f"feature density ({n_dead:,} dead latents not shown)")
+    axes.legend()
+    return png_data_uri(figure)
+
+
+def bar_chart_svg(values: np.ndarray, title: str, labels: list[str], axis: tuple[str, str], highlight: int | None = None) -> str:
+    """A small inline SVG bar chart (cheap enough for one per latent); each bar's label and value show on hover."""
+    width, height, top = 360, 110, 18
+    bar = width / len(values)
+    scale = (height - top) / max(float(values.max()), 1e-12)
+    bars = "".join(
+        f'<rect x="{i * bar:.1f}" y="{height - v * scale:.1f}" width="{max(bar - 1, 0.5):.1f}" height="{v * scale:.1f}" '
+        f'fill="{"#d33" if i == highlight else "#4477aa"}"><title>{escape(label)}: {v:.4g}</title></rect>'
+        for i, (v, label) in enumerate(zip(values.tolist(), labels))
+    )
+    return (
+        f'<svg class="chart" width="{width}" height="{height + 16}" role="img"><title>{escape(title)}</title>'
+        f'<text x="0" y="12" font-size="12">{escape(title)}</text>{bars}'
+        f'<text x="0" y="{height + 14}" font-size="10">{escape(axis[0])}</text>'
+        f'<text x="{width}" y="{height + 14}" font-size="10" text-anchor="end">{escape(axis[1])}</text></svg>'
+    )
+
+
+def feature_charts(scan: FeatureScan, feature: int, histogram: tuple[np.ndarray, np.ndarray, int]) -> str:
+    """Layer profile (firing rate among each layer's rows) and the density histogram with the latent's bin in red."""
+    rates = scan.layer_frequency[feature].numpy() * 100
+    layers = [f"layer {layer} (%)" for layer in range(len(rates))]
+    profile = bar_chart_svg(rates, "layer profile: % of each layer's rows", layers, ("layer 0", f"layer {len(rates) - 1}"))
+    counts, edges, _ = histogram
+    frequency = float(scan.frequency[feature])
+    where = int(np.clip(np.searchsorted(edges, np.log10(frequency), side="right") - 1, 0, len(counts) - 1)) if frequency > 0 else None
+    labels = [f"frequency 10^{a:.2f} to 10^{b:.2f} (latents)" for a, b in zip(edges[:-1], edges[1:])]
+    axis = (f"frequency 10^{edges[0]:.1f}", "1")
+    return profile + bar_chart_svg(counts, "density of all latents: this one in red", labels, axis, where)
+
+
+def context_html(context: Context, top_value: float) -> str:
+    """One context on one line, the activating token in a span whose background grows with its activation."""
+    before = escape("".join(context.tokens[: context.center]))
+    after = escape("".join(context.tokens[context.center + 1 :]))
+    alpha = 0.15 + 0.85 * context.value / top_value
+    active = (
+        f'<span class="act" style="background: rgba(255, 120, 0, {alpha:.2f})" '
+        f'title="activation {context.value:.4g} at layer {context.layer}">{escape(context.tokens[context.center])}</span>'
+    )
+    where = f'<span class="where">{context.value:8.3f}  L{context.layer} doc {context.doc} pos {context.pos}</span>'
+    return f'<div class="ctx">{where}{before}{active}{after}</div>'
+
+
+def promoted_html(promoted: list[tuple[str, float]] | None, n: int | None = None) -> str:
+    if promoted is None:
+        return '<span class="muted">model not loaded</span>'
+    return "".join(f'<span class="tok" title="logit {value:+.3f}">{escape(text)}</span>' for text, value in promoted[:n])
+
+
+def write_html_report(
+    path: Path | str,
+    scan: FeatureScan,
+    contexts: dict[int, list[Context]],
+    promoted: dict[int, list[tuple[str, float]] | None],
+    title: str,
+) -> Path:
+    """Writes the report: summary and density histogram, an index of the latents in contexts, then a section per latent."""
+    path = Path(path)
+    histogram = density_histogram(scan)
+    n_latents = len(scan.counts)
+    rows, sections = [], []
+    for feature, feature_contexts in contexts.items():
+        frequency, layer = float(scan.frequency[feature]), scan.peak_layer(feature)
+        density = f'<span class="dense">{frequency:.3%}</span>' if frequency > DENSE_FREQUENCY else f"{frequency:.3%}"
+        rows.append(
+            f'<tr><td><a href="#f{feature}">{feature}</a></td><td>{density}</td><td>{int(scan.counts[feature]):,}</td>'
+            f"<td>{layer}</td><td>{promoted_html(promoted[feature], 5)}</td></tr>"
+        )
+        top_value = max((c.value for c in feature_contexts), default=1.0)
+        sections.append(
+            f'<section class="feature" id="f{feature}"><h2>Feature {feature}</h2>'
+            f"<p>fires on {int(scan.counts[feature]):,} of {scan.n_rows:,} rows ({density}); most often on layer {layer} "
+            f'({float(scan.layer_frequency[feature, layer]):.3%} of its rows). <a href="#index">index</a></p>'
+            f'<div class="charts">{feature_charts(scan, feature, histogram)}</div>'
+            f"<h3>Promoted tokens (logit lens at layer {layer})</h3><p>{promoted_html(promoted[feature])}</p>"
+            f"<h3>Top activations</h3>{''.join(context_html(c, top_value) for c in feature_contexts)}</section>"
+        )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>SAE features: {escape(title)}</title><style>{STYLE}</style></head>
+<body><h1>SAE features</h1>
+<p>{escape(title)}: {scan.n_rows:,} {scan.split} rows scanned; {n_latents:,} latents, {int((~scan.dead).sum()):,} alive,
+{int(scan.dead.sum()):,} dead (never fired), {int(scan.dense.sum()):,} dense (fire on more than {DENSE_FREQUENCY:.0%} of rows).</p>
+<img src="{density_figure(histogram)}" alt="density histogram">
+<h2 id="index">Reported latents</h2>
+<table class="index"><tr><th>feature</th><th>density</th><th>rows</th><th>peak layer</th><th>promoted tokens</th></tr>
+{"".join(rows)}</table>
+{"".join(sections)}
+</body></html>
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,225 @@
+"""sae-features on a tiny store: scan statistics against brute force, contexts, the HTML report and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoTokenizer
+
+from pipeline.cache import CacheConfig, cache_activations
+from pipeline.corpus import CorpusConfig
+from pipeline.errors import CrosscodersError
+from pipeline.features import Context, FeaturesConfig, density_histogram, explore_features, feature_contexts, scan_features, token_texts
+from pipeline.loader import layer_stats_of
+from pipeline.report import context_html
+from pipeline.sae import SAEConfig, TopKSAE
+from pipeline.store import Store
+from pipeline.train import DATA_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = Console(file=open(os.devnull, "w"))
+N_LATENTS = 128
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model_dir, tmp_path_factory) -> Store:
+    """2000 rows over all 5 hidden states in two shards, from code full of < > &."""
+    folder = tmp_path_factory.mktemp("features")
+    corpus = folder / "pairs.jsonl"
+    rng = np.random.default_rng(0)
+    with corpus.open("w") as handle:
+        for i in range(300):
+            body = "\n".join(f"    if x{j} < {i} && y > x{j}: return '<b>' & x{j}" for j in range(int(rng.integers(2, 12))))
+            handle.write(json.dumps({"prompt": f"Compare <{i}> & more.", "response": f"def f{i}(y):\n{body}\n"}) + "\n")
+    for n_tokens in (1000, 2000):  # the second run resumes the store: a second shard
+        config = CacheConfig(model=str(tiny_model_dir), out=str(folder / "store"), n_tokens=n_tokens, batch_tokens=1024, max_seq_len=128, dtype="float32")
+        cache_activations(config, CorpusConfig(dataset=str(corpus)), console=QUIET, progress=False)
+    return Store(folder / "store")
+
+
+@pytest.fixture(scope="module")
+def sae(store) -> TopKSAE:
+    """A random SAE normalizing by the store's statistics, with latent 0 made dense and latent 1 dead."""
+    rows = all_rows(store, "train")
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_model=64, n_layers=5, expansion=2, k=4), layer_stats_of(rows["acts"], torch.from_numpy(rows["layer"].astype(np.int64)), 5))
+    with torch.no_grad():
+        sae.b_enc[0] = 1e6  # in every row's top k: dense
+        sae.b_enc[1] = -1e6  # never positive: dead
+    return sae
+
+
+@pytest.fixture(scope="module")
+def run_dir(store, sae, tmp_path_factory) -> Path:
+    """A training-run folder as train-sae leaves it: the SAE plus data.json naming the store."""
+    folder = tmp_path_factory.mktemp("run")
+    sae.save(folder)
+    data = {"shards": str(store.path), "model": store.metadata["model"], "layers": store.metadata["layers"]}
+    (folder / DATA_FILE).write_text(json.dumps(data))
+    return folder
+
+
+def all_rows(store: Store, split: str) -> dict:
+    columns = {name: np.concatenate([store.read(s, f"{split}/{name}") for s in store.shards]) for name in ("layer", "token", "doc", "pos")}
+    return {**columns, "acts": torch.cat([store.read_acts(s, split).float() for s in store.shards])}
+
+
+@pytest.mark.parametrize("n_rows", [None, 1500])  # all rows; part of the second shard
+def test_scan_agrees_with_brute_force(store, sae, n_rows):
+    assert len(store.shards) > 1
+    scan = scan_features(sae, store, "train", n_rows, top=5, batch_rows=256)
+    rows = all_rows(store, "train")
+    n = len(rows["layer"]) if n_rows is None else n_rows
+    layer = torch.from_numpy(rows["layer"][:n].astype(np.int64))
+    with torch.no_grad():
+        values, indices = sae.encode(rows["acts"][:n], layer)
+    code = torch.zeros(n, N_LATENTS).scatter_(1, indices, values)  # [rows, n_latents]
+    fired = code > 0
+    assert scan.n_rows == n
+    assert torch.equal(scan.counts, fired.sum(0))
+    for l in range(5):
+        assert torch.equal(scan.layer_counts[:, l], fired[layer == l].sum(0))
+        assert scan.n_rows_by_layer[l] == (layer == l).sum()
+    assert torch.equal(scan.layer_counts.sum(1), scan.counts)
+    for feature in [0, 2, 5, 17, 100]:
+        expected = code[:, feature].topk(5).values
+        assert torch.equal(scan.top_values[feature], expected)
+        live = expected > 0
+        rows_found = scan.top_rows[feature][live]  # repeated prefixes give equal activations, so compare values, not rows
+        assert torch.equal(code[rows_found, feature], expected[live]) and len(set(rows_found.tolist())) == int(live.sum())
+        assert (scan.top_rows[feature][~live] == -1).all()
+        for name in ("layer", "token", "doc", "pos"):
+            stored = torch.from_numpy(rows[name][rows_found.numpy()].astype(np.int64))
+            assert torch.equal(getattr(scan, f"top_{name}")[feature][live], stored)
+
+
+def test_dead_dense_and_density_histogram(store, sae):
+    scan = scan_features(sae, store, "train", None, top=3)
+    assert scan.dense[0] and scan.counts[0] == scan.n_rows
+    assert scan.dead[1] and (scan.top_rows[1] == -1).all() and (scan.top_values[1] == 0).all()
+    assert int(scan.dense.sum()) == int((scan.frequency > 0.1).sum()) and int(scan.dead.sum()) == int((scan.counts == 0).sum())
+    counts, edges, n_dead = density_histogram(scan)
+    assert counts.sum() + n_dead == N_LATENTS and n_dead == int(scan.dead.sum())
+    assert len(edges) == len(counts) + 1
+
+
+def test_contexts_are_the_stored_documents_around_the_row(store, sae, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    scan = scan_features(sae, store, "train", None, top=4)
+    documents = store.document_tokens()
+    checked = 0
+    for feature in torch.nonzero(~scan.dead).flatten()[:4].tolist():
+        contexts = feature_contexts(scan, store, tokenizer, feature, context=5)
+        assert [c.value for c in contexts] == scan.top_values[feature][scan.top_values[feature] > 0].tolist()
+        for j, c in enumerate(contexts):
+            document = documents[c.doc]
+            assert c.token_ids[c.center] == document[c.pos] == scan.top_token[feature, j]
+            assert c.token_ids == document[max(0, c.pos - 5) : c.pos + 6].tolist()
+            assert c.tokens == token_texts(tokenizer, c.token_ids) and "\n" not in "".join(c.tokens)
+            checked += 1
+    assert checked > 8
+
+
+class ReportParser(HTMLParser):
+    """Collects what the report tests check: sections, index links, images, contexts and their highlighted token."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections, self.links, self.images, self.charts, self.contexts = [], [], [], [], []
+        self.stack = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs["id"])
+        if tag == "a" and attrs.get("href", "").startswith("#f"):
+            self.links.append(attrs["href"][1:])
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "svg":
+            self.charts.append(self.sections[-1])
+        if attrs.get("class") == "ctx":
+            self.contexts.append({"text": "", "active": "", "section": self.sections[-1]})
+        if tag in ("div", "span"):
+            self.stack.append(attrs.get("class"))
+
+    def handle_endtag(self, tag):
+        if tag in ("div", "span"):
+            self.stack.pop()
+
+    def handle_data(self, data):
+        if "ctx" in self.stack and "where" not in self.stack:
+            self.contexts[-1]["text"] += data
+            if self.stack[-1] == "act":
+                self.contexts[-1]["active"] += data
+
+
+def test_context_html_escapes_code():
+    context = Context(2.0, 3, 7, 2, [1, 2, 3, 4], ["if a ", "<", "&b>", " '\"x"], 1)
+    parser = ReportParser()
+    parser.sections.append("f0")
+    parser.feed(context_html(context, 4.0))
+    assert parser.contexts == [{"text": "if a <&b> '\"x", "active": "<", "section": "f0"}]
+
+
+def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
+    path = explore_features(FeaturesConfig(sae=str(run_dir), html=str(tmp_path / "report.html"), n_report_features=6, top=4, context=4), QUIET, progress=False)
+    page = path.read_text()
+    parser = ReportParser()
+    parser.feed(page)
+    scan = scan_features(sae, store, "train", 200_000, top=4)
+    features = [int(s[1:]) for s in parser.sections]
+    assert len(features) == 6 and parser.links == parser.sections and 0 in features and not scan.dead[features].any()
+    assert "http://" not in page and "https://" not in page
+    assert len(parser.images) == 1 and parser.images[0].startswith("data:image/png;base64,")  # the density histogram
+    assert parser.charts == [section for section in parser.sections for _ in range(2)]  # layer profile and density
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    documents = store.document_tokens()
+    for feature in features:
+        shown = [c for c in parser.contexts if c["section"] == f"f{feature}"]
+        assert len(shown) == int((scan.top_values[feature] > 0).sum()) > 0
+        for j, c in enumerate(shown):
+            doc, pos = int(scan.top_doc[feature, j]), int(scan.top_pos[feature, j])
+            assert c["active"] == token_texts(tokenizer, [int(documents[doc][pos])])[0]
+            assert c["text"] == "".join(token_texts(tokenizer, documents[doc][max(0, pos - 4) : pos + 5].tolist()))
+    assert any(ch in c["text"] for c in parser.contexts for ch in "<>&")  # code tokens survived escaping
+
+
+def test_errors_are_one_line(store, sae, run_dir, tmp_path):
+    sae.save(tmp_path / "no-data")
+    with pytest.raises(CrosscodersError, match="pass --shards"):
+        explore_features(FeaturesConfig(sae=str(tmp_path / "no-data")), QUIET)
+    TopKSAE(SAEConfig(d_model=64, n_layers=3, expansion=2, k=4)).save(tmp_path / "other")
+    with pytest.raises(CrosscodersError, match="n_layers=3"):
+        explore_features(FeaturesConfig(sae=str(tmp_path / "other"), shards=str(store.path)), QUIET)
+    with pytest.raises(CrosscodersError, match="out of range"):
+        explore_features(replace(FeaturesConfig(sae=str(run_dir)), feature=N_LATENTS), QUIET)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "250"}
+    return subprocess.run([sys.executable, str(REPO / "sae_features.py"), *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+def test_cli_prints_a_feature_and_rejects_an_unknown_one(store, sae, run_dir, tiny_model_dir):
+    result = cli("--sae", str(run_dir), "--feature", "0", "--top", "3", "--context", "2")
+    assert result.returncode == 0, result.stderr
+    scan = scan_features(sae, store, "train", 200_000, top=3)
+    assert "feature 0" in result.stdout and "dense" in result.stdout and "promotes" in result.stdout
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for j in range(3):
+        active = token_texts(tokenizer, [int(scan.top_token[0, j])])[0]
+        assert f"doc {int(scan.top_doc[0, j])} pos {int(scan.top_pos[0, j])}" in result.stdout and f"⟦{active}⟧" in result.stdout
+    assert not (run_dir / "features.html").exists()  # --feature alone prints, and writes no report
+
+    result = cli("--sae", str(run_dir), "--feature", str(N_LATENTS))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "out of range" in result.stderr and "Traceback" not in result.stderr
