@@ -1,0 +1,110 @@
+"""A sweep of N SAEs on the same tokens: the seed notebook's way against the two-stage pipeline.
+
+Usage: python bench/seed_vs_pipeline.py --model qwen2.5-coder-0.5b-instruct --n-tokens 3K --sweep k=16,32,48,64
+
+Seed: every SAE step runs the model's forward pass (`output_hidden_states=True`) on a batch of
+documents and trains on one random layer per token, so N SAEs cost N forward passes over the
+tokens plus N trainings. Pipeline: one `cache-acts` over the tokens, then one `train-sae` sweep
+that feeds each batch read from the shards to all N SAEs. Both train with the same trainer code.
+"""
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import pipeline.cache as cache_module
+from pipeline.cache import CacheConfig, cache_activations, choose_pairs, pack_batches, resolve_device, resolve_model_dtype, skip_mask
+from pipeline.corpus import CorpusConfig, iter_documents, tokenize_document
+from pipeline.loader import LayerStats, LoaderConfig, ShardLoader
+from pipeline.models import load_model
+from pipeline.store import Store
+from pipeline.train import Run, TrainConfig, expand_sweep, train_on_store
+from pipeline.units import parse_count
+
+
+class SeedSource:
+    """Shapes and normalization statistics for a Run; the seed loop feeds it batches directly."""
+
+    def __init__(self, d_model: int, n_layers: int, stats: LayerStats, n_batches: int):
+        self.d_model, self.n_layers, self.stats, self.n_batches = d_model, n_layers, stats, n_batches
+
+    def n_train_batches(self) -> int:
+        return self.n_batches
+
+
+def seed_training(loaded, cfg: TrainConfig, n_pairs: int, stats: LayerStats, device, batch_tokens: int, max_seq_len: int) -> float:
+    """One SAE the seed's way: a forward pass per training batch; returns seconds."""
+    tokenizer, model = loaded.tokenizer, loaded.model
+    special = np.asarray(tokenizer.all_special_ids)
+    layers = list(range(loaded.info.n_hidden_states))
+    docs = ((d.index, np.asarray(tokenize_document(d, tokenizer, max_seq_len), dtype=np.int32)) for d in iter_documents(CorpusConfig()))
+    source = SeedSource(loaded.info.d_model, len(layers), stats, n_pairs // cfg.batch_size)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        run = Run(cfg, Path(out), source, device, resume=False)
+        buffer_x, buffer_layer, seen = [], [], 0
+        for packed in pack_batches(docs, batch_tokens, tokenizer.pad_token_id or 0, window=256):
+            with torch.no_grad():
+                states = model.model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
+                                     output_hidden_states=True, use_cache=False).hidden_states
+            for b, (doc, tokens) in enumerate(zip(packed.doc_index, packed.doc_tokens)):
+                positions, chosen = choose_pairs(tokens, doc, layers, 1, skip_mask(tokens, special, True), 0)
+                buffer_x.append(torch.stack([states[layer][b, pos] for pos, layer in zip(positions, chosen)]).float())
+                buffer_layer.append(torch.from_numpy(chosen.astype(np.int64)))
+            x, layer = torch.cat(buffer_x), torch.cat(buffer_layer).to(device)
+            while len(x) >= cfg.batch_size and seen < n_pairs:
+                run.train_step(x[: cfg.batch_size], layer[: cfg.batch_size])
+                x, layer, seen = x[cfg.batch_size :], layer[cfg.batch_size :], seen + cfg.batch_size
+            buffer_x, buffer_layer = [x], [layer]
+            if seen >= n_pairs:
+                break
+    return time.perf_counter() - start
+
+
+def main(
+    model: str = "qwen2.5-coder-0.5b-instruct",
+    n_tokens: str = "3K",
+    sweep: list[str] = typer.Option(["k=16,32,48,64"], help="The sweep both ways train."),
+    batch_size: int = 256,
+    batch_tokens: int = 4096,
+    max_seq_len: int = 512,
+    device: str = "auto",
+):
+    torch_device = resolve_device(device)
+    loaded = load_model(model, torch_device, resolve_model_dtype("auto", torch_device))
+    cache_module.load_model = lambda *args, **kwargs: loaded  # the model stays loaded across both measurements
+    n_pairs = parse_count(n_tokens)
+    base = TrainConfig(batch_size=batch_size, steps=n_pairs // batch_size, val_every=10**9, save_every=10**9, warmup_steps=5)
+    runs = expand_sweep(base, sweep)
+    with tempfile.TemporaryDirectory() as scratch:
+        shards = Path(scratch) / "shards"
+        start = time.perf_counter()
+        cache_activations(CacheConfig(model=model, out=str(shards), n_tokens=n_pairs, batch_tokens=batch_tokens, max_seq_len=max_seq_len,
+                                      device=str(torch_device)), CorpusConfig(), progress=False)
+        cache_s = time.perf_counter() - start
+        start = time.perf_counter()
+        train_on_store(LoaderConfig(shards=str(shards)), base, Path(scratch) / "runs", sweep, torch_device, resume=False, progress=False)
+        sweep_s = time.perf_counter() - start
+        stats = ShardLoader(Store(shards), batch_size).stats  # the seed way gets the same normalization, for free
+    seed_s = [seed_training(loaded, cfg, n_pairs, stats, torch_device, batch_tokens, max_seq_len) for _, cfg in runs]
+    table = Table(title=f"{len(runs)} SAEs on {n_pairs:,} pairs of {loaded.info.name}, {torch_device}")
+    for column in ("way", "stage", "seconds"):
+        table.add_column(column, justify="right")
+    for (name, _), seconds in zip(runs, seed_s):
+        table.add_row("seed", f"forward + train {name}", f"{seconds:.1f}")
+    table.add_row("seed", "total", f"{sum(seed_s):.1f}")
+    table.add_row("pipeline", "cache-acts once", f"{cache_s:.1f}")
+    table.add_row("pipeline", f"train-sae sweep of {len(runs)}", f"{sweep_s:.1f}")
+    table.add_row("pipeline", "total", f"{cache_s + sweep_s:.1f}")
+    table.add_row("", "speed-up", f"{sum(seed_s) / (cache_s + sweep_s):.2f}x")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole pipeline on an embedded model, small enough for a laptop CPU (about 10 minutes on 2 cores):
+# cache activations, train one layer-agnostic SAE, splice it back into the model, write the feature report.
+# QWEN_MODEL picks the preset (default qwen2.5-coder-0.5b-instruct); N_TOKENS the sample size.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model="${QWEN_MODEL:-qwen2.5-coder-0.5b-instruct}"
+n_tokens="${N_TOKENS:-30K}"
+shards="shards/demo-${model}"
+run="runs/demo-${model}"
+bin=.venv/bin
+
+$bin/cache-acts --model "$model" --n-tokens "$n_tokens" --out "$shards" --max-seq-len 512 --batch-tokens 4096
+$bin/train-sae --shards "$shards" --out "$run" --batch-size 512 --steps 300 --val-every 50 --save-every 100 --warmup-steps 30
+$bin/eval-sae --sae "$run" --layers 0,4,8,12,16,20,24 --n-docs 6
+$bin/sae-features --sae "$run" --n-report-features 40
+echo
+echo "feature report: $(pwd)/$run/features.html"
+echo "evaluation:     $(pwd)/$run/eval/eval.json and recovered.png"
