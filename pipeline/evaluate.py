@@ -1,0 +1,294 @@
+"""Stage three: splice the SAE into the model at each layer and measure the next-token loss it costs.
+
+Positions. A hidden state is spliced (and MSE, FVU and L0 measured) exactly at the positions stage one
+records: every real token except, with the store's `cache.skip_special`, position 0 and special tokens.
+Those attention sinks have norms far outside what the SAE was trained on, so they keep their clean values.
+Losses score the prediction made at each spliced position of the document's next token; the last token
+of a document predicts nothing and padding is never scored.
+"""
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from pipeline.cache import pack_batches, parse_layers, resolve_device, resolve_model_dtype, skip_mask
+from pipeline.cli import option
+from pipeline.errors import CrosscodersError
+from pipeline.hidden_states import hidden_state_module, hooked, output_tensor
+from pipeline.models import load_model
+from pipeline.sae import TopKSAE, load
+from pipeline.store import Store
+from pipeline.train import DATA_FILE
+
+Reconstruct = Callable[[torch.Tensor, int], torch.Tensor]  # (x: [n, d_model], layer) -> x_hat: [n, d_model]
+EVAL_FILE, PLOT_FILE = "eval.json", "recovered.png"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of `eval-sae`; saved, with the defaults filled in, inside eval.json."""
+
+    sae: str = option("./runs/sae", "Training run folder (or its checkpoint/) holding the SAE.")
+    model: str | None = option(None, "Model to splice into; default: the one the store was cached from.")
+    shards: str | None = option(None, "Activation store whose held-out documents are scored; default: the run's (data.json).")
+    layers: str = option("all", "Hidden states to evaluate: all (the store's), 0-24, or 4,8,12.")
+    n_docs: int = option(64, "Held-out documents to score (the first ones of the store).")
+    batch_tokens: int = option(2048, "Token budget of a forward batch, padding included.")
+    device: str = option("auto", "Device for the model and the SAE: auto, cpu, cuda, cuda:1, ...")
+    out: str | None = option(None, "Folder for eval.json and recovered.png; default: SAE/eval.")
+
+    def __post_init__(self):
+        if self.n_docs < 1 or self.batch_tokens < 2:
+            raise CrosscodersError(f"--n-docs must be at least 1 and --batch-tokens at least 2, got {self.n_docs} and {self.batch_tokens}")
+
+
+@dataclass(frozen=True)
+class LayerEval:
+    """Metrics of the SAE spliced in at one hidden state; CE and KL in nats per scored token."""
+
+    layer: int
+    n_tokens: int  # scored next-token predictions
+    ce_clean: float
+    ce_sae: float
+    ce_zero: float  # hidden state replaced by zeros
+    ce_mean: float  # hidden state replaced by its mean over the store's training rows
+    kl: float  # KL(clean || SAE-spliced)
+    mse: float  # mean over elements of (x_hat - x)^2, raw activations
+    fvu: float  # sum ||x_hat - x||^2 / sum ||x - mean of the evaluated x||^2
+    l0: float | None  # active latents per row; None when a plain reconstruct function was evaluated
+
+    @property
+    def recovered_loss(self) -> float:
+        """(CE_zero - CE_sae) / (CE_zero - CE_clean): SAELens' ce_loss_score, 1 when the SAE costs nothing."""
+        return _fraction(self.ce_zero - self.ce_sae, self.ce_zero - self.ce_clean)
+
+    @property
+    def recovered_loss_mean(self) -> float:
+        """The same against mean ablation, a stronger baseline than zeros."""
+        return _fraction(self.ce_mean - self.ce_sae, self.ce_mean - self.ce_clean)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "recovered_loss": self.recovered_loss, "recovered_loss_mean": self.recovered_loss_mean}
+
+
+def _fraction(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+@contextmanager
+def splice(model: nn.Module, layer: int, positions: torch.Tensor, reconstruct: Reconstruct):
+    """Within the block, hidden state `layer` at positions ([batch, seq] bool) is replaced by reconstruct(x, layer)."""
+
+    def hook(module, args, output):
+        hidden = output_tensor(output)  # [batch, seq, d_model]
+        spliced = hidden.clone()
+        spliced[positions] = reconstruct(hidden[positions], layer).to(hidden.dtype)
+        return (spliced, *output[1:]) if isinstance(output, tuple) else spliced
+
+    with hooked([(hidden_state_module(model, layer), hook)]):
+        yield
+
+
+def next_token_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [n, vocab] float32 of the predictions at scored ([batch, seq - 1] bool) positions."""
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    logits = model.lm_head(hidden[:, :-1][scored])  # the unembedding only where it is scored
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+@dataclass
+class _Sums:
+    """Running float64 sums over the evaluated tokens of one layer."""
+
+    ce: dict  # "sae" | "zero" | "mean" -> summed next-token loss
+    kl: float = 0.0
+    n_rows: int = 0
+    sum_x: torch.Tensor | float = 0.0  # [d_model] once rows are added
+    sum_sq: float = 0.0  # sum ||x||^2
+    sum_error: float = 0.0  # sum ||x_hat - x||^2
+    n_active: int = 0  # latents that fired, over all rows
+
+    def add_rows(self, x: torch.Tensor, x_hat: torch.Tensor):
+        x64 = x.double()
+        self.sum_x = self.sum_x + x64.sum(0)
+        self.n_rows += len(x)
+        self.sum_sq += x64.pow(2).sum().item()
+        self.sum_error += (x_hat.double() - x64).pow(2).sum().item()
+
+
+@torch.no_grad()
+def evaluate(
+    sae: TopKSAE | Reconstruct,
+    model: nn.Module,
+    docs: Iterable[tuple[int, np.ndarray]],
+    layers: list[int],
+    means: torch.Tensor,
+    special_ids: Sequence[int] = (),
+    skip_special: bool = True,
+    batch_tokens: int = 2048,
+    progress: Progress | None = None,
+) -> list[LayerEval]:
+    """Clean, SAE-spliced, zero- and mean-ablated next-token loss, KL, MSE, FVU and L0 per hidden state.
+
+    docs: (doc_index, token ids) pairs, e.g. `Store.documents("val")`; means: [n_hidden_states, d_model], the
+    mean-ablation values; `sae` may also be any reconstruct(x, layer) -> x_hat function (then l0 is None).
+    The model runs clean once per batch and three times per layer (SAE, zeros, mean), on its own device.
+    """
+    device = next(model.parameters()).device
+    special_ids = np.asarray(special_ids, dtype=np.int64)
+    sums = {layer: _Sums({"sae": 0.0, "zero": 0.0, "mean": 0.0}) for layer in layers}
+    ce_clean, n_scored = 0.0, 0
+    batches = list(pack_batches(docs, batch_tokens, pad_id=0))  # padding is masked, so its id does not matter
+    task = progress.add_task("evaluating", total=len(batches) * len(layers)) if progress else None
+    for packed in batches:
+        recorded = torch.zeros_like(packed.attention_mask, dtype=torch.bool)  # [batch, seq]: what stage one records
+        for row, tokens in enumerate(packed.doc_tokens):
+            recorded[row, : len(tokens)] = torch.from_numpy(~skip_mask(tokens, special_ids, skip_special))
+        input_ids, attention_mask = packed.input_ids.to(device), packed.attention_mask.to(device)
+        recorded = recorded.to(device)
+        scored = recorded[:, :-1] & attention_mask[:, 1:].bool()  # [batch, seq - 1]: has a next token to predict
+        targets = input_ids[:, 1:][scored]  # [n]
+        clean = next_token_log_probs(model, input_ids, attention_mask, scored)  # [n, vocab]
+        ce_clean += F.nll_loss(clean, targets, reduction="sum").item()
+        n_scored += len(targets)
+        for layer in layers:
+            layer_sums = sums[layer]
+            reconstructions = {
+                "sae": _measured(sae, layer_sums),
+                "zero": lambda x, _: torch.zeros_like(x),
+                "mean": lambda x, h: means[h].to(x).expand_as(x),
+            }
+            for name, reconstruct in reconstructions.items():
+                with splice(model, layer, recorded, reconstruct):
+                    log_probs = next_token_log_probs(model, input_ids, attention_mask, scored)
+                layer_sums.ce[name] += F.nll_loss(log_probs, targets, reduction="sum").item()
+                if name == "sae":
+                    layer_sums.kl += F.kl_div(log_probs, clean, log_target=True, reduction="sum").item()
+            if progress:
+                progress.advance(task)
+    if n_scored == 0:
+        raise CrosscodersError("the documents have no scored positions (each needs a recorded token followed by another)")
+    return [_layer_eval(layer, sums[layer], ce_clean, n_scored, isinstance(sae, TopKSAE)) for layer in layers]
+
+
+def _measured(sae: TopKSAE | Reconstruct, sums: _Sums) -> Reconstruct:
+    """The reconstruct function of an SAE (float32) or a plain function, adding each batch's rows to sums."""
+
+    def reconstruct(x: torch.Tensor, layer: int) -> torch.Tensor:
+        if isinstance(sae, TopKSAE):
+            layer_ids = torch.full((len(x),), layer, device=x.device)
+            top_values, top_indices = sae.encode(x.float(), layer_ids)
+            x_hat = sae.decode(top_values, top_indices, layer_ids)
+            sums.n_active += int((top_values > 0).sum())
+        else:
+            x_hat = sae(x, layer)
+        sums.add_rows(x, x_hat)
+        return x_hat
+
+    return reconstruct
+
+
+def _layer_eval(layer: int, sums: _Sums, ce_clean: float, n_scored: int, is_sae: bool) -> LayerEval:
+    deviation = sums.sum_sq - sums.sum_x.pow(2).sum().item() / sums.n_rows  # sum ||x - mean||^2
+    return LayerEval(
+        layer=layer,
+        n_tokens=n_scored,
+        ce_clean=ce_clean / n_scored,
+        ce_sae=sums.ce["sae"] / n_scored,
+        ce_zero=sums.ce["zero"] / n_scored,
+        ce_mean=sums.ce["mean"] / n_scored,
+        kl=sums.kl / n_scored,
+        mse=sums.sum_error / (sums.n_rows * len(sums.sum_x)),
+        fvu=_fraction(sums.sum_error, deviation),
+        l0=sums.n_active / sums.n_rows if is_sae else None,
+    )
+
+
+def layer_means(store: Store) -> torch.Tensor:
+    """Mean of each hidden state over the store's training rows: [n_hidden_states, d_model] float32 (0 where unseen)."""
+    count, total, _ = store.layer_stats_sums()
+    return torch.from_numpy(total / np.maximum(count, 1)[:, None]).float()
+
+
+def average(results: list[LayerEval]) -> dict:
+    """Each metric averaged over the evaluated layers (every layer scores the same tokens)."""
+    records = [r.to_dict() for r in results]
+    keys = [k for k in records[0] if k not in ("layer", "n_tokens") and records[0][k] is not None]
+    return {k: float(np.mean([r[k] for r in records])) for k in keys}
+
+
+def plot_recovered(results: list[LayerEval], path: Path, title: str):
+    """Fraction of CE loss recovered per hidden state, against zero and mean ablation, as a PNG."""
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's plotting backend alone
+
+    figure = Figure(figsize=(8, 5))
+    axes = figure.subplots()
+    layers = [r.layer for r in results]
+    axes.plot(layers, [r.recovered_loss for r in results], "o-", label="vs zero ablation")
+    axes.plot(layers, [r.recovered_loss_mean for r in results], "s-", label="vs mean ablation")
+    axes.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+    axes.set(xlabel="hidden state (0 = embeddings)", ylabel="fraction of CE loss recovered", title=title)
+    axes.legend()
+    figure.savefig(path, dpi=100)
+
+
+def resolve(config: EvalConfig) -> EvalConfig:
+    """The config with the store, model and output folder filled in from the run's data.json and store."""
+    run = Path(config.sae)
+    data_file = next((p for p in (run / DATA_FILE, run.parent / DATA_FILE) if p.is_file()), None)  # run or its checkpoint/
+    shards = config.shards
+    if shards is None:
+        if data_file is None:
+            raise CrosscodersError(f"{run} has no {DATA_FILE} saying which store it was trained on; pass --shards")
+        shards = json.loads(data_file.read_text())["shards"]
+    model = config.model or Store(shards).metadata["model"]["name"]
+    return replace(config, shards=str(shards), model=model, out=config.out or str(run / "eval"))
+
+
+def run_eval(config: EvalConfig, console: Console | None = None, progress: bool = True) -> tuple[list[LayerEval], Path, Path]:
+    """`eval-sae`: evaluates a trained SAE on the store's held-out documents; returns results, eval.json and the plot."""
+    console = console or Console(stderr=True)
+    device = resolve_device(config.device)
+    sae = load(config.sae, device).eval()
+    config = resolve(config)
+    store = Store(config.shards)
+    loaded = load_model(config.model, device=device, dtype=resolve_model_dtype("auto", device))
+    info = loaded.info
+    sae.check_compatible(info.d_model, info.n_hidden_states)
+    layers = store.metadata["layers"] if config.layers == "all" else parse_layers(config.layers, info.n_hidden_states)
+    uncached = [layer for layer in layers if layer not in store.metadata["layers"]]
+    if uncached:
+        raise CrosscodersError(f"--layers {config.layers!r}: the store was not cached at hidden state {uncached[0]}; pick from {store.metadata['layers']}")
+    docs = list(islice(store.documents(split="val"), config.n_docs))
+    if not docs:
+        raise CrosscodersError(f"{store.path} holds no held-out documents; cache more tokens or raise --val-fraction")
+    special_ids = np.asarray(sorted(set(loaded.tokenizer.all_special_ids)), dtype=np.int64)
+    skip_special = store.metadata["cache"]["skip_special"]
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, disable=not progress) as bar:
+        results = evaluate(sae, loaded.model, docs, layers, layer_means(store).to(device), special_ids, skip_special, config.batch_tokens, bar)
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "config": asdict(config),
+        "model": info.to_dict(),
+        "n_docs": len(docs),
+        "n_tokens": results[0].n_tokens,
+        "layers": [r.to_dict() for r in results],
+        "average": average(results),
+    }
+    eval_path, plot_path = out / EVAL_FILE, out / PLOT_FILE
+    eval_path.write_text(json.dumps(report, indent=2))
+    plot_recovered(results, plot_path, f"{Path(config.sae).resolve().name} on {info.name}")
+    return results, eval_path, plot_path

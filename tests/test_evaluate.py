@@ -1,0 +1,158 @@
+"""Stage three on the tiny model: exact identity splices, known recovered fractions, the CLI and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+from contextlib import ExitStack
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM
+
+from pipeline.cache import CacheConfig, cache_activations, pack_batches
+from pipeline.corpus import CorpusConfig
+from pipeline.errors import CrosscodersError
+from pipeline.evaluate import EvalConfig, evaluate, layer_means, run_eval, splice
+from pipeline.sae import SAEConfig, TopKSAE
+from pipeline.store import Store
+from pipeline.train import DATA_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = Console(file=open(os.devnull, "w"))
+N_HIDDEN_STATES = 5  # the tiny model: 4 decoder layers, embeddings and final norm
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and steady when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model_dir, tmp_path_factory) -> Store:
+    """A float32 store of the tiny model over all hidden states, 30% of documents held out."""
+    folder = tmp_path_factory.mktemp("eval")
+    corpus = folder / "pairs.jsonl"
+    corpus.write_text("".join(
+        json.dumps({"prompt": f"Write function {i}.", "response": f"def f{i}(x):\n" + "    x = x + 1\n" * (i % 7 + 1) + "    return x\n"}) + "\n"
+        for i in range(30)
+    ))
+    config = CacheConfig(model=str(tiny_model_dir), out=str(folder / "store"), n_tokens=2000, batch_tokens=512, max_seq_len=128, dtype="float32")
+    cache_activations(config, CorpusConfig(dataset=str(corpus), val_fraction=0.3), console=QUIET, progress=False)
+    return Store(folder / "store")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def saved_run(folder: Path, store: Store, d_model: int = 64) -> Path:
+    """A random SAE saved as a training run of the store would be."""
+    torch.manual_seed(0)
+    TopKSAE(SAEConfig(d_model=d_model, n_layers=N_HIDDEN_STATES, expansion=2, k=8)).save(folder)
+    (folder / DATA_FILE).write_text(json.dumps({"shards": str(store.path), "model": store.metadata["model"], "layers": store.metadata["layers"]}))
+    return folder
+
+
+def held_out(store: Store, n: int = 6) -> list:
+    return list(islice(store.documents(split="val"), n))
+
+
+def test_identity_splice_at_every_hidden_state_leaves_the_logits_bit_identical(model, store):
+    packed = next(pack_batches(held_out(store), batch_tokens=4096, pad_id=0))
+    inputs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask}
+    assert packed.attention_mask.eq(0).any(), "the batch should hold padding"
+    everywhere = packed.attention_mask.bool()
+    identity = lambda x, layer: x  # noqa: E731
+    with torch.no_grad():
+        clean = model(**inputs).logits
+        for layer in range(N_HIDDEN_STATES):
+            with splice(model, layer, everywhere, identity):
+                assert torch.equal(model(**inputs).logits, clean), f"hidden state {layer}"
+        with ExitStack() as stack:
+            for layer in range(N_HIDDEN_STATES):
+                stack.enter_context(splice(model, layer, everywhere, identity))
+            assert torch.equal(model(**inputs).logits, clean)
+        with splice(model, N_HIDDEN_STATES - 1, everywhere, lambda x, layer: 2 * x):  # the final norm's hook does fire
+            assert not torch.equal(model(**inputs).logits, clean)
+
+
+def test_known_reconstructions_give_known_recovered_fractions(model, store):
+    docs, means = held_out(store), layer_means(store)
+    layers = list(range(N_HIDDEN_STATES))
+    with torch.no_grad():
+        identity = evaluate(lambda x, layer: x, model, docs, layers, means)
+        zeros = evaluate(lambda x, layer: torch.zeros_like(x), model, docs, layers, means)
+        mean = evaluate(lambda x, layer: means[layer].expand_as(x), model, docs, layers, means)
+    for exact, zero, at_mean in zip(identity, zeros, mean):
+        assert exact.ce_sae == exact.ce_clean and exact.kl == 0 and exact.mse == 0 and exact.fvu == 0
+        assert exact.recovered_loss == 1 and exact.recovered_loss_mean == 1
+        assert zero.ce_sae == zero.ce_zero and zero.recovered_loss == 0 and zero.kl > 0
+        assert at_mean.ce_sae == at_mean.ce_mean and at_mean.recovered_loss_mean == 0
+        assert exact.l0 is None
+        assert exact.n_tokens == zero.n_tokens > 0
+
+
+def test_scores_only_the_positions_stage_one_records(model, store):
+    docs, means = held_out(store), layer_means(store)
+    special_ids = [0, 1, 2]  # the tiny tokenizer's special tokens
+    every, recorded = (evaluate(lambda x, layer: x, model, docs, [1], means, special_ids, skip) for skip in (False, True))
+    n_special = sum(int(torch.isin(torch.from_numpy(t[1:-1]), torch.tensor(special_ids)).sum()) for _, t in docs)
+    assert every[0].n_tokens == sum(len(t) - 1 for _, t in docs)
+    assert recorded[0].n_tokens == every[0].n_tokens - len(docs) - n_special  # minus position 0 and special tokens
+
+
+def test_sae_metrics(model, store):
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_model=64, n_layers=N_HIDDEN_STATES, expansion=2, k=8))
+    (result,) = evaluate(sae, model, held_out(store), [2], layer_means(store))
+    assert 0 < result.l0 <= 8 and result.fvu > 0 and result.kl > 0
+
+
+def test_cli_writes_eval_json_and_plot(store, tmp_path):
+    run = saved_run(tmp_path / "run", store)
+    result = subprocess.run([sys.executable, str(REPO / "eval_sae.py"), "--sae", str(run), "--layers", "0,4", "--n-docs", "4"],
+                            capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert [r["layer"] for r in report["layers"]] == [0, 4]
+    assert report["config"]["shards"] == str(store.path) and report["n_docs"] == 4
+    assert {"ce_clean", "ce_sae", "ce_zero", "ce_mean", "recovered_loss", "recovered_loss_mean", "kl", "mse", "fvu", "l0"} <= set(report["layers"][0])
+    assert "recovered_loss" in report["average"]
+    assert (run / "eval" / "recovered.png").read_bytes()[:4] == b"\x89PNG"
+    assert "recovered vs mean" in result.stdout and str(run / "eval" / "eval.json") in result.stderr
+
+
+def test_sae_of_another_width_is_a_one_line_cli_error(store, tmp_path):
+    run = saved_run(tmp_path / "run", store, d_model=32)
+    result = subprocess.run([sys.executable, str(REPO / "eval_sae.py"), "--sae", str(run)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "d_model=32" in result.stderr and "d_model=64" in result.stderr
+
+
+def test_user_errors(store, tmp_path):
+    run = saved_run(tmp_path / "run", store)
+    with pytest.raises(CrosscodersError, match="out of range"):
+        run_eval(EvalConfig(sae=str(run), layers="0-7"), QUIET, progress=False)
+    (run / DATA_FILE).unlink()
+    with pytest.raises(CrosscodersError, match="--shards"):
+        run_eval(EvalConfig(sae=str(run)), QUIET, progress=False)
+
+
+def test_store_without_held_out_documents_is_refused(tiny_model_dir, store, tmp_path):
+    corpus = tmp_path / "pairs.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i} = {i}"}) + "\n" for i in range(5)))
+    config = CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "store"), n_tokens=50, batch_tokens=512, max_seq_len=64, dtype="float32")
+    cache_activations(config, CorpusConfig(dataset=str(corpus), val_fraction=0.0), console=QUIET, progress=False)
+    run = saved_run(tmp_path / "run", Store(tmp_path / "store"))
+    with pytest.raises(CrosscodersError, match="no held-out documents; cache more tokens or raise --val-fraction"):
+        run_eval(EvalConfig(sae=str(run)), QUIET, progress=False)
