@@ -319,7 +319,8 @@ class RateColumn(ProgressColumn):
     """Pairs per second, as measured by rich over the recent updates."""
 
     def render(self, task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} pairs/s", style="cyan")
+        speed = task.finished_speed or task.speed or 0
+        return Text(f"{speed:,.0f} pairs/s", style="cyan")
 
 
 def _progress_bar(console: Console, enabled: bool) -> Progress:

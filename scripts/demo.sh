@@ -12,7 +12,7 @@ bin=.venv/bin
 
 $bin/cache-acts --model "$model" --n-tokens "$n_tokens" --out "$shards" --max-seq-len 512 --batch-tokens 4096
 $bin/train-sae --shards "$shards" --out "$run" --batch-size 512 --steps 300 --val-every 50 --save-every 100 --warmup-steps 30
-$bin/eval-sae --sae "$run" --layers 0,4,8,12,16,20,24 --n-docs 6
+$bin/eval-sae --sae "$run" --layers 0,6,12,18,24 --n-docs 4
 $bin/sae-features --sae "$run" --n-report-features 40
 echo
 echo "feature report: $(pwd)/$run/features.html"
