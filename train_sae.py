@@ -1,6 +1,5 @@
 """`train-sae`: stage two, train one layer-agnostic TopK SAE (or a sweep of them) on cached activations."""
 
-import inspect
 from pathlib import Path
 
 import typer
@@ -8,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cache import resolve_device
-from pipeline.cli import config_command, run_app
+from pipeline.cli import config_command, extra_option, run_app
 from pipeline.loader import LoaderConfig
 from pipeline.train import TrainConfig, train_on_store
 
@@ -27,21 +26,15 @@ def run(loader: LoaderConfig, train: TrainConfig, out: str, sweep: list[str], re
     Console().print(table)
 
 
-def extra(name: str, default, help: str, annotation) -> inspect.Parameter:
-    flag = "--" + name.replace("_", "-")
-    flags = (f"{flag}/--no-{name}",) if annotation is bool else (flag,)
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, *flags, help=help), annotation=annotation)
-
-
 config_command(
     app,
     [LoaderConfig, TrainConfig],
     run,
     extra=[
-        extra("out", "./runs/sae", "Run folder; a sweep puts each run in a subfolder named by its values.", str),
-        extra("sweep", None, "FIELD=V1,V2,... (repeatable): train every combination in one pass over the shards.", list[str]),
-        extra("resume", False, "Continue the run(s) in --out from their last checkpoint.", bool),
-        extra("device", "auto", "Training device: auto, cpu, cuda, cuda:1, ...", str),
+        extra_option("out", "./runs/sae", "Run folder; a sweep puts each run in a subfolder named by its values.", str),
+        extra_option("sweep", None, "FIELD=V1,V2,... (repeatable): train every combination in one pass over the shards.", list[str]),
+        extra_option("resume", False, "Continue the run(s) in --out from their last checkpoint.", bool),
+        extra_option("device", "auto", "Training device: auto, cpu, cuda, cuda:1, ...", str),
     ],
     help=__doc__,
 )

@@ -50,6 +50,13 @@ def _parameter(field: dataclasses.Field) -> inspect.Parameter:
     )
 
 
+def extra_option(name: str, default: Any, help: str, annotation: Any) -> inspect.Parameter:
+    """A CLI option that belongs to no config (where a run goes, whether it resumes, ...)."""
+    flag = "--" + name.replace("_", "-")
+    flags = (f"{flag}/--no-{name}",) if annotation is bool else (flag,)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, *flags, help=help), annotation=annotation)
+
+
 def build_config(cls, values: dict[str, Any]):
     """A config from CLI values: typed text goes through each field's parser."""
     kwargs = {}

@@ -26,13 +26,7 @@ QUIET = Console(file=open(os.devnull, "w"))
 N_HIDDEN_STATES = 5  # the tiny model: 4 decoder layers, embeddings and final norm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and steady when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

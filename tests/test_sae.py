@@ -13,13 +13,7 @@ from pipeline.sae import SAEConfig, TopKSAE, decode_dense, decode_sparse, load, 
 D_MODEL, N_LAYERS = 32, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and steady when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_rows(n_rows: int = 256, seed: int = 0):

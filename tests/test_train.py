@@ -16,13 +16,7 @@ from pipeline.train import TrainConfig, expand_sweep, lr_at, train
 N_LAYERS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and steady when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_rows(n_rows: int, seed: int, atoms: torch.Tensor, n_active: int = 4):
