@@ -235,8 +235,10 @@ def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Consol
                 bar.update(task, completed=n_pairs)
                 if n_pairs >= config.n_tokens:
                     break
-        finally:
-            writer.close()
+        except BaseException:  # Ctrl-C or an error: keep complete shards only, so a rerun resumes exactly
+            writer.close(flush=False)
+            raise
+        writer.close()
     seconds = time.perf_counter() - start_time
     if n_pairs < config.n_tokens:
         console.print(f"[yellow]the corpus ran out after {n_pairs:,} pairs (asked for {config.n_tokens:,})[/]")

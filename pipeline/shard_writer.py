@@ -16,6 +16,9 @@ import torch
 from pipeline.store import SPLITS, ShardData, SplitRows, Store
 
 
+FLUSH, DISCARD = object(), object()  # how close() ends the writer thread
+
+
 @dataclass
 class RecordedBatch:
     """What one forward pass recorded, on the host (or on its way there)."""
@@ -55,9 +58,13 @@ class ShardWriter:
         self._raise_if_failed()
         self.queue.put(batch)
 
-    def close(self) -> None:
-        """Flushes what is pending and waits for the writes to finish."""
-        self.queue.put(None)
+    def close(self, flush: bool = True) -> None:
+        """Waits for the writes to finish; with flush, the pending batches become a last shard.
+
+        An interrupted run closes without flush: its pending batches may end inside a packing
+        window, and the rerun recomputes them rather than skip the rest of that window.
+        """
+        self.queue.put(FLUSH if flush else DISCARD)
         self.thread.join()
         self._raise_if_failed()
 
@@ -68,7 +75,7 @@ class ShardWriter:
     def _run(self) -> None:
         pending = _Pending()
         try:
-            while (batch := self.queue.get()) is not None:
+            while (batch := self.queue.get()) not in (FLUSH, DISCARD):
                 if batch.copied is not None:
                     batch.copied.synchronize()
                 pending.batches.append(batch)
@@ -76,11 +83,11 @@ class ShardWriter:
                 if pending.train_rows >= self.shard_rows and batch.ends_window:
                     self.store.write_shard(self._assemble(pending.batches))
                     pending = _Pending()
-            if pending.batches:
+            if batch is FLUSH and pending.batches:
                 self.store.write_shard(self._assemble(pending.batches))
         except BaseException as error:  # handed to the producer thread, which raises it
             self.error = error
-            while self.queue.get() is not None:
+            while self.queue.get() not in (FLUSH, DISCARD):
                 pass
 
     def _assemble(self, batches: list[RecordedBatch]) -> ShardData:

@@ -192,12 +192,13 @@ def cli(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "cache_activations.py"), *args], capture_output=True, text=True, cwd=REPO, **kwargs)
 
 
-def cli_args(model_dir, corpus_file, out, n_tokens="3K") -> list[str]:
+def cli_args(model_dir, corpus_file, out, n_tokens="6K") -> list[str]:
     return ["--model", str(model_dir), "--dataset", str(corpus_file), "--out", str(out), "--n-tokens", n_tokens,
-            "--batch-tokens", "512", "--max-seq-len", "256", "--shard-rows", "150", "--pack-window", "2", "--dtype", "float32"]
+            "--batch-tokens", "512", "--max-seq-len", "256", "--shard-rows", "150", "--pack-window", "4", "--dtype", "float32"]
 
 
-def test_kill_9_and_resume_stores_exactly_the_uninterrupted_rows(tiny_model_dir, corpus_file, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_interrupted_and_resumed_run_stores_exactly_the_uninterrupted_rows(tiny_model_dir, corpus_file, tmp_path, stop):
     reference = cli(*cli_args(tiny_model_dir, corpus_file, tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr
     killed_out = tmp_path / "killed"
@@ -205,10 +206,10 @@ def test_kill_9_and_resume_stores_exactly_the_uninterrupted_rows(tiny_model_dir,
         process = subprocess.Popen([sys.executable, str(REPO / "cache_activations.py"), *cli_args(tiny_model_dir, corpus_file, killed_out)],
                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while time.time() < deadline and len(list(killed_out.glob("shard-*"))) < target:
+        while time.time() < deadline and process.poll() is None and len(list(killed_out.glob("shard-*"))) < target:
             time.sleep(0.02)
         time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
+        process.send_signal(stop)
         process.wait()
     assert 0 < len(list(killed_out.glob("shard-*"))) < len(list((tmp_path / "reference").glob("shard-*")))
     resumed = cli(*cli_args(tiny_model_dir, corpus_file, killed_out))
