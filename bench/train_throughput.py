@@ -21,7 +21,7 @@ from rich.table import Table
 
 from pipeline.cache import resolve_device
 from pipeline.loader import MemoryLoader, ShardLoader
-from pipeline.store import ShardData, SplitRows, Store, create_or_open, to_storage
+from pipeline.store import ShardData, SplitRows, Store, create_or_open, layer_sums, to_storage
 from pipeline.train import Run, TrainConfig, train
 from pipeline.units import parse_count
 
@@ -39,11 +39,9 @@ def synthetic_store(path: Path, n_rows: int, d_model: int, n_layers: int = 29, s
         layer = (np.arange(rows) % n_layers).astype(np.int16)
         train_rows = SplitRows(to_storage(acts, "bf16"), layer, np.zeros(rows), np.zeros(rows), np.zeros(rows))
         val_rows = SplitRows(to_storage(acts[:256], "bf16"), layer[:256], np.zeros(256), np.zeros(256), np.zeros(256))
-        stats_sum = torch.zeros(n_layers, d_model, dtype=torch.float64).index_add_(0, torch.from_numpy(layer.astype(np.int64)), acts.double())
-        sq = torch.zeros(n_layers, dtype=torch.float64).index_add_(0, torch.from_numpy(layer.astype(np.int64)), acts.double().pow(2).sum(1))
+        sums = layer_sums(acts.bfloat16(), torch.from_numpy(layer.astype(np.int64)), n_layers)
         store.write_shard(ShardData({"train": train_rows, "val": val_rows}, np.array([0]), np.array([0]), np.array([0, 0]),
-                                    np.zeros(0, np.int32), np.bincount(layer, minlength=n_layers), stats_sum.numpy(), sq.numpy(),
-                                    0, start + rows))
+                                    np.zeros(0, np.int32), *sums, 0, start + rows))
     return Store(path)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
-from pipeline.store import CHUNK_ROWS, Store
+from pipeline.store import CHUNK_ROWS, Store, layer_sums
 
 
 @dataclass(frozen=True)
@@ -85,12 +85,16 @@ class MemoryLoader:
 
 def layer_stats_of(acts: torch.Tensor, layers: torch.Tensor, n_layers: int) -> LayerStats:
     """Exact per-layer mean and mean squared norm of rows (acts: [n, d], layers: [n])."""
-    acts64 = acts.double()
-    count = torch.bincount(layers, minlength=n_layers)
-    total = torch.zeros(n_layers, acts.shape[1], dtype=torch.float64).index_add_(0, layers, acts64)
-    sq = torch.zeros(n_layers, dtype=torch.float64).index_add_(0, layers, acts64.pow(2).sum(1))
-    denominator = count.clamp(min=1).double()
-    return LayerStats((total / denominator[:, None]).float(), (sq / denominator).float(), count)
+    return stats_from_sums(*layer_sums(acts, layers, n_layers))
+
+
+def stats_from_sums(count: np.ndarray, total: np.ndarray, sq: np.ndarray) -> LayerStats:
+    denominator = np.maximum(count, 1).astype(np.float64)
+    return LayerStats(
+        torch.from_numpy(total / denominator[:, None]).float(),
+        torch.from_numpy(sq / denominator).float(),
+        torch.from_numpy(count.astype(np.int64)),
+    )
 
 
 @dataclass(frozen=True)
@@ -137,17 +141,8 @@ class ShardLoader:
         ]
         self.n_rows = sum(end - start for _, start, end in self.chunks)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk-reader")
-        self.stats = self._stats()
+        self.stats = stats_from_sums(*store.layer_stats_sums())
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _stats(self) -> LayerStats:
-        count, total, sq = self.store.layer_stats_sums()
-        denominator = np.maximum(count, 1).astype(np.float64)
-        return LayerStats(
-            torch.from_numpy(total / denominator[:, None]).float(),
-            torch.from_numpy(sq / denominator).float(),
-            torch.from_numpy(count),
-        )
 
     def n_train_batches(self) -> int:
         return -(-self.n_rows // self.batch_size)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.store import SPLITS, ShardData, SplitRows, Store
+from pipeline.store import SPLITS, ShardData, SplitRows, Store, layer_sums
 
 
 FLUSH, DISCARD = object(), object()  # how close() ends the writer thread
@@ -101,7 +101,8 @@ class ShardWriter:
                 **{name: columns[name][mask] for name in ("layer", "token", "doc", "pos")},
             )
         doc_tokens = [tokens for b in batches for tokens in b.doc_tokens]
-        count, total, sq = self._train_stats(acts[torch.from_numpy(columns["split"] == 0)], splits["train"].layer)
+        train_acts, train_layers = acts[torch.from_numpy(columns["split"] == 0)], torch.from_numpy(splits["train"].layer.astype(np.int64))
+        count, total, sq = layer_sums(train_acts, train_layers, self.store.n_hidden_states)
         return ShardData(
             splits=splits,
             doc_index=np.concatenate([b.doc_index for b in batches]),
@@ -119,13 +120,3 @@ class ShardWriter:
         if acts.dtype == torch.bfloat16:
             return acts.view(torch.int16).numpy().view(np.uint16)
         return acts.numpy()
-
-    def _train_stats(self, acts: torch.Tensor, layer: np.ndarray):
-        """Per-layer count, sum and squared-norm sum of the stored (rounded) training rows."""
-        n = self.store.n_hidden_states
-        values = acts.double()
-        index = torch.from_numpy(layer.astype(np.int64))
-        count = np.bincount(layer, minlength=n).astype(np.int64)
-        total = torch.zeros(n, values.shape[1], dtype=torch.float64).index_add_(0, index, values)
-        sq = torch.zeros(n, dtype=torch.float64).index_add_(0, index, values.pow(2).sum(1))
-        return count, total.numpy(), sq.numpy()

@@ -52,6 +52,16 @@ def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def layer_sums(acts: torch.Tensor, layers: torch.Tensor, n_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The store's exact statistics of rows (acts: [n, d_model], layers: [n]): count, sum and sum of
+    squared norms per layer, in float64 so that shards add up without rounding drift."""
+    values, index = acts.double(), layers.long()
+    count = torch.bincount(index, minlength=n_layers)
+    total = torch.zeros(n_layers, acts.shape[1], dtype=torch.float64).index_add_(0, index, values)
+    sq = torch.zeros(n_layers, dtype=torch.float64).index_add_(0, index, values.pow(2).sum(1))
+    return count.numpy(), total.numpy(), sq.numpy()
+
+
 @dataclass
 class SplitRows:
     """Rows of one split in one shard: activations and their provenance."""

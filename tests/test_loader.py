@@ -6,7 +6,7 @@ import torch
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import MemoryLoader, ShardLoader
-from pipeline.store import ShardData, SplitRows, Store, create_or_open, to_storage
+from pipeline.store import ShardData, SplitRows, Store, create_or_open, layer_sums, to_storage
 
 D_MODEL, N_STATES = 8, 4
 
@@ -26,12 +26,9 @@ def write_store(path, shard_sizes: list[int], val_per_shard: int = 50) -> Store:
         train, val = split_rows(rows, next_id), split_rows(val_per_shard, 10**6 + next_id)
         next_id += rows
         pairs += rows + val_per_shard
-        layer_acts = torch.from_numpy(train.acts).double()
-        count = np.bincount(train.layer, minlength=N_STATES)
-        total = np.stack([layer_acts[train.layer == i].sum(0).numpy() for i in range(N_STATES)])
-        sq = np.array([layer_acts[train.layer == i].pow(2).sum().item() for i in range(N_STATES)])
+        sums = layer_sums(torch.from_numpy(train.acts), torch.from_numpy(train.layer), N_STATES)
         store.write_shard(ShardData({"train": train, "val": val}, np.array([index]), np.array([0]), np.array([0, 1]),
-                                    np.array([7]), count, total, sq, index + 1, pairs))
+                                    np.array([7]), *sums, index + 1, pairs))
     return Store(path)
 
 
