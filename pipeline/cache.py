@@ -207,6 +207,8 @@ def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Consol
         "cache": asdict(config),
         "corpus": corpus.to_dict(),
     }
+    if next(iter_documents(corpus), None) is None:  # a bad --dataset fails here, before any store exists
+        raise CrosscodersError("the corpus yields no documents; check --dataset and its fields")
     store = create_or_open(config.out, metadata)
     remaining = config.n_tokens - store.n_pairs
     if remaining <= 0:

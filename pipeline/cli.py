@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.errors import CrosscodersError
 
@@ -85,13 +86,18 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
             configs = [build_config(cls, values) for cls in config_classes]
             run(*configs, **{p.name: values[p.name] for p in extra})
         except CrosscodersError as error:
-            Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            print_error(error)
             raise typer.Exit(2) from None
 
     command.__signature__ = inspect.Signature([_parameter(f) for f in config_fields] + list(extra))
     command.__doc__ = help
     app.command()(command)
     return command
+
+
+def print_error(error: CrosscodersError) -> None:
+    """One red line on stderr; the message's own brackets are text, not rich markup."""
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
 
 
 def run_app(app: typer.Typer) -> None:
@@ -102,5 +108,5 @@ def run_app(app: typer.Typer) -> None:
     try:
         app()
     except CrosscodersError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        print_error(error)
         sys.exit(2)

