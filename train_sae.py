@@ -17,6 +17,8 @@ METRICS = ("fvu", "mse", "mse_raw", "l0", "dead_fraction")
 
 def run(loader: LoaderConfig, train: TrainConfig, out: str, sweep: list[str], resume: bool, device: str) -> None:
     results = train_on_store(loader, train, Path(out), sweep or [], resolve_device(device), resume)
+    if not results:  # another process of a torchrun run reports
+        return
     table = Table(title="final metrics (validation when held-out rows exist)")
     table.add_column("run")
     for name in METRICS:

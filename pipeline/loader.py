@@ -32,10 +32,24 @@ class BatchSource(Protocol):
         """Batches in one training epoch; the last may be smaller, so every row is seen once."""
 
     def train_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yields (x: [batch, d_model] float32, layer: [batch] int64) on the device, in epoch order."""
+        """Yields (x: [batch, d_model] float32, layer: [batch] int64) on the device, in epoch order.
+
+        Under data parallelism, each process gets its rank's share of every batch (see rank_rows).
+        """
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The held-out rows in a fixed order, same shapes as training batches."""
+        """The held-out rows in a fixed order, same shapes (and shares) as training batches."""
+
+
+def check_split(batch_size: int, world_size: int):
+    """Data parallelism splits every batch evenly over the processes."""
+    if batch_size % world_size:
+        raise CrosscodersError(f"batch_size={batch_size} must be a multiple of the {world_size} training processes")
+
+
+def rank_rows(n_rows: int, rank: int, world_size: int) -> slice:
+    """Rank's contiguous share of a batch of n_rows; the shares of all ranks make up the batch, in order."""
+    return slice(rank * n_rows // world_size, (rank + 1) * n_rows // world_size)
 
 
 def epoch_permutation(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
@@ -57,13 +71,17 @@ class MemoryLoader:
         device: torch.device | str = "cpu",
         val_acts: torch.Tensor | None = None,
         val_layers: torch.Tensor | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        check_split(batch_size, world_size)
         self.acts, self.layers = acts, layers.long()
         self.val_acts = acts[:0] if val_acts is None else val_acts
         self.val_layers = layers[:0].long() if val_layers is None else val_layers.long()
         self.d_model, self.n_layers = acts.shape[1], n_layers
         self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
         self.stats = layer_stats_of(acts, self.layers, n_layers)
+        self.rank, self.world_size = rank, world_size
 
     def n_train_batches(self) -> int:
         return -(-len(self.acts) // self.batch_size)
@@ -72,12 +90,14 @@ class MemoryLoader:
         order = epoch_permutation(len(self.acts), self.seed, epoch)
         for b in range(start_batch, self.n_train_batches()):
             rows = order[b * self.batch_size : (b + 1) * self.batch_size]
+            rows = rows[rank_rows(len(rows), self.rank, self.world_size)]
             yield self._to_device(self.acts[rows], self.layers[rows])
 
     def val_batches(self):
         for start in range(0, len(self.val_acts), self.batch_size):
-            end = start + self.batch_size
-            yield self._to_device(self.val_acts[start:end], self.val_layers[start:end])
+            acts, layers = self.val_acts[start : start + self.batch_size], self.val_layers[start : start + self.batch_size]
+            share = rank_rows(len(acts), self.rank, self.world_size)
+            yield self._to_device(acts[share], layers[share])
 
     def _to_device(self, acts: torch.Tensor, layers: torch.Tensor):
         return acts.to(self.device, torch.float32), layers.to(self.device)
@@ -126,7 +146,10 @@ class ShardLoader:
         window_chunks: int = 64,
         workers: int = 4,
         val_rows: int = 65536,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        check_split(batch_size, world_size)
         if not store.shards:
             raise CrosscodersError(f"{store.path} holds no complete shard yet; run cache-acts --out {store.path} first")
         if store.n_rows("train") == 0:
@@ -143,6 +166,7 @@ class ShardLoader:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk-reader")
         self.stats = stats_from_sums(*store.layer_stats_sums())
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rank, self.world_size = rank, world_size  # every process reads every window, keeps its share of each batch
 
     def n_train_batches(self) -> int:
         return -(-self.n_rows // self.batch_size)
@@ -184,17 +208,17 @@ class ShardLoader:
                 acts, layers = torch.cat([carry_acts, acts]), torch.cat([carry_layers, layers])
             n_full = len(acts) // self.batch_size * self.batch_size
             for start in range(0, n_full, self.batch_size):
-                yield self._to_device(acts[start : start + self.batch_size], layers[start : start + self.batch_size])
+                yield self._share(acts[start : start + self.batch_size], layers[start : start + self.batch_size])
             carry_acts, carry_layers = acts[n_full:], layers[n_full:]
         if carry_acts is not None and len(carry_acts):
-            yield self._to_device(carry_acts, carry_layers)
+            yield self._share(carry_acts, carry_layers)
 
     def val_batches(self):
         if self._val is None:
             self._val = self._read_val()
         acts, layers = self._val
         for start in range(0, len(acts), self.batch_size):
-            yield self._to_device(acts[start : start + self.batch_size], layers[start : start + self.batch_size])
+            yield self._share(acts[start : start + self.batch_size], layers[start : start + self.batch_size])
 
     def _read_val(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `val_rows` held-out rows in store order, kept in memory in the storage dtype."""
@@ -208,6 +232,11 @@ class ShardLoader:
         if not acts:
             return torch.zeros(0, self.d_model), torch.zeros(0, dtype=torch.int64)
         return torch.cat(acts), torch.cat(layers)
+
+    def _share(self, acts: torch.Tensor, layers: torch.Tensor):
+        """This process's rows of a batch, on the device."""
+        share = rank_rows(len(acts), self.rank, self.world_size)
+        return self._to_device(acts[share], layers[share])
 
     def _to_device(self, acts: torch.Tensor, layers: torch.Tensor):
         """Host -> device in the storage dtype (half the bytes of float32), widened on the device."""

@@ -14,6 +14,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
+from pipeline import distributed
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
@@ -128,9 +129,10 @@ class Run:
         self.n_train_batches = source.n_train_batches()
         self.total_steps = cfg.total_steps(self.n_train_batches)
         sae_cfg = cfg.sae_config(source.d_model, source.n_layers)
-        checkpoint = latest_checkpoint(self.dir) if resume else None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        checkpoint = latest_checkpoint(self.dir) if resume else None  # every process loads it
+        if distributed.is_main():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         if checkpoint is None:
             torch.manual_seed(cfg.seed)
             self.sae = TopKSAE(sae_cfg, source.stats).to(device)
@@ -143,39 +145,47 @@ class Run:
         if checkpoint is not None:
             self.load_trainer_state(checkpoint)
         self.metrics_file = self.dir / "metrics.jsonl"
-        kept = [r for r in read_metrics(self.metrics_file) if r["step"] <= self.step] if checkpoint else []
-        self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        self.wandb = start_wandb(cfg, self.dir) if cfg.wandb else None
+        if distributed.is_main():
+            kept = [r for r in read_metrics(self.metrics_file) if r["step"] <= self.step] if checkpoint else []
+            self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        self.wandb = start_wandb(cfg, self.dir) if cfg.wandb and distributed.is_main() else None
         self.last_train: dict = {}
         self.last_val: dict | None = None
 
     def train_step(self, x: torch.Tensor, layer: torch.Tensor):
-        """One optimizer step on x: [batch, d_model] of layers layer: [batch]."""
+        """One optimizer step on x: [batch, d_model] of layers layer: [batch] (this process's share of the batch)."""
         lr = lr_at(self.cfg, self.step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         dead_mask = self.tokens_since_fired >= self.cfg.dead_tokens  # [n_latents]
         with autocast(self.device):
             out = self.sae(x, layer, dead_mask)
-        mse = (out.x_hat_normalized.float() - out.x_normalized.float()).pow(2).mean()
-        loss = mse + self.cfg.auxk_alpha * out.auxk_loss
         dead_fraction = dead_mask.float().mean()  # of the latents AuxK trained this step
-        metrics = [loss, mse, out.auxk_loss, dead_fraction, *batch_metrics(x, out.x_hat, out.top_values)]
-        values = torch.stack(metrics).tolist()  # one read-back for all metrics
-        if not math.isfinite(values[0]):
+        if distributed.world_size() == 1:
+            mse = (out.x_hat_normalized.float() - out.x_normalized.float()).pow(2).mean()
+            loss = mse + self.cfg.auxk_alpha * out.auxk_loss
+            metrics = [loss, mse, out.auxk_loss, dead_fraction, *batch_metrics(x, out.x_hat, out.top_values)]
+            values, n_rows = torch.stack(metrics).tolist(), len(x)  # one read-back for all metrics
+        else:
+            loss, values, n_rows = shared_loss(self.cfg, x, out, dead_fraction)
+        if not math.isfinite(values[0]):  # values are global, so every process stops alike
             where = latest_checkpoint(self.dir) or "nowhere (none was saved yet)"
             raise CrosscodersError(
                 f"loss became {values[0]} at step {self.step + 1}; last good checkpoint kept at {where}"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+        for grad, total in zip(grads, distributed.all_reduce_sum(grads)):  # sum of shares: the global batch's gradient
+            grad.copy_(total)
         self.sae.remove_gradient_parallel_to_decoder_directions()
         self.optimizer.step()
         self.sae.set_decoder_norm_to_unit_norm()
         fired = torch.zeros_like(self.tokens_since_fired).index_add_(
             0, out.top_indices.flatten(), (out.top_values > 0).flatten().long()
         )
-        self.tokens_since_fired = torch.where(fired > 0, 0, self.tokens_since_fired + len(x))
+        (fired,) = distributed.all_reduce_sum([fired])
+        self.tokens_since_fired = torch.where(fired > 0, 0, self.tokens_since_fired + n_rows)
         self.step += 1
         names = ("loss", "mse", "auxk_loss", "dead_fraction", "mse_raw", "fvu", "l0")
         self.log({"split": "train", "step": self.step, **dict(zip(names, values)), "lr": lr})
@@ -191,6 +201,8 @@ class Run:
         """Append a record to metrics.jsonl (and wandb)."""
         if record["split"] == "train":
             self.last_train = record
+        if not distributed.is_main():
+            return
         with self.metrics_file.open("a") as file:
             file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -200,6 +212,9 @@ class Run:
 
     def save_checkpoint(self):
         """Write <run>/checkpoint/ atomically: build it beside, then swap it in, so a crash keeps the previous one."""
+        if not distributed.is_main():  # the others hold the same state
+            self.checkpoint_step = self.step
+            return
         temporary, final, old = (self.dir / f"{CHECKPOINT}{suffix}" for suffix in (".tmp", "", ".old"))
         shutil.rmtree(temporary, ignore_errors=True)
         self.sae.save(temporary)
@@ -243,6 +258,8 @@ class Run:
         """Save the final SAE (run folder and checkpoint), plot the losses; returns the final metrics."""
         if self.checkpoint_step != self.step:
             self.save_checkpoint()
+        if not distributed.is_main():
+            return {**self.last_train, **(self.last_val or {})}
         self.sae.save(self.dir)
         plot_losses(read_metrics(self.metrics_file), self.dir / "loss.png")
         if self.wandb is not None:
@@ -269,15 +286,17 @@ def train(
     for cfg, out_dir in zip(configs, out_dirs):  # every config and folder error before any training
         cfg.sae_config(source.d_model, source.n_layers)
         check_run_folder(cfg, Path(out_dir), resume)
+    distributed.barrier()  # every process has checked the folders before the first writes to them
     runs = [Run(cfg, out_dir, source, device, resume) for cfg, out_dir in zip(configs, out_dirs)]
     start, end = min(run.step for run in runs), max(run.total_steps for run in runs)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    batch_size = configs[0].batch_size
-    with Progress(*columns, disable=not progress) as bar:
+    batch_size, world_size = configs[0].batch_size, distributed.world_size()
+    per_process = " per process" if world_size > 1 else ""
+    with Progress(*columns, disable=not progress or not distributed.is_main()) as bar:
         tasks = [bar.add_task(run.dir.name, total=run.total_steps, completed=run.step) for run in runs]
         for step, (x, layer) in zip(range(start, end), batches_from(source, start)):
-            if len(x) != batch_size and (step + 1) % source.n_train_batches():  # an epoch's last may be short
-                raise CrosscodersError(f"the cache yields batches of {len(x)} rows, not batch_size={batch_size}")
+            if len(x) != batch_size // world_size and (step + 1) % source.n_train_batches():  # an epoch's last may be short
+                raise CrosscodersError(f"the cache yields batches of {len(x)} rows{per_process}, not batch_size={batch_size}")
             x, layer = x.to(device), layer.to(device)
             for run, task in zip(runs, tasks):
                 if run.step != step or step >= run.total_steps:
@@ -310,6 +329,29 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def shared_loss(cfg: TrainConfig, x: torch.Tensor, out, dead_fraction: torch.Tensor) -> tuple[torch.Tensor, list[float], int]:
+    """This process's share of the global batch's loss, so that summing gradients gives the global one.
+
+    Returns (share with grad, global [loss, mse, auxk_loss, dead_fraction, mse_raw, fvu, l0], global rows). AuxK is a
+    ratio over the whole batch, so its share is this process's numerator over the global denominator.
+    """
+    d_model = x.shape[1]
+    squared_error = (out.x_hat_normalized.float() - out.x_normalized.float()).pow(2).sum()
+    residual = (out.x_normalized - out.x_hat_normalized).detach().float().pow(2).sum()  # AuxK's denominator here
+    with torch.no_grad():
+        x64 = x.double()
+        local = [len(x), squared_error, out.auxk_loss * residual, residual, (out.x_hat.double() - x64).pow(2).sum(),
+                 x64.pow(2).sum(), (out.top_values > 0).sum()]
+        sums = distributed.all_reduce_sum([torch.stack([torch.as_tensor(v, device=x.device).double() for v in local]), x64.sum(0)])
+    n_rows, total_error, auxk_numerator, total_residual, raw_error, sum_sq, n_fired = sums[0].tolist()
+    sum_x = sums[1]  # [d_model]
+    loss = squared_error / (n_rows * d_model) + cfg.auxk_alpha * out.auxk_loss * residual / total_residual
+    mse, auxk = total_error / (n_rows * d_model), auxk_numerator / total_residual
+    fvu = raw_error / (sum_sq - sum_x.pow(2).sum().item() / n_rows)
+    values = [mse + cfg.auxk_alpha * auxk, mse, auxk, dead_fraction.item(), raw_error / (n_rows * d_model), fvu, n_fired / n_rows]
+    return loss, values, int(n_rows)
+
+
 def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, top_values: torch.Tensor) -> list[torch.Tensor]:
     """[mse_raw, fvu, l0] of one batch, as 0-d tensors (no device sync)."""
     with torch.no_grad():
@@ -325,7 +367,7 @@ def evaluate(sae: TopKSAE, source: BatchSource, device: torch.device) -> dict | 
     count = torch.zeros(n_layers, dtype=torch.float64, device=device)
     sum_x = torch.zeros(n_layers, d_model, dtype=torch.float64, device=device)
     sum_sq, sum_error = torch.zeros_like(count), torch.zeros_like(count)  # [n_layers]: sum ||x||^2, sum ||x - x_hat||^2
-    sum_error_normalized, n_fired = torch.zeros((), dtype=torch.float64, device=device), 0
+    sum_error_normalized, n_fired = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64, device=device)
     for x, layer in source.val_batches():
         x, layer = x.to(device), layer.to(device)
         with autocast(device):
@@ -337,6 +379,8 @@ def evaluate(sae: TopKSAE, source: BatchSource, device: torch.device) -> dict | 
         sum_error.index_add_(0, layer, (out.x_hat.double() - x64).pow(2).sum(1))
         sum_error_normalized += (out.x_hat_normalized.double() - out.x_normalized.double()).pow(2).sum()
         n_fired = n_fired + (out.top_values > 0).sum()
+    sums = distributed.all_reduce_sum([count, sum_x, sum_sq, sum_error, sum_error_normalized, n_fired])  # over the processes' shares
+    count, sum_x, sum_sq, sum_error, sum_error_normalized, n_fired = sums
     n_rows = count.sum()
     if n_rows == 0:
         return None
@@ -416,9 +460,17 @@ def train_on_store(
     """`train-sae`: one SAE, or every combination of a sweep, trained in one pass over a store's shards."""
     runs = expand_sweep(base, sweep)
     store = Store(loader_cfg.shards)
-    source = ShardLoader(store, base.batch_size, base.seed, device, loader_cfg.window_chunks, loader_cfg.workers, loader_cfg.val_rows)
-    out_dirs = [out / name if name else out for name, _ in runs]
-    results = train([cfg for _, cfg in runs], source, out_dirs, device, resume, progress)
+    device = distributed.local_device(device)
+    rank, world_size = distributed.init_from_env(device)
+    try:
+        source = ShardLoader(store, base.batch_size, base.seed, device, loader_cfg.window_chunks, loader_cfg.workers,
+                             loader_cfg.val_rows, rank, world_size)
+        out_dirs = [out / name if name else out for name, _ in runs]
+        results = train([cfg for _, cfg in runs], source, out_dirs, device, resume, progress)
+    finally:
+        distributed.close()
+    if rank > 0:
+        return {}
     for out_dir in out_dirs:  # which store (and so which model and held-out split) made this SAE
         data = {"shards": str(store.path.resolve()), "model": store.metadata["model"], "layers": store.metadata["layers"]}
         (out_dir / DATA_FILE).write_text(json.dumps({**data, "loader": asdict(loader_cfg)}, indent=2))
