@@ -23,9 +23,9 @@ STORAGE_DTYPES = {"bf16": torch.bfloat16, "float16": torch.float16, "float32": t
 NUMPY_BITS = {"bf16": np.uint16, "float16": np.float16, "float32": np.float32}
 ROW_FIELDS = {"layer": np.int16, "token": np.int32, "doc": np.int64, "pos": np.int32}
 SPLITS = ("train", "val")
-# Fields that may change between runs into one store: the model's display name and the run's
-# length and throughput knobs, which change no stored value.
-FREE_FIELDS = {"name", "n_tokens", "shard_rows", "out", "device", "writer_queue"}
+# Fields that may change between runs into one store: how the model is named (its fingerprint
+# must match) and the run's length and where it runs, which change no stored value.
+FREE_FIELDS = {"name", "model", "n_tokens", "shard_rows", "out", "device"}
 
 
 def acts_codecs() -> tuple:

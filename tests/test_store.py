@@ -124,3 +124,12 @@ def test_another_models_metadata_is_refused(store):
     renamed = json.loads(json.dumps(METADATA))
     renamed["model"]["name"] = "/elsewhere/same-model"
     create_or_open(store.path, renamed)
+
+
+def test_the_same_model_under_another_name_may_extend_a_store(store):
+    recipe = {**json.loads(json.dumps(METADATA)), "cache": {"model": "qwen2.5-coder-0.5b-instruct", "n_tokens": 100, "layers": "all"}}
+    create_or_open(store.path.parent / "t", recipe)
+    renamed = {**recipe, "cache": {**recipe["cache"], "model": "/models/qwen-0.5b", "n_tokens": 200}}
+    create_or_open(store.path.parent / "t", renamed)
+    with pytest.raises(CrosscodersError, match=r"different cache \(layers: store has 'all', this run has '1-3'\)"):
+        create_or_open(store.path.parent / "t", {**renamed, "cache": {**renamed["cache"], "layers": "1-3"}})
