@@ -25,10 +25,11 @@ from pipeline.cache import pack_batches, parse_layers, resolve_device, resolve_m
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
 from pipeline.hidden_states import hidden_state_module, hooked, output_tensor
+from pipeline.loader import stats_from_sums
 from pipeline.models import load_model
 from pipeline.sae import TopKSAE, load
 from pipeline.store import Store
-from pipeline.train import DATA_FILE
+from pipeline.train import DATA_FILE, run_data
 
 Reconstruct = Callable[[torch.Tensor, int], torch.Tensor]  # (x: [n, d_model], layer) -> x_hat: [n, d_model]
 EVAL_FILE, PLOT_FILE = "eval.json", "recovered.png"
@@ -216,8 +217,7 @@ def _layer_eval(layer: int, sums: _Sums, ce_clean: float, n_scored: int, is_sae:
 
 def layer_means(store: Store) -> torch.Tensor:
     """Mean of each hidden state over the store's training rows: [n_hidden_states, d_model] float32 (0 where unseen)."""
-    count, total, _ = store.layer_stats_sums()
-    return torch.from_numpy(total / np.maximum(count, 1)[:, None]).float()
+    return stats_from_sums(*store.layer_stats_sums()).mean
 
 
 def average(results: list[LayerEval]) -> dict:
@@ -245,12 +245,12 @@ def plot_recovered(results: list[LayerEval], path: Path, title: str):
 def resolve(config: EvalConfig) -> EvalConfig:
     """The config with the store, model and output folder filled in from the run's data.json and store."""
     run = Path(config.sae)
-    data_file = next((p for p in (run / DATA_FILE, run.parent / DATA_FILE) if p.is_file()), None)  # run or its checkpoint/
     shards = config.shards
     if shards is None:
-        if data_file is None:
+        data = run_data(run)
+        if data is None:
             raise CrosscodersError(f"{run} has no {DATA_FILE} saying which store it was trained on; pass --shards")
-        shards = json.loads(data_file.read_text())["shards"]
+        shards = data["shards"]
     model = config.model or Store(shards).metadata["model"]["name"]
     return replace(config, shards=str(shards), model=model, out=config.out or str(run / "eval"))
 

@@ -1,6 +1,5 @@
 """What the SAE's latents mean: density, layer profile, top-activating contexts and promoted tokens, from one pass over stored rows."""
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from pipeline.errors import CrosscodersError
 from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix
 from pipeline.sae import TopKSAE, load
 from pipeline.store import SPLITS, Store
-from pipeline.train import CHECKPOINT, DATA_FILE
+from pipeline.train import DATA_FILE, run_data
 from pipeline.units import parse_count
 
 DENSE_FREQUENCY = 0.1  # a latent firing on more rows than this is "dense"
@@ -272,14 +271,6 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: l
         line.append(active, style="bold black on rgb({},{},{})".format(*highlight_rgb(c.value / top)))
         line.append("".join(c.tokens[c.center + 1 :]))
         console.print(line, no_wrap=True, overflow="ellipsis")
-
-
-def run_data(sae_dir: Path) -> dict | None:
-    """The run's data.json (store, model, layers), also found from its checkpoint/ folder; None if absent."""
-    for folder in (sae_dir, sae_dir.parent) if sae_dir.name == CHECKPOINT else (sae_dir,):
-        if (folder / DATA_FILE).is_file():
-            return json.loads((folder / DATA_FILE).read_text())
-    return None
 
 
 def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = True) -> Path | None:

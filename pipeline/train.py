@@ -454,6 +454,14 @@ def start_wandb(cfg: TrainConfig, run_dir: Path):
     return wandb.init(project="crosscoders", name=run_dir.name, dir=run_dir, config=asdict(cfg), reinit="create_new")
 
 
+def run_data(run_dir: Path) -> dict | None:
+    """A run's data.json (store, model, layers), also found from its checkpoint/ folder; None if absent."""
+    for folder in (run_dir, run_dir.parent) if run_dir.name == CHECKPOINT else (run_dir,):
+        if (folder / DATA_FILE).is_file():
+            return json.loads((folder / DATA_FILE).read_text())
+    return None
+
+
 def train_on_store(
     loader_cfg: LoaderConfig, base: TrainConfig, out: Path, sweep: list[str], device: torch.device, resume: bool, progress: bool = True
 ) -> dict[str, dict]:
