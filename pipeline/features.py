@@ -198,16 +198,13 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 def feature_contexts(scan: FeatureScan, store: Store, tokenizer, feature: int, context: int = 12) -> list[Context]:
     """The latent's top-activating rows as token windows of `context` tokens each side, from the store's documents."""
-    documents = {}  # shard index -> (doc index -> row, offsets, tokens), read once per call
+    documents = {}  # shard index -> its documents' tokens by doc index, read once per call
     contexts = []
     for j in torch.nonzero(scan.top_values[feature] > 0).flatten().tolist():
         shard, doc, pos = (int(t[feature, j]) for t in (scan.top_shard, scan.top_doc, scan.top_pos))
         if shard not in documents:
-            info = store.shards[shard]
-            index = store.read(info, "docs/index")
-            documents[shard] = ({int(d): i for i, d in enumerate(index)}, store.read(info, "docs/offsets"), store.read(info, "docs/tokens"))
-        rows, offsets, tokens = documents[shard]
-        document = tokens[offsets[rows[doc]] : offsets[rows[doc] + 1]]
+            documents[shard] = store.shard_documents(store.shards[shard])
+        document = documents[shard][doc]
         start, end = max(0, pos - context), min(len(document), pos + context + 1)
         ids = document[start:end].tolist()
         contexts.append(Context(float(scan.top_values[feature, j]), int(scan.top_layer[feature, j]), doc, pos, ids, token_texts(tokenizer, ids), pos - start))

@@ -286,15 +286,17 @@ class Store:
             sq += self.read(shard, "stats/sum_sq_norm")
         return count, total, sq
 
+    def shard_documents(self, shard: ShardInfo, split: str | None = None) -> dict[int, np.ndarray]:
+        """Token ids by document index of the documents one shard holds, optionally of one split."""
+        wanted = None if split is None else SPLITS.index(split)
+        index, doc_split = self.read(shard, "docs/index"), self.read(shard, "docs/split")
+        offsets, tokens = self.read(shard, "docs/offsets"), self.read(shard, "docs/tokens")
+        return {int(doc): tokens[offsets[i] : offsets[i + 1]] for i, doc in enumerate(index) if wanted is None or doc_split[i] == wanted}
+
     def documents(self, split: str | None = None):
         """Yields (doc_index, token_ids) for the documents the store holds, optionally of one split."""
-        wanted = None if split is None else SPLITS.index(split)
         for shard in self.shards:
-            index, doc_split = self.read(shard, "docs/index"), self.read(shard, "docs/split")
-            offsets, tokens = self.read(shard, "docs/offsets"), self.read(shard, "docs/tokens")
-            for i, doc in enumerate(index):
-                if wanted is None or doc_split[i] == wanted:
-                    yield int(doc), tokens[offsets[i] : offsets[i + 1]]
+            yield from self.shard_documents(shard, split).items()
 
     def document_tokens(self) -> dict[int, np.ndarray]:
         """All stored documents' token ids by document index."""
