@@ -1,10 +1,8 @@
 """Stage one: run the model once over the corpus and store (layer, activation) pairs."""
 
 import itertools
-import shutil
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -13,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
+from pipeline import distributed
 from pipeline.corpus import CorpusConfig, is_validation, iter_documents, tokenize_document
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
@@ -20,6 +19,7 @@ from pipeline.hidden_states import capture_rows
 from pipeline.models import DEFAULT_MODEL, load_model
 from pipeline.shard_writer import RecordedBatch, ShardWriter
 from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, create_or_open
+from pipeline.windows import PairLedger, Window, read_windows, window_rounds
 from pipeline.units import parse_count
 
 
@@ -52,7 +52,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class CacheReport:
-    out: Path
+    out: str  # the store's folder or URL
     n_pairs_written: int
     n_pairs_total: int
     n_model_tokens: int
@@ -116,27 +116,22 @@ class Packed:
     doc_tokens: list[np.ndarray]
     input_ids: torch.Tensor  # [batch, seq]
     attention_mask: torch.Tensor  # [batch, seq]
-    window_end: int  # the corpus position after this batch's packing window
-    ends_window: bool  # the window's last batch: a resumed run may start after it
 
 
 def pack_batches(docs: Iterable[tuple[int, np.ndarray]], batch_tokens: int, pad_id: int, window: int | None = None) -> Iterator[Packed]:
     """Batches of documents: rows x longest row stays within `batch_tokens`.
 
     Each window of `window` documents is sorted by length before packing, so rows of a batch have
-    similar lengths and little padding; batches never span windows, so a window's end is a point a
-    resumed run can restart from. `window=None` packs in corpus order and every batch end is such a point.
+    similar lengths and little padding; batches never span windows. `window=None` packs in corpus order.
     """
-    if window is None:
-        for batch in _greedy(docs, batch_tokens):
-            yield _pad(batch, pad_id, batch[-1][0] + 1, True)
-        return
     docs = iter(docs)
-    while group := list(itertools.islice(docs, window)):
-        window_end = max(d for d, _ in group) + 1
-        batches = list(_greedy(sorted(group, key=lambda doc: len(doc[1])), batch_tokens))
-        for i, batch in enumerate(batches):
-            yield _pad(batch, pad_id, window_end, i == len(batches) - 1)
+    if window is None:
+        groups = [docs]
+    else:
+        groups = (sorted(group, key=lambda doc: len(doc[1])) for group in iter(lambda: list(itertools.islice(docs, window)), []))
+    for group in groups:
+        for batch in _greedy(group, batch_tokens):
+            yield _pad(batch, pad_id)
 
 
 def _greedy(docs: Iterable[tuple[int, np.ndarray]], batch_tokens: int) -> Iterator[list[tuple[int, np.ndarray]]]:
@@ -151,14 +146,14 @@ def _greedy(docs: Iterable[tuple[int, np.ndarray]], batch_tokens: int) -> Iterat
         yield group
 
 
-def _pad(group: list[tuple[int, np.ndarray]], pad_id: int, window_end: int, ends_window: bool) -> Packed:
+def _pad(group: list[tuple[int, np.ndarray]], pad_id: int) -> Packed:
     longest = max(len(t) for _, t in group)
     input_ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(group), longest), dtype=torch.long)
     for row, (_, tokens) in enumerate(group):
         input_ids[row, : len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
         attention_mask[row, : len(tokens)] = 1
-    return Packed([d for d, _ in group], [t for _, t in group], input_ids, attention_mask, window_end, ends_window)
+    return Packed([d for d, _ in group], [t for _, t in group], input_ids, attention_mask)
 
 
 def choose_pairs(
@@ -190,9 +185,21 @@ def skip_mask(tokens: np.ndarray, special_ids: np.ndarray, skip_special: bool) -
 
 
 def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Console | None = None, progress: bool = True) -> CacheReport:
-    """Caches activations into config.out until it holds config.n_tokens pairs; resumes a partial store."""
+    """Caches activations into config.out until it holds config.n_tokens pairs; resumes a partial store.
+
+    Under torchrun, each process takes every N-th packing window not yet stored (pipeline.windows)
+    and writes its own shards into the same store.
+    """
     console = console or Console(stderr=True)
-    device = resolve_device(config.device)
+    device = distributed.local_device(resolve_device(config.device))
+    rank, world_size = distributed.init_from_env(device, backend="gloo")  # stage one only exchanges a few counts
+    try:
+        return _cache(config, corpus, console, progress and rank == 0, device, rank, world_size)
+    finally:
+        distributed.close()
+
+
+def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress: bool, device, rank: int, world_size: int) -> CacheReport:
     model_dtype = resolve_model_dtype(config.model_dtype, device)
     loaded = load_model(config.model, device=device, dtype=model_dtype)
     info = loaded.info
@@ -209,57 +216,84 @@ def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Consol
     }
     if next(iter_documents(corpus), None) is None:  # a bad --dataset fails here, before any store exists
         raise CrosscodersError("the corpus yields no documents; check --dataset and its fields")
-    store = create_or_open(config.out, metadata)
-    remaining = config.n_tokens - store.n_pairs
-    if remaining <= 0:
-        console.print(f"{store.path} already holds {store.n_pairs:,} pairs (asked for {config.n_tokens:,}); nothing to do")
-        return CacheReport(store.path, 0, store.n_pairs, 0, 0.0)
-    check_disk_space(store, remaining, info.d_model, config.dtype)
+    if rank == 0:  # one process creates the store and clears what a killed run left, before anyone writes
+        create_or_open(config.out, metadata)
+    distributed.barrier()
+    store = create_or_open(config.out, metadata, clean=False)
+    stored = store.window_pairs()
+    ledger = PairLedger(stored, config.n_tokens)
+    if ledger.budget(next(window_rounds(stored, 1))[0]) == 0:
+        if rank == 0:
+            console.print(f"{store.url} already holds {store.n_pairs:,} pairs (asked for {config.n_tokens:,}); nothing to do")
+        return CacheReport(store.url, 0, store.n_pairs, 0, 0.0)
+    check_disk_space(store, config.n_tokens - store.n_pairs, info.d_model, config.dtype)
 
     tokenizer = loaded.tokenizer
     special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    docs = (
-        (doc.index, np.asarray(tokenize_document(doc, tokenizer, config.max_seq_len), dtype=np.int32))
-        for doc in iter_documents(corpus, start=store.next_doc)
+    my_windows = read_windows(
+        lambda start: iter_documents(corpus, start=start),
+        lambda doc: np.asarray(tokenize_document(doc, tokenizer, config.max_seq_len), dtype=np.int32),
+        config.pack_window,
+        (windows[rank] for windows in window_rounds(stored, world_size)),
     )
+    rounds = window_rounds(stored, world_size)
     writer = ShardWriter(store, config.shard_rows)
-    n_pairs_before = n_pairs = store.n_pairs
-    n_model_tokens, start_time = 0, time.perf_counter()
+    n_model_tokens, corpus_ended, start_time = 0, False, time.perf_counter()
     with _progress_bar(console, progress) as bar:
-        task = bar.add_task("caching", total=config.n_tokens, completed=n_pairs)
+        task = bar.add_task("caching", total=config.n_tokens, completed=ledger.total)
         try:
-            for packed in pack_batches(docs, config.batch_tokens, pad_id, config.pack_window):
-                recorded = _record_batch(loaded.model, packed, layers, per_token, special_ids, config, corpus, n_pairs, device)
-                n_pairs = recorded.n_pairs_end
-                n_model_tokens += int(packed.attention_mask.sum())
-                writer.submit(recorded)
-                bar.update(task, completed=n_pairs)
-                if n_pairs >= config.n_tokens:
+            for windows in rounds:
+                if corpus_ended or ledger.budget(windows[0]) == 0:
                     break
+                window = next(my_windows)
+                plans = [choose_pairs(tokens, doc, layers, per_token, skip_mask(tokens, special_ids, config.skip_special), corpus.seed)
+                         for doc, tokens in window.docs]
+                counts = distributed.all_gather_ints([len(window.docs), sum(len(p[0]) for p in plans)])
+                ledger.record(windows, [count for _, count in counts])
+                corpus_ended = any(n_docs == 0 for n_docs, _ in counts)
+                if window.docs and ledger.budget(window.index):
+                    n_model_tokens += _cache_window(loaded.model, window, plans, ledger.budget(window.index), config, corpus, pad_id, device, writer)
+                bar.update(task, completed=ledger.total)
         except BaseException:  # Ctrl-C or an error: keep complete shards only, so a rerun resumes exactly
             writer.close(flush=False)
             raise
         writer.close()
+    n_model_tokens = sum(tokens for (tokens,) in distributed.all_gather_ints([n_model_tokens]))
+    distributed.barrier()  # every process's shards are committed
     seconds = time.perf_counter() - start_time
-    if n_pairs < config.n_tokens:
-        console.print(f"[yellow]the corpus ran out after {n_pairs:,} pairs (asked for {config.n_tokens:,})[/]")
-    return CacheReport(store.path, n_pairs - n_pairs_before, n_pairs, n_model_tokens, seconds)
+    if ledger.total < config.n_tokens and rank == 0:
+        console.print(f"[yellow]the corpus ran out after {ledger.total:,} pairs (asked for {config.n_tokens:,})[/]")
+    return CacheReport(store.url, ledger.n_new, ledger.total, n_model_tokens, seconds)
 
 
-def _record_batch(model, packed: Packed, layers, per_token, special_ids, config: CacheConfig, corpus: CorpusConfig, n_pairs: int, device) -> RecordedBatch:
-    """Chooses the pairs of one batch, runs the model up to the last needed layer, gathers them."""
+def _cache_window(model, window: Window, plans, budget: int, config: CacheConfig, corpus: CorpusConfig, pad_id: int, device, writer: ShardWriter) -> int:
+    """Runs the model over one window's batches, recording up to `budget` pairs; returns the model tokens."""
+    plan_of = {doc: plan for (doc, _), plan in zip(window.docs, plans)}
+    n_model_tokens = 0
+    batches = list(pack_batches(window.docs, config.batch_tokens, pad_id, window=len(window.docs)))
+    for i, packed in enumerate(batches):
+        recorded = _record_batch(model, packed, [plan_of[d] for d in packed.doc_index], budget, config, corpus, device)
+        budget -= len(recorded.layer)
+        n_model_tokens += int(packed.attention_mask.sum())
+        recorded.window, recorded.ends_window = window.index, i == len(batches) - 1 or budget == 0
+        writer.submit(recorded)
+        if budget == 0:  # the run ends here: later documents of the window stay unrecorded
+            break
+    return n_model_tokens
+
+
+def _record_batch(model, packed: Packed, plans: list[tuple[np.ndarray, np.ndarray]], budget: int, config: CacheConfig, corpus: CorpusConfig, device) -> RecordedBatch:
+    """Gathers the planned pairs of one batch (at most `budget`) by running the model up to the last needed layer."""
     rows = {name: [] for name in ("batch", *ROW_FIELDS, "split")}
     doc_split = np.array([is_validation(d, corpus) for d in packed.doc_index], dtype=np.uint8)
-    budget = config.n_tokens - n_pairs
     n_docs = len(packed.doc_index)
-    for b, (doc, tokens) in enumerate(zip(packed.doc_index, packed.doc_tokens)):
-        positions, chosen = choose_pairs(tokens, doc, layers, per_token, skip_mask(tokens, special_ids, config.skip_special), corpus.seed)
+    for b, (doc, tokens, (positions, chosen)) in enumerate(zip(packed.doc_index, packed.doc_tokens, plans)):
         positions, chosen = positions[:budget], chosen[:budget]
         budget -= len(positions)
         for name, values in (("batch", b), ("layer", chosen), ("token", tokens[positions]), ("doc", doc), ("pos", positions), ("split", doc_split[b])):
             rows[name].append(np.broadcast_to(values, positions.shape))
-        if budget == 0:  # the run ends here: later documents of the batch stay unrecorded
+        if budget == 0:  # later documents of the batch stay unrecorded
             n_docs = b + 1
             break
     columns = {name: np.concatenate(parts) for name, parts in rows.items()}
@@ -289,9 +323,6 @@ def _record_batch(model, packed: Packed, layers, per_token, special_ids, config:
         doc_index=np.asarray(packed.doc_index[:n_docs], dtype=np.int64),
         doc_split=doc_split[:n_docs],
         doc_tokens=packed.doc_tokens[:n_docs],
-        window_end=packed.window_end,
-        ends_window=packed.ends_window,
-        n_pairs_end=n_pairs + len(order),
         copied=copied,
     )
 
@@ -311,10 +342,10 @@ def check_disk_space(store: Store, n_pairs: int, d_model: int, dtype: str) -> No
     """Refuses a run the disk cannot hold (uncompressed bound: compression only helps)."""
     bytes_per_pair = d_model * STORAGE_DTYPES[dtype].itemsize + sum(np.dtype(t).itemsize for t in ROW_FIELDS.values()) + 4
     needed = n_pairs * bytes_per_pair
-    free = shutil.disk_usage(store.path).free
-    if needed > free:
+    free = store.location.free_bytes()
+    if free is not None and needed > free:
         raise CrosscodersError(
-            f"{n_pairs:,} more pairs need up to {needed / 2**30:.1f} GiB but {store.path} has {free / 2**30:.1f} GiB free; "
+            f"{n_pairs:,} more pairs need up to {needed / 2**30:.1f} GiB but {store.url} has {free / 2**30:.1f} GiB free; "
             "lower --n-tokens or choose another --out"
         )
 

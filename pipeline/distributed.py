@@ -6,12 +6,14 @@ import torch
 import torch.distributed as dist
 
 
-def init_from_env(device: torch.device) -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment; (rank, world_size), (0, 1) without torchrun."""
+def init_from_env(device: torch.device, backend: str | None = None) -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment; (rank, world_size), (0, 1) without torchrun.
+
+    The backend defaults to NCCL on GPUs and gloo elsewhere."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
     return rank(), world_size()
 
 
@@ -47,6 +49,15 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     flat = torch.cat([t.flatten() for t in tensors])
     dist.all_reduce(flat)
     return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def all_gather_ints(values: list[int]) -> list[list[int]]:
+    """Every process's `values` (same length everywhere), by rank; needs a gloo process group."""
+    if world_size() == 1:
+        return [list(values)]
+    gathered = [torch.zeros(len(values), dtype=torch.long) for _ in range(world_size())]
+    dist.all_gather(gathered, torch.tensor(values, dtype=torch.long))
+    return [t.tolist() for t in gathered]
 
 
 def close():

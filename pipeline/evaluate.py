@@ -271,7 +271,7 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
         raise CrosscodersError(f"--layers {config.layers!r}: the store was not cached at hidden state {uncached[0]}; pick from {store.metadata['layers']}")
     docs = list(islice(store.documents(split="val"), config.n_docs))
     if not docs:
-        raise CrosscodersError(f"{store.path} holds no held-out documents; cache more tokens or raise --val-fraction")
+        raise CrosscodersError(f"{store.url} holds no held-out documents; cache more tokens or raise --val-fraction")
     special_ids = np.asarray(sorted(set(loaded.tokenizer.all_special_ids)), dtype=np.int64)
     skip_special = store.metadata["cache"]["skip_special"]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -113,7 +113,7 @@ def scan_features(
     n_latents, n_layers = sae.cfg.n_latents, sae.cfg.n_layers
     total = store.n_rows(split) if n_rows is None else min(n_rows, store.n_rows(split))
     if total == 0:
-        raise CrosscodersError(f"{store.path} has no {split} rows; scan the other --split or cache more tokens")
+        raise CrosscodersError(f"{store.url} has no {split} rows; scan the other --split or cache more tokens")
     layer_counts = torch.zeros(n_latents * n_layers, dtype=torch.int64, device=device)
     n_rows_by_layer = torch.zeros(n_layers, dtype=torch.int64, device=device)
     top_values = torch.zeros(n_latents, top, device=device)
@@ -285,7 +285,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     fingerprint = store.metadata["model"]["fingerprint"]
     if data is not None and data["model"]["fingerprint"] != fingerprint:
         raise CrosscodersError(
-            f"{store.path} holds activations of {store.metadata['model']['name']!r}, but the SAE was trained on "
+            f"{store.url} holds activations of {store.metadata['model']['name']!r}, but the SAE was trained on "
             f"{data['model']['name']!r}; pass a store of that model as --shards"
         )
     if cfg.feature is not None and not 0 <= cfg.feature < sae.cfg.n_latents:
@@ -325,7 +325,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     path = Path(cfg.html or sae_dir / "features.html")
     write_html_report(
         path, scan, {f: feature_contexts(scan, store, tokenizer, f, cfg.context) for f in features}, {f: promoted(f) for f in features},
-        title=f"{sae_dir} on {store.path}",
+        title=f"{sae_dir} on {store.url}",
     )
     console.print(f"wrote {path}")
     return path

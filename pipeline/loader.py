@@ -151,9 +151,9 @@ class ShardLoader:
     ):
         check_split(batch_size, world_size)
         if not store.shards:
-            raise CrosscodersError(f"{store.path} holds no complete shard yet; run cache-acts --out {store.path} first")
+            raise CrosscodersError(f"{store.url} holds no complete shard yet; run cache-acts --out {store.url} first")
         if store.n_rows("train") == 0:
-            raise CrosscodersError(f"{store.path} holds no training rows; cache more tokens or lower --val-fraction")
+            raise CrosscodersError(f"{store.url} holds no training rows; cache more tokens or lower --val-fraction")
         self.store, self.batch_size, self.seed = store, batch_size, seed
         self.device, self.window_chunks, self.val_rows = torch.device(device), window_chunks, val_rows
         self.d_model, self.n_layers = store.d_model, store.n_hidden_states

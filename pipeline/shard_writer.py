@@ -1,9 +1,9 @@
 """A background thread that gathers recorded batches into shards, compresses and writes them.
 
 The model keeps running while earlier batches are copied, compressed and written; the bounded
-queue stops the producer from running ahead of the disk. Shards end where a packing window ends
-(or the run does), so a resumed run, which starts at the next unwritten window, forms exactly the
-batches that an uninterrupted run would have.
+queue stops the producer from running ahead of the disk. Shards end where a packing window ends,
+so a resumed run, which redoes the windows no shard completed, forms exactly the batches that an
+uninterrupted run would have.
 """
 
 import queue
@@ -32,10 +32,9 @@ class RecordedBatch:
     doc_index: np.ndarray  # [n_docs]
     doc_split: np.ndarray  # [n_docs]
     doc_tokens: list[np.ndarray]  # token ids per document
-    window_end: int  # the corpus position after the batch's packing window
-    ends_window: bool  # a shard may end after this batch
-    n_pairs_end: int
     copied: torch.cuda.Event | None = None
+    window: int = -1  # the packing window the batch belongs to
+    ends_window: bool = False  # the window's last batch: a shard may end after it
 
 
 @dataclass
@@ -62,7 +61,7 @@ class ShardWriter:
         """Waits for the writes to finish; with flush, the pending batches become a last shard.
 
         An interrupted run closes without flush: its pending batches may end inside a packing
-        window, and the rerun recomputes them rather than skip the rest of that window.
+        window, which the rerun then redoes whole.
         """
         self.queue.put(FLUSH if flush else DISCARD)
         self.thread.join()
@@ -101,6 +100,7 @@ class ShardWriter:
                 **{name: columns[name][mask] for name in ("layer", "token", "doc", "pos")},
             )
         doc_tokens = [tokens for b in batches for tokens in b.doc_tokens]
+        windows = list(dict.fromkeys(b.window for b in batches))
         train_acts, train_layers = acts[torch.from_numpy(columns["split"] == 0)], torch.from_numpy(splits["train"].layer.astype(np.int64))
         count, total, sq = layer_sums(train_acts, train_layers, self.store.n_hidden_states)
         return ShardData(
@@ -112,8 +112,8 @@ class ShardWriter:
             stats_count=count,
             stats_sum=total,
             stats_sum_sq_norm=sq,
-            next_doc=batches[-1].window_end,
-            n_pairs_end=batches[-1].n_pairs_end,
+            windows=windows,
+            window_pairs=[sum(len(b.layer) for b in batches if b.window == w) for w in windows],
         )
 
     def _bits(self, acts: torch.Tensor) -> np.ndarray:

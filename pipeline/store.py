@@ -2,9 +2,7 @@
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,11 +10,11 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.errors import CrosscodersError
+from pipeline.storage import Location
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMAT_NAME = "crosscoders-activations"
 SHARD_PREFIX = "shard-"
-STAGING_DIR = ".staging"
 CHUNK_ROWS = 1024  # rows per compressed chunk: the loader's unit of random access (docs/FORMAT.md)
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # bfloat16 has no numpy type: its bits are stored as uint16 and reinterpreted on read.
@@ -88,17 +86,16 @@ class ShardData:
     stats_count: np.ndarray  # [n_hidden_states] training rows per layer
     stats_sum: np.ndarray  # [n_hidden_states, d_model] float64 sum of training rows
     stats_sum_sq_norm: np.ndarray  # [n_hidden_states] float64 sum of squared norms
-    next_doc: int  # the corpus position to resume from after this shard
-    n_pairs_end: int  # pairs stored in this shard and all before it
+    windows: list[int]  # the packing windows this shard completes, in order
+    window_pairs: list[int]  # pairs stored from each of them (both splits)
 
 
 @dataclass(frozen=True)
 class ShardInfo:
-    path: Path
-    index: int
+    name: str  # folder name inside the store
     n_rows: dict  # split -> rows
-    next_doc: int
-    n_pairs_end: int
+    windows: tuple[int, ...]
+    window_pairs: tuple[int, ...]
 
 
 def _create(group, name: str, data: np.ndarray, codecs: tuple, chunk_rows: int = CHUNK_ROWS):
@@ -114,35 +111,31 @@ def _create(group, name: str, data: np.ndarray, codecs: tuple, chunk_rows: int =
         array[...] = data
 
 
-def _fsync_tree(folder: Path) -> None:
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
+def shard_name(first_window: int) -> str:
+    """Shards are named by their first packing window: unique across ranks, ordered like the corpus."""
+    return f"{SHARD_PREFIX}{first_window:08d}"
 
 
-def shard_name(index: int) -> str:
-    return f"{SHARD_PREFIX}{index:06d}"
+def create_or_open(url: str | os.PathLike, metadata: dict, clean: bool = True) -> "Store":
+    """Opens the store at url (a folder or fsspec URL) for appending, creating it with metadata if new.
 
-
-def create_or_open(path: str | Path, metadata: dict) -> "Store":
-    """Opens the store at path for appending, creating it with metadata if new.
-
-    An existing store must have been made with the same metadata (model, layers, dtype, corpus...);
-    `n_tokens` is the one field that may differ, so a re-run can extend a store.
+    An existing store must have been made with the same metadata (model, layers, dtype, corpus...)
+    except FREE_FIELDS. With `clean`, shards a killed run left unfinished are deleted; only one
+    process of a multi-process run may clean, before any process writes.
     """
-    path = Path(path)
-    root_meta = path / "zarr.json"
-    if root_meta.exists():
-        store = Store(path)
+    location = Location(url)
+    if location.exists("zarr.json"):
+        store = Store(location)
         _check_same_recipe(store, metadata)
-        shutil.rmtree(path / STAGING_DIR, ignore_errors=True)
+        if clean:
+            for name in store.unfinished:
+                location.remove(name)
         return store
-    if path.exists() and any(p.name != ".gitkeep" for p in path.iterdir()):
-        raise CrosscodersError(f"{path} exists and is not an activation store; choose an empty or new --out")
-    path.mkdir(parents=True, exist_ok=True)
-    zarr.create_group(path, attributes={"crosscoders": {"format": FORMAT_NAME, "version": FORMAT_VERSION, **metadata}})
-    return Store(path)
+    if any(name != ".gitkeep" for name in location.entries()):
+        raise CrosscodersError(f"{location} exists and is not an activation store; choose an empty or new --out")
+    attributes = {"crosscoders": {"format": FORMAT_NAME, "version": FORMAT_VERSION, **metadata}}
+    zarr.create_group(store=location.zarr_store(), attributes=json.loads(json.dumps(attributes)))
+    return Store(location)
 
 
 def _check_same_recipe(store: "Store", metadata: dict) -> None:
@@ -154,7 +147,7 @@ def _check_same_recipe(store: "Store", metadata: dict) -> None:
         if old != new:
             differing = _first_difference(old, new)
             raise CrosscodersError(
-                f"{store.path / 'zarr.json'} was made with a different {key}{differing}; "
+                f"{store.location.path('zarr.json')} was made with a different {key}{differing}; "
                 "re-run with the same options or choose another --out"
             )
 
@@ -170,67 +163,74 @@ def _first_difference(old, new) -> str:
 class Store:
     """A readable view of a store: metadata, complete shards, statistics and rows."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        root_meta = self.path / "zarr.json"
-        if not self.path.is_dir():
-            raise CrosscodersError(f"no activation store at {self.path}; run cache-acts --out {self.path} first")
-        if not root_meta.exists():
-            raise CrosscodersError(f"{self.path} is not an activation store (no zarr.json); run cache-acts --out {self.path}")
+    def __init__(self, url: "str | os.PathLike | Location"):
+        self.location = url if isinstance(url, Location) else Location(url)
+        root_meta = self.location.path("zarr.json")
         try:
-            attributes = json.loads(root_meta.read_text())["attributes"]
-            self.metadata = attributes["crosscoders"]
+            attributes = self.location.read_json("zarr.json")["attributes"]
+        except OSError:
+            if not self.location.entries():
+                raise CrosscodersError(f"no activation store at {self.location}; run cache-acts --out {self.location} first") from None
+            raise CrosscodersError(f"{self.location} is not an activation store (no zarr.json); run cache-acts --out {self.location}") from None
         except (ValueError, KeyError) as error:
             raise CrosscodersError(f"{root_meta} is damaged or not a crosscoders store ({error!r})") from None
+        self.metadata = attributes.get("crosscoders", {})
         if self.metadata.get("format") != FORMAT_NAME or self.metadata.get("version") != FORMAT_VERSION:
             raise CrosscodersError(f"{root_meta} holds format {self.metadata.get('format')} v{self.metadata.get('version')}; "
-                                   f"this version reads {FORMAT_NAME} v{FORMAT_VERSION}")
+                                   f"this version reads {FORMAT_NAME} v{FORMAT_VERSION}: re-cache into a new --out")
         self.dtype: str = self.metadata["dtype"]
         self.d_model: int = self.metadata["model"]["d_model"]
         self.n_hidden_states: int = self.metadata["model"]["n_hidden_states"]
-        self.shards = [self._check_shard(p) for p in sorted(self.path.glob(f"{SHARD_PREFIX}*"))]
+        self.zarr_store = self.location.zarr_store()
+        self._arrays: dict[str, zarr.Array] = {}
+        files = set(self.location.files())
+        with_data = {f.split("/c/")[0] for f in files if "/c/" in f}  # arrays with chunk files
+        self.shards: list[ShardInfo] = []
+        self.unfinished: list[str] = []  # shard folders without their commit: being written, or left by a killed run
+        for name in sorted(n for n in self.location.entries() if n.startswith(SHARD_PREFIX)):
+            info = self._read_shard(name, files, with_data)
+            if info is None:
+                self.unfinished.append(name)
+            else:
+                self.shards.append(info)
 
-    def _check_shard(self, folder: Path) -> ShardInfo:
-        meta = folder / "zarr.json"
+    @property
+    def url(self) -> str:
+        return self.location.url
+
+    def _read_shard(self, name: str, files: set[str], with_data: set[str]) -> ShardInfo | None:
+        """A shard's bookkeeping, or None while it lacks its commit (the attributes, written last)."""
+        if f"{name}/zarr.json" not in files:
+            return None
         try:
-            attributes = json.loads(meta.read_text())["attributes"]
-            info = ShardInfo(folder, attributes["index"], attributes["n_rows"], attributes["next_doc"], attributes["n_pairs_end"])
-        except (OSError, ValueError, KeyError) as error:
-            raise CrosscodersError(f"shard {meta} is damaged ({error!r}); delete {folder} and re-run cache-acts to rewrite it") from None
+            attributes = self.location.read_json(name, "zarr.json").get("attributes", {})
+            if "n_rows" not in attributes:
+                return None
+            info = ShardInfo(name, attributes["n_rows"], tuple(attributes["windows"]), tuple(attributes["window_pairs"]))
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            raise CrosscodersError(f"shard {self.location.path(name, 'zarr.json')} is damaged ({error!r}); "
+                                   f"delete {self.location.path(name)} and re-run cache-acts to rewrite it") from None
         for split in SPLITS:
-            for name in ("acts", *ROW_FIELDS):
-                self._check_array(folder / split / name, info.n_rows[split])
+            for array in ("acts", *ROW_FIELDS):
+                folder = f"{name}/{split}/{array}"
+                if f"{folder}/zarr.json" not in files or (info.n_rows[split] and folder not in with_data):
+                    raise CrosscodersError(f"array {self.location.path(folder)} lost its files; "
+                                           f"delete {self.location.path(name)} and re-run cache-acts")
         return info
-
-    def _check_array(self, folder: Path, rows: int) -> None:
-        try:
-            shape = json.loads((folder / "zarr.json").read_text())["shape"]
-        except (OSError, ValueError, KeyError):
-            raise CrosscodersError(f"array {folder} is missing or damaged; delete its shard and re-run cache-acts") from None
-        if shape[0] != rows or (folder.name == "acts" and shape[1:] != [self.d_model]):
-            raise CrosscodersError(f"array {folder} has shape {shape}, expected {rows} rows of width {self.d_model}")
-        if rows and not (folder / "c").is_dir():
-            raise CrosscodersError(f"array {folder} lost its data file; delete its shard and re-run cache-acts")
 
     # Writing ---------------------------------------------------------------------------------
 
     def write_shard(self, shard: ShardData) -> ShardInfo:
-        """Writes a complete shard into staging, then renames it into place: readers never see half a shard."""
-        index = len(self.shards)
-        staging = self.path / STAGING_DIR / shard_name(index)
-        shutil.rmtree(staging, ignore_errors=True)
-        attributes = {
-            "index": index,
-            "n_rows": {split: len(rows) for split, rows in shard.splits.items()},
-            "next_doc": shard.next_doc,
-            "n_pairs_end": shard.n_pairs_end,
-        }
-        group = zarr.open_group(staging, mode="w", attributes=attributes)
+        """Writes a complete shard, then commits it by writing its attributes: readers skip a shard
+        until then, so none ever sees half of one. Works the same on a local disk and object stores."""
+        name = shard_name(shard.windows[0])
+        self.location.remove(name)  # what a killed attempt at this shard left
+        group = zarr.open_group(store=self.zarr_store, path=name, mode="w")
         for split, rows in shard.splits.items():
             sub = group.create_group(split)
             _create(sub, "acts", rows.acts, acts_codecs())
-            for name, dtype in ROW_FIELDS.items():
-                _create(sub, name, getattr(rows, name).astype(dtype), small_codecs(), chunk_rows=65536)
+            for field, dtype in ROW_FIELDS.items():
+                _create(sub, field, getattr(rows, field).astype(dtype), small_codecs(), chunk_rows=65536)
         docs = group.create_group("docs")
         _create(docs, "index", shard.doc_index.astype(np.int64), small_codecs(), 65536)
         _create(docs, "split", shard.doc_split.astype(np.uint8), small_codecs(), 65536)
@@ -240,36 +240,41 @@ class Store:
         _create(stats, "count", shard.stats_count.astype(np.int64), small_codecs())
         _create(stats, "sum", shard.stats_sum.astype(np.float64), small_codecs())
         _create(stats, "sum_sq_norm", shard.stats_sum_sq_norm.astype(np.float64), small_codecs())
-        _fsync_tree(staging)
-        final = self.path / shard_name(index)
-        os.rename(staging, final)
-        info = ShardInfo(final, index, attributes["n_rows"], shard.next_doc, shard.n_pairs_end)
+        self.location.make_durable(name)
+        info = ShardInfo(name, {split: len(rows) for split, rows in shard.splits.items()},
+                         tuple(int(w) for w in shard.windows), tuple(int(p) for p in shard.window_pairs))
+        group.update_attributes({"n_rows": info.n_rows, "windows": list(info.windows), "window_pairs": list(info.window_pairs)})
         self.shards.append(info)
+        self.shards.sort(key=lambda s: s.name)
         return info
 
     # Reading ---------------------------------------------------------------------------------
 
     @property
     def n_pairs(self) -> int:
-        return self.shards[-1].n_pairs_end if self.shards else 0
+        return sum(sum(s.window_pairs) for s in self.shards)
 
-    @property
-    def next_doc(self) -> int:
-        return self.shards[-1].next_doc if self.shards else 0
+    def window_pairs(self) -> dict[int, int]:
+        """Pairs stored from each completed packing window."""
+        return {w: pairs for s in self.shards for w, pairs in zip(s.windows, s.window_pairs)}
 
     def n_rows(self, split: str) -> int:
         return sum(s.n_rows[split] for s in self.shards)
 
     def array(self, shard: ShardInfo, name: str) -> zarr.Array:
-        """A shard's array by path, e.g. 'train/acts' or 'docs/tokens'."""
-        return zarr.open_array(shard.path / name, mode="r")
+        """A shard's array by path, e.g. 'train/acts' or 'docs/tokens' (opened once, then reused)."""
+        key = f"{shard.name}/{name}"
+        if key not in self._arrays:
+            self._arrays[key] = zarr.open_array(store=self.zarr_store, path=key, mode="r")
+        return self._arrays[key]
 
     def read(self, shard: ShardInfo, name: str, start: int | None = None, end: int | None = None) -> np.ndarray:
         """Rows [start, end) of a shard's array; a damaged chunk is a one-line error naming the file."""
         try:
             return self.array(shard, name)[start:end]
-        except (ValueError, RuntimeError, OSError) as error:
-            raise CrosscodersError(f"{shard.path / name} is damaged ({error}); delete {shard.path} and re-run cache-acts") from None
+        except (ValueError, RuntimeError, OSError, KeyError) as error:
+            where = self.location.path(shard.name)
+            raise CrosscodersError(f"{where}/{name} is damaged ({error}); delete {where} and re-run cache-acts") from None
 
     def read_acts(self, shard: ShardInfo, split: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
         """Activations [rows, d_model] in the storage dtype."""

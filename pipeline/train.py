@@ -480,6 +480,6 @@ def train_on_store(
     if rank > 0:
         return {}
     for out_dir in out_dirs:  # which store (and so which model and held-out split) made this SAE
-        data = {"shards": str(store.path.resolve()), "model": store.metadata["model"], "layers": store.metadata["layers"]}
+        data = {"shards": store.url, "model": store.metadata["model"], "layers": store.metadata["layers"]}
         (out_dir / DATA_FILE).write_text(json.dumps({**data, "loader": asdict(loader_cfg)}, indent=2))
     return {str(d): r for d, r in zip(out_dirs, results)}

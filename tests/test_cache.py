@@ -180,7 +180,8 @@ def test_rerun_with_more_tokens_extends_and_same_run_does_nothing(tiny_model_dir
     # that window's unrecorded pairs and the final window differ from the uninterrupted run.
     in_grown = (full_keys[:, None] == grown_keys[None]).all(-1).any(1)
     in_full = (grown_keys[:, None] == full_keys[None]).all(-1).any(1)
-    cut_window = range(first.next_doc - window, first.next_doc)
+    last_first = max(first.window_pairs())
+    cut_window = range(last_first * window, (last_first + 1) * window)
     last_window_start = full_keys[:, 0].max() // window * window
     assert all(doc in cut_window or doc >= last_window_start for doc in full_keys[~in_grown, 0])
     assert (grown_keys[~in_full, 0] >= last_window_start).all()
@@ -197,6 +198,11 @@ def cli_args(model_dir, corpus_file, out, n_tokens="6K") -> list[str]:
             "--batch-tokens", "512", "--max-seq-len", "256", "--shard-rows", "150", "--pack-window", "4", "--dtype", "float32"]
 
 
+def n_shards(out: Path) -> int:
+    """Committed shards, 0 before the store exists."""
+    return len(Store(out).shards) if (out / "zarr.json").exists() else 0
+
+
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 def test_interrupted_and_resumed_run_stores_exactly_the_uninterrupted_rows(tiny_model_dir, corpus_file, tmp_path, stop):
     reference = cli(*cli_args(tiny_model_dir, corpus_file, tmp_path / "reference"))
@@ -206,12 +212,12 @@ def test_interrupted_and_resumed_run_stores_exactly_the_uninterrupted_rows(tiny_
         process = subprocess.Popen([sys.executable, str(REPO / "cache_activations.py"), *cli_args(tiny_model_dir, corpus_file, killed_out)],
                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None and len(list(killed_out.glob("shard-*"))) < target:
+        while time.time() < deadline and process.poll() is None and n_shards(killed_out) < target:
             time.sleep(0.02)
         time.sleep(delay)
         process.send_signal(stop)
         process.wait()
-    assert 0 < len(list(killed_out.glob("shard-*"))) < len(list((tmp_path / "reference").glob("shard-*")))
+    assert 0 < n_shards(killed_out) < n_shards(tmp_path / "reference")
     resumed = cli(*cli_args(tiny_model_dir, corpus_file, killed_out))
     assert resumed.returncode == 0, resumed.stderr
     ref_keys, ref_acts = sorted_rows(Store(tmp_path / "reference"))
@@ -319,7 +325,9 @@ def test_packing_sorts_each_window_and_keeps_every_document_once():
     for b in batches:
         assert b.input_ids.numel() <= 600 or len(b.doc_index) == 1
         assert len({d // 16 for d in b.doc_index}) == 1  # a batch never spans two windows
-    assert [b.window_end for b in batches if b.ends_window] == [16, 32, 48, 50]
+    for before, after in zip(batches, batches[1:]):  # within a window, batches go from short to long documents
+        if before.doc_index[0] // 16 == after.doc_index[0] // 16:
+            assert max(len(t) for t in before.doc_tokens) <= min(len(t) for t in after.doc_tokens)
     windowed = sum(int(b.attention_mask.sum()) for b in batches) / sum(b.input_ids.numel() for b in batches)
     greedy = list(pack_batches(docs, 600, pad_id=0))
     assert windowed > sum(int(b.attention_mask.sum()) for b in greedy) / sum(b.input_ids.numel() for b in greedy)

@@ -52,7 +52,7 @@ def saved_run(folder: Path, store: Store, d_model: int = 64) -> Path:
     """A random SAE saved as a training run of the store would be."""
     torch.manual_seed(0)
     TopKSAE(SAEConfig(d_model=d_model, n_layers=N_HIDDEN_STATES, expansion=2, k=8)).save(folder)
-    (folder / DATA_FILE).write_text(json.dumps({"shards": str(store.path), "model": store.metadata["model"], "layers": store.metadata["layers"]}))
+    (folder / DATA_FILE).write_text(json.dumps({"shards": store.url, "model": store.metadata["model"], "layers": store.metadata["layers"]}))
     return folder
 
 
@@ -118,7 +118,7 @@ def test_cli_writes_eval_json_and_plot(store, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((run / "eval" / "eval.json").read_text())
     assert [r["layer"] for r in report["layers"]] == [0, 4]
-    assert report["config"]["shards"] == str(store.path) and report["n_docs"] == 4
+    assert report["config"]["shards"] == store.url and report["n_docs"] == 4
     assert {"ce_clean", "ce_sae", "ce_zero", "ce_mean", "recovered_loss", "recovered_loss_mean", "kl", "mse", "fvu", "l0"} <= set(report["layers"][0])
     assert "recovered_loss" in report["average"]
     assert (run / "eval" / "recovered.png").read_bytes()[:4] == b"\x89PNG"

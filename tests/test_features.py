@@ -62,7 +62,7 @@ def run_dir(store, sae, tmp_path_factory) -> Path:
     """A training-run folder as train-sae leaves it: the SAE plus data.json naming the store."""
     folder = tmp_path_factory.mktemp("run")
     sae.save(folder)
-    data = {"shards": str(store.path), "model": store.metadata["model"], "layers": store.metadata["layers"]}
+    data = {"shards": store.url, "model": store.metadata["model"], "layers": store.metadata["layers"]}
     (folder / DATA_FILE).write_text(json.dumps(data))
     return folder
 
@@ -199,7 +199,7 @@ def test_errors_are_one_line(store, sae, run_dir, tmp_path):
         explore_features(FeaturesConfig(sae=str(tmp_path / "no-data")), QUIET)
     TopKSAE(SAEConfig(d_model=64, n_layers=3, expansion=2, k=4)).save(tmp_path / "other")
     with pytest.raises(CrosscodersError, match="n_layers=3"):
-        explore_features(FeaturesConfig(sae=str(tmp_path / "other"), shards=str(store.path)), QUIET)
+        explore_features(FeaturesConfig(sae=str(tmp_path / "other"), shards=store.url), QUIET)
     with pytest.raises(CrosscodersError, match="out of range"):
         explore_features(replace(FeaturesConfig(sae=str(run_dir)), feature=N_LATENTS), QUIET)
 

@@ -1,5 +1,7 @@
 """The shard loader: every row once per epoch, shards mixed in a batch, deterministic, resumable."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ D_MODEL, N_STATES = 8, 4
 def write_store(path, shard_sizes: list[int], val_per_shard: int = 50) -> Store:
     """Rows whose first feature is their global id, so a batch says which rows it holds."""
     store = create_or_open(path, {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": N_STATES}, "dtype": "float32", "layers": list(range(N_STATES))})
-    next_id, pairs = 0, 0
+    next_id = 0
     for index, rows in enumerate(shard_sizes):
         def split_rows(n: int, first_id: int) -> SplitRows:
             acts = torch.zeros(n, D_MODEL)
@@ -25,10 +27,9 @@ def write_store(path, shard_sizes: list[int], val_per_shard: int = 50) -> Store:
 
         train, val = split_rows(rows, next_id), split_rows(val_per_shard, 10**6 + next_id)
         next_id += rows
-        pairs += rows + val_per_shard
         sums = layer_sums(torch.from_numpy(train.acts), torch.from_numpy(train.layer), N_STATES)
         store.write_shard(ShardData({"train": train, "val": val}, np.array([index]), np.array([0]), np.array([0, 1]),
-                                    np.array([7]), *sums, index + 1, pairs))
+                                    np.array([7]), *sums, [index], [rows + val_per_shard]))
     return Store(path)
 
 
@@ -106,9 +107,9 @@ def test_an_empty_store_is_a_clear_error(tmp_path):
 
 
 def test_a_damaged_chunk_stops_the_epoch_with_a_clear_error(store):
-    data = next(p for p in (store.path / "shard-000002" / "train" / "acts").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = next(p for p in (Path(store.url) / "shard-00000002" / "train" / "acts").rglob("*") if p.is_file() and p.name != "zarr.json")
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0xFF
     data.write_bytes(bytes(raw))
-    with pytest.raises(CrosscodersError, match="shard-000002/train/acts is damaged"):
+    with pytest.raises(CrosscodersError, match="shard-00000002/train/acts is damaged"):
         list(ShardLoader(store, 512).train_batches(0))

@@ -80,13 +80,13 @@ def test_bad_inputs_give_one_line_errors(store_path, tmp_path, args, message):
 
 
 def test_damaged_chunk_is_a_one_line_error(store_path, tmp_path):
-    data = next(p for p in (store_path / "shard-000001" / "train" / "acts").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = next(p for p in (store_path / "shard-00000001" / "train" / "acts").rglob("*") if p.is_file() and p.name != "zarr.json")
     raw = bytearray(data.read_bytes())
     raw[50] ^= 0xFF
     data.write_bytes(bytes(raw))
     result = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "20")
     assert result.returncode == 2
-    assert "shard-000001/train/acts is damaged" in result.stderr and "Traceback" not in result.stderr
+    assert "shard-00000001/train/acts is damaged" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_resuming_from_a_checkpoint_of_another_hidden_size_is_refused(store_path, tmp_path):

@@ -1,0 +1,85 @@
+"""Where a store lives: a local folder or an fsspec URL (s3://, gs://, memory://), and the few file
+operations the store needs beyond zarr."""
+
+import json
+import os
+import shutil
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from zarr.storage import FsspecStore, LocalStore
+
+from pipeline.errors import CrosscodersError
+
+
+class Location:
+    """A folder on some file system, named by a local path or a URL."""
+
+    def __init__(self, url: str | os.PathLike):
+        text = os.fspath(url)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(text)
+        except (ImportError, ValueError) as error:  # e.g. s3:// without s3fs installed
+            raise CrosscodersError(f"cannot open {text}: {error}") from None
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
+        self.url = self.root if self.is_local else text.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def path(self, *parts: str) -> str:
+        """The file system path of a name inside this folder."""
+        return "/".join([self.root, *parts])
+
+    def zarr_store(self, read_only: bool = False):
+        """A zarr store rooted at this folder."""
+        if self.is_local:
+            return LocalStore(self.root, read_only=read_only)
+        return FsspecStore.from_url(self.url, read_only=read_only)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_json(self, *parts: str) -> dict:
+        """A JSON file's content; OSError if it is missing, ValueError if it is not JSON."""
+        with self.fs.open(self.path(*parts), "rb") as handle:
+            return json.loads(handle.read())
+
+    def entries(self) -> list[str]:
+        """Names of the files and folders directly inside this folder (empty if it does not exist)."""
+        if not self.fs.isdir(self.root):
+            return []
+        return sorted(os.path.basename(entry.rstrip("/")) for entry in self.fs.ls(self.root, detail=False))
+
+    def files(self, *parts: str) -> list[str]:
+        """Every file below a subfolder, as paths relative to this folder, in one listing."""
+        prefix = self.path(*parts)
+        if not self.fs.isdir(prefix):
+            return []
+        return [path[len(self.root) + 1 :] for path in self.fs.find(prefix)]
+
+    def remove(self, *parts: str) -> None:
+        """Deletes a subfolder and everything in it, if it exists."""
+        if self.is_local:
+            shutil.rmtree(self.path(*parts), ignore_errors=True)
+        elif self.fs.exists(self.path(*parts)):
+            self.fs.rm(self.path(*parts), recursive=True)
+
+    def make_durable(self, *parts: str) -> None:
+        """Flushes a local subfolder's files to disk (object stores persist each write on its own)."""
+        if not self.is_local:
+            return
+        for folder, _, names in os.walk(self.path(*parts)):
+            for name in names:
+                with open(os.path.join(folder, name), "rb") as handle:
+                    os.fsync(handle.fileno())
+
+    def free_bytes(self) -> int | None:
+        """Free space under a local folder (or its nearest existing parent); None for object stores."""
+        if not self.is_local:
+            return None
+        folder = self.root
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        return shutil.disk_usage(folder).free
