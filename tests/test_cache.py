@@ -331,3 +331,30 @@ def test_packing_sorts_each_window_and_keeps_every_document_once():
     windowed = sum(int(b.attention_mask.sum()) for b in batches) / sum(b.input_ids.numel() for b in batches)
     greedy = list(pack_batches(docs, 600, pad_id=0))
     assert windowed > sum(int(b.attention_mask.sum()) for b in greedy) / sum(b.input_ids.numel() for b in greedy)
+
+
+def test_a_store_on_an_fsspec_url_holds_what_a_local_one_holds_and_trains(tiny_model_dir, corpus_file, tmp_path):
+    from pipeline.loader import LoaderConfig
+    from pipeline.train import TrainConfig, train_on_store
+
+    url = "memory://crosscoders-tests/store"
+    local, remote = run_cache(tiny_model_dir, corpus_file, tmp_path / "local"), run_cache(tiny_model_dir, corpus_file, url)
+    assert remote.url == url and [s.name for s in remote.shards] == [s.name for s in local.shards]
+    local_keys, local_acts = sorted_rows(local)
+    keys, acts = sorted_rows(remote)
+    np.testing.assert_array_equal(local_keys, keys)
+    assert torch.equal(local_acts, acts)
+    runs = train_on_store(LoaderConfig(shards=url), TrainConfig(batch_size=256, expansion=2, k=4, steps=3), tmp_path / "run", [],
+                          torch.device("cpu"), resume=False, progress=False)
+    (run_dir, result), = runs.items()
+    assert result["step"] == 3 and json.loads((Path(run_dir) / "data.json").read_text())["shards"] == url
+
+
+def test_an_object_store_without_its_fsspec_driver_is_a_one_line_error(tiny_model_dir, corpus_file):
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed here")
+    result = cli("--model", str(tiny_model_dir), "--dataset", str(corpus_file), "--out", "s3://bucket/shards", "--n-tokens", "100")
+    assert result.returncode == 2 and "cannot open s3://bucket/shards" in result.stderr and "s3fs" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

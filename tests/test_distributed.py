@@ -1,10 +1,13 @@
-"""Data parallelism: torchrun on 2 processes trains the same SAE as 1 process with the same global batch."""
+"""Many processes under torchrun: stage one stores the same pairs as one process, also across a killed
+rank and a restart; stage two trains the same SAE as one process with the same global batch."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,8 @@ import torch
 from pipeline.errors import CrosscodersError
 from pipeline.loader import ShardLoader
 from pipeline.sae import load
+from pipeline.store import Store
+from test_cache import cli_args, corpus_file, sorted_rows  # noqa: F401 (corpus_file is a fixture)
 from test_loader import write_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,15 +33,91 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(script: str, args: list[str], n_processes: int) -> list[str]:
+    """The command running a script in one process, or under torchrun in several."""
+    if n_processes == 1:
+        return [sys.executable, str(REPO / script), *args]
+    return [str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", str(n_processes), "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), str(REPO / script), *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads everywhere, so activations match bit for bit
+
+
 def train_sae(out: Path, shards: Path, n_processes: int) -> subprocess.CompletedProcess:
-    script = [str(REPO / "train_sae.py"), "--shards", str(shards), "--out", str(out), *ARGS]
-    if n_processes > 1:
-        launcher = [str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", str(n_processes), "--master-addr", "127.0.0.1",
-                    "--master-port", str(free_port())]
-    else:
-        launcher = [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(launcher + script, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    command = launch("train_sae.py", ["--shards", str(shards), "--out", str(out), *ARGS], n_processes)
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
+
+
+def cache_acts(model_dir: Path, corpus: Path, out: Path, n_processes: int) -> subprocess.CompletedProcess:
+    command = launch("cache_activations.py", cli_args(model_dir, corpus, out, n_tokens="5K"), n_processes)
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
+
+
+def assert_same_pairs(reference: Path, other: Path):
+    ref_keys, ref_acts = sorted_rows(Store(reference))
+    keys, acts = sorted_rows(Store(other))
+    assert len(np.unique(keys, axis=0)) == len(keys)  # nothing stored twice
+    np.testing.assert_array_equal(ref_keys, keys)
+    assert torch.equal(ref_acts, acts)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+def test_two_processes_cache_the_same_pairs_as_one(tiny_model_dir, corpus_file, tmp_path):
+    for n in (1, 2):
+        result = cache_acts(tiny_model_dir, corpus_file, tmp_path / f"s{n}", n)
+        assert result.returncode == 0, result.stderr
+    one, two = Store(tmp_path / "s1"), Store(tmp_path / "s2")
+    assert one.n_pairs == two.n_pairs == 5000  # --n-tokens cuts inside the corpus, at the same pair
+    assert {w % 2 for s in two.shards for w in s.windows} == {0, 1} and all(len({w % 2 for w in s.windows}) == 1 for s in two.shards)
+    assert_same_pairs(tmp_path / "s1", tmp_path / "s2")
+    for stats in zip(one.layer_stats_sums(), two.layer_stats_sums()):
+        np.testing.assert_allclose(*stats, rtol=1e-12)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError):
+                pass
+    return found
+
+
+def rank_process(torchrun_pid: int, rank: int) -> int | None:
+    for pid in children(torchrun_pid):
+        try:
+            if f"RANK={rank}".encode() in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            pass
+    return None
+
+
+@pytest.mark.skipif(not TORCHRUN.exists() or not Path("/proc/self/stat").exists(), reason="needs torchrun and /proc")
+def test_a_killed_rank_and_a_restart_lose_and_duplicate_nothing(tiny_model_dir, corpus_file, tmp_path):
+    reference = cache_acts(tiny_model_dir, corpus_file, tmp_path / "reference", 1)
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "killed"
+    job = subprocess.Popen(launch("cache_activations.py", cli_args(tiny_model_dir, corpus_file, out, n_tokens="5K"), 2),
+                           cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and job.poll() is None:
+        if (out / "zarr.json").exists() and any(s.windows[0] % 2 == 1 for s in Store(out).shards):
+            break  # rank 1 (odd windows) has committed a shard
+        time.sleep(0.02)
+    victim = rank_process(job.pid, 1)
+    assert victim is not None and job.poll() is None, "the job ended before rank 1 could be killed"
+    os.kill(victim, signal.SIGKILL)
+    assert job.wait(timeout=120) != 0  # torchrun stops the other rank and fails
+    assert 0 < Store(out).n_pairs < 5000
+    restarted = cache_acts(tiny_model_dir, corpus_file, out, 2)
+    assert restarted.returncode == 0, restarted.stderr
+    assert Store(out).n_pairs == 5000 and not Store(out).unfinished
+    assert_same_pairs(tmp_path / "reference", out)
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
