@@ -28,7 +28,7 @@ class CacheConfig:
     """Options of `cache-acts` (the corpus has its own CorpusConfig)."""
 
     model: str = option(DEFAULT_MODEL, "Embedded preset name, local Hugging Face folder, local .gguf file, or hub id.")
-    out: str = option("./shards", "Store folder; re-running the same command resumes it.")
+    out: str = option("./shards", "Store folder or fsspec URL (s3://bucket/shards); re-running the same command resumes it.")
     n_tokens: int = option(1_000_000, "Total (layer, activation) pairs to store, e.g. 20K, 50M.", parse_count, str)
     layers: str = option("all", "Hidden states to sample from: all, 0-28, or 4,8,12 (0 = embeddings).")
     layers_per_token: str = option("1", "Distinct random layers stored per token: a number, or all.")

@@ -121,7 +121,7 @@ def stats_from_sums(count: np.ndarray, total: np.ndarray, sq: np.ndarray) -> Lay
 class LoaderConfig:
     """Where training rows come from and how they are read."""
 
-    shards: str = option("./shards", "Activation store written by cache-acts.")
+    shards: str = option("./shards", "Activation store written by cache-acts: a folder or an fsspec URL.")
     window_chunks: int = option(64, "Chunks (of 1024 rows) shuffled together; more mixes better and uses more memory.")
     workers: int = option(4, "Threads reading and decompressing chunks.")
     val_rows: int = option(65536, "Held-out rows used for validation.")
