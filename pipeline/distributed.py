@@ -64,3 +64,24 @@ def close():
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_to_all_rows(tensors: list[torch.Tensor], destination: torch.Tensor) -> list[torch.Tensor]:
+    """Sends row i of each tensor to process destination[i]; returns the rows this process received,
+    by sending rank, each sender's rows in their order. Tensors share a device (CUDA under NCCL)."""
+    if world_size() == 1:
+        return tensors
+    order = torch.argsort(destination, stable=True)
+    send_counts = torch.bincount(destination, minlength=world_size())
+    receive_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(receive_counts, send_counts)
+    send_splits, receive_splits = send_counts.tolist(), receive_counts.tolist()
+    received = []
+    for tensor in tensors:
+        wire = tensor[order]
+        if wire.dtype in (torch.bfloat16, torch.float16):  # sent as their bits: not every backend moves these dtypes
+            wire = wire.view(torch.int16)
+        out = wire.new_empty((sum(receive_splits), *wire.shape[1:]))
+        dist.all_to_all_single(out, wire, output_split_sizes=receive_splits, input_split_sizes=send_splits)
+        received.append(out.view(tensor.dtype))
+    return received

@@ -9,7 +9,8 @@ import torch
 
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
-from pipeline.store import CHUNK_ROWS, Store, layer_sums
+from pipeline import distributed
+from pipeline.store import CHUNK_ROWS, STORAGE_DTYPES, Store, layer_sums
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ class ShardLoader:
     at a time are read by worker threads (decompression releases the GIL), concatenated and
     shuffled row by row. A batch thus mixes rows of many shards while memory stays bounded by a
     few windows, whatever the store's size. The order depends only on (seed, epoch), so a run
-    resumes mid-epoch by skipping whole windows without reading them.
+    resumes mid-epoch by skipping whole windows without reading them. Under data parallelism each
+    process reads every N-th chunk and the processes trade rows (train_batches).
     """
 
     def __init__(
@@ -166,7 +168,7 @@ class ShardLoader:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk-reader")
         self.stats = stats_from_sums(*store.layer_stats_sums())
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.rank, self.world_size = rank, world_size  # every process reads every window, keeps its share of each batch
+        self.rank, self.world_size = rank, world_size
 
     def n_train_batches(self) -> int:
         return -(-self.n_rows // self.batch_size)
@@ -181,37 +183,68 @@ class ShardLoader:
         layers = torch.from_numpy(self.store.read(shard, "train/layer", start, end).astype(np.int64))
         return acts, layers
 
-    def _read_window(self, epoch: int, window: int, chunk_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A window's rows in their shuffled order (acts in the storage dtype)."""
-        parts = list(self.pool.map(self._read_chunk, chunk_ids))
-        acts, layers = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        order = epoch_permutation(len(acts), self.seed + 7919 * (window + 1), epoch)
-        return acts[order], layers[order]
+    def _read_window(self, epoch: int, window: int, chunk_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This process's part of a window: every N-th chunk of the epoch, as (acts in the storage dtype,
+        layers, each row's place in the window's shuffled order)."""
+        sizes = [self.chunks[c][2] - self.chunks[c][1] for c in chunk_ids]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        mine = [j for j in range(len(chunk_ids)) if (window * self.window_chunks + j) % self.world_size == self.rank]
+        parts = list(self.pool.map(self._read_chunk, [chunk_ids[j] for j in mine]))
+        order = epoch_permutation(int(starts[-1]), self.seed + 7919 * (window + 1), epoch)
+        place = torch.empty_like(order)
+        place[order] = torch.arange(len(order))
+        if not parts:  # fewer chunks than processes
+            return torch.zeros(0, self.d_model, dtype=STORAGE_DTYPES[self.store.dtype]), order[:0], order[:0]
+        rows = torch.cat([torch.arange(starts[j], starts[j + 1]) for j in mine])
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), place[rows]
+
+    def _owner(self, position: torch.Tensor) -> torch.Tensor:
+        """The process whose share of its batch holds each position of the epoch's row stream (see rank_rows)."""
+        batch = position // self.batch_size
+        offset = position - batch * self.batch_size
+        batch_rows = (self.n_rows - batch * self.batch_size).clamp(max=self.batch_size)
+        return ((offset + 1) * self.world_size - 1) // batch_rows
 
     def train_batches(self, epoch: int, start_batch: int = 0):
+        """The epoch's row stream is its windows' rows, each window shuffled; batch b is rows [b * B, (b + 1) * B).
+
+        Each process reads a disjoint part of every window, sends each row to the process whose batch
+        share holds it, and yields its shares: together, exactly the single-process batches.
+        """
         windows = self._windows(epoch)
         sizes = [sum(self.chunks[c][2] - self.chunks[c][1] for c in w) for w in windows]
-        skip = start_batch * self.batch_size
-        first = 0
-        while first < len(windows) and skip >= sizes[first]:
-            skip -= sizes[first]
-            first += 1
+        window_end = np.cumsum(sizes)
+        first = int(np.searchsorted(window_end, start_batch * self.batch_size, side="right"))
         ahead = [self.pool.submit(self._read_window, epoch, w, windows[w]) for w in range(first, min(first + 2, len(windows)))]
-        carry_acts, carry_layers = None, None
+        pending_acts, pending_layers, batch = None, None, start_batch
         for w in range(first, len(windows)):
-            acts, layers = ahead.pop(0).result()
+            acts, layers, place = ahead.pop(0).result()
             if w + 2 < len(windows):
                 ahead.append(self.pool.submit(self._read_window, epoch, w + 2, windows[w + 2]))
-            if w == first:
-                acts, layers = acts[skip:], layers[skip:]
-            if carry_acts is not None:
-                acts, layers = torch.cat([carry_acts, acts]), torch.cat([carry_layers, layers])
-            n_full = len(acts) // self.batch_size * self.batch_size
-            for start in range(0, n_full, self.batch_size):
-                yield self._share(acts[start : start + self.batch_size], layers[start : start + self.batch_size])
-            carry_acts, carry_layers = acts[n_full:], layers[n_full:]
-        if carry_acts is not None and len(carry_acts):
-            yield self._share(carry_acts, carry_layers)
+            position = place + int(window_end[w] - sizes[w])
+            wanted = position >= start_batch * self.batch_size
+            acts, layers, position = acts[wanted], layers[wanted], position[wanted]
+            if self.world_size > 1:
+                acts, layers, position = self._exchange(acts, layers, position)
+            in_order = torch.argsort(position)
+            acts, layers = acts[in_order], layers[in_order]
+            if pending_acts is not None:
+                acts, layers = torch.cat([pending_acts, acts]), torch.cat([pending_layers, layers])
+            while batch < self.n_train_batches():
+                share = rank_rows(min(self.batch_size, self.n_rows - batch * self.batch_size), self.rank, self.world_size)
+                if batch * self.batch_size + share.stop > window_end[w]:
+                    break  # this share continues in the next window
+                n = share.stop - share.start
+                yield self._to_device(acts[:n], layers[:n])
+                acts, layers, batch = acts[n:], layers[n:], batch + 1
+            pending_acts, pending_layers = acts, layers
+
+    def _exchange(self, acts: torch.Tensor, layers: torch.Tensor, position: torch.Tensor):
+        """Rows to the processes that train on them (on the GPU under NCCL, whose collectives need it)."""
+        if self.device.type == "cuda":
+            acts, layers, position = (t.pin_memory().to(self.device, non_blocking=True) for t in (acts, layers, position))
+        owner = self._owner(position)
+        return distributed.all_to_all_rows([acts, layers, position], owner)
 
     def val_batches(self):
         if self._val is None:

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import distributed
 from pipeline.errors import CrosscodersError
 from pipeline.loader import ShardLoader
 from pipeline.sae import load
@@ -140,14 +142,50 @@ def test_two_processes_train_the_same_sae_as_one(tmp_path):
     assert (tmp_path / "run2" / "checkpoint" / "trainer_state.json").exists()
 
 
-def test_ranks_split_every_batch_into_the_one_process_batch(tmp_path):
-    store = write_store(tmp_path / "s", [3000, 700])
-    single = ShardLoader(store, 512, seed=1, window_chunks=2)
-    ranks = [ShardLoader(store, 512, seed=1, window_chunks=2, rank=r, world_size=4) for r in range(4)]
-    for whole, *shares in zip(single.train_batches(0), *(loader.train_batches(0) for loader in ranks)):
-        assert torch.equal(whole[0], torch.cat([x for x, _ in shares]))
-    val = [np.concatenate([x[:, 0].numpy() for x, _ in loader.val_batches()]) for loader in (single, *ranks)]
-    assert np.array_equal(np.sort(val[0]), np.sort(np.concatenate(val[1:])))
+class ThreadExchange:
+    """distributed.all_to_all_rows among threads, one per rank, for testing the loader in one process."""
+
+    def __init__(self, world_size: int):
+        self.world_size, self.barrier, self.local, self.outbox = world_size, threading.Barrier(world_size), threading.local(), {}
+
+    def __call__(self, tensors: list[torch.Tensor], destination: torch.Tensor) -> list[torch.Tensor]:
+        rank = self.local.rank
+        self.outbox[rank] = (tensors, destination)
+        self.barrier.wait()
+        received = [torch.cat([self.outbox[sender][0][i][self.outbox[sender][1] == rank] for sender in range(self.world_size)])
+                    for i in range(len(tensors))]
+        self.barrier.wait()
+        return received
+
+
+@pytest.mark.parametrize("start_batch", [0, 3])
+def test_ranks_read_disjoint_chunks_and_get_their_shares_of_the_one_process_batches(tmp_path, monkeypatch, start_batch):
+    store = write_store(tmp_path / "s", [3000, 700, 1100])
+    single = list(ShardLoader(store, 512, seed=1, window_chunks=3).train_batches(0, start_batch))
+    exchange, reads, world_size = ThreadExchange(4), [], 4
+    monkeypatch.setattr(distributed, "all_to_all_rows", exchange)
+    original = ShardLoader._read_chunk
+    monkeypatch.setattr(ShardLoader, "_read_chunk", lambda self, chunk: reads.append((self.rank, chunk)) or original(self, chunk))
+    shares = [None] * world_size
+
+    def run(rank: int):
+        exchange.local.rank = rank
+        loader = ShardLoader(store, 512, seed=1, window_chunks=3, rank=rank, world_size=world_size)
+        shares[rank] = list(loader.train_batches(0, start_batch))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(len(s) == len(single) for s in shares)
+    for b, (whole, layers) in enumerate(single):
+        assert torch.equal(whole, torch.cat([s[b][0] for s in shares])) and torch.equal(layers, torch.cat([s[b][1] for s in shares]))
+    chunks = [chunk for _, chunk in reads]
+    assert len(chunks) == len(set(chunks))  # no chunk read twice, by any process
+    if start_batch == 0:
+        assert sorted(chunks) == list(range(len(ShardLoader(store, 512).chunks)))
+        assert {rank for rank, _ in reads} == set(range(world_size))
 
 
 def test_a_batch_size_not_divisible_by_the_processes_is_a_clear_error(tmp_path):
