@@ -5,7 +5,7 @@ Usage: python bench/train_throughput.py --shards /tmp/s --steps 30 --batch-size 
 
 One run measures, on the same rows: training rows/s reading shards (ShardLoader) and reading the
 same rows from memory (MemoryLoader) and their ratio; rows/s of the loader alone; and rows/s of one
-SAE training step alone, with the dense and the sparse decoder, at the seed's size (expansion 4,
+SAE training step alone, dense and sparse (see bench/sae_step.py), at the seed's size (expansion 4,
 k 32) and a large one (expansion 16, k 64).
 """
 

@@ -12,20 +12,25 @@ from torch import nn
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import LayerStats
+from pipeline.sparse_topk import gather_pre_acts
 
 LAYER_ENCODINGS = ("sinusoidal", "learned", "none")
 DECODERS = ("dense", "sparse", "auto")
 CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
+Selection = tuple[torch.Tensor, torch.Tensor]  # (values, indices) of chosen latents: [batch, m] each
 
-# decoder="auto", from bench/sae_decode.py on 2 CPU cores (torch 2.13, d_model 1536, batch 1024), rows/s:
-#   expansion  k    density   forward dense / sparse   forward+backward dense / sparse
-#   4          32   1/192     10,320 / 241,925          3,204 / 27,001
-#   16         64   1/384      1,006 /  28,434            685 /  7,657
-#   1          64   1/24      39,353 / 267,067          9,250 / 16,123
-#   1          128  1/12      34,504 / 119,163         12,028 /  8,247
-# Dense pays for every latent and sparse for the k kept; in training (forward+backward) they cross near 1/16.
-# Not measured on GPUs; there too the sparse path never builds the [batch, n_latents] code.
-SPARSE_BELOW_DENSITY = 1 / 16
+# decoder="auto" picks the training step by density k / n_latents. From python -m bench.sae_step on 2 CPU cores
+# (torch 2.13, d_model 1536, batch 1024, 5% of the latents dead), rows/s of forward + backward + Adam:
+#   expansion  k     density   dense / sparse
+#   4          32    1/192       580 / 1,607
+#   16         64    1/384       204 /   601
+#   1          192   1/8       3,667 / 5,359
+#   4          768   1/8         847 / 1,053
+#   1          384   1/4       3,732 / 3,584
+#   4          1536  1/4         862 /   637
+# Dense pays for every latent in all nine products; sparse pays for the k (and AuxK's k_aux) kept, gathered from
+# memory at random. They cross between 1/8 and 1/4; not measured on GPUs, where matmuls gain more than gathers.
+SPARSE_BELOW_DENSITY = 1 / 8
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class SAEConfig:
     k: int = 32  # latents kept per row
     layer_encoding: str = "sinusoidal"  # added to the encoder input: "sinusoidal" | "learned" | "none"
     normalize: bool = True  # per-layer normalization from the loader's statistics
-    decoder: str = "auto"  # "dense" | "sparse" | "auto" (by density k / n_latents, see SPARSE_BELOW_DENSITY)
+    decoder: str = "auto"  # the training step: "dense" | "sparse" | "auto" (by k / n_latents, see SPARSE_BELOW_DENSITY)
 
     def __post_init__(self):
         if self.layer_encoding not in LAYER_ENCODINGS:
@@ -58,8 +63,8 @@ class SAEConfig:
         return self.expansion * self.d_model
 
     @property
-    def sparse_decoder(self) -> bool:
-        """Whether decoding gathers the k decoder rows instead of multiplying by the whole decoder."""
+    def sparse_step(self) -> bool:
+        """Whether everything after top-k touches only the kept latents: the decoder, and the encoder's backward."""
         if self.decoder == "auto":
             return self.k / self.n_latents < SPARSE_BELOW_DENSITY
         return self.decoder == "sparse"
@@ -137,7 +142,7 @@ class TopKSAE(nn.Module):
             mean, scale = torch.zeros(cfg.n_layers, cfg.d_model), torch.ones(cfg.n_layers)
         self.register_buffer("norm_mean", mean)  # [n_layers, d_model]
         self.register_buffer("norm_scale", scale)  # [n_layers]
-        self.decode_latents = decode_sparse if cfg.sparse_decoder else decode_dense
+        self.decode_latents = decode_sparse if cfg.sparse_step else decode_dense
 
     def normalize(self, x: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
         """Raw activations x: [batch, d_model] of layers layer: [batch] -> normalized space."""
@@ -147,12 +152,14 @@ class TopKSAE(nn.Module):
         """Normalized space -> raw activations, the inverse of normalize."""
         return x_hat / self.norm_scale[layer, None] + self.norm_mean[layer]
 
+    def encoder_input(self, x_normalized: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+        """What the encoder multiplies by W_enc: x_normalized - b_dec + the layer's encoding, [batch, d_model]."""
+        x = x_normalized - self.b_dec
+        return x if self.layer_embedding is None else x + self.layer_embedding[layer]
+
     def pre_acts(self, x_normalized: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
         """ReLU'd encoder outputs for every latent: [batch, n_latents]."""
-        x = x_normalized - self.b_dec
-        if self.layer_embedding is not None:
-            x = x + self.layer_embedding[layer]
-        return F.relu(x @ self.W_enc + self.b_enc)
+        return F.relu(self.encoder_input(x_normalized, layer) @ self.W_enc + self.b_enc)
 
     def encode(self, x: torch.Tensor, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw x: [batch, d_model] -> (top_values, top_indices): [batch, k]."""
@@ -165,23 +172,42 @@ class TopKSAE(nn.Module):
     def forward(self, x: torch.Tensor, layer: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
         """Reconstruct raw x: [batch, d_model]; with dead_mask: [n_latents] bool, also the AuxK loss."""
         x_normalized = self.normalize(x, layer)
-        pre_acts = self.pre_acts(x_normalized, layer)
-        top_values, top_indices = pre_acts.topk(self.cfg.k, sorted=False)
+        (top_values, top_indices), dead_top = self.top_latents(self.encoder_input(x_normalized, layer), dead_mask)
         x_hat_normalized = self.decode_latents(top_values, top_indices, self.W_dec) + self.b_dec
-        auxk_loss = self.auxk_loss(pre_acts, x_normalized - x_hat_normalized, dead_mask)
+        auxk_loss = self.auxk_loss(dead_top, x_normalized - x_hat_normalized)
         x_hat = self.denormalize(x_hat_normalized, layer)
         return ForwardOutput(x_hat, x_hat_normalized, x_normalized, top_values, top_indices, auxk_loss)
 
-    def auxk_loss(self, pre_acts: torch.Tensor, residual: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
-        """Gao et al. A.2: ||e - e_hat||^2 / ||e||^2, e_hat from the top d_model/2 dead latents, so dead ones learn."""
+    def top_latents(self, x_in: torch.Tensor, dead_mask: torch.Tensor | None) -> tuple[Selection, Selection | None]:
+        """(values, indices) of the top k latents: [batch, k], and of AuxK's top dead ones: [batch, k_aux] (None
+        when none is dead). The sparse step differentiates only these entries, not the dense pre-acts."""
+        k_aux = self.k_aux(dead_mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.sparse_step):
+            pre_acts = F.relu(x_in @ self.W_enc + self.b_enc)  # [batch, n_latents]: the one dense product
+            selections = [pre_acts.topk(self.cfg.k, sorted=False)]
+            if k_aux:
+                selections.append(pre_acts.where(dead_mask, 0).topk(k_aux, sorted=False))
+        if self.cfg.sparse_step:  # one backward over both selections
+            sizes = [indices.shape[1] for _, indices in selections]
+            values, indices = (torch.cat(parts, 1) for parts in zip(*selections))
+            values = gather_pre_acts(x_in, self.W_enc, self.b_enc, indices, values)
+            selections = [(v, i) for v, (_, i) in zip(values.split(sizes, 1), selections)]
+        return tuple(selections[0]), tuple(selections[1]) if k_aux else None
+
+    def k_aux(self, dead_mask: torch.Tensor | None) -> int:
+        """Latents AuxK reconstructs from: the top d_model/2 dead ones, 0 when none is dead."""
         n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-        if n_dead == 0:
-            return pre_acts.new_zeros((), dtype=torch.float32)
-        k_aux = min(self.cfg.d_model // 2 or 1, n_dead)
-        values, indices = pre_acts.where(dead_mask, 0).topk(k_aux, sorted=False)
+        return min(self.cfg.d_model // 2 or 1, n_dead)
+
+    def auxk_loss(self, dead_top: Selection | None, residual: torch.Tensor) -> torch.Tensor:
+        """Gao et al. A.2: ||e - e_hat||^2 / ||e||^2, e_hat from dead_top (values, indices) of the top dead latents,
+        so dead ones learn; 0 when none is dead (dead_top None)."""
+        if dead_top is None:
+            return residual.new_zeros((), dtype=torch.float32)
         error = residual.detach().float()  # the main reconstruction is not pulled towards the dead latents
-        error_hat = self.decode_latents(values, indices, self.W_dec).float()
-        return (error - error_hat).pow(2).sum() / error.pow(2).sum()
+        error_hat = self.decode_latents(*dead_top, self.W_dec).float()
+        # clamped: a process whose share of the batch is empty contributes 0, not 0 / 0
+        return (error - error_hat).pow(2).sum() / error.pow(2).sum().clamp(min=torch.finfo(torch.float32).tiny)
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self):

@@ -8,7 +8,8 @@ import torch
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import layer_stats_of
-from pipeline.sae import SAEConfig, TopKSAE, decode_dense, decode_sparse, load, sinusoidal_encoding
+from pipeline.sae import ForwardOutput, SAEConfig, TopKSAE, decode_dense, decode_sparse, load, sinusoidal_encoding
+from pipeline.sparse_topk import gather_pre_acts
 
 D_MODEL, N_LAYERS = 32, 4
 
@@ -16,13 +17,13 @@ D_MODEL, N_LAYERS = 32, 4
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_rows(n_rows: int = 256, seed: int = 0):
+def make_rows(n_rows: int = 256, seed: int = 0, d_model: int = D_MODEL):
     """Rows whose layers differ in offset and scale, like a residual stream: (x [n, d], layer [n])."""
     generator = torch.Generator().manual_seed(seed)
     layer = torch.randint(0, N_LAYERS - 1, (n_rows,), generator=generator)  # the last layer is never seen
-    offset = 3 * torch.randn(N_LAYERS, D_MODEL, generator=generator)
+    offset = 3 * torch.randn(N_LAYERS, d_model, generator=generator)
     scale = torch.tensor([0.5, 2.0, 10.0, 1.0])
-    x = torch.randn(n_rows, D_MODEL, generator=generator) * scale[layer, None] + offset[layer]
+    x = torch.randn(n_rows, d_model, generator=generator) * scale[layer, None] + offset[layer]
     return x, layer
 
 
@@ -49,23 +50,119 @@ def test_dense_and_sparse_decoding_agree_in_values_and_gradients():
     torch.testing.assert_close(gradients[0], gradients[1])
 
 
-def test_dense_and_sparse_saes_agree_end_to_end():
-    x, layer = make_rows(64, seed=1)
-    dead_mask = torch.arange(128) % 3 == 0
+def perturbed_sae(d_model: int, expansion: int, k: int, layer_encoding: str, decoder: str, dtype=torch.float32):
+    """An SAE past its initialization: every parameter moved, and b_enc negative so ReLU cuts many pre-acts."""
+    torch.manual_seed(0)
+    stats = layer_stats_of(*make_rows(d_model=d_model), N_LAYERS)
+    sae = TopKSAE(SAEConfig(d_model, N_LAYERS, expansion, k, layer_encoding, decoder=decoder), stats).to(dtype)
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        sae.b_enc.copy_(-0.5 * torch.rand_like(sae.b_enc) - 0.05)
+    return sae
+
+
+def rows_with_weak_codes(sae: TopKSAE, n_rows: int, seed: int):
+    """make_rows, then 4 rows whose encoder input is 0, so every pre-act is 0 (top-k picks among ties), and 8 whose
+    input is shrunk, so fewer than k pre-acts stay positive."""
+    x, layer = make_rows(n_rows, seed, sae.cfg.d_model)
+    x = x.to(sae.b_dec.dtype)
+    with torch.no_grad():
+        x_in = sae.encoder_input(sae.normalize(x, layer), layer)
+        x_in[:4], x_in[4:12] = 0, 0.01 * x_in[4:12]
+        embedding = 0 if sae.layer_embedding is None else sae.layer_embedding[layer]
+        return sae.denormalize(x_in + sae.b_dec - embedding, layer), layer
+
+
+def loss_and_gradients(sae: TopKSAE, x, layer, dead_mask) -> tuple[ForwardOutput, torch.Tensor, dict]:
+    """(forward output, training loss MSE + AuxK, every parameter's gradient after backward and the projection)."""
+    out = sae(x, layer, dead_mask)
+    loss = (out.x_hat_normalized - out.x_normalized).pow(2).mean() + out.auxk_loss
+    loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    return out, loss, {name: p.grad for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer_encoding", ["learned", "sinusoidal", "none"])
+# shape: (d_model, expansion, k, n_dead)
+@pytest.mark.parametrize("shape", [(32, 4, 8, 0), (32, 4, 8, 40), (16, 2, 3, 32), (24, 1, 20, 5)])
+def test_sparse_step_matches_dense_loss_and_gradients(dtype, layer_encoding, shape):
+    d_model, expansion, k, n_dead = shape
     results = []
     for decoder in ("dense", "sparse"):
-        sae = make_sae(decoder=decoder)
-        assert sae.cfg.sparse_decoder == (decoder == "sparse")
-        out = sae(x, layer, dead_mask)
-        ((out.x_hat_normalized - out.x_normalized).pow(2).mean() + out.auxk_loss).backward()
-        results.append((out.x_hat, out.auxk_loss, [p.grad for p in sae.parameters()]))
-    torch.testing.assert_close(results[0], results[1])
+        sae = perturbed_sae(d_model, expansion, k, layer_encoding, decoder, dtype)
+        assert sae.cfg.sparse_step == (decoder == "sparse")
+        x, layer = rows_with_weak_codes(sae, 64, seed=1)
+        dead_mask = torch.arange(sae.cfg.n_latents) % 3 == 0
+        dead_mask &= dead_mask.cumsum(0) <= n_dead
+        results.append(loss_and_gradients(sae, x, layer, dead_mask))
+    (dense, dense_loss, dense_grads), (sparse, sparse_loss, sparse_grads) = results
+    assert (dense.top_values[:4] == 0).all() and (dense.top_values[4:12] == 0).any(1).all()  # ReLU cut kept latents
+    assert (dense.auxk_loss > 0) == (n_dead > 0)
+    assert all(grad.dtype == dtype and grad.abs().max() > 0 for grad in dense_grads.values())
+    torch.testing.assert_close(sparse.x_hat, dense.x_hat)
+    torch.testing.assert_close((sparse_loss, sparse.auxk_loss), (dense_loss, dense.auxk_loss))
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, msg=name)
 
 
-def test_auto_decoder_is_sparse_only_for_sparse_codes():
-    assert SAEConfig(d_model=1536, n_layers=29, expansion=4, k=32).sparse_decoder
-    assert SAEConfig(d_model=1536, n_layers=29, expansion=16, k=64).sparse_decoder
-    assert not SAEConfig(d_model=1536, n_layers=29, expansion=1, k=128).sparse_decoder
+def test_sparse_training_steps_give_the_dense_weights():
+    weights = []
+    for decoder in ("dense", "sparse"):
+        sae = perturbed_sae(D_MODEL, 4, 8, "learned", decoder)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        dead_mask = torch.arange(sae.cfg.n_latents) % 5 == 0
+        for step in range(4):
+            optimizer.zero_grad()
+            loss_and_gradients(sae, *rows_with_weak_codes(sae, 64, seed=10 + step), dead_mask)
+            optimizer.step()
+            sae.set_decoder_norm_to_unit_norm()
+        weights.append(dict(sae.named_parameters()))
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(weights[0]["W_enc"], perturbed_sae(D_MODEL, 4, 8, "learned", "dense").W_enc)
+
+
+def test_gather_pre_acts_passes_gradcheck():
+    generator = torch.Generator().manual_seed(0)
+    x_in = torch.randn(6, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    W_enc = torch.randn(5, 12, dtype=torch.float64, generator=generator, requires_grad=True)
+    b_enc = torch.randn(12, dtype=torch.float64, generator=generator, requires_grad=True)
+    top = torch.rand(6, 12, generator=generator).topk(4).indices
+    indices = torch.cat([top, top[:, :2]], 1)  # repeats, as the main and AuxK selections may
+    masked = torch.rand(6, 6, generator=generator) < 0.2  # values zeroed before top-k, as AuxK's mask does
+
+    def sparse_pre_acts(x_in, W_enc, b_enc):
+        with torch.no_grad():
+            pre_acts = (x_in @ W_enc + b_enc).gather(1, indices)
+            assert pre_acts.abs().min() > 1e-3  # away from ReLU's kink, where finite differences jump
+            values = pre_acts.relu().masked_fill(masked, 0)
+        return gather_pre_acts(x_in, W_enc, b_enc, indices, values)
+
+    assert torch.autograd.gradcheck(sparse_pre_acts, (x_in, W_enc, b_enc))
+
+
+def test_sparse_step_under_bf16_autocast_gives_parameter_dtype_gradients():
+    results = []
+    for decoder in ("dense", "sparse"):
+        sae = perturbed_sae(D_MODEL, 4, 8, "learned", decoder)
+        x, layer = make_rows(64, seed=5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae(x, layer, torch.arange(sae.cfg.n_latents) % 3 == 0)
+        assert out.auxk_loss > 0
+        ((out.x_hat_normalized.float() - out.x_normalized).pow(2).mean() + out.auxk_loss).backward()
+        assert all(p.grad.dtype == p.dtype == torch.float32 for p in sae.parameters())
+        results.append(dict(sae.named_parameters()))
+    for name, dense in results[0].items():  # the dense backward runs in bf16, the sparse one in float32
+        scale = dense.grad.abs().max().item()
+        torch.testing.assert_close(results[1][name].grad, dense.grad, rtol=0.05, atol=0.05 * scale, msg=name)
+
+
+def test_auto_decoder_takes_the_sparse_step_only_for_sparse_codes():
+    assert SAEConfig(d_model=1536, n_layers=29, expansion=4, k=32).sparse_step
+    assert SAEConfig(d_model=1536, n_layers=29, expansion=16, k=64).sparse_step
+    assert SAEConfig(d_model=1536, n_layers=29, expansion=1, k=128).sparse_step
+    assert not SAEConfig(d_model=1536, n_layers=29, expansion=1, k=384).sparse_step
 
 
 def test_encoder_starts_as_decoder_transpose_with_unit_norm_rows():
@@ -83,7 +180,8 @@ def test_decoder_rows_stay_unit_norm_and_gradient_loses_parallel_part():
     (out.x_hat_normalized - out.x_normalized).pow(2).mean().backward()
     sae.remove_gradient_parallel_to_decoder_directions()
     parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
-    torch.testing.assert_close(parallel, torch.zeros_like(parallel), atol=1e-6, rtol=0)
+    scale = sae.W_dec.grad.abs().max().item()
+    torch.testing.assert_close(parallel, torch.zeros_like(parallel), atol=1e-6 * scale, rtol=0)
     optimizer.step()
     sae.set_decoder_norm_to_unit_norm()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.n_latents))
@@ -171,8 +269,9 @@ def test_k_larger_than_n_latents_is_refused():
         SAEConfig(d_model=D_MODEL, n_layers=N_LAYERS, expansion=4, k=200)
 
 
-def test_auxk_loss_trains_only_dead_latents():
-    sae = make_sae()
+@pytest.mark.parametrize("decoder", ["dense", "sparse"])
+def test_auxk_loss_trains_only_dead_latents(decoder):
+    sae = make_sae(decoder=decoder)
     x, layer = make_rows(64, seed=4)
     assert sae(x, layer).auxk_loss.item() == 0
     dead_mask = torch.zeros(sae.cfg.n_latents, dtype=torch.bool)
