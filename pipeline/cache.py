@@ -12,15 +12,15 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.text import Text
 
 from pipeline import distributed
-from pipeline.corpus import CorpusConfig, is_validation, iter_documents, tokenize_document
 from pipeline.cli import option
+from pipeline.corpus import CorpusConfig, is_validation, iter_documents, tokenize_document
 from pipeline.errors import CrosscodersError
 from pipeline.hidden_states import capture_rows
 from pipeline.models import DEFAULT_MODEL, load_model
 from pipeline.shard_writer import RecordedBatch, ShardWriter
 from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, create_or_open
-from pipeline.windows import PairLedger, Window, read_windows, window_rounds
 from pipeline.units import parse_count
+from pipeline.windows import PairLedger, Window, read_windows, window_rounds
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
-from pipeline import distributed
 from pipeline.store import CHUNK_ROWS, STORAGE_DTYPES, Store, layer_sums
 
 

@@ -15,7 +15,6 @@ import torch
 
 from pipeline.store import SPLITS, ShardData, SplitRows, Store, layer_sums
 
-
 FLUSH, DISCARD = object(), object()  # how close() ends the writer thread
 
 

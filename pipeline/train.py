@@ -18,8 +18,8 @@ from pipeline import distributed
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
-from pipeline.store import Store
 from pipeline.sae import DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
+from pipeline.store import Store
 from pipeline.units import parse_count
 
 LR_DECAYS = ("cosine", "linear")
@@ -41,7 +41,7 @@ class TrainConfig:
     k: int = option(32, "Latents kept per row (TopK).")
     layer_encoding: str = option("sinusoidal", "How the encoder is told the layer: sinusoidal, learned or none.")
     normalize: bool = option(True, "Normalize each layer to zero mean and E||x||^2 = d_model, from the cache's stats.")
-    decoder: str = option("auto", "Decoder path: dense, sparse (gathers the k rows), or auto (by k / n_latents).")
+    decoder: str = option("auto", "Training step: dense (reference), sparse (decoder and encoder gradient touch only the kept latents), or auto (sparse when k / n_latents < 1/8).")
     lr: float = option(3e-4, "Adam learning rate after warm-up.")
     weight_decay: float = option(1e-4, "L2 penalty added to the gradient (torch.optim.Adam's weight_decay).")
     warmup_steps: int = option(100, "Steps of linear learning-rate warm-up from 0.")
@@ -347,7 +347,7 @@ def shared_loss(cfg: TrainConfig, x: torch.Tensor, out, dead_fraction: torch.Ten
     sum_x = sums[1]  # [d_model]
     loss = squared_error / (n_rows * d_model) + cfg.auxk_alpha * out.auxk_loss * residual / total_residual
     mse, auxk = total_error / (n_rows * d_model), auxk_numerator / total_residual
-    fvu = raw_error / (sum_sq - sum_x.pow(2).sum().item() / n_rows)
+    fvu = raw_error / (sum_sq - sum_x.pow(2).sum().item() / n_rows) if n_rows > 1 else math.nan  # as batch_metrics
     values = [mse + cfg.auxk_alpha * auxk, mse, auxk, dead_fraction.item(), raw_error / (n_rows * d_model), fvu, n_fired / n_rows]
     return loss, values, int(n_rows)
 
@@ -356,7 +356,7 @@ def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, top_values: torch.Tensor
     """[mse_raw, fvu, l0] of one batch, as 0-d tensors (no device sync)."""
     with torch.no_grad():
         squared_error = (x_hat.float() - x).pow(2)
-        fvu = squared_error.sum() / (x - x.mean(0)).pow(2).sum()
+        fvu = squared_error.sum() / (x - x.mean(0)).pow(2).sum() if len(x) > 1 else x.new_tensor(math.nan)  # needs a variance
         return [squared_error.mean(), fvu, (top_values > 0).sum(1).float().mean()]
 
 

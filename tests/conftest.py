@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny random-weight Qwen2 model and tokenizer, built in code (never downloaded)."""
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -76,3 +78,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """Sixty prompt/response pairs of varied length, as a local jsonl dataset."""
+    path = tmp_path_factory.mktemp("corpus") / "pairs.jsonl"
+    rng = np.random.default_rng(0)
+    with path.open("w") as handle:
+        for i in range(60):
+            body = "\n".join(f"    x{j} = x{j - 1} + {i}" for j in range(1, int(rng.integers(2, 30))))
+            handle.write(json.dumps({"prompt": f"Write function number {i}.", "response": f"```python\ndef f{i}(x0):\n{body}\n    return x0\n```"}) + "\n")
+    return path

@@ -24,18 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(file=open(os.devnull, "w"))
 
 
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory) -> Path:
-    """Sixty prompt/response pairs of varied length, as a local jsonl dataset."""
-    path = tmp_path_factory.mktemp("corpus") / "pairs.jsonl"
-    rng = np.random.default_rng(0)
-    with path.open("w") as handle:
-        for i in range(60):
-            body = "\n".join(f"    x{j} = x{j - 1} + {i}" for j in range(1, int(rng.integers(2, 30))))
-            handle.write(json.dumps({"prompt": f"Write function number {i}.", "response": f"```python\ndef f{i}(x0):\n{body}\n    return x0\n```"}) + "\n")
-    return path
-
-
 def run_cache(model_dir, corpus_file, out, **options) -> Store:
     config = CacheConfig(model=str(model_dir), out=str(out), **{"n_tokens": 3000, "batch_tokens": 1024, "max_seq_len": 256, "shard_rows": 500, "pack_window": 4, **options})
     cache_activations(config, CorpusConfig(dataset=str(corpus_file)), console=QUIET, progress=False)

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_cache import cli_args, sorted_rows
+from test_loader import write_store
 
 from pipeline import distributed
 from pipeline.errors import CrosscodersError
 from pipeline.loader import ShardLoader
 from pipeline.sae import load
 from pipeline.store import Store
-from test_cache import cli_args, corpus_file, sorted_rows  # noqa: F401 (corpus_file is a fixture)
-from test_loader import write_store
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -124,7 +124,7 @@ def test_a_killed_rank_and_a_restart_lose_and_duplicate_nothing(tiny_model_dir, 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
 def test_two_processes_train_the_same_sae_as_one(tmp_path):
-    write_store(tmp_path / "shards", [1500, 1200, 900])  # 14 full batches and a short last one of 16 rows
+    write_store(tmp_path / "shards", [1500, 1200, 885])  # 14 full batches and a last one of 1 row: one process gets none
     for n in (1, 2):
         result = train_sae(tmp_path / f"run{n}", tmp_path / "shards", n)
         assert result.returncode == 0, result.stderr
@@ -137,7 +137,7 @@ def test_two_processes_train_the_same_sae_as_one(tmp_path):
         assert single.keys() == parallel.keys() and single["step"] == parallel["step"]
         for name in single:
             if isinstance(single[name], float):
-                assert parallel[name] == pytest.approx(single[name], rel=1e-4, abs=1e-5), name
+                assert parallel[name] == pytest.approx(single[name], rel=1e-4, abs=1e-5, nan_ok=True), name
     assert any(r.get("auxk_loss", 0) > 0 for r in records[0])  # AuxK, a batch-wide ratio, was exercised
     assert (tmp_path / "run2" / "checkpoint" / "trainer_state.json").exists()
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_loader import write_store
 
 from pipeline.loader import LoaderConfig, ShardLoader
 from pipeline.sae import load
 from pipeline.store import Store
 from pipeline.train import TrainConfig, train_on_store
-from test_loader import write_store
 
 REPO = Path(__file__).resolve().parents[1]
 D_MODEL = 8
