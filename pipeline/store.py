@@ -131,7 +131,7 @@ def create_or_open(url: str | os.PathLike, metadata: dict, clean: bool = True) -
             for name in store.unfinished:
                 location.remove(name)
         return store
-    if any(name != ".gitkeep" for name in location.entries()):
+    if location.fs.isfile(location.root) or any(name != ".gitkeep" for name in location.entries()):
         raise CrosscodersError(f"{location} exists and is not an activation store; choose an empty or new --out")
     attributes = {"crosscoders": {"format": FORMAT_NAME, "version": FORMAT_VERSION, **metadata}}
     zarr.create_group(store=location.zarr_store(), attributes=json.loads(json.dumps(attributes)))

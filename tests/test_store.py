@@ -138,6 +138,8 @@ def test_opening_something_that_is_not_a_store(tmp_path):
         Store(tmp_path / "other")
     with pytest.raises(CrosscodersError, match="exists and is not an activation store"):
         create_or_open(tmp_path / "other", METADATA)
+    with pytest.raises(CrosscodersError, match="exists and is not an activation store"):
+        create_or_open(tmp_path / "other" / "notes.txt", METADATA)
 
 
 def test_another_models_metadata_is_refused(store):
