@@ -79,8 +79,8 @@ def all_to_all_rows(tensors: list[torch.Tensor], destination: torch.Tensor) -> l
     received = []
     for tensor in tensors:
         wire = tensor[order]
-        if wire.dtype in (torch.bfloat16, torch.float16):  # sent as their bits: not every backend moves these dtypes
-            wire = wire.view(torch.int16)
+        if wire.dtype in (torch.bfloat16, torch.float16):  # sent as bytes: not every backend moves these dtypes
+            wire = wire.view(torch.uint8)
         out = wire.new_empty((sum(receive_splits), *wire.shape[1:]))
         dist.all_to_all_single(out, wire, output_split_sizes=receive_splits, input_split_sizes=send_splits)
         received.append(out.view(tensor.dtype))

@@ -191,3 +191,28 @@ def test_ranks_read_disjoint_chunks_and_get_their_shares_of_the_one_process_batc
 def test_a_batch_size_not_divisible_by_the_processes_is_a_clear_error(tmp_path):
     with pytest.raises(CrosscodersError, match="batch_size=255 must be a multiple of the 2 training processes"):
         ShardLoader(write_store(tmp_path / "s", [1000]), 255, rank=0, world_size=2)
+
+
+def exchange_bf16_rows(rank: int, port: int, results):
+    """One process of test_rows_reach_their_processes_bit_exactly."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    rows = (torch.arange(12, dtype=torch.float32).view(6, 2) + 100 * rank).bfloat16() / 3
+    destination = torch.tensor([1, 0, 1, 1, 0, 0]) if rank == 0 else torch.tensor([0, 0, 1, 0, 1, 1])
+    acts, ids = distributed.all_to_all_rows([rows, torch.arange(6) + 10 * rank], destination)
+    results[rank] = (acts.view(torch.int16).tolist(), acts.dtype, ids.tolist())
+    dist.destroy_process_group()
+
+
+def test_rows_reach_their_processes_bit_exactly():
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(exchange_bf16_rows, args=(free_port(), results), nprocs=2)
+    sent = [(torch.arange(12, dtype=torch.float32).view(6, 2) + 100 * rank).bfloat16() / 3 for rank in range(2)]
+    for rank, (ids_from_0, ids_from_1) in enumerate([([1, 4, 5], [10, 11, 13]), ([0, 2, 3], [12, 14, 15])]):
+        acts, dtype, ids = results[rank]
+        assert dtype == torch.bfloat16 and ids == ids_from_0 + ids_from_1  # by sender, each in its order
+        expected = torch.cat([sent[0][ids_from_0], sent[1][[i - 10 for i in ids_from_1]]])
+        assert acts == expected.view(torch.int16).tolist()
