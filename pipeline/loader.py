@@ -13,6 +13,9 @@ from pipeline.errors import CrosscodersError
 from pipeline.store import CHUNK_ROWS, STORAGE_DTYPES, Store, layer_sums
 
 
+WINDOWS_AHEAD = 2  # windows read and shuffled ahead of the one batches are taken from
+
+
 @dataclass(frozen=True)
 class LayerStats:
     """Per-layer statistics of the raw residual stream, for normalization."""
@@ -166,6 +169,8 @@ class ShardLoader:
         ]
         self.n_rows = sum(end - start for _, start, end in self.chunks)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk-reader")
+        # windows are assembled in their own threads: waiting on chunk reads there must never starve the readers
+        self.window_pool = ThreadPoolExecutor(max_workers=WINDOWS_AHEAD, thread_name_prefix="window-reader")
         self.stats = stats_from_sums(*store.layer_stats_sums())
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
         self.rank, self.world_size = rank, world_size
@@ -215,12 +220,12 @@ class ShardLoader:
         sizes = [sum(self.chunks[c][2] - self.chunks[c][1] for c in w) for w in windows]
         window_end = np.cumsum(sizes)
         first = int(np.searchsorted(window_end, start_batch * self.batch_size, side="right"))
-        ahead = [self.pool.submit(self._read_window, epoch, w, windows[w]) for w in range(first, min(first + 2, len(windows)))]
+        ahead = [self.window_pool.submit(self._read_window, epoch, w, windows[w]) for w in range(first, min(first + WINDOWS_AHEAD, len(windows)))]
         pending_acts, pending_layers, batch = None, None, start_batch
         for w in range(first, len(windows)):
             acts, layers, place = ahead.pop(0).result()
-            if w + 2 < len(windows):
-                ahead.append(self.pool.submit(self._read_window, epoch, w + 2, windows[w + 2]))
+            if w + WINDOWS_AHEAD < len(windows):
+                ahead.append(self.window_pool.submit(self._read_window, epoch, w + WINDOWS_AHEAD, windows[w + WINDOWS_AHEAD]))
             position = place + int(window_end[w] - sizes[w])
             wanted = position >= start_batch * self.batch_size
             acts, layers, position = acts[wanted], layers[wanted], position[wanted]

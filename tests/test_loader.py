@@ -1,5 +1,6 @@
 """The shard loader: every row once per epoch, shards mixed in a batch, deterministic, resumable."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,17 @@ def test_every_training_row_once_per_epoch_in_a_new_order(store):
         assert np.array_equal(np.sort(seen), np.arange(10300))
     assert not np.array_equal(epochs[0], epochs[1])
     assert loader.n_train_batches() == len(ids(loader.train_batches(0))) == 21
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_few_reader_threads_still_read_every_window(store, workers):
+    batches = []
+    reader = threading.Thread(target=lambda: batches.extend(ShardLoader(store, 512, window_chunks=2, workers=workers).train_batches(0)),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the loader hung"
+    assert np.array_equal(np.sort(np.concatenate(ids(batches))), np.arange(10300))
 
 
 def test_layers_travel_with_their_rows(store):
