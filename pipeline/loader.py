@@ -173,6 +173,7 @@ class ShardLoader:
         self.window_pool = ThreadPoolExecutor(max_workers=WINDOWS_AHEAD, thread_name_prefix="window-reader")
         self.stats = stats_from_sums(*store.layer_stats_sums())
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._layers: dict[str, torch.Tensor] = {}  # shard name -> its training rows' layer ids
         self.rank, self.world_size = rank, world_size
 
     def n_train_batches(self) -> int:
@@ -185,23 +186,32 @@ class ShardLoader:
     def _read_chunk(self, chunk_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         shard, start, end = self.chunks[chunk_id]
         acts = self.store.read_acts(shard, "train", start, end)
-        layers = torch.from_numpy(self.store.read(shard, "train/layer", start, end).astype(np.int64))
-        return acts, layers
+        if shard.name not in self._layers:  # a shard's layer ids (2 bytes a row) are read once, not per chunk
+            self._layers[shard.name] = torch.from_numpy(self.store.read(shard, "train/layer").astype(np.int16))
+        return acts, self._layers[shard.name][start:end].long()
 
     def _read_window(self, epoch: int, window: int, chunk_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This process's part of a window: every N-th chunk of the epoch, as (acts in the storage dtype,
-        layers, each row's place in the window's shuffled order)."""
+        """This process's part of a window, every N-th chunk of the epoch, in the window's shuffled order:
+        (acts in the storage dtype, layers, each row's place in that order). Runs in a window thread."""
         sizes = [self.chunks[c][2] - self.chunks[c][1] for c in chunk_ids]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         mine = [j for j in range(len(chunk_ids)) if (window * self.window_chunks + j) % self.world_size == self.rank]
         parts = list(self.pool.map(self._read_chunk, [chunk_ids[j] for j in mine]))
         order = epoch_permutation(int(starts[-1]), self.seed + 7919 * (window + 1), epoch)
-        place = torch.empty_like(order)
-        place[order] = torch.arange(len(order))
         if not parts:  # fewer chunks than processes
             return torch.zeros(0, self.d_model, dtype=STORAGE_DTYPES[self.store.dtype]), order[:0], order[:0]
-        rows = torch.cat([torch.arange(starts[j], starts[j + 1]) for j in mine])
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), place[rows]
+        acts, layers = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if self.world_size == 1:  # every row of the window is here: shuffle by the permutation itself
+            acts, layers, place = acts[order], layers[order], torch.arange(len(order))
+        else:
+            place = torch.empty_like(order)
+            place[order] = torch.arange(len(order))
+            place = place[torch.cat([torch.arange(starts[j], starts[j + 1]) for j in mine])]
+            by_place = torch.argsort(place)
+            acts, layers, place = acts[by_place], layers[by_place], place[by_place]
+        if self.device.type == "cuda" and self.world_size == 1:  # batches are slices of it: copied to the GPU without staging
+            acts, layers = acts.pin_memory(), layers.pin_memory()
+        return acts, layers, place
 
     def _owner(self, position: torch.Tensor) -> torch.Tensor:
         """The process whose share of its batch holds each position of the epoch's row stream (see rank_rows)."""
@@ -221,28 +231,29 @@ class ShardLoader:
         window_end = np.cumsum(sizes)
         first = int(np.searchsorted(window_end, start_batch * self.batch_size, side="right"))
         ahead = [self.window_pool.submit(self._read_window, epoch, w, windows[w]) for w in range(first, min(first + WINDOWS_AHEAD, len(windows)))]
-        pending_acts, pending_layers, batch = None, None, start_batch
+        pending, batch = None, start_batch  # pending: (acts, layers) of a share that continues in the next window
         for w in range(first, len(windows)):
             acts, layers, place = ahead.pop(0).result()
             if w + WINDOWS_AHEAD < len(windows):
                 ahead.append(self.window_pool.submit(self._read_window, epoch, w + WINDOWS_AHEAD, windows[w + WINDOWS_AHEAD]))
             position = place + int(window_end[w] - sizes[w])
-            wanted = position >= start_batch * self.batch_size
-            acts, layers, position = acts[wanted], layers[wanted], position[wanted]
+            if window_end[w] - sizes[w] < start_batch * self.batch_size:  # resuming inside this window
+                wanted = position >= start_batch * self.batch_size
+                acts, layers, position = acts[wanted], layers[wanted], position[wanted]
             if self.world_size > 1:
                 acts, layers, position = self._exchange(acts, layers, position)
-            in_order = torch.argsort(position)
-            acts, layers = acts[in_order], layers[in_order]
-            if pending_acts is not None:
-                acts, layers = torch.cat([pending_acts, acts]), torch.cat([pending_layers, layers])
+                in_order = torch.argsort(position)  # the senders' rows, interleaved
+                acts, layers = acts[in_order], layers[in_order]
             while batch < self.n_train_batches():
                 share = rank_rows(min(self.batch_size, self.n_rows - batch * self.batch_size), self.rank, self.world_size)
                 if batch * self.batch_size + share.stop > window_end[w]:
                     break  # this share continues in the next window
-                n = share.stop - share.start
-                yield self._to_device(acts[:n], layers[:n])
-                acts, layers, batch = acts[n:], layers[n:], batch + 1
-            pending_acts, pending_layers = acts, layers
+                n = share.stop - share.start - (len(pending[0]) if pending else 0)
+                x, layer = (torch.cat([pending[0], acts[:n]]), torch.cat([pending[1], layers[:n]])) if pending else (acts[:n], layers[:n])
+                yield self._to_device(x, layer)
+                acts, layers, batch, pending = acts[n:], layers[n:], batch + 1, None
+            if len(acts):
+                pending = (torch.cat([pending[0], acts]), torch.cat([pending[1], layers])) if pending else (acts, layers)
 
     def _exchange(self, acts: torch.Tensor, layers: torch.Tensor, position: torch.Tensor):
         """Rows to the processes that train on them (on the GPU under NCCL, whose collectives need it)."""
@@ -278,6 +289,6 @@ class ShardLoader:
 
     def _to_device(self, acts: torch.Tensor, layers: torch.Tensor):
         """Host -> device in the storage dtype (half the bytes of float32), widened on the device."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not acts.is_pinned():
             acts, layers = acts.pin_memory(), layers.pin_memory()
         return acts.to(self.device, non_blocking=True).float(), layers.to(self.device, non_blocking=True)
