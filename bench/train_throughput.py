@@ -3,12 +3,14 @@
 Usage: python bench/train_throughput.py --shards /tmp/s --steps 30 --batch-size 1024
        python bench/train_throughput.py --synthetic-rows 2M --d-model 1536 --batch-size 4096   (GPU: a random store)
 
-One run measures, on the same rows: training rows/s reading shards (ShardLoader) and reading the
-same rows from memory (MemoryLoader) and their ratio; rows/s of the loader alone; and rows/s of one
+One run measures: training rows/s reading shards (ShardLoader) and reading the very same batches
+already in memory on the device (so both do the same training work), in the steady state from the
+third batch on, their ratio and how long each run waited for its first batch; rows/s of the loader alone; and rows/s of one
 SAE training step alone, dense and sparse (see bench/sae_step.py), at the seed's size (expansion 4,
 k 32) and a large one (expansion 16, k 64).
 """
 
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cache import resolve_device
-from pipeline.loader import MemoryLoader, ShardLoader
+from pipeline.loader import ShardLoader
 from pipeline.store import ShardData, SplitRows, Store, create_or_open, layer_sums, to_storage
 from pipeline.train import Run, TrainConfig, train
 from pipeline.units import parse_count
@@ -45,12 +47,52 @@ def synthetic_store(path: Path, n_rows: int, d_model: int, n_layers: int = 29, s
     return Store(path)
 
 
-def timed_training(source, cfg: TrainConfig, device: torch.device) -> float:
-    """Rows/s of train() over cfg.steps steps (no validation or checkpoint inside the timed span)."""
+class Prefetched:
+    """The shard loader's first batches of epoch 0, held on the device: training from them does exactly
+    the work training from the loader does, without reading anything."""
+
+    def __init__(self, loader: ShardLoader, n_batches: int):
+        self.d_model, self.n_layers, self.stats = loader.d_model, loader.n_layers, loader.stats
+        self.batches = list(itertools.islice(loader.train_batches(0), n_batches))
+
+    def n_train_batches(self) -> int:
+        return len(self.batches)
+
+    def train_batches(self, epoch: int, start_batch: int = 0):
+        return iter(self.batches[start_batch:])
+
+    def val_batches(self):
+        return iter(())
+
+
+class BatchClock:
+    """A batch source that notes when the trainer asks for each batch (that is, when the step before ended)."""
+
+    def __init__(self, source):
+        self.source, self.asked = source, []
+        self.d_model, self.n_layers, self.stats = source.d_model, source.n_layers, source.stats
+
+    def n_train_batches(self) -> int:
+        return self.source.n_train_batches()
+
+    def train_batches(self, epoch: int, start_batch: int = 0):
+        for batch in self.source.train_batches(epoch, start_batch):
+            self.asked.append(time.perf_counter())
+            yield batch
+
+    def val_batches(self):
+        return self.source.val_batches()
+
+
+def timed_training(source, cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
+    """train() over cfg.steps steps (no validation or checkpoint inside): (seconds until the first batch,
+    rows/s from the 3rd batch to the last one asked for, the steady state)."""
+    clock = BatchClock(source)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        train([cfg], source, [Path(out) / "run"], device, progress=False)
-        return cfg.steps * cfg.batch_size / (time.perf_counter() - start)
+        train([cfg], clock, [Path(out) / "run"], device, progress=False)
+    first, steady = clock.asked[2], clock.asked[-1]
+    return clock.asked[0] - start, (len(clock.asked) - 3) * cfg.batch_size / (steady - first)
 
 
 def loader_rows_per_s(loader: ShardLoader, n_batches: int, device: torch.device) -> float:
@@ -92,23 +134,20 @@ def main(
     scratch = tempfile.TemporaryDirectory()
     store = synthetic_store(Path(scratch.name) / "s", parse_count(synthetic_rows), d_model) if synthetic_rows else Store(shards)
     loader = ShardLoader(store, batch_size, seed=0, device=torch_device)
-    rows = list(loader.train_batches(0))
-    memory = MemoryLoader(torch.cat([x for x, _ in rows]).cpu(), torch.cat([layer for _, layer in rows]).cpu(), store.n_hidden_states,
-                          batch_size, device=torch_device)
     steps = min(steps, loader.n_train_batches() - 1)
+    memory = Prefetched(loader, steps)
     table = Table(title=f"stage two: d_model {store.d_model}, batch {batch_size}, {torch_device}, {loader.n_rows:,} rows")
-    for column in ("measure", "expansion", "k", "decoder", "rows/s", "ratio"):
+    for column in ("measure", "expansion", "k", "step", "rows/s", "ratio", "first batch s"):
         table.add_column(column, justify="right")
-    table.add_row("loader alone", "-", "-", "-", f"{loader_rows_per_s(loader, steps, torch_device):,.0f}", "")
+    table.add_row("loader alone", "-", "-", "-", f"{loader_rows_per_s(loader, steps, torch_device):,.0f}", "", "")
     for expansion, k in SIZES:
         base = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, steps=steps, val_every=10**9, save_every=10**9, warmup_steps=1)
-        from_memory = timed_training(memory, base, torch_device)
-        from_shards = timed_training(loader, base, torch_device)
-        table.add_row("train from memory", str(expansion), str(k), "auto", f"{from_memory:,.0f}", "")
-        table.add_row("train from shards", str(expansion), str(k), "auto", f"{from_shards:,.0f}", f"{from_shards / from_memory:.2f}")
+        (memory_wait, from_memory), (shards_wait, from_shards) = timed_training(memory, base, torch_device), timed_training(loader, base, torch_device)
+        table.add_row("train from memory", str(expansion), str(k), "auto", f"{from_memory:,.0f}", "", f"{memory_wait:.2f}")
+        table.add_row("train from shards", str(expansion), str(k), "auto", f"{from_shards:,.0f}", f"{from_shards / from_memory:.2f}", f"{shards_wait:.2f}")
         for decoder in ("dense", "sparse"):
             cfg = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, decoder=decoder, warmup_steps=1)
-            table.add_row("SAE step alone", str(expansion), str(k), decoder, f"{step_rows_per_s(memory, cfg, torch_device, max(steps // 3, 3)):,.0f}", "")
+            table.add_row("SAE step alone", str(expansion), str(k), decoder, f"{step_rows_per_s(memory, cfg, torch_device, max(steps // 3, 3)):,.0f}", "", "")
     Console().print(table)
 
 
