@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.text import Text
 
 from pipeline import distributed
+from pipeline.background import ahead
 from pipeline.cli import option
 from pipeline.corpus import CorpusConfig, is_validation, iter_documents, tokenize_document
 from pipeline.errors import CrosscodersError
@@ -237,6 +238,11 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
         config.pack_window,
         (windows[rank] for windows in window_rounds(stored, world_size)),
     )
+    planned = ahead(  # the next window is read, tokenized and planned while the model runs on this one
+        (window, [choose_pairs(tokens, doc, layers, per_token, skip_mask(tokens, special_ids, config.skip_special), corpus.seed)
+                  for doc, tokens in window.docs])
+        for window in my_windows
+    )
     rounds = window_rounds(stored, world_size)
     writer = ShardWriter(store, config.shard_rows)
     n_model_tokens, corpus_ended, start_time = 0, False, time.perf_counter()
@@ -246,9 +252,7 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
             for windows in rounds:
                 if corpus_ended or ledger.budget(windows[0]) == 0:
                     break
-                window = next(my_windows)
-                plans = [choose_pairs(tokens, doc, layers, per_token, skip_mask(tokens, special_ids, config.skip_special), corpus.seed)
-                         for doc, tokens in window.docs]
+                window, plans = next(planned)
                 counts = distributed.all_gather_ints([len(window.docs), sum(len(p[0]) for p in plans)])
                 ledger.record(windows, [count for _, count in counts])
                 corpus_ended = any(n_docs == 0 for n_docs, _ in counts)
