@@ -289,6 +289,6 @@ class ShardLoader:
 
     def _to_device(self, acts: torch.Tensor, layers: torch.Tensor):
         """Host -> device in the storage dtype (half the bytes of float32), widened on the device."""
-        if self.device.type == "cuda" and not acts.is_pinned():
+        if self.device.type == "cuda" and acts.device.type == "cpu" and not acts.is_pinned():  # (rows traded over NCCL are there already)
             acts, layers = acts.pin_memory(), layers.pin_memory()
         return acts.to(self.device, non_blocking=True).float(), layers.to(self.device, non_blocking=True)
