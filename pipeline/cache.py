@@ -256,8 +256,9 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
                 counts = distributed.all_gather_ints([len(window.docs), sum(len(p[0]) for p in plans)])
                 ledger.record(windows, [count for _, count in counts])
                 corpus_ended = any(n_docs == 0 for n_docs, _ in counts)
-                if window.docs and ledger.budget(window.index):
-                    n_model_tokens += _cache_window(loaded.model, window, plans, ledger.budget(window.index), config, corpus, pad_id, device, writer)
+                budget = ledger.budget(window.index)
+                if window.docs and budget:
+                    n_model_tokens += _cache_window(loaded.model, window, plans, budget, config, corpus, pad_id, device, writer)
                 bar.update(task, completed=ledger.total)
         except BaseException:  # Ctrl-C or an error: keep complete shards only, so a rerun resumes exactly
             writer.close(flush=False)

@@ -12,7 +12,6 @@ from pipeline.cli import option
 from pipeline.errors import CrosscodersError
 from pipeline.store import CHUNK_ROWS, STORAGE_DTYPES, Store, layer_sums
 
-
 WINDOWS_AHEAD = 2  # windows read and shuffled ahead of the one batches are taken from
 
 
@@ -236,8 +235,9 @@ class ShardLoader:
             acts, layers, place = ahead.pop(0).result()
             if w + WINDOWS_AHEAD < len(windows):
                 ahead.append(self.window_pool.submit(self._read_window, epoch, w + WINDOWS_AHEAD, windows[w + WINDOWS_AHEAD]))
-            position = place + int(window_end[w] - sizes[w])
-            if window_end[w] - sizes[w] < start_batch * self.batch_size:  # resuming inside this window
+            window_start = int(window_end[w] - sizes[w])  # the window's first position in the epoch's row stream
+            position = place + window_start
+            if window_start < start_batch * self.batch_size:  # resuming inside this window
                 wanted = position >= start_batch * self.batch_size
                 acts, layers, position = acts[wanted], layers[wanted], position[wanted]
             if self.world_size > 1:

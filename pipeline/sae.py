@@ -159,7 +159,11 @@ class TopKSAE(nn.Module):
 
     def pre_acts(self, x_normalized: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
         """ReLU'd encoder outputs for every latent: [batch, n_latents]."""
-        return F.relu(self.encoder_input(x_normalized, layer) @ self.W_enc + self.b_enc)
+        return self.pre_acts_of(self.encoder_input(x_normalized, layer))
+
+    def pre_acts_of(self, x_in: torch.Tensor) -> torch.Tensor:
+        """pre_acts from the encoder input x_in: [batch, d_model] -> [batch, n_latents]."""
+        return F.relu(x_in @ self.W_enc + self.b_enc)
 
     def encode(self, x: torch.Tensor, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw x: [batch, d_model] -> (top_values, top_indices): [batch, k]."""
@@ -183,7 +187,7 @@ class TopKSAE(nn.Module):
         when none is dead). The sparse step differentiates only these entries, not the dense pre-acts."""
         k_aux = self.k_aux(dead_mask)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.sparse_step):
-            pre_acts = F.relu(x_in @ self.W_enc + self.b_enc)  # [batch, n_latents]: the one dense product
+            pre_acts = self.pre_acts_of(x_in)  # [batch, n_latents]: the one dense product
             selections = [pre_acts.topk(self.cfg.k, sorted=False)]
             if k_aux:
                 selections.append(pre_acts.where(dead_mask, 0).topk(k_aux, sorted=False))
