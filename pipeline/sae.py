@@ -1,6 +1,7 @@
 """A layer-agnostic TopK sparse autoencoder: one dictionary for all layers, told the layer by an encoding."""
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,10 +13,10 @@ from torch import nn
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import LayerStats
-from pipeline.sparse_topk import gather_pre_acts
+from pipeline.sparse_topk import TORCH_KERNELS, SparseKernels, gather_pre_acts
 
 LAYER_ENCODINGS = ("sinusoidal", "learned", "none")
-DECODERS = ("dense", "sparse", "auto")
+DECODERS = ("dense", "sparse", "triton", "auto")
 CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 Selection = tuple[torch.Tensor, torch.Tensor]  # (values, indices) of chosen latents: [batch, m] each
 
@@ -43,7 +44,9 @@ class SAEConfig:
     k: int = 32  # latents kept per row
     layer_encoding: str = "sinusoidal"  # added to the encoder input: "sinusoidal" | "learned" | "none"
     normalize: bool = True  # per-layer normalization from the loader's statistics
-    decoder: str = "auto"  # the training step: "dense" | "sparse" | "auto" (by k / n_latents, see SPARSE_BELOW_DENSITY)
+    # the training step: "dense" | "sparse" | "triton" (sparse, with Triton kernels on CUDA) | "auto" (by
+    # k / n_latents, see SPARSE_BELOW_DENSITY)
+    decoder: str = "auto"
 
     def __post_init__(self):
         if self.layer_encoding not in LAYER_ENCODINGS:
@@ -67,7 +70,7 @@ class SAEConfig:
         """Whether everything after top-k touches only the kept latents: the decoder, and the encoder's backward."""
         if self.decoder == "auto":
             return self.k / self.n_latents < SPARSE_BELOW_DENSITY
-        return self.decoder == "sparse"
+        return self.decoder in ("sparse", "triton")
 
 
 @dataclass(frozen=True)
@@ -113,9 +116,17 @@ def decode_dense(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tenso
     return code @ W_dec  # [batch, d_model]
 
 
-def decode_sparse(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """Same as decode_dense, summing only the k gathered decoder rows per row."""
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+def sparse_kernels(decoder: str, device: torch.device) -> SparseKernels:
+    """The products of the sparse step: Triton's for decoder="triton" on CUDA (or under Triton's CPU interpreter,
+    TRITON_INTERPRET=1), else plain PyTorch's, which compute the same: a Triton-trained SAE runs on the CPU."""
+    if decoder != "triton" or not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        return TORCH_KERNELS
+    try:
+        from pipeline import triton_topk  # optional: Triton ships with CUDA builds of torch
+    except ImportError:
+        raise CrosscodersError("decoder='triton' needs the triton package: pip install triton, or use "
+                               "decoder='sparse'") from None
+    return triton_topk.KERNELS
 
 
 class TopKSAE(nn.Module):
@@ -142,7 +153,16 @@ class TopKSAE(nn.Module):
             mean, scale = torch.zeros(cfg.n_layers, cfg.d_model), torch.ones(cfg.n_layers)
         self.register_buffer("norm_mean", mean)  # [n_layers, d_model]
         self.register_buffer("norm_scale", scale)  # [n_layers]
-        self.decode_latents = decode_sparse if cfg.sparse_step else decode_dense
+
+    @property
+    def kernels(self) -> SparseKernels:
+        return sparse_kernels(self.cfg.decoder, self.W_dec.device)
+
+    def decode_latents(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """(values, indices): [batch, m] -> values times their rows of W_dec, summed: [batch, d_model]."""
+        if self.cfg.sparse_step:
+            return self.kernels.decode(values, indices, self.W_dec)
+        return decode_dense(values, indices, self.W_dec)
 
     def normalize(self, x: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
         """Raw activations x: [batch, d_model] of layers layer: [batch] -> normalized space."""
@@ -171,13 +191,13 @@ class TopKSAE(nn.Module):
 
     def decode(self, top_values: torch.Tensor, top_indices: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
         """(top_values, top_indices): [batch, k] -> raw reconstruction [batch, d_model]."""
-        return self.denormalize(self.decode_latents(top_values, top_indices, self.W_dec) + self.b_dec, layer)
+        return self.denormalize(self.decode_latents(top_values, top_indices) + self.b_dec, layer)
 
     def forward(self, x: torch.Tensor, layer: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
         """Reconstruct raw x: [batch, d_model]; with dead_mask: [n_latents] bool, also the AuxK loss."""
         x_normalized = self.normalize(x, layer)
         (top_values, top_indices), dead_top = self.top_latents(self.encoder_input(x_normalized, layer), dead_mask)
-        x_hat_normalized = self.decode_latents(top_values, top_indices, self.W_dec) + self.b_dec
+        x_hat_normalized = self.decode_latents(top_values, top_indices) + self.b_dec
         auxk_loss = self.auxk_loss(dead_top, x_normalized - x_hat_normalized)
         x_hat = self.denormalize(x_hat_normalized, layer)
         return ForwardOutput(x_hat, x_hat_normalized, x_normalized, top_values, top_indices, auxk_loss)
@@ -194,7 +214,7 @@ class TopKSAE(nn.Module):
         if self.cfg.sparse_step:  # one backward over both selections
             sizes = [indices.shape[1] for _, indices in selections]
             values, indices = (torch.cat(parts, 1) for parts in zip(*selections))
-            values = gather_pre_acts(x_in, self.W_enc, self.b_enc, indices, values)
+            values = gather_pre_acts(x_in, self.W_enc, self.b_enc, indices, values, self.kernels)
             selections = [(v, i) for v, (_, i) in zip(values.split(sizes, 1), selections)]
         return tuple(selections[0]), tuple(selections[1]) if k_aux else None
 
@@ -209,7 +229,7 @@ class TopKSAE(nn.Module):
         if dead_top is None:
             return residual.new_zeros((), dtype=torch.float32)
         error = residual.detach().float()  # the main reconstruction is not pulled towards the dead latents
-        error_hat = self.decode_latents(*dead_top, self.W_dec).float()
+        error_hat = self.decode_latents(*dead_top).float()
         # clamped: a process whose share of the batch is empty contributes 0, not 0 / 0
         return (error - error_hat).pow(2).sum() / error.pow(2).sum().clamp(min=torch.finfo(torch.float32).tiny)
 

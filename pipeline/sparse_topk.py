@@ -2,34 +2,68 @@
 
 Autograd would differentiate the dense `x_in @ W_enc` densely, although top-k leaves k nonzeros per row of
 its gradient; here the pre-activations come from that dense product computed without grad, and the
-backward gathers and scatters the k kept columns of W_enc. Plain PyTorch ops, so CPU and CUDA alike.
+backward gathers and scatters the k kept columns of W_enc. The products are plain PyTorch ops here, so CPU
+and CUDA alike; pipeline/triton_topk.py has the same three as Triton kernels, with this as their reference.
 """
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
-def sum_rows_by_latent(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n_latents: int):
-    """out[n] = sum of weights[b, j] * rows[b] over the (b, j) with indices[b, j] == n; out: [n_latents, d].
+@dataclass(frozen=True)
+class SparseKernels:
+    """The sparse step's products, each [batch, m] indices and weights against a table or rows."""
 
-    indices, weights: [batch, m]; rows: [batch, d]. Sorting the entries by latent makes each latent one bag
-    of F.embedding_bag, which sums them without building the [batch * m, d] products.
-    """
+    gather_sum: Callable  # (indices, weights, table: [n, d]) -> [batch, d]
+    segment_sum: Callable  # (indices, weights, rows: [batch, d], n) -> [n, d]
+    decode: Callable  # (values, indices, W_dec: [n, d]) -> [batch, d], differentiable in values and W_dec
+
+
+def sort_by_latent(indices: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets): the flattened entries in latent order, and where each latent's run starts and ends,
+    offsets: [n_latents + 1]. Stable, so each latent's entries keep their row order."""
     flat = indices.flatten()
-    order = flat.argsort(stable=True)  # on the CPU also the faster one, and it fixes each latent's summation order
-    counts = torch.bincount(flat, minlength=n_latents)
-    offsets = counts.cumsum(0) - counts  # where each latent's entries start in the sorted order
+    order = flat.argsort(stable=True)  # on the CPU also the faster one
+    offsets = torch.bincount(flat, minlength=n_latents).cumsum(0)
+    return order, F.pad(offsets, (1, 0))
+
+
+def gather_sum(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """out[b] = sum_j weights[b, j] * table[indices[b, j]]: [batch, d], in table's dtype."""
+    return F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+
+
+def segment_sum(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """out[n] = sum of weights[b, j] * rows[b] over the (b, j) with indices[b, j] == n: [n_latents, d].
+
+    Sorting the entries by latent makes each latent one bag of F.embedding_bag, which sums them without
+    building the [batch * m, d] products.
+    """
+    order, offsets = sort_by_latent(indices, n_latents)
     row_of_entry = order.div(indices.shape[1], rounding_mode="floor")
-    return F.embedding_bag(row_of_entry, rows, offsets, per_sample_weights=weights.flatten()[order], mode="sum")
+    return F.embedding_bag(row_of_entry, rows, offsets, per_sample_weights=weights.flatten()[order], mode="sum",
+                           include_last_offset=True)
+
+
+def decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """(values, indices): [batch, k] -> sum of the k gathered rows of W_dec: [batch, d_model]; autograd's
+    backward of embedding_bag is itself sparse."""
+    return gather_sum(indices, values, W_dec)
+
+
+TORCH_KERNELS = SparseKernels(gather_sum=gather_sum, segment_sum=segment_sum, decode=decode)
 
 
 class GatherPreActs(torch.autograd.Function):
     """values at indices of relu(x_in @ W_enc + b_enc), with the gradient of only those entries."""
 
     @staticmethod
-    def forward(ctx, x_in, W_enc, b_enc, indices, values):
+    def forward(ctx, x_in, W_enc, b_enc, indices, values, kernels):
         ctx.save_for_backward(x_in, W_enc, indices, values)
-        ctx.b_enc_dtype = b_enc.dtype
+        ctx.b_enc_dtype, ctx.kernels = b_enc.dtype, kernels
         return values.clone()  # a new tensor: autograd must not rewrite the caller's values
 
     @staticmethod
@@ -40,18 +74,19 @@ class GatherPreActs(torch.autograd.Function):
         grad_x_in = grad_W_enc = grad_b_enc = None
         if ctx.needs_input_grad[0]:
             W_rows = W_enc.T.contiguous()  # [n_latents, d_model]; free when W_enc is stored column-major
-            grad_x_in = F.embedding_bag(indices, W_rows, per_sample_weights=grad, mode="sum").to(x_in.dtype)
+            grad_x_in = ctx.kernels.gather_sum(indices, grad, W_rows).to(x_in.dtype)
         if ctx.needs_input_grad[1]:
-            grad_W_enc = sum_rows_by_latent(indices, grad, x_in.to(W_enc.dtype), n_latents).T
+            grad_W_enc = ctx.kernels.segment_sum(indices, grad, x_in.to(W_enc.dtype), n_latents).T
         if ctx.needs_input_grad[2]:
             grad_b_enc = grad.new_zeros(n_latents, dtype=ctx.b_enc_dtype).index_add_(
                 0, indices.flatten(), grad.flatten().to(ctx.b_enc_dtype)
             )
-        return grad_x_in, grad_W_enc, grad_b_enc, None, None
+        return grad_x_in, grad_W_enc, grad_b_enc, None, None, None
 
 
 def gather_pre_acts(
-    x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
+    x_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+    kernels: SparseKernels = TORCH_KERNELS,
 ) -> torch.Tensor:
     """values: [batch, m], the ReLU'd pre-acts at indices: [batch, m], already computed without grad, now with
     gradients for x_in: [batch, d_model], W_enc: [d_model, n_latents] and b_enc: [n_latents].
@@ -59,4 +94,4 @@ def gather_pre_acts(
     A value of 0 (cut by ReLU, or by a mask applied before top-k) passes no gradient, as ReLU's backward does.
     Indices may repeat across columns (the main and AuxK selections concatenated); their gradients add up.
     """
-    return GatherPreActs.apply(x_in, W_enc, b_enc, indices, values)
+    return GatherPreActs.apply(x_in, W_enc, b_enc, indices, values, kernels)

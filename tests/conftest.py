@@ -1,11 +1,18 @@
 """Shared fixtures: a tiny random-weight Qwen2 model and tokenizer, built in code (never downloaded)."""
 
 import json
+import os
 from pathlib import Path
+
+import torch
+
+# Without a GPU, decoder="triton" tests run the kernels in Triton's interpreter, which must be chosen before
+# triton loads (transformers loads it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 

@@ -8,8 +8,8 @@ import torch
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import layer_stats_of
-from pipeline.sae import ForwardOutput, SAEConfig, TopKSAE, decode_dense, decode_sparse, load, sinusoidal_encoding
-from pipeline.sparse_topk import gather_pre_acts
+from pipeline.sae import ForwardOutput, SAEConfig, TopKSAE, decode_dense, load, sinusoidal_encoding
+from pipeline.sparse_topk import decode, gather_pre_acts
 
 D_MODEL, N_LAYERS = 32, 4
 
@@ -40,9 +40,9 @@ def test_dense_and_sparse_decoding_agree_in_values_and_gradients():
     values = torch.rand(16, 8, generator=generator)
     indices = torch.rand(16, 128, generator=generator).topk(8).indices
     outputs, gradients = [], []
-    for decode in (decode_dense, decode_sparse):
+    for decode_latents in (decode_dense, decode):
         W, v = W_dec.clone().requires_grad_(), values.clone().requires_grad_()
-        out = decode(v, indices, W)
+        out = decode_latents(v, indices, W)
         (out * torch.linspace(-1, 1, D_MODEL)).sum().backward()
         outputs.append(out)
         gradients.append((W.grad, v.grad))
