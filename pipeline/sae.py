@@ -209,8 +209,10 @@ class TopKSAE(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.sparse_step):
             pre_acts = self.pre_acts_of(x_in)  # [batch, n_latents]: the one dense product
             selections = [pre_acts.topk(self.cfg.k, sorted=False)]
-            if k_aux:
-                selections.append(pre_acts.where(dead_mask, 0).topk(k_aux, sorted=False))
+            if k_aux:  # top-k among the dead columns alone: a few percent of the latents, usually
+                dead_latents = dead_mask.nonzero().squeeze(1)  # [n_dead]
+                values, positions = pre_acts[:, dead_latents].topk(k_aux, sorted=False)
+                selections.append((values, dead_latents[positions]))
         if self.cfg.sparse_step:  # one backward over both selections
             sizes = [indices.shape[1] for _, indices in selections]
             values, indices = (torch.cat(parts, 1) for parts in zip(*selections))
