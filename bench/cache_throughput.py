@@ -64,7 +64,7 @@ def main(
     loaded = random_model(model.removeprefix("random:"), torch_device, dtype) if model.startswith("random:") else load_model(model, torch_device, dtype)
     cache_module.load_model = lambda *args, **kwargs: loaded  # one model in memory for both measurements
     n_pairs = parse_count(n_tokens)
-    console = Console()
+    console = Console(width=160)
     table = Table(title=f"stage one vs bare forward: {loaded.info.name}, {torch_device}, {dtype}, batch_tokens {batch_tokens}")
     for column in ("repeat", "bare fwd tok/s", "cache-acts tok/s", "ratio", "bytes/pair", "compression"):
         table.add_column(column, justify="right")

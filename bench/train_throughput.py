@@ -148,7 +148,7 @@ def main(
         for decoder in ("dense", "sparse"):
             cfg = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, decoder=decoder, warmup_steps=1)
             table.add_row("SAE step alone", str(expansion), str(k), decoder, f"{step_rows_per_s(memory, cfg, torch_device, max(steps // 3, 3)):,.0f}", "", "")
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/BENCHMARKS.md in one run of under 10 minutes on one H100, each step's output
+# also written to OUT_DIR/<step>.txt: the Triton kernels against their PyTorch reference on the device, the
+# SAE step (dense, sparse, Triton; with and without dead latents; a profile), stage two from shards
+# against memory, and stage one against the bare forward pass of a 1.5B-shaped random-weight model.
+# Usage: bash bench/gpu.sh OUT_DIR   (PYTHON picks the interpreter; default python3)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:?usage: bash bench/gpu.sh OUT_DIR}"
+python="${PYTHON:-python3}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, so that one hang leaves time for the rest
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "== $name: $*"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$out/$name.txt"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/machine.txt"
+"$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/machine.txt"
+step kernels 90 "$python" -m pytest -q -p no:cacheprovider tests/test_triton_topk.py
+step sae_step 75 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders dense,sparse,triton
+step sae_step_no_dead 60 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders dense,sparse,triton \
+    --dead-fraction 0
+step sae_step_profile 60 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders sparse,triton \
+    --repeats 1 --profile
+step train 150 "$python" bench/train_throughput.py --synthetic-rows 2M --d-model 1536 --batch-size 4096 --steps 200
+step cache 150 "$python" bench/cache_throughput.py --model random:qwen2.5-coder-1.5b --n-tokens 2M \
+    --batch-tokens 16384 --max-seq-len 1024
