@@ -27,6 +27,7 @@ step sae_step_no_dead 60 "$python" -m bench.sae_step --device cuda --batch-size 
     --dead-fraction 0
 step sae_step_profile 60 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders sparse,triton \
     --repeats 1 --profile
-step train 150 "$python" bench/train_throughput.py --synthetic-rows 2M --d-model 1536 --batch-size 4096 --steps 200
+step train 150 "$python" bench/train_throughput.py --synthetic-rows 2M --d-model 1536 --batch-size 4096 --steps 200 \
+    --workers 4,8,14
 step cache 150 "$python" bench/cache_throughput.py --model random:qwen2.5-coder-1.5b --n-tokens 2M \
     --batch-tokens 16384 --max-seq-len 1024

@@ -128,26 +128,34 @@ def main(
     d_model: int = typer.Option(1536, help="Width of the synthetic store."),
     batch_size: int = 1024,
     steps: int = 30,
+    workers: str = typer.Option("4", help="Loader reader threads; a list (4,8,16) times the loader alone with each "
+                                          "and trains with the last."),
+    loader_only: bool = typer.Option(False, help="Time the loader alone, without training."),
     device: str = "auto",
 ):
     torch_device = resolve_device(device)
     scratch = tempfile.TemporaryDirectory()
     store = synthetic_store(Path(scratch.name) / "s", parse_count(synthetic_rows), d_model) if synthetic_rows else Store(shards)
-    loader = ShardLoader(store, batch_size, seed=0, device=torch_device)
+    counts = [int(n) for n in workers.split(",")]
+    loaders = [ShardLoader(store, batch_size, seed=0, device=torch_device, workers=n) for n in counts]
+    loader = loaders[-1]
     steps = min(steps, loader.n_train_batches() - 1)
-    memory = Prefetched(loader, steps)
     table = Table(title=f"stage two: d_model {store.d_model}, batch {batch_size}, {torch_device}, {loader.n_rows:,} rows")
     for column in ("measure", "expansion", "k", "step", "rows/s", "ratio", "first batch s"):
         table.add_column(column, justify="right")
-    table.add_row("loader alone", "-", "-", "-", f"{loader_rows_per_s(loader, steps, torch_device):,.0f}", "", "")
-    for expansion, k in SIZES:
-        base = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, steps=steps, val_every=10**9, save_every=10**9, warmup_steps=1)
-        (memory_wait, from_memory), (shards_wait, from_shards) = timed_training(memory, base, torch_device), timed_training(loader, base, torch_device)
-        table.add_row("train from memory", str(expansion), str(k), "auto", f"{from_memory:,.0f}", "", f"{memory_wait:.2f}")
-        table.add_row("train from shards", str(expansion), str(k), "auto", f"{from_shards:,.0f}", f"{from_shards / from_memory:.2f}", f"{shards_wait:.2f}")
-        for decoder in ("dense", "sparse"):
-            cfg = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, decoder=decoder, warmup_steps=1)
-            table.add_row("SAE step alone", str(expansion), str(k), decoder, f"{step_rows_per_s(memory, cfg, torch_device, max(steps // 3, 3)):,.0f}", "", "")
+    for count, each in zip(counts, loaders):
+        rate = loader_rows_per_s(each, steps, torch_device)
+        table.add_row(f"loader alone, {count} threads", "-", "-", "-", f"{rate:,.0f}", "", "")
+    if not loader_only:
+        memory = Prefetched(loader, steps)
+        for expansion, k in SIZES:
+            base = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, steps=steps, val_every=10**9, save_every=10**9, warmup_steps=1)
+            (memory_wait, from_memory), (shards_wait, from_shards) = timed_training(memory, base, torch_device), timed_training(loader, base, torch_device)
+            table.add_row("train from memory", str(expansion), str(k), "auto", f"{from_memory:,.0f}", "", f"{memory_wait:.2f}")
+            table.add_row("train from shards", str(expansion), str(k), "auto", f"{from_shards:,.0f}", f"{from_shards / from_memory:.2f}", f"{shards_wait:.2f}")
+            for decoder in ("dense", "sparse"):
+                cfg = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, decoder=decoder, warmup_steps=1)
+                table.add_row("SAE step alone", str(expansion), str(k), decoder, f"{step_rows_per_s(memory, cfg, torch_device, max(steps // 3, 3)):,.0f}", "", "")
     Console(width=160).print(table)
 
 

@@ -10,7 +10,7 @@ import torch
 from pipeline import distributed
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
-from pipeline.store import CHUNK_ROWS, STORAGE_DTYPES, Store, layer_sums
+from pipeline.store import CHUNK_ROWS, STORAGE_DTYPES, Store, layer_sums, storage_bits
 
 WINDOWS_AHEAD = 2  # windows read and shuffled ahead of the one batches are taken from
 
@@ -172,7 +172,7 @@ class ShardLoader:
         self.window_pool = ThreadPoolExecutor(max_workers=WINDOWS_AHEAD, thread_name_prefix="window-reader")
         self.stats = stats_from_sums(*store.layer_stats_sums())
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._layers: dict[str, torch.Tensor] = {}  # shard name -> its training rows' layer ids
+        self._layers: dict[str, np.ndarray] = {}  # shard name -> its training rows' layer ids
         self.rank, self.world_size = rank, world_size
 
     def n_train_batches(self) -> int:
@@ -182,34 +182,40 @@ class ShardLoader:
         order = epoch_permutation(len(self.chunks), self.seed, epoch).tolist()
         return [order[i : i + self.window_chunks] for i in range(0, len(order), self.window_chunks)]
 
-    def _read_chunk(self, chunk_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_chunk(self, chunk_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """A chunk's training rows: (acts as the store's bits [rows, d_model], layer ids [rows])."""
         shard, start, end = self.chunks[chunk_id]
-        acts = self.store.read_acts(shard, "train", start, end)
         if shard.name not in self._layers:  # a shard's layer ids (2 bytes a row) are read once, not per chunk
-            self._layers[shard.name] = torch.from_numpy(self.store.read(shard, "train/layer").astype(np.int16))
-        return acts, self._layers[shard.name][start:end].long()
+            self._layers[shard.name] = self.store.read(shard, "train/layer")
+        return self.store.read(shard, "train/acts", start, end), self._layers[shard.name][start:end]
 
     def _read_window(self, epoch: int, window: int, chunk_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This process's part of a window, every N-th chunk of the epoch, in the window's shuffled order:
-        (acts in the storage dtype, layers, each row's place in that order). Runs in a window thread."""
+        (acts in the storage dtype, layers, each row's place in that order). Runs in a window thread; the
+        reader threads copy each chunk's rows straight to their shuffled rows (pinned for a GPU), one copy."""
         sizes = [self.chunks[c][2] - self.chunks[c][1] for c in chunk_ids]
         starts = np.concatenate([[0], np.cumsum(sizes)])
-        mine = [j for j in range(len(chunk_ids)) if (window * self.window_chunks + j) % self.world_size == self.rank]
-        parts = list(self.pool.map(self._read_chunk, [chunk_ids[j] for j in mine]))
         order = epoch_permutation(int(starts[-1]), self.seed + 7919 * (window + 1), epoch)
-        if not parts:  # fewer chunks than processes
+        mine = [j for j in range(len(chunk_ids)) if (window * self.window_chunks + j) % self.world_size == self.rank]
+        if not mine:  # fewer chunks than processes
             return torch.zeros(0, self.d_model, dtype=STORAGE_DTYPES[self.store.dtype]), order[:0], order[:0]
-        acts, layers = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        if self.world_size == 1:  # every row of the window is here: shuffle by the permutation itself
-            acts, layers, place = acts[order], layers[order], torch.arange(len(order))
-        else:
-            place = torch.empty_like(order)
-            place[order] = torch.arange(len(order))
-            place = place[torch.cat([torch.arange(starts[j], starts[j + 1]) for j in mine])]
-            by_place = torch.argsort(place)
-            acts, layers, place = acts[by_place], layers[by_place], place[by_place]
-        if self.device.type == "cuda" and self.world_size == 1:  # batches are slices of it: copied to the GPU without staging
-            acts, layers = acts.pin_memory(), layers.pin_memory()
+        shuffled = torch.empty_like(order)
+        shuffled[order] = torch.arange(len(order))  # each window row's place in the shuffled order
+        place, by_place = shuffled[torch.cat([torch.arange(starts[j], starts[j + 1]) for j in mine])].sort()
+        destination = torch.empty_like(by_place)
+        destination[by_place] = torch.arange(len(by_place))  # where each of this process's rows goes
+        pin = self.device.type == "cuda" and self.world_size == 1  # batches are slices of it: copied without staging
+        acts = torch.empty(len(place), self.d_model, dtype=STORAGE_DTYPES[self.store.dtype], pin_memory=pin)
+        layers = torch.empty(len(place), dtype=torch.int64, pin_memory=pin)
+        acts_bits, layer_ids, rows_of = storage_bits(acts), layers.numpy(), destination.numpy()
+        offsets = np.concatenate([[0], np.cumsum([sizes[j] for j in mine])])
+
+        def place_chunk(i: int):  # numpy's row scatter: 4x torch's index_copy_ here, without the GIL
+            chunk_acts, chunk_layers = self._read_chunk(chunk_ids[mine[i]])
+            rows = rows_of[offsets[i] : offsets[i + 1]]
+            acts_bits[rows], layer_ids[rows] = chunk_acts, chunk_layers
+
+        list(self.pool.map(place_chunk, range(len(mine))))
         return acts, layers, place
 
     def _owner(self, position: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from pipeline.chunk_file import ChunkFile
 from pipeline.errors import CrosscodersError
 from pipeline.storage import Location
 
@@ -48,6 +49,13 @@ def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bf16":
         return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def storage_bits(acts: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor in a storage dtype, as the bits to_storage gives: writes go through."""
+    if acts.dtype == torch.bfloat16:
+        return acts.view(torch.int16).numpy().view(np.uint16)
+    return acts.numpy()
 
 
 def layer_sums(acts: torch.Tensor, layers: torch.Tensor, n_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -183,6 +191,7 @@ class Store:
         self.n_hidden_states: int = self.metadata["model"]["n_hidden_states"]
         self.zarr_store = self.location.zarr_store()
         self._arrays: dict[str, zarr.Array] = {}
+        self._chunk_files: dict[str, ChunkFile | None] = {}  # local arrays' shard files, read without zarr
         files = set(self.location.files())
         with_data = {f.split("/c/")[0] for f in files if "/c/" in f}  # arrays with chunk files
         self.shards: list[ShardInfo] = []
@@ -268,10 +277,21 @@ class Store:
             self._arrays[key] = zarr.open_array(store=self.zarr_store, path=key, mode="r")
         return self._arrays[key]
 
+    def chunk_file(self, shard: ShardInfo, name: str) -> ChunkFile | None:
+        """The fast reader of a shard's array on a local disk (see pipeline/chunk_file.py), None elsewhere."""
+        key = f"{shard.name}/{name}"
+        if key not in self._chunk_files:
+            local = self.location.is_local
+            self._chunk_files[key] = ChunkFile.of(self.array(shard, name), self.location.path(key)) if local else None
+        return self._chunk_files[key]
+
     def read(self, shard: ShardInfo, name: str, start: int | None = None, end: int | None = None) -> np.ndarray:
         """Rows [start, end) of a shard's array; a damaged chunk is a one-line error naming the file."""
         try:
-            return self.array(shard, name)[start:end]
+            chunk_file = self.chunk_file(shard, name)
+            if chunk_file is None:
+                return self.array(shard, name)[start:end]
+            return chunk_file.read(*slice(start, end).indices(chunk_file.shape[0])[:2])
         except (ValueError, RuntimeError, OSError, KeyError) as error:
             where = self.location.path(shard.name)
             raise CrosscodersError(f"{where}/{name} is damaged ({error}); delete {where} and re-run cache-acts") from None

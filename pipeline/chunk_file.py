@@ -1,0 +1,95 @@
+"""Rows of a local store array read straight from its shard file: one pread, checksum and blosc call per chunk.
+
+zarr's synchronous API runs every read on its one event-loop thread, so the loader's reader threads do not
+add up there (docs/BENCHMARKS.md). For the layout the store writes (docs/FORMAT.md: each array one shard file,
+its chunk index at the end, chunks bytes -> blosc -> crc32c) this reads the index once, then each chunk with
+calls that release the GIL. Store.read falls back to zarr for anything else, and the tests compare the two.
+"""
+
+import os
+
+import google_crc32c
+import numpy as np
+import zarr
+from numcodecs import blosc
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+
+MISSING = 2**64 - 1  # the index's offset and length of a chunk that was never written
+CHECKSUM_BYTES = 4
+
+
+def little_endian(codec: BytesCodec) -> bool:
+    return codec.endian is None or codec.endian.value == "little"
+
+
+class ChunkFile:
+    """One array stored as a single shard file whose chunks split its rows."""
+
+    def __init__(self, path: str, shape: tuple[int, ...], chunk_rows: int, n_chunks: int, dtype: np.dtype):
+        self.path, self.shape, self.chunk_rows, self.dtype = path, shape, chunk_rows, dtype
+        index_bytes = 16 * n_chunks  # (offset, length) as two little-endian uint64 per chunk
+        self.index = np.frombuffer(self._checked(os.path.getsize(path) - index_bytes - CHECKSUM_BYTES, index_bytes,
+                                                 "the chunk index"), "<u8").reshape(n_chunks, 2)
+
+    @classmethod
+    def of(cls, array: zarr.Array, folder: str) -> "ChunkFile | None":
+        """A reader for array, stored in folder, or None unless it has exactly the layout this module reads."""
+        codecs = array.metadata.codecs
+        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not array.shape or not array.shape[0]:
+            return None
+        sharding, shard_shape = codecs[0], array.shards
+        inner, index = [type(codec) for codec in sharding.codecs], [type(codec) for codec in sharding.index_codecs]
+        if (inner != [BytesCodec, BloscCodec, Crc32cCodec] or index != [BytesCodec, Crc32cCodec]
+                or not all(little_endian(codec) for codec in (sharding.codecs[0], sharding.index_codecs[0]))
+                or sharding.index_location != ShardingCodecIndexLocation.end
+                or shard_shape[0] < array.shape[0] or tuple(shard_shape[1:]) != tuple(array.shape[1:])
+                or tuple(sharding.chunk_shape[1:]) != tuple(array.shape[1:])):
+            return None
+        chunk_rows = sharding.chunk_shape[0]
+        path = os.path.join(folder, array.metadata.encode_chunk_key((0,) * array.ndim))
+        return cls(path, array.shape, chunk_rows, shard_shape[0] // chunk_rows, np.dtype(array.dtype))
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Rows [start, end): a view of the chunk when they lie in one, else a copy of the pieces."""
+        start, end = max(start, 0), min(end, self.shape[0])
+        if end <= start:
+            return np.empty((0, *self.shape[1:]), self.dtype)
+        first, last = start // self.chunk_rows, (end - 1) // self.chunk_rows
+        if first == last:
+            offset = first * self.chunk_rows
+            return self.chunk(first)[start - offset : end - offset]
+        rows = np.empty((end - start, *self.shape[1:]), self.dtype)
+        for chunk in range(first, last + 1):
+            offset = chunk * self.chunk_rows
+            lo, hi = max(start, offset), min(end, offset + self.chunk_rows)
+            rows[lo - start : hi - start] = self.chunk(chunk)[lo - offset : hi - offset]
+        return rows
+
+    def chunk(self, chunk: int) -> np.ndarray:
+        """All chunk_rows rows of one chunk (the last one padded as zarr pads it)."""
+        offset, length = (int(value) for value in self.index[chunk])
+        if offset == MISSING:
+            raise ValueError(f"chunk {chunk} was never written")
+        compressed = self._checked(offset, length - CHECKSUM_BYTES, f"chunk {chunk}")
+        rows = np.empty((self.chunk_rows, *self.shape[1:]), self.dtype)
+        if int.from_bytes(compressed[4:8], "little") != rows.nbytes:  # the blosc header's uncompressed size
+            raise ValueError(f"chunk {chunk} does not hold {rows.shape} values of {self.dtype}")
+        blosc.decompress(compressed, rows)
+        return rows
+
+    def _checked(self, offset: int, length: int, what: str) -> bytes:
+        """length bytes at offset, whose crc32c follows them in the file; ValueError if they do not match."""
+        if offset < 0:
+            raise ValueError(f"the file is shorter than its chunk index ({what})")
+        handle = os.open(self.path, os.O_RDONLY)
+        try:
+            data = os.pread(handle, length, offset)
+            checksum = os.pread(handle, CHECKSUM_BYTES, offset + length)
+        finally:
+            os.close(handle)
+        if len(data) != length or len(checksum) != CHECKSUM_BYTES:
+            raise ValueError(f"{what} is cut short")
+        if google_crc32c.value(data) != int.from_bytes(checksum, "little"):
+            raise ValueError(f"{what} fails its checksum")
+        return data

@@ -1,0 +1,80 @@
+"""Direct reads of a local array's shard file against zarr's own reads, and the damage they must catch."""
+
+import numpy as np
+import pytest
+import zarr
+from test_store import write_store
+
+from pipeline.chunk_file import ChunkFile
+from pipeline.errors import CrosscodersError
+
+ARRAYS = ["train/acts", "train/layer", "train/doc", "val/acts", "docs/tokens", "stats/sum"]
+
+
+@pytest.fixture
+def store(tmp_path):
+    return write_store(tmp_path / "s")  # shards of 1,498 and 898 training rows: chunks of 1,024 and a partial one
+
+
+def acts_file(store, shard: int = 1) -> str:
+    return store.location.path(store.shards[shard].name, "train", "acts", "c", "0", "0")
+
+
+@pytest.mark.parametrize("name", ARRAYS)
+def test_direct_reads_equal_zarr_reads_for_any_range(store, name):
+    rng = np.random.default_rng(0)
+    for shard in store.shards:
+        array = store.array(shard, name)
+        reader = ChunkFile.of(array, store.location.path(shard.name, name))
+        assert reader is not None and store.chunk_file(shard, name) is not None
+        n = array.shape[0]
+        ranges = [(0, n), (0, 1), (n - 1, n), (1020, 1030), (1024, 2048), (5, 5), (0, n + 10)]
+        ranges += [tuple(sorted(rng.integers(0, n + 1, 2))) for _ in range(20)]
+        for start, end in ranges:
+            expected = array[start:end]
+            got = reader.read(start, end)
+            assert got.dtype == expected.dtype and np.array_equal(got, expected), (name, start, end)
+
+
+def test_stores_on_object_storage_read_through_zarr(tmp_path):
+    memory = write_store("memory://stores/chunk-file-test")
+    assert memory.chunk_file(memory.shards[0], "train/acts") is None
+    local = write_store(tmp_path / "s")
+    for shard_in_memory, shard in zip(memory.shards, local.shards):
+        assert np.array_equal(memory.read(shard_in_memory, "train/acts"), local.read(shard, "train/acts"))
+
+
+def test_other_layouts_are_left_to_zarr(tmp_path):
+    plain = zarr.create_array(tmp_path / "plain", shape=(4096, 8), chunks=(1024, 8), dtype="float32")
+    assert ChunkFile.of(plain, str(tmp_path / "plain")) is None  # not sharded
+    other_codec = zarr.create_array(tmp_path / "zstd", shape=(4096, 8), chunks=(1024, 8), shards=(4096, 8),
+                                    dtype="float32", compressors=zarr.codecs.ZstdCodec())
+    assert ChunkFile.of(other_codec, str(tmp_path / "zstd")) is None  # no blosc, no checksum
+    many_shards = zarr.create_array(tmp_path / "shards", shape=(4096, 8), chunks=(1024, 8), shards=(2048, 8),
+                                    dtype="float32", compressors=(zarr.codecs.BloscCodec(), zarr.codecs.Crc32cCodec()))
+    assert ChunkFile.of(many_shards, str(tmp_path / "shards")) is None  # two shard files
+
+
+def damage(path: str, position: int):
+    with open(path, "r+b") as handle:
+        handle.seek(position)
+        byte = handle.read(1)
+        handle.seek(position)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("part, message", [("chunk", "chunk 0 fails its checksum"),
+                                           ("index", "the chunk index fails its checksum")])
+def test_a_flipped_byte_is_a_one_line_error(store, part, message):
+    path = acts_file(store)
+    damage(path, 100 if part == "chunk" else len(open(path, "rb").read()) - 10)
+    with pytest.raises(CrosscodersError, match=rf"{store.shards[1].name}/train/acts is damaged \({message}\)") as error:
+        store.read(store.shards[1], "train/acts", 0, 1024)
+    assert "\n" not in str(error.value)
+
+
+def test_a_cut_file_is_a_one_line_error(store):
+    with open(acts_file(store), "r+b") as handle:
+        handle.truncate(1000)
+    with pytest.raises(CrosscodersError, match=r"train/acts is damaged \(the chunk index fails its checksum\)"):
+        store.read(store.shards[1], "train/acts", 0, 1024)
