@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/BENCHMARKS.md in one run of under 10 minutes on one H100, each step's output
-# also written to OUT_DIR/<step>.txt: the Triton kernels against their PyTorch reference on the device, the
+# also written to OUT_DIR/<step>.txt: the GPU-only tests (Triton kernels, batches sent on a side stream), the
 # SAE step (dense, sparse, Triton; with and without dead latents; a profile), stage two from shards
 # against memory, and stage one against the bare forward pass of a 1.5B-shaped random-weight model.
 # Usage: bash bench/gpu.sh OUT_DIR   (PYTHON picks the interpreter; default python3)
@@ -21,7 +21,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, so that one han
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/machine.txt"
 "$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/machine.txt"
-step kernels 90 "$python" -m pytest -q -p no:cacheprovider tests/test_triton_topk.py
+step kernels 90 "$python" -m pytest -q -p no:cacheprovider tests/test_triton_topk.py \
+    tests/test_loader.py::test_batches_sent_ahead_to_a_gpu_equal_the_cpu_batches
 step sae_step 75 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders dense,sparse,triton
 step sae_step_no_dead 60 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders dense,sparse,triton \
     --dead-fraction 0

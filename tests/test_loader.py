@@ -125,3 +125,17 @@ def test_a_damaged_chunk_stops_the_epoch_with_a_clear_error(store):
     data.write_bytes(bytes(raw))
     with pytest.raises(CrosscodersError, match="shard-00000002/train/acts is damaged"):
         list(ShardLoader(store, 512).train_batches(0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_sent_ahead_to_a_gpu_equal_the_cpu_batches(store):
+    """On CUDA each batch is copied on a side stream while the previous one is used; reading it on the compute
+    stream must wait for its copy."""
+    on_cpu, on_gpu = ShardLoader(store, 32, seed=3), ShardLoader(store, 32, seed=3, device="cuda")
+    for cpu_batches, gpu_batches in [(on_cpu.train_batches(1), on_gpu.train_batches(1)),
+                                     (on_cpu.val_batches(), on_gpu.val_batches())]:
+        pairs = list(zip(cpu_batches, gpu_batches, strict=True))
+        assert pairs
+        for (x, layer), (x_gpu, layer_gpu) in pairs:
+            assert x_gpu.is_cuda and x_gpu.dtype == torch.float32
+            assert torch.equal(x, x_gpu.cpu()) and torch.equal(layer, layer_gpu.cpu())
