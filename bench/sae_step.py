@@ -101,7 +101,7 @@ def main(
                 seconds = seconds_per_step(sae, optimizer, x, layer, dead_mask, torch_device, steps)
                 best[decoder] = min(best[decoder], seconds)
         rates = [batch_size / best[name] for name in names]
-        k_aux = runs[names[0]][0].k_aux(dead_mask)
+        k_aux = runs[names[0]][0].k_aux(int(dead_mask.sum()))
         table.add_row(str(expansion), str(k), f"1/{n_latents // k}", str(k_aux), *(f"{rate:,.0f}" for rate in rates),
                       *(f"{rate / rates[0]:.2f}x" for rate in rates[1:]))
         if profile:

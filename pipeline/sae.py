@@ -205,12 +205,13 @@ class TopKSAE(nn.Module):
     def top_latents(self, x_in: torch.Tensor, dead_mask: torch.Tensor | None) -> tuple[Selection, Selection | None]:
         """(values, indices) of the top k latents: [batch, k], and of AuxK's top dead ones: [batch, k_aux] (None
         when none is dead). The sparse step differentiates only these entries, not the dense pre-acts."""
-        k_aux = self.k_aux(dead_mask)
+        n_dead = 0 if dead_mask is None else int(dead_mask.sum())  # a shape: read back before the large GPU work is queued
+        k_aux = self.k_aux(n_dead)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.sparse_step):
             pre_acts = self.pre_acts_of(x_in)  # [batch, n_latents]: the one dense product
             selections = [pre_acts.topk(self.cfg.k, sorted=False)]
             if k_aux:  # top-k among the dead columns alone: a few percent of the latents, usually
-                dead_latents = dead_mask.nonzero().squeeze(1)  # [n_dead]
+                dead_latents = (~dead_mask).to(torch.uint8).argsort(stable=True)[:n_dead]  # no read-back, unlike nonzero()
                 values, positions = pre_acts[:, dead_latents].topk(k_aux, sorted=False)
                 selections.append((values, dead_latents[positions]))
         if self.cfg.sparse_step:  # one backward over both selections
@@ -220,9 +221,8 @@ class TopKSAE(nn.Module):
             selections = [(v, i) for v, (_, i) in zip(values.split(sizes, 1), selections)]
         return tuple(selections[0]), tuple(selections[1]) if k_aux else None
 
-    def k_aux(self, dead_mask: torch.Tensor | None) -> int:
-        """Latents AuxK reconstructs from: the top d_model/2 dead ones, 0 when none is dead."""
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+    def k_aux(self, n_dead: int) -> int:
+        """Latents AuxK reconstructs from, of n_dead dead ones: the top d_model/2, 0 when none is dead."""
         return min(self.cfg.d_model // 2 or 1, n_dead)
 
     def auxk_loss(self, dead_top: Selection | None, residual: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,9 @@ def sort_by_latent(indices: torch.Tensor, n_latents: int) -> tuple[torch.Tensor,
     offsets: [n_latents + 1]. Stable, so each latent's entries keep their row order."""
     flat = indices.flatten()
     order = flat.argsort(stable=True)  # on the CPU also the faster one
-    offsets = torch.bincount(flat, minlength=n_latents).cumsum(0)
-    return order, F.pad(offsets, (1, 0))
+    # searchsorted, not bincount, whose output size depends on the data: on a GPU it would wait for the sort
+    offsets = torch.searchsorted(flat[order], torch.arange(n_latents + 1, device=flat.device))
+    return order, offsets
 
 
 def gather_sum(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

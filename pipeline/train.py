@@ -164,15 +164,10 @@ class Run:
         if distributed.world_size() == 1:
             mse = (out.x_hat_normalized.float() - out.x_normalized.float()).pow(2).mean()
             loss = mse + self.cfg.auxk_alpha * out.auxk_loss
-            metrics = [loss, mse, out.auxk_loss, dead_fraction, *batch_metrics(x, out.x_hat, out.top_values)]
-            values, n_rows = torch.stack(metrics).tolist(), len(x)  # one read-back for all metrics
+            # read back once, after the step: on a GPU a read-back here would idle it while the rest is launched
+            metrics, n_rows = torch.stack([loss, mse, out.auxk_loss, dead_fraction, *batch_metrics(x, out.x_hat, out.top_values)]), len(x)
         else:
-            loss, values, n_rows = shared_loss(self.cfg, x, out, dead_fraction)
-        if not math.isfinite(values[0]):  # values are global, so every process stops alike
-            where = latest_checkpoint(self.dir) or "nowhere (none was saved yet)"
-            raise CrosscodersError(
-                f"loss became {values[0]} at step {self.step + 1}; last good checkpoint kept at {where}"
-            )
+            loss, metrics, n_rows = shared_loss(self.cfg, x, out, dead_fraction)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
@@ -186,6 +181,12 @@ class Run:
         )
         (fired,) = distributed.all_reduce_sum([fired])
         self.tokens_since_fired = torch.where(fired > 0, 0, self.tokens_since_fired + n_rows)
+        values = metrics.tolist() if torch.is_tensor(metrics) else metrics
+        if not math.isfinite(values[0]):  # values are global, so every process stops alike; nothing saves this step
+            where = latest_checkpoint(self.dir) or "nowhere (none was saved yet)"
+            raise CrosscodersError(
+                f"loss became {values[0]} at step {self.step + 1}; last good checkpoint kept at {where}"
+            )
         self.step += 1
         names = ("loss", "mse", "auxk_loss", "dead_fraction", "mse_raw", "fvu", "l0")
         self.log({"split": "train", "step": self.step, **dict(zip(names, values)), "lr": lr})
