@@ -12,7 +12,7 @@ def ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     """Yields what `items` yields, computing up to `depth` items beyond the one in use in a daemon thread.
 
     An exception there is raised here, in place of the item it replaced; when the caller stops early
-    (or drops this iterator), the thread stops at its next item.
+    (or drops this iterator), the thread stops at its next item, and closing waits for that.
     """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -36,7 +36,8 @@ def ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
             return
         hand_over((_END, None))
 
-    threading.Thread(target=produce, name="ahead", daemon=True).start()
+    producer = threading.Thread(target=produce, name="ahead", daemon=True)
+    producer.start()
     try:
         while True:
             item, error = ready.get()
@@ -47,3 +48,6 @@ def ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+        # wait for the item in progress: a thread still inside native code (a tokenizer, a torch op) when the
+        # interpreter exits can abort the process ("terminate called without an active exception")
+        producer.join()

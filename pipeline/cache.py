@@ -263,6 +263,8 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
         except BaseException:  # Ctrl-C or an error: keep complete shards only, so a rerun resumes exactly
             writer.close(flush=False)
             raise
+        finally:
+            planned.close()  # waits for the window being prepared: no thread outlives the run
         writer.close()
     n_model_tokens = sum(tokens for (tokens,) in distributed.all_gather_ints([n_model_tokens]))
     distributed.barrier()  # every process's shards are committed

@@ -156,6 +156,7 @@ class TopKSAE(nn.Module):
 
     @property
     def kernels(self) -> SparseKernels:
+        """The sparse step's products for where the weights are now."""
         return sparse_kernels(self.cfg.decoder, self.W_dec.device)
 
     def decode_latents(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
