@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv with the CPU build of torch, the package, its test tools and the 0.5B preset.
+# Creates .venv with the CPU build of torch, the package, its test tools (pytest, Triton) and the 0.5B preset.
 # Usage: bash scripts/setup.sh [extras]   (default extras: qwen-0-5b,test; add qwen-1-5b for the 1.5B preset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
