@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 out="${1:?usage: bash bench/gpu.sh OUT_DIR}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package, installed or not
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, so that one hang leaves time for the rest
     local name=$1 limit=$2 start=$SECONDS
