@@ -22,14 +22,14 @@ class SparseKernels:
     decode: Callable  # (values, indices, W_dec: [n, d]) -> [batch, d], differentiable in values and W_dec
 
 
-def sort_by_latent(indices: torch.Tensor, n_latents: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, offsets): the flattened entries in latent order, and where each latent's run starts and ends,
-    offsets: [n_latents + 1]. Stable, so each latent's entries keep their row order."""
+def sort_by_latent(indices: torch.Tensor, weights: torch.Tensor, n_latents: int):
+    """The (b, j) entries of indices, weights: [batch, m] in latent order, as (row b of each entry, its weight,
+    offsets: [n_latents + 1] where each latent's run starts and ends). Stable: a latent's entries keep row order."""
     flat = indices.flatten()
     order = flat.argsort(stable=True)  # on the CPU also the faster one
     # searchsorted, not bincount, whose output size depends on the data: on a GPU it would wait for the sort
     offsets = torch.searchsorted(flat[order], torch.arange(n_latents + 1, device=flat.device))
-    return order, offsets
+    return order.div(indices.shape[1], rounding_mode="floor"), weights.flatten()[order], offsets
 
 
 def gather_sum(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -43,9 +43,8 @@ def segment_sum(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor
     Sorting the entries by latent makes each latent one bag of F.embedding_bag, which sums them without
     building the [batch * m, d] products.
     """
-    order, offsets = sort_by_latent(indices, n_latents)
-    row_of_entry = order.div(indices.shape[1], rounding_mode="floor")
-    return F.embedding_bag(row_of_entry, rows, offsets, per_sample_weights=weights.flatten()[order], mode="sum",
+    row_of_entry, sorted_weights, offsets = sort_by_latent(indices, weights, n_latents)
+    return F.embedding_bag(row_of_entry, rows, offsets, per_sample_weights=sorted_weights, mode="sum",
                            include_last_offset=True)
 
 

@@ -36,12 +36,16 @@ def small_codecs() -> tuple:
     return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
 
 
+def storage_bits(acts: torch.Tensor) -> np.ndarray:
+    """The stored bits of a CPU tensor in a storage dtype (bf16 as uint16), as a numpy view: writes go through."""
+    if acts.dtype == torch.bfloat16:
+        return acts.view(torch.int16).numpy().view(np.uint16)
+    return acts.numpy()
+
+
 def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
     """acts: [rows, d_model] any float dtype -> numpy array holding the storage dtype's bits."""
-    stored = acts.to(STORAGE_DTYPES[dtype]).cpu()
-    if dtype == "bf16":
-        return stored.view(torch.int16).numpy().view(np.uint16)
-    return stored.numpy()
+    return storage_bits(acts.to(STORAGE_DTYPES[dtype]).cpu())
 
 
 def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
@@ -49,13 +53,6 @@ def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bf16":
         return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def storage_bits(acts: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor in a storage dtype, as the bits to_storage gives: writes go through."""
-    if acts.dtype == torch.bfloat16:
-        return acts.view(torch.int16).numpy().view(np.uint16)
-    return acts.numpy()
 
 
 def layer_sums(acts: torch.Tensor, layers: torch.Tensor, n_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -98,13 +98,12 @@ def gather_dot(indices: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -
 def segment_sum(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n_latents: int) -> torch.Tensor:
     """out[n] = sum of weights[b, j] * rows[b] over the (b, j) with indices[b, j] == n: [n_latents, d]."""
     d = rows.shape[1]
-    order, offsets = sort_by_latent(indices, n_latents)
     out = rows.new_zeros(n_latents, d)
     if indices.numel():
-        row_of_entry = order.div(indices.shape[1], rounding_mode="floor")
+        row_of_entry, sorted_weights, offsets = sort_by_latent(indices, weights, n_latents)
         grid = (n_latents, triton.cdiv(d, BLOCK_D))
-        _segment_sum_kernel[grid](offsets, row_of_entry, weights.flatten()[order].contiguous(), rows.contiguous(),
-                                  out, d, rows.dtype == torch.float64, BLOCK_M, BLOCK_D)
+        _segment_sum_kernel[grid](offsets, row_of_entry, sorted_weights, rows.contiguous(), out, d,
+                                  rows.dtype == torch.float64, BLOCK_M, BLOCK_D)
     return out
 
 
