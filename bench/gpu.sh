@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/BENCHMARKS.md in one run of under 10 minutes on one H100, each step's output
-# also written to OUT_DIR/<step>.txt: the GPU-only tests (Triton kernels, batches sent on a side stream), the
-# SAE step (dense, sparse, Triton; with and without dead latents; a profile), stage two from shards
-# against memory, and stage one against the bare forward pass of a 1.5B-shaped random-weight model.
+# also written to OUT_DIR/<step>.txt: the GPU-only tests (Triton kernels, CUDA graph replays, batches sent on a
+# side stream), the SAE step (dense, sparse, Triton, each also replayed from CUDA graphs; with and without dead
+# latents; a profile), stage two from shards against memory (also with CUDA graphs), and stage one against the
+# bare forward pass of a 1.5B-shaped random-weight model.
 # Usage: bash bench/gpu.sh OUT_DIR   (PYTHON picks the interpreter; default python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,14 +22,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, so that one han
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/machine.txt"
 "$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/machine.txt"
-step kernels 90 "$python" -m pytest -q -p no:cacheprovider tests/test_triton_topk.py \
+step kernels 80 "$python" -m pytest -q -p no:cacheprovider tests/test_triton_topk.py tests/test_train_step.py \
     tests/test_loader.py::test_batches_sent_ahead_to_a_gpu_equal_the_cpu_batches
-step sae_step 75 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders dense,sparse,triton
-step sae_step_no_dead 60 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders dense,sparse,triton \
-    --dead-fraction 0
-step sae_step_profile 60 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders sparse,triton \
+paths=dense,sparse,triton,dense+graph,sparse+graph,triton+graph
+step sae_step 100 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths
+step sae_step_no_dead 60 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths --dead-fraction 0
+step sae_step_profile 40 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders sparse,triton,triton+graph \
     --repeats 1 --profile
-step train 150 "$python" bench/train_throughput.py --synthetic-rows 2M --d-model 1536 --batch-size 4096 --steps 200 \
+step train 100 "$python" bench/train_throughput.py --synthetic-rows 2M --d-model 1536 --batch-size 4096 --steps 200 \
     --workers 4,8,14
-step cache 150 "$python" bench/cache_throughput.py --model random:qwen2.5-coder-1.5b --n-tokens 2M \
+step train_graph 60 "$python" bench/train_throughput.py --synthetic-rows 1M --d-model 1536 --batch-size 4096 --steps 200 \
+    --workers 8 --decoder triton --cuda-graph
+step cache 120 "$python" bench/cache_throughput.py --model random:qwen2.5-coder-1.5b --n-tokens 2M \
     --batch-tokens 16384 --max-seq-len 1024

@@ -1,9 +1,11 @@
-"""Rows/s of one SAE training step, dense against sparse (and its Triton kernels on CUDA), to set decoder="auto".
-Run: python -m bench.sae_step   (on a GPU: --device cuda --batch-size 4096 --decoders dense,sparse,triton)
+"""Rows/s of one SAE training step, dense against sparse (and its Triton kernels on CUDA), to set decoder="auto";
+on CUDA also each replayed from CUDA graphs (decoder+graph, TrainConfig.cuda_graph).
+Run: python -m bench.sae_step   (on a GPU: --device cuda --batch-size 4096 --decoders dense,sparse,triton,triton+graph)
 
-The step is the SAE's part of Run.train_step: forward with AuxK on (a fraction of the latents marked dead),
-backward, the decoder-gradient projection, Adam and the decoder renormalization; float32 on the CPU, bf16
-autocast on CUDA. Each path runs the same rows from the same initialization; they alternate, best of --repeats.
+The step is train-sae's own (pipeline/train_step.py): forward with AuxK on (a fraction of the latents marked dead,
+the same ones every step), backward, the decoder-gradient projection, Adam, the decoder renormalization, the
+dead-latent counter and the metrics, read back once; float32 on the CPU, bf16 autocast on CUDA. Each path runs the
+same rows from the same initialization; they alternate, best of --repeats.
 """
 
 import time
@@ -14,10 +16,14 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cache import resolve_device
+from pipeline.errors import CrosscodersError
 from pipeline.sae import SAEConfig, TopKSAE
 from pipeline.sparse_topk import TORCH_KERNELS
+from pipeline.train import TrainConfig
+from pipeline.train_step import TrainStep
 
-N_LAYERS, AUXK_ALPHA, WEIGHT_DECAY = 29, 1 / 32, 1e-4  # train-sae's defaults
+N_LAYERS, LR = 29, 1e-4
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -25,49 +31,58 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(part) for part in shape.split("x")) for shape in text.split(",")]
 
 
-def training_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x, layer, dead_mask, device: torch.device):
-    """Forward, backward and optimizer step, as Run.train_step does them."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = sae(x, layer, dead_mask)
-    loss = (out.x_hat_normalized.float() - out.x_normalized.float()).pow(2).mean() + AUXK_ALPHA * out.auxk_loss
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    sae.remove_gradient_parallel_to_decoder_directions()
-    optimizer.step()
-    sae.set_decoder_norm_to_unit_norm()
+def make_step(name: str, expansion: int, k: int, batch_size: int, n_latents: int, device: torch.device) -> TrainStep:
+    """The TrainStep of path name: "sparse", "triton+graph", ..."""
+    decoder, graph = name.removesuffix("+graph"), name.endswith("+graph")
+    cfg = TrainConfig(expansion=expansion, k=k, decoder=decoder, lr=LR, batch_size=batch_size, cuda_graph=graph)
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(n_latents // expansion, N_LAYERS, expansion, k, decoder=decoder)).to(device)
+    if decoder == "triton" and sae.kernels is TORCH_KERNELS:
+        raise typer.BadParameter("the triton step runs on CUDA only (or on the CPU with TRITON_INTERPRET=1)")
+    try:
+        return TrainStep(sae, cfg, device)
+    except CrosscodersError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
-def seconds_per_step(sae, optimizer, x, layer, dead_mask, device: torch.device, steps: int) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def train_steps(step: TrainStep, x, layer, dead_mask: torch.Tensor, n_steps: int):
+    """n_steps steps on the same rows, each with the latents of dead_mask (and only those) dead."""
+    for _ in range(n_steps):
+        step.tokens_since_fired.copy_(dead_mask * step.cfg.dead_tokens)  # undo the last step's count
+        step.n_dead = int(dead_mask.sum())
+        step(x, layer, LR)  # reads the metrics back, as train-sae does every step
+
+
+def seconds_per_step(step: TrainStep, x, layer, dead_mask: torch.Tensor, n_steps: int) -> float:
     start = time.perf_counter()
-    for _ in range(steps):
-        training_step(sae, optimizer, x, layer, dead_mask, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    train_steps(step, x, layer, dead_mask, n_steps)
+    return (time.perf_counter() - start) / n_steps
 
 
-def print_profile(sae, optimizer, x, layer, dead_mask, device: torch.device, title: str):
+def print_profile(step: TrainStep, x, layer, dead_mask: torch.Tensor, device: torch.device, title: str):
     """Where one step's time goes: the ops with the most self time over three steps, device time on CUDA."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profile:
-        seconds_per_step(sae, optimizer, x, layer, dead_mask, device, steps=3)
+        train_steps(step, x, layer, dead_mask, n_steps=3)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     Console().print(f"[bold]{title}[/bold]")
     print(profile.key_averages().table(sort_by=sort_by, row_limit=15))
+    events = profile.events()
+    leaf_calls = sum(event.name.startswith("aten::") and not event.cpu_children for event in events) / 3
+    launches = sum(event.name in LAUNCHES for event in events) / 3
+    print(f"per step: {leaf_calls:.0f} leaf aten calls, {launches:.0f} kernel or graph launches")
 
 
 def main(
     batch_size: int = typer.Option(1024, help="Rows per step."),
     d_model: int = typer.Option(1536, help="Width of the activations (Qwen2.5-Coder-1.5B: 1536)."),
     shapes: str = typer.Option("4x32,16x64", help="EXPANSIONxK pairs to measure, comma-separated."),
-    decoders: str = typer.Option("dense,sparse", help="Training steps to compare (SAEConfig.decoder), the first "
-                                                      "the baseline: dense, sparse, triton."),
+    decoders: str = typer.Option("dense,sparse", help="Training steps to compare, the first the baseline: dense, "
+                                                      "sparse, triton (SAEConfig.decoder), each also +graph on CUDA."),
     dead_fraction: float = typer.Option(0.05, help="Fraction of the latents marked dead, so AuxK runs."),
-    steps: int = typer.Option(2, help="Timed steps per repeat."),
+    steps_per_repeat: int = typer.Option(2, "--steps", help="Timed steps per repeat."),
     repeats: int = typer.Option(5, help="Repeats per path; the fastest counts."),
     profile: bool = typer.Option(False, help="Also print each step's top ops from torch.profiler."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
@@ -86,28 +101,21 @@ def main(
     for expansion, k in parse_shapes(shapes):
         n_latents = expansion * d_model
         dead_mask = (torch.rand(n_latents, generator=generator) < dead_fraction).to(torch_device)
-        runs = {}
-        for decoder in names:
-            torch.manual_seed(0)
-            sae = TopKSAE(SAEConfig(d_model, N_LAYERS, expansion, k, decoder=decoder)).to(torch_device)
-            if decoder == "triton" and sae.kernels is TORCH_KERNELS:
-                raise typer.BadParameter("the triton step runs on CUDA only (or on the CPU with TRITON_INTERPRET=1)")
-            optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, weight_decay=WEIGHT_DECAY)
-            training_step(sae, optimizer, x, layer, dead_mask, torch_device)  # warm-up; Adam allocates its state
-            runs[decoder] = (sae, optimizer)
-        best = {decoder: float("inf") for decoder in runs}
+        steps = {name: make_step(name, expansion, k, batch_size, n_latents, torch_device) for name in names}
+        for step in steps.values():
+            train_steps(step, x, layer, dead_mask, n_steps=3)  # warm-up: Adam's state; with +graph the eager run and the capture
+        best = {name: float("inf") for name in names}
         for _ in range(repeats):
-            for decoder, (sae, optimizer) in runs.items():
-                seconds = seconds_per_step(sae, optimizer, x, layer, dead_mask, torch_device, steps)
-                best[decoder] = min(best[decoder], seconds)
+            for name, step in steps.items():
+                best[name] = min(best[name], seconds_per_step(step, x, layer, dead_mask, steps_per_repeat))
         rates = [batch_size / best[name] for name in names]
-        k_aux = runs[names[0]][0].k_aux(int(dead_mask.sum()))
+        k_aux = steps[names[0]].sae.k_aux(int(dead_mask.sum()))
         table.add_row(str(expansion), str(k), f"1/{n_latents // k}", str(k_aux), *(f"{rate:,.0f}" for rate in rates),
                       *(f"{rate / rates[0]:.2f}x" for rate in rates[1:]))
         if profile:
-            for decoder, (sae, optimizer) in runs.items():
-                print_profile(sae, optimizer, x, layer, dead_mask, torch_device, f"{decoder}, {expansion}x/k{k}")
-        del runs
+            for name, step in steps.items():
+                print_profile(step, x, layer, dead_mask, torch_device, f"{name}, {expansion}x/k{k}")
+        del steps
     Console(width=160).print(table)
 
 

@@ -6,13 +6,14 @@ Usage: python bench/train_throughput.py --shards /tmp/s --steps 30 --batch-size 
 One run measures: training rows/s reading shards (ShardLoader) and reading the very same batches
 already in memory on the device (so both do the same training work), in the steady state from the
 third batch on, their ratio and how long each run waited for its first batch; rows/s of the loader alone; and rows/s of one
-SAE training step alone, dense and sparse (see bench/sae_step.py), at the seed's size (expansion 4,
-k 32) and a large one (expansion 16, k 64).
+SAE training step alone, dense, sparse and the step trained with (see bench/sae_step.py), at the seed's size
+(expansion 4, k 32) and a large one (expansion 16, k 64). --decoder and --cuda-graph pick the training step.
 """
 
 import itertools
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,8 @@ def step_rows_per_s(source, cfg: TrainConfig, device: torch.device, n_steps: int
     x, layer = next(iter(source.train_batches(0)))
     with tempfile.TemporaryDirectory() as out:
         run = Run(cfg, Path(out), source, device, resume=False)
-        run.train_step(x, layer)  # warm-up
+        for _ in range(2):  # warm-up: Adam's state; with a CUDA graph, its eager run and the capture
+            run.train_step(x, layer)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -131,6 +133,8 @@ def main(
     workers: str = typer.Option("4", help="Loader reader threads; a list (4,8,16) times the loader alone with each "
                                           "and trains with the last."),
     loader_only: bool = typer.Option(False, help="Time the loader alone, without training."),
+    decoder: str = typer.Option("auto", help="The training step: dense, sparse, triton or auto (TrainConfig.decoder)."),
+    cuda_graph: bool = typer.Option(False, help="Train with each step replayed from a CUDA graph."),
     device: str = "auto",
 ):
     torch_device = resolve_device(device)
@@ -148,14 +152,17 @@ def main(
         table.add_row(f"loader alone, {count} threads", "-", "-", "-", f"{rate:,.0f}", "", "")
     if not loader_only:
         memory = Prefetched(loader, steps)
+        name = decoder + ("+graph" if cuda_graph else "")
         for expansion, k in SIZES:
-            base = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, steps=steps, val_every=10**9, save_every=10**9, warmup_steps=1)
+            base = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, steps=steps, val_every=10**9, save_every=10**9,
+                               warmup_steps=1, decoder=decoder, cuda_graph=cuda_graph)
             (memory_wait, from_memory), (shards_wait, from_shards) = timed_training(memory, base, torch_device), timed_training(loader, base, torch_device)
-            table.add_row("train from memory", str(expansion), str(k), "auto", f"{from_memory:,.0f}", "", f"{memory_wait:.2f}")
-            table.add_row("train from shards", str(expansion), str(k), "auto", f"{from_shards:,.0f}", f"{from_shards / from_memory:.2f}", f"{shards_wait:.2f}")
-            for decoder in ("dense", "sparse"):
-                cfg = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, decoder=decoder, warmup_steps=1)
-                table.add_row("SAE step alone", str(expansion), str(k), decoder, f"{step_rows_per_s(memory, cfg, torch_device, max(steps // 3, 3)):,.0f}", "", "")
+            table.add_row("train from memory", str(expansion), str(k), name, f"{from_memory:,.0f}", "", f"{memory_wait:.2f}")
+            table.add_row("train from shards", str(expansion), str(k), name, f"{from_shards:,.0f}", f"{from_shards / from_memory:.2f}", f"{shards_wait:.2f}")
+            alone = {"dense": replace(base, decoder="dense", cuda_graph=False), "sparse": replace(base, decoder="sparse", cuda_graph=False), name: base}
+            for step_name, cfg in alone.items():
+                rate = step_rows_per_s(memory, replace(cfg, steps=None), torch_device, max(steps // 3, 3))
+                table.add_row("SAE step alone", str(expansion), str(k), step_name, f"{rate:,.0f}", "", "")
     Console(width=160).print(table)
 
 

@@ -194,27 +194,42 @@ class TopKSAE(nn.Module):
         """(top_values, top_indices): [batch, k] -> raw reconstruction [batch, d_model]."""
         return self.denormalize(self.decode_latents(top_values, top_indices) + self.b_dec, layer)
 
-    def forward(self, x: torch.Tensor, layer: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
-        """Reconstruct raw x: [batch, d_model]; with dead_mask: [n_latents] bool, also the AuxK loss."""
+    def forward(self, x: torch.Tensor, layer: torch.Tensor, dead_mask: torch.Tensor | None = None,
+                dead_capacity: int | None = None) -> ForwardOutput:
+        """Reconstruct raw x: [batch, d_model]; with dead_mask: [n_latents] bool, also the AuxK loss.
+
+        dead_capacity: how many latents AuxK looks among, at least the number dead; None counts them, a read-back.
+        A fixed capacity gives the step fixed shapes, which a CUDA graph needs; the live latents that fill it are
+        never picked over a dead one and weigh 0 when picked, so the loss and gradients are the same.
+        """
         x_normalized = self.normalize(x, layer)
-        (top_values, top_indices), dead_top = self.top_latents(self.encoder_input(x_normalized, layer), dead_mask)
+        x_in = self.encoder_input(x_normalized, layer)
+        if dead_mask is None:
+            dead_capacity = 0
+        elif dead_capacity is None:
+            dead_capacity = int(dead_mask.sum())  # a shape: read back before the large GPU work is queued
+        (top_values, top_indices), dead_top = self.top_latents(x_in, dead_mask, dead_capacity)
         x_hat_normalized = self.decode_latents(top_values, top_indices) + self.b_dec
         auxk_loss = self.auxk_loss(dead_top, x_normalized - x_hat_normalized)
         x_hat = self.denormalize(x_hat_normalized, layer)
         return ForwardOutput(x_hat, x_hat_normalized, x_normalized, top_values, top_indices, auxk_loss)
 
-    def top_latents(self, x_in: torch.Tensor, dead_mask: torch.Tensor | None) -> tuple[Selection, Selection | None]:
-        """(values, indices) of the top k latents: [batch, k], and of AuxK's top dead ones: [batch, k_aux] (None
-        when none is dead). The sparse step differentiates only these entries, not the dense pre-acts."""
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())  # a shape: read back before the large GPU work is queued
-        k_aux = self.k_aux(n_dead)
+    def top_latents(self, x_in: torch.Tensor, dead_mask: torch.Tensor | None,
+                    dead_capacity: int) -> tuple[Selection, Selection | None]:
+        """(values, indices) of the top k latents: [batch, k], and of AuxK's top dead ones among dead_capacity
+        candidates: [batch, k_aux] (None when the capacity is 0). The sparse step differentiates only these
+        entries, not the dense pre-acts."""
+        k_aux = self.k_aux(dead_capacity)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.sparse_step):
             pre_acts = self.pre_acts_of(x_in)  # [batch, n_latents]: the one dense product
             selections = [pre_acts.topk(self.cfg.k, sorted=False)]
             if k_aux:  # top-k among the dead columns alone: a few percent of the latents, usually
-                dead_latents = (~dead_mask).to(torch.uint8).argsort(stable=True)[:n_dead]  # no read-back, unlike nonzero()
-                values, positions = pre_acts[:, dead_latents].topk(k_aux, sorted=False)
-                selections.append((values, dead_latents[positions]))
+                # the dead first, then live ones up to the capacity; no read-back, unlike nonzero()
+                candidates = (~dead_mask).to(torch.uint8).argsort(stable=True)[:dead_capacity]
+                live = ~dead_mask[candidates]
+                # -1 ranks a live candidate below every ReLU'd dead one; clamped to 0, it adds nothing
+                values, positions = pre_acts[:, candidates].masked_fill(live, -1).topk(k_aux, sorted=False)
+                selections.append((values.clamp(min=0), candidates[positions]))
         if self.cfg.sparse_step:  # one backward over both selections
             sizes = [indices.shape[1] for _, indices in selections]
             values, indices = (torch.cat(parts, 1) for parts in zip(*selections))
@@ -223,7 +238,7 @@ class TopKSAE(nn.Module):
         return tuple(selections[0]), tuple(selections[1]) if k_aux else None
 
     def k_aux(self, n_dead: int) -> int:
-        """Latents AuxK reconstructs from, of n_dead dead ones: the top d_model/2, 0 when none is dead."""
+        """Latents AuxK reconstructs from, of n_dead dead ones (or candidates): the top d_model/2, 0 when none."""
         return min(self.cfg.d_model // 2 or 1, n_dead)
 
     def auxk_loss(self, dead_top: Selection | None, residual: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,11 @@ from pipeline.errors import CrosscodersError
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
 from pipeline.sae import DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
 from pipeline.store import Store
+from pipeline.train_step import TrainStep, autocast, check_device
 from pipeline.units import parse_count
 
 LR_DECAYS = ("cosine", "linear")
-RESUMABLE_CHANGES = ("val_every", "save_every", "wandb")  # settings a resumed run may change: they leave weights alone
+RESUMABLE_CHANGES = ("val_every", "save_every", "wandb", "cuda_graph")  # settings a resumed run may change: not the math
 CHECKPOINT = "checkpoint"
 DATA_FILE = "data.json"  # the store a run was trained on; eval-sae and sae-features default to it
 
@@ -55,6 +56,7 @@ class TrainConfig:
     auxk_alpha: float = option(1 / 32, "Weight of the AuxK loss (0 turns it off).")
     seed: int = option(0, "Seed of the SAE's initialization.")
     wandb: bool = option(False, "Also log to Weights & Biases (WANDB_MODE=offline works).")
+    cuda_graph: bool = option(False, "Replay each step from a CUDA graph (one process on a CUDA device): one launch per step instead of hundreds.")
 
     def __post_init__(self):
         for name, choices in (("layer_encoding", LAYER_ENCODINGS), ("decoder", DECODERS), ("lr_decay", LR_DECAYS)):
@@ -122,7 +124,7 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
 
 class Run:
-    """One SAE being trained: its model, optimizer, dead-latent counter, step and output folder."""
+    """One SAE being trained: its model, its TrainStep (optimizer, dead-latent counter), step count and output folder."""
 
     def __init__(self, cfg: TrainConfig, out_dir: Path, source: BatchSource, device: torch.device, resume: bool):
         self.cfg, self.dir, self.device = cfg, Path(out_dir), device
@@ -139,8 +141,7 @@ class Run:
         else:
             self.sae = load(checkpoint, device)
             self.sae.check_compatible(source.d_model, source.n_layers)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.tokens_since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
+        self.trainer = TrainStep(self.sae, cfg, device)
         self.step, self.checkpoint_step = 0, None  # checkpoint_step: step of the checkpoint on disk
         if checkpoint is not None:
             self.load_trainer_state(checkpoint)
@@ -155,41 +156,14 @@ class Run:
     def train_step(self, x: torch.Tensor, layer: torch.Tensor):
         """One optimizer step on x: [batch, d_model] of layers layer: [batch] (this process's share of the batch)."""
         lr = lr_at(self.cfg, self.step, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        dead_mask = self.tokens_since_fired >= self.cfg.dead_tokens  # [n_latents]
-        with autocast(self.device):
-            out = self.sae(x, layer, dead_mask)
-        dead_fraction = dead_mask.float().mean()  # of the latents AuxK trained this step
-        if distributed.world_size() == 1:
-            mse = (out.x_hat_normalized.float() - out.x_normalized.float()).pow(2).mean()
-            loss = mse + self.cfg.auxk_alpha * out.auxk_loss
-            # read back once, after the step: on a GPU a read-back here would idle it while the rest is launched
-            metrics, n_rows = torch.stack([loss, mse, out.auxk_loss, dead_fraction, *batch_metrics(x, out.x_hat, out.top_values)]), len(x)
-        else:
-            loss, metrics, n_rows = shared_loss(self.cfg, x, out, dead_fraction)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
-        for grad, total in zip(grads, distributed.all_reduce_sum(grads)):  # sum of shares: the global batch's gradient
-            grad.copy_(total)
-        self.sae.remove_gradient_parallel_to_decoder_directions()
-        self.optimizer.step()
-        self.sae.set_decoder_norm_to_unit_norm()
-        fired = torch.zeros_like(self.tokens_since_fired).index_add_(
-            0, out.top_indices.flatten(), (out.top_values > 0).flatten().long()
-        )
-        (fired,) = distributed.all_reduce_sum([fired])
-        self.tokens_since_fired = torch.where(fired > 0, 0, self.tokens_since_fired + n_rows)
-        values = metrics.tolist() if torch.is_tensor(metrics) else metrics
-        if not math.isfinite(values[0]):  # values are global, so every process stops alike; nothing saves this step
+        metrics = self.trainer(x, layer, lr)
+        if not math.isfinite(metrics["loss"]):  # metrics are global, so every process stops alike; nothing saves this step
             where = latest_checkpoint(self.dir) or "nowhere (none was saved yet)"
             raise CrosscodersError(
-                f"loss became {values[0]} at step {self.step + 1}; last good checkpoint kept at {where}"
+                f"loss became {metrics['loss']} at step {self.step + 1}; last good checkpoint kept at {where}"
             )
         self.step += 1
-        names = ("loss", "mse", "auxk_loss", "dead_fraction", "mse_raw", "fvu", "l0")
-        self.log({"split": "train", "step": self.step, **dict(zip(names, values)), "lr": lr})
+        self.log({"split": "train", "step": self.step, **metrics, "lr": lr})
 
     def validate(self, source: BatchSource):
         """Metrics on the held-out rows, logged and kept as last_val; nothing when there are none."""
@@ -219,11 +193,11 @@ class Run:
         temporary, final, old = (self.dir / f"{CHECKPOINT}{suffix}" for suffix in (".tmp", "", ".old"))
         shutil.rmtree(temporary, ignore_errors=True)
         self.sae.save(temporary)
-        optimizer_state = self.optimizer.state_dict()["state"]  # {param index: {"step", "exp_avg", "exp_avg_sq"}}
+        optimizer_state = self.trainer.optimizer.state_dict()["state"]  # {param index: {"step", "exp_avg", "exp_avg_sq"}}
         tensors = {f"{i}.{name}": t.contiguous() for i, state in optimizer_state.items() for name, t in state.items()}
         save_file(tensors, temporary / "optimizer.safetensors")
         save_file(
-            {"tokens_since_fired": self.tokens_since_fired, "cpu_rng_state": torch.get_rng_state()},
+            {"tokens_since_fired": self.trainer.tokens_since_fired, "cpu_rng_state": torch.get_rng_state()},
             temporary / "trainer_state.safetensors",
         )
         epoch, batch = divmod(self.step, self.n_train_batches)
@@ -249,10 +223,8 @@ class Run:
         for key, tensor in load_file(checkpoint / "optimizer.safetensors").items():
             index, name = key.split(".")
             optimizer_state.setdefault(int(index), {})[name] = tensor
-        param_groups = self.optimizer.state_dict()["param_groups"]  # lr etc. come from the config, set every step
-        self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": param_groups})
         tensors = load_file(checkpoint / "trainer_state.safetensors")
-        self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
+        self.trainer.load_state(optimizer_state, tensors["tokens_since_fired"])
         torch.set_rng_state(tensors["cpu_rng_state"])
 
     def finish(self) -> dict:
@@ -286,6 +258,7 @@ def train(
         raise CrosscodersError(f"the cache holds less than one batch of {configs[0].batch_size} rows; lower batch_size")
     for cfg, out_dir in zip(configs, out_dirs):  # every config and folder error before any training
         cfg.sae_config(source.d_model, source.n_layers)
+        check_device(cfg, device)
         check_run_folder(cfg, Path(out_dir), resume)
     distributed.barrier()  # every process has checked the folders before the first writes to them
     runs = [Run(cfg, out_dir, source, device, resume) for cfg, out_dir in zip(configs, out_dirs)]
@@ -323,42 +296,6 @@ def batches_from(source: BatchSource, step: int):
     while True:
         yield from source.train_batches(epoch=epoch, start_batch=start_batch)
         epoch, start_batch = epoch + 1, 0
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def shared_loss(cfg: TrainConfig, x: torch.Tensor, out, dead_fraction: torch.Tensor) -> tuple[torch.Tensor, list[float], int]:
-    """This process's share of the global batch's loss, so that summing gradients gives the global one.
-
-    Returns (share with grad, global [loss, mse, auxk_loss, dead_fraction, mse_raw, fvu, l0], global rows). AuxK is a
-    ratio over the whole batch, so its share is this process's numerator over the global denominator.
-    """
-    d_model = x.shape[1]
-    squared_error = (out.x_hat_normalized.float() - out.x_normalized.float()).pow(2).sum()
-    residual = (out.x_normalized - out.x_hat_normalized).detach().float().pow(2).sum()  # AuxK's denominator here
-    with torch.no_grad():
-        x64 = x.double()
-        local = [len(x), squared_error, out.auxk_loss * residual, residual, (out.x_hat.double() - x64).pow(2).sum(),
-                 x64.pow(2).sum(), (out.top_values > 0).sum()]
-        sums = distributed.all_reduce_sum([torch.stack([torch.as_tensor(v, device=x.device).double() for v in local]), x64.sum(0)])
-    n_rows, total_error, auxk_numerator, total_residual, raw_error, sum_sq, n_fired = sums[0].tolist()
-    sum_x = sums[1]  # [d_model]
-    loss = squared_error / (n_rows * d_model) + cfg.auxk_alpha * out.auxk_loss * residual / total_residual
-    mse, auxk = total_error / (n_rows * d_model), auxk_numerator / total_residual
-    fvu = raw_error / (sum_sq - sum_x.pow(2).sum().item() / n_rows) if n_rows > 1 else math.nan  # as batch_metrics
-    values = [mse + cfg.auxk_alpha * auxk, mse, auxk, dead_fraction.item(), raw_error / (n_rows * d_model), fvu, n_fired / n_rows]
-    return loss, values, int(n_rows)
-
-
-def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, top_values: torch.Tensor) -> list[torch.Tensor]:
-    """[mse_raw, fvu, l0] of one batch, as 0-d tensors (no device sync)."""
-    with torch.no_grad():
-        squared_error = (x_hat.float() - x).pow(2)
-        fvu = squared_error.sum() / (x - x.mean(0)).pow(2).sum() if len(x) > 1 else x.new_tensor(math.nan)  # needs a variance
-        return [squared_error.mean(), fvu, (top_values > 0).sum(1).float().mean()]
 
 
 @torch.no_grad()

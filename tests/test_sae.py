@@ -74,9 +74,9 @@ def rows_with_weak_codes(sae: TopKSAE, n_rows: int, seed: int):
         return sae.denormalize(x_in + sae.b_dec - embedding, layer), layer
 
 
-def loss_and_gradients(sae: TopKSAE, x, layer, dead_mask) -> tuple[ForwardOutput, torch.Tensor, dict]:
+def loss_and_gradients(sae: TopKSAE, x, layer, dead_mask, dead_capacity=None) -> tuple[ForwardOutput, torch.Tensor, dict]:
     """(forward output, training loss MSE + AuxK, every parameter's gradient after backward and the projection)."""
-    out = sae(x, layer, dead_mask)
+    out = sae(x, layer, dead_mask, dead_capacity)
     loss = (out.x_hat_normalized - out.x_normalized).pow(2).mean() + out.auxk_loss
     loss.backward()
     sae.remove_gradient_parallel_to_decoder_directions()
@@ -105,6 +105,26 @@ def test_sparse_step_matches_dense_loss_and_gradients(dtype, layer_encoding, sha
     torch.testing.assert_close((sparse_loss, sparse.auxk_loss), (dense_loss, dense.auxk_loss))
     for name, grad in dense_grads.items():
         torch.testing.assert_close(sparse_grads[name], grad, msg=name)
+
+
+@pytest.mark.parametrize("decoder", ["dense", "sparse", "triton"])
+@pytest.mark.parametrize("n_dead", [3, 40])  # fewer than d_model / 2 = 16, so k_aux grows with the capacity; more
+def test_auxk_among_more_candidates_than_dead_latents_gives_the_same_loss_and_gradients(decoder, n_dead):
+    results = []
+    for capacity in (n_dead, n_dead + 5, 4 * D_MODEL):
+        sae = perturbed_sae(D_MODEL, 4, 8, "sinusoidal", decoder)
+        x, layer = rows_with_weak_codes(sae, 64, seed=2)
+        dead_mask = torch.zeros(sae.cfg.n_latents, dtype=torch.bool)
+        dead_mask[torch.randperm(sae.cfg.n_latents, generator=torch.Generator().manual_seed(3))[:n_dead]] = True
+        results.append(loss_and_gradients(sae, x, layer, dead_mask, capacity))
+    (exact, exact_loss, exact_grads), *larger = results
+    assert exact.auxk_loss > 0
+    for out, loss, grads in larger:
+        torch.testing.assert_close((loss, out.auxk_loss, out.x_hat), (exact_loss, exact.auxk_loss, exact.x_hat))
+        for name, grad in exact_grads.items():
+            torch.testing.assert_close(grads[name], grad, msg=name)
+    dead_rows = exact_grads["W_dec"][dead_mask].abs().sum(1) > 0
+    assert dead_rows.sum() > n_dead // 2  # AuxK reached the dead latents, which the main top-k rarely picks
 
 
 def test_sparse_training_steps_give_the_dense_weights():

@@ -66,6 +66,7 @@ def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
         (["--k", "99", "--expansion", "2"], "k=99 is larger than n_latents=16"),
         (["--sweep", "kk=1,2"], "sweep 'kk=1,2' must be FIELD=V1,V2"),
         (["--steps", "ten"], "--steps 'ten' is not a count"),
+        (["--cuda-graph", "--device", "cpu"], "cuda_graph needs a CUDA device, not cpu; train without --cuda-graph"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(store_path, tmp_path, args, message):
@@ -77,6 +78,7 @@ def test_bad_inputs_give_one_line_errors(store_path, tmp_path, args, message):
     assert result.returncode == 2, result.stdout
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before the run's folder was made
 
 
 def test_damaged_chunk_is_a_one_line_error(store_path, tmp_path):

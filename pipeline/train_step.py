@@ -1,0 +1,143 @@
+"""One SAE's optimizer step: forward with AuxK, backward, Adam, the decoder's renormalization and the dead-latent
+counter, queued on the device and read back once, at the end, with the step's metrics; on CUDA optionally replayed
+from CUDA graphs."""
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeline import distributed
+from pipeline.cuda_graphs import StepGraphs
+from pipeline.errors import CrosscodersError
+from pipeline.sae import TopKSAE
+
+if TYPE_CHECKING:
+    from pipeline.train import TrainConfig
+
+METRICS = ("loss", "mse", "auxk_loss", "dead_fraction", "mse_raw", "fvu", "l0")
+
+
+def dead_capacity(n_dead: int, n_latents: int) -> int:
+    """n_dead rounded up to one of 8 sizes per octave (exact up to 8), at most n_latents: how many latents AuxK
+    looks among in a CUDA graph, so that a run meets few shapes (one graph each) for at most 1/8 more AuxK work."""
+    if n_dead <= 8:
+        return n_dead
+    granularity = 1 << (n_dead.bit_length() - 4)
+    return min(n_latents, -(-n_dead // granularity) * granularity)
+
+
+def check_device(cfg: "TrainConfig", device: torch.device):
+    """Raise unless this process can take cfg's step on device: CUDA graphs need one process on a CUDA device."""
+    if cfg.cuda_graph and device.type != "cuda":
+        raise CrosscodersError(f"cuda_graph needs a CUDA device, not {device}; train without --cuda-graph")
+    if cfg.cuda_graph and distributed.world_size() > 1:
+        raise CrosscodersError(f"cuda_graph trains on one process, not {distributed.world_size()}; train without "
+                               "--cuda-graph, or on one GPU")
+
+
+class TrainStep:
+    """The optimizer, the dead-latent counter and the training step of one SAE."""
+
+    def __init__(self, sae: TopKSAE, cfg: "TrainConfig", device: torch.device):
+        self.sae, self.cfg, self.device = sae, cfg, device
+        check_device(cfg, device)
+        # capturable: Adam's step count and learning rate stay on the GPU, where a graph's replays update them
+        lr = torch.tensor(cfg.lr, device=device) if cfg.cuda_graph else cfg.lr
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, weight_decay=cfg.weight_decay,
+                                          capturable=cfg.cuda_graph)
+        self.tokens_since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
+        self.n_dead = 0  # latents dead when the next step starts: AuxK's shape, so known on the host
+        self.graphs = StepGraphs(self.on_device, list(sae.parameters())) if cfg.cuda_graph else None
+
+    def load_state(self, optimizer_state: dict[int, dict], tokens_since_fired: torch.Tensor):
+        """Resume from a checkpoint's optimizer state and dead-latent counter."""
+        param_groups = self.optimizer.state_dict()["param_groups"]  # lr etc. come from the config, set every step
+        self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": param_groups})
+        self.tokens_since_fired.copy_(tokens_since_fired)
+        self.n_dead = int((self.tokens_since_fired >= self.cfg.dead_tokens).sum())
+
+    def __call__(self, x: torch.Tensor, layer: torch.Tensor, lr: float) -> dict[str, float]:
+        """One optimizer step at learning rate lr on x: [batch, d_model] of layers layer: [batch] (this process's
+        share of the batch); returns the global batch's METRICS."""
+        for group in self.optimizer.param_groups:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        if self.graphs is not None and len(x) == self.cfg.batch_size:  # an epoch's short last batch runs eagerly
+            metrics = self.graphs(x, layer, dead_capacity(self.n_dead, self.sae.cfg.n_latents))
+        else:
+            metrics = self.on_device(x, layer, self.n_dead)
+        values = metrics.tolist() if torch.is_tensor(metrics) else metrics  # on a GPU, the step's one wait
+        self.n_dead = int(values.pop())
+        return dict(zip(METRICS, values))
+
+    def on_device(self, x: torch.Tensor, layer: torch.Tensor, dead_capacity: int) -> torch.Tensor | list[float]:
+        """The step's work: [*METRICS, latents dead after it], queued without a read-back on a single process (a
+        tensor), read back on several (a list). AuxK looks among dead_capacity latents, at least those dead now."""
+        dead_mask = self.tokens_since_fired >= self.cfg.dead_tokens  # [n_latents]
+        with autocast(self.device):
+            out = self.sae(x, layer, dead_mask, dead_capacity)
+        dead_fraction = dead_mask.float().mean()  # of the latents AuxK trained this step
+        if distributed.world_size() == 1:
+            mse = (out.x_hat_normalized.float() - out.x_normalized.float()).pow(2).mean()
+            loss = mse + self.cfg.auxk_alpha * out.auxk_loss
+            metrics = torch.stack([loss, mse, out.auxk_loss, dead_fraction, *batch_metrics(x, out.x_hat, out.top_values)])
+            n_rows = len(x)
+        else:
+            loss, metrics, n_rows = shared_loss(self.cfg, x, out, dead_fraction)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if distributed.world_size() > 1:
+            grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+            for grad, total in zip(grads, distributed.all_reduce_sum(grads)):  # sum of shares: the global gradient
+                grad.copy_(total)
+        self.sae.remove_gradient_parallel_to_decoder_directions()
+        self.optimizer.step()
+        self.sae.set_decoder_norm_to_unit_norm()
+        fired = torch.zeros_like(self.tokens_since_fired).index_add_(
+            0, out.top_indices.flatten(), (out.top_values > 0).flatten().long()
+        )
+        (fired,) = distributed.all_reduce_sum([fired])
+        self.tokens_since_fired.add_(n_rows).masked_fill_(fired > 0, 0)  # in place: a graph replays into it
+        n_dead = (self.tokens_since_fired >= self.cfg.dead_tokens).sum()
+        if torch.is_tensor(metrics):
+            return torch.cat([metrics, n_dead[None].to(metrics.dtype)])
+        return [*metrics, n_dead.item()]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def shared_loss(cfg: "TrainConfig", x: torch.Tensor, out, dead_fraction: torch.Tensor) -> tuple[torch.Tensor, list[float], int]:
+    """This process's share of the global batch's loss, so that summing gradients gives the global one.
+
+    Returns (share with grad, global [loss, mse, auxk_loss, dead_fraction, mse_raw, fvu, l0], global rows). AuxK is a
+    ratio over the whole batch, so its share is this process's numerator over the global denominator.
+    """
+    d_model = x.shape[1]
+    squared_error = (out.x_hat_normalized.float() - out.x_normalized.float()).pow(2).sum()
+    residual = (out.x_normalized - out.x_hat_normalized).detach().float().pow(2).sum()  # AuxK's denominator here
+    with torch.no_grad():
+        x64 = x.double()
+        local = [len(x), squared_error, out.auxk_loss * residual, residual, (out.x_hat.double() - x64).pow(2).sum(),
+                 x64.pow(2).sum(), (out.top_values > 0).sum()]
+        sums = distributed.all_reduce_sum([torch.stack([torch.as_tensor(v, device=x.device).double() for v in local]), x64.sum(0)])
+    n_rows, total_error, auxk_numerator, total_residual, raw_error, sum_sq, n_fired = sums[0].tolist()
+    sum_x = sums[1]  # [d_model]
+    loss = squared_error / (n_rows * d_model) + cfg.auxk_alpha * out.auxk_loss * residual / total_residual
+    mse, auxk = total_error / (n_rows * d_model), auxk_numerator / total_residual
+    fvu = raw_error / (sum_sq - sum_x.pow(2).sum().item() / n_rows) if n_rows > 1 else math.nan  # as batch_metrics
+    values = [mse + cfg.auxk_alpha * auxk, mse, auxk, dead_fraction.item(), raw_error / (n_rows * d_model), fvu, n_fired / n_rows]
+    return loss, values, int(n_rows)
+
+
+def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, top_values: torch.Tensor) -> list[torch.Tensor]:
+    """[mse_raw, fvu, l0] of one batch, as 0-d tensors (no device sync)."""
+    with torch.no_grad():
+        squared_error = (x_hat.float() - x).pow(2)
+        fvu = squared_error.sum() / (x - x.mean(0)).pow(2).sum() if len(x) > 1 else x.new_tensor(math.nan)  # needs a variance
+        return [squared_error.mean(), fvu, (top_values > 0).sum(1).float().mean()]

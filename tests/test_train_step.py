@@ -1,0 +1,69 @@
+"""TrainStep: AuxK's candidates rounded up for CUDA graphs, the host's count of dead latents, and (on CUDA) graph
+replays that give the eager steps."""
+
+import pytest
+import torch
+from test_sae import make_rows, make_sae
+
+from pipeline.errors import CrosscodersError
+from pipeline.train import TrainConfig
+from pipeline.train_step import TrainStep, dead_capacity
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BATCH = 64
+
+
+def test_dead_capacity_adds_at_most_an_eighth_and_takes_eight_sizes_per_octave():
+    n_latents = 3000
+    capacities = [dead_capacity(n, n_latents) for n in range(n_latents + 1)]
+    assert capacities[:9] == list(range(9))
+    for n_dead, capacity in enumerate(capacities):
+        assert n_dead <= capacity <= min(n_latents, n_dead + n_dead / 8)
+    for low in (16, 64, 1024):  # an octave's counts round up to 8 evenly spaced capacities, then the next octave's
+        assert set(capacities[low : 2 * low]) == set(range(low, 2 * low + 1, low // 8))
+    assert capacities == sorted(capacities) and capacities[-1] == n_latents
+
+
+def test_cuda_graph_is_refused_off_cuda_in_one_line():
+    with pytest.raises(CrosscodersError, match=r"^cuda_graph needs a CUDA device, not cpu; train without --cuda-graph$"):
+        TrainStep(make_sae(), TrainConfig(cuda_graph=True), torch.device("cpu"))
+
+
+def silenced_half(sae):
+    """The SAE with latents 0-63 of 128 switched off by their bias: they never fire, so they die."""
+    with torch.no_grad():
+        sae.b_enc[:64] = -100
+    return sae
+
+
+def test_the_host_counts_the_dead_latents_that_the_next_step_trains():
+    cfg = TrainConfig(expansion=4, k=8, batch_size=BATCH, dead_tokens=2 * BATCH, lr=1e-3)
+    step = TrainStep(silenced_half(make_sae()), cfg, torch.device("cpu"))
+    counts = []
+    for i in range(5):
+        n_dead = step.n_dead
+        metrics = step(*make_rows(BATCH, seed=i), lr=1e-3)
+        assert metrics["dead_fraction"] == n_dead / 128  # this step's AuxK trained the latents the host counted
+        assert (metrics["auxk_loss"] > 0) == (n_dead > 0)
+        assert step.n_dead == int((step.tokens_since_fired >= cfg.dead_tokens).sum())
+        counts.append(step.n_dead)
+    assert counts[0] == 0 and min(counts[1:]) >= 64  # the silenced half died after two steps of 64 rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("decoder", ["dense", "sparse", "triton"])
+def test_cuda_graph_replays_give_the_eager_steps(decoder):
+    device = torch.device("cuda")
+    cfg = TrainConfig(expansion=4, k=8, decoder=decoder, batch_size=BATCH, dead_tokens=2 * BATCH, cuda_graph=True)
+    graphed, eager = (TrainStep(silenced_half(make_sae(decoder=decoder)).to(device), cfg, device) for _ in range(2))
+    eager.graphs = None  # the same step, Adam and its state on the GPU included, launched op by op
+    for i in range(12):
+        x, layer = make_rows(10 if i == 6 else BATCH, seed=i)  # batch 6 is short: it runs eagerly between replays
+        lr = 1e-3 * (i + 1) / 12
+        metrics = graphed(x.to(device), layer.to(device), lr)
+        assert metrics == pytest.approx(eager(x.to(device), layer.to(device), lr), rel=1e-4, abs=1e-5), i
+        assert graphed.n_dead == eager.n_dead
+    assert graphed.graphs.graphs.keys() >= {0, dead_capacity(eager.n_dead, 128)}  # replayed with and without AuxK
+    torch.testing.assert_close(dict(graphed.sae.named_parameters()), dict(eager.sae.named_parameters()),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(graphed.tokens_since_fired, eager.tokens_since_fired)
