@@ -72,7 +72,7 @@ def print_profile(step: TrainStep, x, layer, dead_mask: torch.Tensor, device: to
     events = profile.events()
     leaf_calls = sum(event.name.startswith("aten::") and not event.cpu_children for event in events) / 3
     launches = sum(event.name in LAUNCHES for event in events) / 3
-    print(f"per step: {leaf_calls:.0f} leaf aten calls, {launches:.0f} kernel or graph launches")
+    print(f"per step: {leaf_calls:.0f} leaf aten calls" + (f", {launches:.0f} kernel or graph launches" if launches else ""))
 
 
 def main(

@@ -1,6 +1,7 @@
 """Training steps replayed from CUDA graphs: a step's few hundred kernels launched as one, so that launching them
 one by one from Python does not bound a GPU step of a millisecond or two."""
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -43,7 +44,9 @@ class StepGraphs:
         """An eager step on a side stream, as warm-up before a capture must run (PyTorch's CUDA graph notes)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # a capturable optimizer warns when it first steps uncaptured, which warm-up does on purpose
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
             metrics = self.step(x, layer, dead_capacity)
         torch.cuda.current_stream().wait_stream(side)
         return metrics

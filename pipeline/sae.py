@@ -21,16 +21,16 @@ CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 Selection = tuple[torch.Tensor, torch.Tensor]  # (values, indices) of chosen latents: [batch, m] each
 
 # decoder="auto" picks the training step by density k / n_latents. From python -m bench.sae_step on 2 CPU cores
-# (torch 2.13, d_model 1536, batch 1024, 5% of the latents dead), rows/s of forward + backward + Adam:
+# (torch 2.13, d_model 1536, batch 1024, 5% of the latents dead), rows/s of train-sae's whole step:
 #   expansion  k     density   dense / sparse
-#   4          32    1/192       580 / 1,607
-#   16         64    1/384       204 /   601
-#   1          192   1/8       3,667 / 5,359
-#   4          768   1/8         847 / 1,053
-#   1          384   1/4       3,732 / 3,584
-#   4          1536  1/4         862 /   637
+#   4          32    1/192       926 / 2,749
+#   16         64    1/384       201 /   607
+#   1          192   1/8       3,742 / 5,392
+#   4          768   1/8         860 / 1,282
+#   1          384   1/4       3,846 / 4,268
+#   4          1536  1/4         884 /   686
 # Dense pays for every latent in all nine products; sparse pays for the k (and AuxK's k_aux) kept, gathered from
-# memory at random. They cross between 1/8 and 1/4; not measured on GPUs, where matmuls gain more than gathers.
+# memory at random. They cross near 1/4; not measured on GPUs, where matmuls gain more than gathers.
 SPARSE_BELOW_DENSITY = 1 / 8
 
 
