@@ -102,16 +102,21 @@ def main(
         n_latents = expansion * d_model
         dead_mask = (torch.rand(n_latents, generator=generator) < dead_fraction).to(torch_device)
         steps = {name: make_step(name, expansion, k, batch_size, n_latents, torch_device) for name in names}
-        for step in steps.values():
-            train_steps(step, x, layer, dead_mask, n_steps=3)  # warm-up: Adam's state; with +graph the eager run and the capture
+        for name, step in list(steps.items()):
+            try:  # warm-up: Adam's state; with +graph the eager run and the capture
+                train_steps(step, x, layer, dead_mask, n_steps=3)
+            except RuntimeError as error:  # one path failing (say, a capture) leaves the others' figures
+                Console(width=160).print(f"[red]{name}, {expansion}x/k{k} failed:[/red] {str(error).splitlines()[0]}")
+                del steps[name]
         best = {name: float("inf") for name in names}
         for _ in range(repeats):
             for name, step in steps.items():
                 best[name] = min(best[name], seconds_per_step(step, x, layer, dead_mask, steps_per_repeat))
-        rates = [batch_size / best[name] for name in names]
-        k_aux = steps[names[0]].sae.k_aux(int(dead_mask.sum()))
-        table.add_row(str(expansion), str(k), f"1/{n_latents // k}", str(k_aux), *(f"{rate:,.0f}" for rate in rates),
-                      *(f"{rate / rates[0]:.2f}x" for rate in rates[1:]))
+        rates = [batch_size / best[name] for name in names]  # 0 for a path that failed
+        k_aux = TopKSAE(SAEConfig(d_model, N_LAYERS, expansion, k)).k_aux(int(dead_mask.sum()))
+        table.add_row(str(expansion), str(k), f"1/{n_latents // k}", str(k_aux),
+                      *(f"{rate:,.0f}" if rate else "failed" for rate in rates),
+                      *(f"{rate / rates[0]:.2f}x" if rate and rates[0] else "-" for rate in rates[1:]))
         if profile:
             for name, step in steps.items():
                 print_profile(step, x, layer, dead_mask, torch_device, f"{name}, {expansion}x/k{k}")
