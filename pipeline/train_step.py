@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 METRICS = ("loss", "mse", "auxk_loss", "dead_fraction", "mse_raw", "fvu", "l0")
 
 
-def dead_capacity(n_dead: int, n_latents: int) -> int:
+def graph_dead_capacity(n_dead: int, n_latents: int) -> int:
     """n_dead rounded up to one of 8 sizes per octave (exact up to 8), at most n_latents: how many latents AuxK
     looks among in a CUDA graph, so that a run meets few shapes (one graph each) for at most 1/8 more AuxK work."""
     if n_dead <= 8:
@@ -66,7 +66,7 @@ class TrainStep:
             else:
                 group["lr"] = lr
         if self.graphs is not None and len(x) == self.cfg.batch_size:  # an epoch's short last batch runs eagerly
-            metrics = self.graphs(x, layer, dead_capacity(self.n_dead, self.sae.cfg.n_latents))
+            metrics = self.graphs(x, layer, graph_dead_capacity(self.n_dead, self.sae.cfg.n_latents))
         else:
             metrics = self.on_device(x, layer, self.n_dead)
         values = metrics.tolist() if torch.is_tensor(metrics) else metrics  # on a GPU, the step's one wait

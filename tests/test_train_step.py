@@ -1,21 +1,24 @@
 """TrainStep: AuxK's candidates rounded up for CUDA graphs, the host's count of dead latents, and (on CUDA) graph
 replays that give the eager steps."""
 
+import contextlib
+
 import pytest
 import torch
 from test_sae import make_rows, make_sae
 
+from pipeline import train_step
 from pipeline.errors import CrosscodersError
 from pipeline.train import TrainConfig
-from pipeline.train_step import TrainStep, dead_capacity
+from pipeline.train_step import TrainStep, graph_dead_capacity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BATCH = 64
 
 
-def test_dead_capacity_adds_at_most_an_eighth_and_takes_eight_sizes_per_octave():
+def test_graph_dead_capacity_adds_at_most_an_eighth_and_takes_eight_sizes_per_octave():
     n_latents = 3000
-    capacities = [dead_capacity(n, n_latents) for n in range(n_latents + 1)]
+    capacities = [graph_dead_capacity(n, n_latents) for n in range(n_latents + 1)]
     assert capacities[:9] == list(range(9))
     for n_dead, capacity in enumerate(capacities):
         assert n_dead <= capacity <= min(n_latents, n_dead + n_dead / 8)
@@ -29,10 +32,11 @@ def test_cuda_graph_is_refused_off_cuda_in_one_line():
         TrainStep(make_sae(), TrainConfig(cuda_graph=True), torch.device("cpu"))
 
 
-def silenced_half(sae):
-    """The SAE with latents 0-63 of 128 switched off by their bias: they never fire, so they die."""
+def silenced_half(sae, bias: float = -100.0):
+    """The SAE with latents 0-63 of 128 pushed down by their bias: they (almost) never fire, so they die; at
+    bias -3 AuxK still finds positive pre-acts among them."""
     with torch.no_grad():
-        sae.b_enc[:64] = -100
+        sae.b_enc[:64] = bias
     return sae
 
 
@@ -52,18 +56,23 @@ def test_the_host_counts_the_dead_latents_that_the_next_step_trains():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("decoder", ["dense", "sparse", "triton"])
-def test_cuda_graph_replays_give_the_eager_steps(decoder):
+def test_cuda_graph_replays_give_the_eager_steps(decoder, monkeypatch):
+    monkeypatch.setattr(train_step, "autocast", lambda device: contextlib.nullcontext())  # float32: a tight comparison
     device = torch.device("cuda")
     cfg = TrainConfig(expansion=4, k=8, decoder=decoder, batch_size=BATCH, dead_tokens=2 * BATCH, cuda_graph=True)
-    graphed, eager = (TrainStep(silenced_half(make_sae(decoder=decoder)).to(device), cfg, device) for _ in range(2))
+    graphed, eager = (TrainStep(silenced_half(make_sae(decoder=decoder), -3).to(device), cfg, device) for _ in range(2))
     eager.graphs = None  # the same step, Adam and its state on the GPU included, launched op by op
+    capacities = []  # AuxK's capacity in each full batch: a graph is captured the second time one comes up
     for i in range(12):
         x, layer = make_rows(10 if i == 6 else BATCH, seed=i)  # batch 6 is short: it runs eagerly between replays
+        if len(x) == BATCH:
+            capacities.append(graph_dead_capacity(graphed.n_dead, 128))
         lr = 1e-3 * (i + 1) / 12
         metrics = graphed(x.to(device), layer.to(device), lr)
         assert metrics == pytest.approx(eager(x.to(device), layer.to(device), lr), rel=1e-4, abs=1e-5), i
         assert graphed.n_dead == eager.n_dead
-    assert graphed.graphs.graphs.keys() >= {0, dead_capacity(eager.n_dead, 128)}  # replayed with and without AuxK
+    replayed = {capacity for capacity in capacities if capacities.count(capacity) > 1}
+    assert graphed.graphs.graphs.keys() == replayed and 0 in replayed and len(replayed) >= 2  # without AuxK and with
     torch.testing.assert_close(dict(graphed.sae.named_parameters()), dict(eager.sae.named_parameters()),
                                rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(graphed.tokens_since_fired, eager.tokens_since_fired)
