@@ -47,9 +47,10 @@ def make_step(name: str, expansion: int, k: int, batch_size: int, n_latents: int
 
 def train_steps(step: TrainStep, x, layer, dead_mask: torch.Tensor, n_steps: int):
     """n_steps steps on the same rows, each with the latents of dead_mask (and only those) dead."""
+    counter, n_dead = dead_mask * step.cfg.dead_tokens, int(dead_mask.sum())
     for _ in range(n_steps):
-        step.tokens_since_fired.copy_(dead_mask * step.cfg.dead_tokens)  # undo the last step's count
-        step.n_dead = int(dead_mask.sum())
+        step.tokens_since_fired.copy_(counter)  # undo the last step's count
+        step.n_dead = n_dead
         step(x, layer, LR)  # reads the metrics back, as train-sae does every step
 
 
