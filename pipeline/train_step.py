@@ -42,9 +42,10 @@ class TrainStep:
     def __init__(self, sae: TopKSAE, cfg: "TrainConfig", device: torch.device):
         self.sae, self.cfg, self.device = sae, cfg, device
         check_device(cfg, device)
-        # capturable: Adam's step count and learning rate stay on the GPU, where a graph's replays update them
+        # fused: one pass over each parameter, its gradient and moments, where the multi-tensor update makes about
+        # ten; capturable: the step count and learning rate stay on the GPU, where a graph's replays update them
         lr = torch.tensor(cfg.lr, device=device) if cfg.cuda_graph else cfg.lr
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, weight_decay=cfg.weight_decay,
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True,
                                           capturable=cfg.cuda_graph)
         self.tokens_since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
         self.n_dead = 0  # latents dead when the next step starts: AuxK's shape, so known on the host
@@ -54,6 +55,10 @@ class TrainStep:
         """Resume from a checkpoint's optimizer state and dead-latent counter."""
         param_groups = self.optimizer.state_dict()["param_groups"]  # lr etc. come from the config, set every step
         self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": param_groups})
+        for parameter, state in self.optimizer.state.items():
+            for name, value in state.items():  # saved contiguous, but W_enc is column-major: the fused update walks
+                if value.shape == parameter.shape:  # a parameter and its moments in memory order, so they must match
+                    state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
         self.tokens_since_fired.copy_(tokens_since_fired)
         self.n_dead = int((self.tokens_since_fired >= self.cfg.dead_tokens).sum())
 

@@ -5,7 +5,7 @@ import contextlib
 
 import pytest
 import torch
-from test_sae import make_rows, make_sae
+from test_sae import D_MODEL, make_rows, make_sae
 
 from pipeline import train_step
 from pipeline.errors import CrosscodersError
@@ -52,6 +52,22 @@ def test_the_host_counts_the_dead_latents_that_the_next_step_trains():
         assert step.n_dead == int((step.tokens_since_fired >= cfg.dead_tokens).sum())
         counts.append(step.n_dead)
     assert counts[0] == 0 and min(counts[1:]) >= 64  # the silenced half died after two steps of 64 rows
+
+
+def test_moments_loaded_from_a_checkpoint_take_their_parameters_layout():
+    cfg = TrainConfig(expansion=4, k=8, batch_size=BATCH, lr=1e-2)
+    steps = [TrainStep(make_sae(), cfg, torch.device("cpu")) for _ in range(2)]
+    assert steps[0].sae.W_enc.stride() == (1, D_MODEL)  # column-major, as the fused update must see its moments
+    for i in range(2):
+        steps[0](*make_rows(BATCH, seed=i), lr=1e-2)
+    saved = {i: {name: t.clone(memory_format=torch.contiguous_format) for name, t in state.items()}
+             for i, state in steps[0].optimizer.state_dict()["state"].items()}  # copies, contiguous, as a checkpoint
+    steps[1].sae.load_state_dict(steps[0].sae.state_dict())
+    steps[1].load_state(saved, steps[0].tokens_since_fired)
+    for step in steps:
+        step(*make_rows(BATCH, seed=2), lr=1e-2)
+    for name, parameter in steps[0].sae.named_parameters():
+        assert torch.equal(dict(steps[1].sae.named_parameters())[name], parameter), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
