@@ -31,12 +31,12 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(part) for part in shape.split("x")) for shape in text.split(",")]
 
 
-def make_step(name: str, expansion: int, k: int, batch_size: int, n_latents: int, device: torch.device) -> TrainStep:
+def make_step(name: str, expansion: int, k: int, batch_size: int, d_model: int, device: torch.device) -> TrainStep:
     """The TrainStep of path name: "sparse", "triton+graph", ..."""
     decoder, graph = name.removesuffix("+graph"), name.endswith("+graph")
     cfg = TrainConfig(expansion=expansion, k=k, decoder=decoder, lr=LR, batch_size=batch_size, cuda_graph=graph)
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig(n_latents // expansion, N_LAYERS, expansion, k, decoder=decoder)).to(device)
+    sae = TopKSAE(cfg.sae_config(d_model, N_LAYERS)).to(device)
     if decoder == "triton" and sae.kernels is TORCH_KERNELS:
         raise typer.BadParameter("the triton step runs on CUDA only (or on the CPU with TRITON_INTERPRET=1)")
     try:
@@ -102,7 +102,7 @@ def main(
     for expansion, k in parse_shapes(shapes):
         n_latents = expansion * d_model
         dead_mask = (torch.rand(n_latents, generator=generator) < dead_fraction).to(torch_device)
-        steps = {name: make_step(name, expansion, k, batch_size, n_latents, torch_device) for name in names}
+        steps = {name: make_step(name, expansion, k, batch_size, d_model, torch_device) for name in names}
         for name, step in list(steps.items()):
             try:  # warm-up: Adam's state; with +graph the eager run and the capture
                 train_steps(step, x, layer, dead_mask, n_steps=3)
@@ -114,7 +114,7 @@ def main(
             for name, step in steps.items():
                 best[name] = min(best[name], seconds_per_step(step, x, layer, dead_mask, steps_per_repeat))
         rates = [batch_size / best[name] for name in names]  # 0 for a path that failed
-        k_aux = TopKSAE(SAEConfig(d_model, N_LAYERS, expansion, k)).k_aux(int(dead_mask.sum()))
+        k_aux = SAEConfig(d_model, N_LAYERS, expansion, k).k_aux(int(dead_mask.sum()))
         table.add_row(str(expansion), str(k), f"1/{n_latents // k}", str(k_aux),
                       *(f"{rate:,.0f}" if rate else "failed" for rate in rates),
                       *(f"{rate / rates[0]:.2f}x" if rate and rates[0] else "-" for rate in rates[1:]))

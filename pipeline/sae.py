@@ -65,6 +65,10 @@ class SAEConfig:
     def n_latents(self) -> int:
         return self.expansion * self.d_model
 
+    def k_aux(self, n_dead: int) -> int:
+        """Latents AuxK reconstructs from, of n_dead dead ones (or candidates): the top d_model/2, 0 when none."""
+        return min(self.d_model // 2 or 1, n_dead)
+
     @property
     def sparse_step(self) -> bool:
         """Whether everything after top-k touches only the kept latents: the decoder, and the encoder's backward."""
@@ -219,7 +223,7 @@ class TopKSAE(nn.Module):
         """(values, indices) of the top k latents: [batch, k], and of AuxK's top dead ones among dead_capacity
         candidates: [batch, k_aux] (None when the capacity is 0). The sparse step differentiates only these
         entries, not the dense pre-acts."""
-        k_aux = self.k_aux(dead_capacity)
+        k_aux = self.cfg.k_aux(dead_capacity)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.sparse_step):
             pre_acts = self.pre_acts_of(x_in)  # [batch, n_latents]: the one dense product
             selections = [pre_acts.topk(self.cfg.k, sorted=False)]
@@ -236,10 +240,6 @@ class TopKSAE(nn.Module):
             values = gather_pre_acts(x_in, self.W_enc, self.b_enc, indices, values, self.kernels)
             selections = [(v, i) for v, (_, i) in zip(values.split(sizes, 1), selections)]
         return tuple(selections[0]), tuple(selections[1]) if k_aux else None
-
-    def k_aux(self, n_dead: int) -> int:
-        """Latents AuxK reconstructs from, of n_dead dead ones (or candidates): the top d_model/2, 0 when none."""
-        return min(self.cfg.d_model // 2 or 1, n_dead)
 
     def auxk_loss(self, dead_top: Selection | None, residual: torch.Tensor) -> torch.Tensor:
         """Gao et al. A.2: ||e - e_hat||^2 / ||e||^2, e_hat from dead_top (values, indices) of the top dead latents,
