@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/BENCHMARKS.md in one run of under 10 minutes on one H100, each step's output
 # also written to OUT_DIR/<step>.txt: the GPU-only tests (Triton kernels, CUDA graph replays, batches sent on a
-# side stream), the SAE step (dense, sparse, Triton, each also replayed from CUDA graphs; with and without dead
-# latents; a profile), stage two from shards against memory (also with CUDA graphs), and stage one against the
+# side stream), the SAE step (dense, sparse, Triton, each also replayed from CUDA graphs; Triton also with each
+# step's metrics read before the next is queued; with and without dead latents; a profile), stage two from shards against memory (also with CUDA graphs), and stage one against the
 # bare forward pass of a 1.5B-shaped random-weight model.
 # Usage: bash bench/gpu.sh OUT_DIR   (PYTHON picks the interpreter; default python3)
 set -uo pipefail
@@ -25,8 +25,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # in order of what the performance issue needs most, should the machine's time run short
 step kernels 80 "$python" -m pytest -q -p no:cacheprovider tests/test_triton_topk.py tests/test_train_step.py \
     tests/test_loader.py::test_batches_sent_ahead_to_a_gpu_equal_the_cpu_batches
-paths=dense,sparse,triton,dense+graph,sparse+graph,triton+graph
-step sae_step 100 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths
+paths=dense,sparse,triton,dense+graph,sparse+graph,triton+graph,triton+sync,triton+graph+sync
+step sae_step 100 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths --steps 20
 step cache 120 "$python" bench/cache_throughput.py --model random:qwen2.5-coder-1.5b --n-tokens 2M \
     --batch-tokens 16384 --max-seq-len 1024
 step train 100 "$python" bench/train_throughput.py --synthetic-rows 2M --d-model 1536 --batch-size 4096 --steps 200 \
@@ -35,4 +35,4 @@ step sae_step_profile 40 "$python" -m bench.sae_step --device cuda --batch-size 
     --repeats 1 --profile
 step train_graph 60 "$python" bench/train_throughput.py --synthetic-rows 1M --d-model 1536 --batch-size 4096 --steps 200 \
     --workers 8 --decoder triton --cuda-graph
-step sae_step_no_dead 60 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths --dead-fraction 0
+step sae_step_no_dead 60 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths --dead-fraction 0 --steps 20

@@ -1,5 +1,6 @@
 """Rows/s of one SAE training step, dense against sparse (and its Triton kernels on CUDA), to set decoder="auto";
-on CUDA also each replayed from CUDA graphs (decoder+graph, TrainConfig.cuda_graph).
+on CUDA also each replayed from CUDA graphs (decoder+graph, TrainConfig.cuda_graph), and with each step's metrics
+read back before the next step is queued (+sync) instead of while it runs, as train-sae does.
 Run: python -m bench.sae_step   (on a GPU: --device cuda --batch-size 4096 --decoders dense,sparse,triton,triton+graph)
 
 The step is train-sae's own (pipeline/train_step.py): forward with AuxK on (a fraction of the latents marked dead,
@@ -32,9 +33,11 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def make_step(name: str, expansion: int, k: int, batch_size: int, d_model: int, device: torch.device) -> TrainStep:
-    """The TrainStep of path name: "sparse", "triton+graph", ..."""
-    decoder, graph = name.removesuffix("+graph"), name.endswith("+graph")
-    cfg = TrainConfig(expansion=expansion, k=k, decoder=decoder, lr=LR, batch_size=batch_size, cuda_graph=graph)
+    """The TrainStep of path name: "sparse", "triton+graph", "triton+graph+sync", ..."""
+    decoder, *modifiers = name.split("+")
+    if set(modifiers) - {"graph", "sync"}:
+        raise typer.BadParameter(f"{name}: a path is a decoder, then +graph, +sync or both")
+    cfg = TrainConfig(expansion=expansion, k=k, decoder=decoder, lr=LR, batch_size=batch_size, cuda_graph="graph" in modifiers)
     torch.manual_seed(0)
     sae = TopKSAE(cfg.sae_config(d_model, N_LAYERS)).to(device)
     if decoder == "triton" and sae.kernels is TORCH_KERNELS:
@@ -45,28 +48,32 @@ def make_step(name: str, expansion: int, k: int, batch_size: int, d_model: int, 
         raise typer.BadParameter(str(error)) from None
 
 
-def train_steps(step: TrainStep, x, layer, dead_mask: torch.Tensor, n_steps: int):
-    """n_steps steps on the same rows, each with the latents of dead_mask (and only those) dead."""
+def train_steps(step: TrainStep, x, layer, dead_mask: torch.Tensor, n_steps: int, at_once: bool):
+    """n_steps steps on the same rows, each with the latents of dead_mask (and only those) dead; as in train-sae,
+    each step's metrics are read back while the next one runs (at_once: before it is queued), the last at the end."""
     counter, n_dead = dead_mask * step.cfg.dead_tokens, int(dead_mask.sum())
     for _ in range(n_steps):
         step.tokens_since_fired.copy_(counter)  # undo the last step's count
-        step.n_dead = n_dead
-        step(x, layer, LR)  # reads the metrics back, as train-sae does every step
+        step.dead_capacity = n_dead
+        step(x, layer, LR)
+        if at_once:
+            step.drain()
+    step.drain()
 
 
-def seconds_per_step(step: TrainStep, x, layer, dead_mask: torch.Tensor, n_steps: int) -> float:
+def seconds_per_step(step: TrainStep, x, layer, dead_mask: torch.Tensor, n_steps: int, at_once: bool) -> float:
     start = time.perf_counter()
-    train_steps(step, x, layer, dead_mask, n_steps)
+    train_steps(step, x, layer, dead_mask, n_steps, at_once)
     return (time.perf_counter() - start) / n_steps
 
 
-def print_profile(step: TrainStep, x, layer, dead_mask: torch.Tensor, device: torch.device, title: str):
+def print_profile(step: TrainStep, x, layer, dead_mask: torch.Tensor, at_once: bool, device: torch.device, title: str):
     """Where one step's time goes: the ops with the most self time over three steps, device time on CUDA."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profile:
-        train_steps(step, x, layer, dead_mask, n_steps=3)
+        train_steps(step, x, layer, dead_mask, 3, at_once)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     Console().print(f"[bold]{title}[/bold]")
     print(profile.key_averages().table(sort_by=sort_by, row_limit=15))
@@ -81,7 +88,8 @@ def main(
     d_model: int = typer.Option(1536, help="Width of the activations (Qwen2.5-Coder-1.5B: 1536)."),
     shapes: str = typer.Option("4x32,16x64", help="EXPANSIONxK pairs to measure, comma-separated."),
     decoders: str = typer.Option("dense,sparse", help="Training steps to compare, the first the baseline: dense, "
-                                                      "sparse, triton (SAEConfig.decoder), each also +graph on CUDA."),
+                                                      "sparse, triton (SAEConfig.decoder), each also +graph on CUDA; "
+                                                      "+sync reads each step's metrics before the next is queued."),
     dead_fraction: float = typer.Option(0.05, help="Fraction of the latents marked dead, so AuxK runs."),
     steps_per_repeat: int = typer.Option(2, "--steps", help="Timed steps per repeat."),
     repeats: int = typer.Option(5, help="Repeats per path; the fastest counts."),
@@ -105,14 +113,14 @@ def main(
         steps = {name: make_step(name, expansion, k, batch_size, d_model, torch_device) for name in names}
         for name, step in list(steps.items()):
             try:  # warm-up: Adam's state; with +graph the eager run and the capture
-                train_steps(step, x, layer, dead_mask, n_steps=3)
+                train_steps(step, x, layer, dead_mask, 3, at_once=False)
             except RuntimeError as error:  # one path failing (say, a capture) leaves the others' figures
                 Console(width=160).print(f"[red]{name}, {expansion}x/k{k} failed:[/red] {str(error).splitlines()[0]}")
                 del steps[name]
         best = {name: float("inf") for name in names}
         for _ in range(repeats):
             for name, step in steps.items():
-                best[name] = min(best[name], seconds_per_step(step, x, layer, dead_mask, steps_per_repeat))
+                best[name] = min(best[name], seconds_per_step(step, x, layer, dead_mask, steps_per_repeat, "+sync" in name))
         rates = [batch_size / best[name] for name in names]  # 0 for a path that failed
         k_aux = SAEConfig(d_model, N_LAYERS, expansion, k).k_aux(int(dead_mask.sum()))
         table.add_row(str(expansion), str(k), f"1/{n_latents // k}", str(k_aux),
@@ -120,7 +128,7 @@ def main(
                       *(f"{rate / rates[0]:.2f}x" if rate and rates[0] else "-" for rate in rates[1:]))
         if profile:
             for name, step in steps.items():
-                print_profile(step, x, layer, dead_mask, torch_device, f"{name}, {expansion}x/k{k}")
+                print_profile(step, x, layer, dead_mask, "+sync" in name, torch_device, f"{name}, {expansion}x/k{k}")
         del steps
     Console(width=160).print(table)
 

@@ -23,9 +23,11 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cache import resolve_device
+from pipeline.errors import CrosscodersError
 from pipeline.loader import ShardLoader
 from pipeline.store import ShardData, SplitRows, Store, create_or_open, layer_sums, to_storage
 from pipeline.train import Run, TrainConfig, train
+from pipeline.train_step import check_device
 from pipeline.units import parse_count
 
 SIZES = [(4, 32), (16, 64)]
@@ -114,13 +116,11 @@ def step_rows_per_s(source, cfg: TrainConfig, device: torch.device, n_steps: int
         run = Run(cfg, Path(out), source, device, resume=False)
         for _ in range(2):  # warm-up: Adam's state; with a CUDA graph, its eager run and the capture
             run.train_step(x, layer)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        run.sync()
         start = time.perf_counter()
         for _ in range(n_steps):
             run.train_step(x, layer)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        run.sync()  # the last step's metrics: all the steps are done
         return n_steps * len(x) / (time.perf_counter() - start)
 
 
@@ -138,6 +138,10 @@ def main(
     device: str = "auto",
 ):
     torch_device = resolve_device(device)
+    try:  # a step this device cannot take is refused before the store is written
+        check_device(TrainConfig(decoder=decoder, cuda_graph=cuda_graph), torch_device)
+    except CrosscodersError as error:
+        raise typer.BadParameter(str(error)) from None
     scratch = tempfile.TemporaryDirectory()
     store = synthetic_store(Path(scratch.name) / "s", parse_count(synthetic_rows), d_model) if synthetic_rows else Store(shards)
     counts = [int(n) for n in workers.split(",")]

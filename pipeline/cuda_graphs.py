@@ -15,7 +15,7 @@ class StepGraphs:
     The first time runs eagerly on a side stream, so that lazy set-up (Adam's state, cuBLAS workspaces, Triton's
     compilations) happens outside any capture. The step must keep its state in place (parameters, optimizer state,
     counters) and read nothing back. The graphs share one memory pool: a replay's gradients and intermediates live
-    only during that replay, and the caller reads a graph's metrics before the next replay.
+    only during that replay, and the caller copies a graph's metrics out before the next replay.
     """
 
     def __init__(self, step: Step, parameters: list[torch.nn.Parameter]):

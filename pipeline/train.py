@@ -154,19 +154,29 @@ class Run:
         self.last_val: dict | None = None
 
     def train_step(self, x: torch.Tensor, layer: torch.Tensor):
-        """One optimizer step on x: [batch, d_model] of layers layer: [batch] (this process's share of the batch)."""
-        lr = lr_at(self.cfg, self.step, self.total_steps)
-        metrics = self.trainer(x, layer, lr)
-        if not math.isfinite(metrics["loss"]):  # metrics are global, so every process stops alike; nothing saves this step
-            where = latest_checkpoint(self.dir) or "nowhere (none was saved yet)"
-            raise CrosscodersError(
-                f"loss became {metrics['loss']} at step {self.step + 1}; last good checkpoint kept at {where}"
-            )
+        """Queue one optimizer step on x: [batch, d_model] of layers layer: [batch] (this process's share of the
+        batch), and log the step before it, whose metrics come back while this one runs."""
+        metrics = self.trainer(x, layer, lr_at(self.cfg, self.step, self.total_steps))
         self.step += 1
-        self.log({"split": "train", "step": self.step, **metrics, "lr": lr})
+        if metrics is not None:
+            self.log_train(self.step - 1, metrics)
+
+    def sync(self):
+        """Wait for the step in flight and log it: before validating, saving or finishing."""
+        metrics = self.trainer.drain()
+        if metrics is not None:
+            self.log_train(self.step, metrics)
+
+    def log_train(self, step: int, metrics: dict):
+        """Log step's metrics; stop if its loss is not finite (they are global, so every process stops alike)."""
+        if not math.isfinite(metrics["loss"]):  # checkpoints wait for their last step's metrics: none holds this step
+            where = latest_checkpoint(self.dir) or "nowhere (none was saved yet)"
+            raise CrosscodersError(f"loss became {metrics['loss']} at step {step}; last good checkpoint kept at {where}")
+        self.log({"split": "train", "step": step, **metrics})
 
     def validate(self, source: BatchSource):
         """Metrics on the held-out rows, logged and kept as last_val; nothing when there are none."""
+        self.sync()
         metrics = evaluate(self.sae, source, self.device)
         if metrics is not None:
             self.last_val = {"split": "val", "step": self.step, **metrics}
@@ -187,6 +197,7 @@ class Run:
 
     def save_checkpoint(self):
         """Write <run>/checkpoint/ atomically: build it beside, then swap it in, so a crash keeps the previous one."""
+        self.sync()
         if not distributed.is_main():  # the others hold the same state
             self.checkpoint_step = self.step
             return
@@ -229,6 +240,7 @@ class Run:
 
     def finish(self) -> dict:
         """Save the final SAE (run folder and checkpoint), plot the losses; returns the final metrics."""
+        self.sync()
         if self.checkpoint_step != self.step:
             self.save_checkpoint()
         if not distributed.is_main():

@@ -1,6 +1,6 @@
 """One SAE's optimizer step: forward with AuxK, backward, Adam, the decoder's renormalization and the dead-latent
-counter, queued on the device and read back once, at the end, with the step's metrics; on CUDA optionally replayed
-from CUDA graphs."""
+counter, queued on the device; its metrics are read back while the next step runs. On CUDA optionally replayed from
+CUDA graphs."""
 
 import math
 from typing import TYPE_CHECKING
@@ -37,7 +37,12 @@ def check_device(cfg: "TrainConfig", device: torch.device):
 
 
 class TrainStep:
-    """The optimizer, the dead-latent counter and the training step of one SAE."""
+    """The optimizer, the dead-latent counter and the training step of one SAE.
+
+    A step's metrics are read back after the next step is queued, so that a GPU always has a step to run while the
+    host waits. AuxK's shape, the number of dead latents, must be known on the host before a step is queued; what the
+    host knows then is a bound: the latents that a step leaves within one batch of dying (dead_capacity).
+    """
 
     def __init__(self, sae: TopKSAE, cfg: "TrainConfig", device: torch.device):
         self.sae, self.cfg, self.device = sae, cfg, device
@@ -48,11 +53,22 @@ class TrainStep:
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True,
                                           capturable=cfg.cuda_graph)
         self.tokens_since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
-        self.n_dead = 0  # latents dead when the next step starts: AuxK's shape, so known on the host
         self.graphs = StepGraphs(self.on_device, list(sae.parameters())) if cfg.cuda_graph else None
+        self.in_flight: InFlight | None = None  # the last step queued, not read back yet
+        # how many latents AuxK looks among in the next step queued: at least as many as are dead when it starts;
+        # and, while no step is in flight, the same for the step after it
+        self.dead_capacity, self.dead_capacity_after = self.dead_counts()
+
+    def dead_counts(self) -> tuple[int, int]:
+        """(latents dead now, latents that one more batch without firing would leave dead), read back."""
+        return int((self.tokens_since_fired >= self.cfg.dead_tokens).sum()), int(self.may_die().sum())
+
+    def may_die(self) -> torch.Tensor:
+        """[n_latents] bool: the latents that the next step leaves dead if they do not fire in it."""
+        return self.tokens_since_fired + self.cfg.batch_size >= self.cfg.dead_tokens
 
     def load_state(self, optimizer_state: dict[int, dict], tokens_since_fired: torch.Tensor):
-        """Resume from a checkpoint's optimizer state and dead-latent counter."""
+        """Resume from a checkpoint's optimizer state and dead-latent counter (with no step in flight)."""
         param_groups = self.optimizer.state_dict()["param_groups"]  # lr etc. come from the config, set every step
         self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": param_groups})
         for parameter, state in self.optimizer.state.items():
@@ -60,27 +76,43 @@ class TrainStep:
                 if value.shape == parameter.shape:  # a parameter and its moments in memory order, so they must match
                     state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
         self.tokens_since_fired.copy_(tokens_since_fired)
-        self.n_dead = int((self.tokens_since_fired >= self.cfg.dead_tokens).sum())
+        self.dead_capacity, self.dead_capacity_after = self.dead_counts()
 
-    def __call__(self, x: torch.Tensor, layer: torch.Tensor, lr: float) -> dict[str, float]:
-        """One optimizer step at learning rate lr on x: [batch, d_model] of layers layer: [batch] (this process's
-        share of the batch); returns the global batch's METRICS."""
+    def __call__(self, x: torch.Tensor, layer: torch.Tensor, lr: float) -> dict[str, float] | None:
+        """Queue one optimizer step at learning rate lr on x: [batch, d_model] of layers layer: [batch] (this
+        process's share of the batch); returns the step before's METRICS of the global batch and its lr (None if
+        none is in flight), read back while this one runs."""
         for group in self.optimizer.param_groups:
             if torch.is_tensor(group["lr"]):
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
         if self.graphs is not None and len(x) == self.cfg.batch_size:  # an epoch's short last batch runs eagerly
-            metrics = self.graphs(x, layer, graph_dead_capacity(self.n_dead, self.sae.cfg.n_latents))
+            results = self.graphs(x, layer, graph_dead_capacity(self.dead_capacity, self.sae.cfg.n_latents))
         else:
-            metrics = self.on_device(x, layer, self.n_dead)
-        values = metrics.tolist() if torch.is_tensor(metrics) else metrics  # on a GPU, the step's one wait
-        self.n_dead = int(values.pop())
-        return dict(zip(METRICS, values))
+            results = self.on_device(x, layer, self.dead_capacity)
+        previous, self.in_flight = self.in_flight, InFlight(results, lr)
+        if previous is None:
+            self.dead_capacity = self.dead_capacity_after
+            return None
+        values = previous.read()  # waits for the step before only
+        self.dead_capacity = int(values.pop())  # those it left within a batch of dying: a bound for the next step
+        values.pop()  # those it left dead, which this step already trained
+        return {**dict(zip(METRICS, values)), "lr": previous.lr}
+
+    def drain(self) -> dict[str, float] | None:
+        """Wait for the step in flight; returns its METRICS and lr (None if there is none)."""
+        if self.in_flight is None:
+            return None
+        values, lr = self.in_flight.read(), self.in_flight.lr
+        self.dead_capacity_after, self.dead_capacity = int(values.pop()), int(values.pop())
+        self.in_flight = None
+        return {**dict(zip(METRICS, values)), "lr": lr}
 
     def on_device(self, x: torch.Tensor, layer: torch.Tensor, dead_capacity: int) -> torch.Tensor | list[float]:
-        """The step's work: [*METRICS, latents dead after it], queued without a read-back on a single process (a
-        tensor), read back on several (a list). AuxK looks among dead_capacity latents, at least those dead now."""
+        """The step's work: [*METRICS, latents dead after it, latents it leaves within a batch of dying], queued
+        without a read-back on a single process (a tensor), read back on several (a list). AuxK looks among
+        dead_capacity latents, at least those dead now."""
         dead_mask = self.tokens_since_fired >= self.cfg.dead_tokens  # [n_latents]
         with autocast(self.device):
             out = self.sae(x, layer, dead_mask, dead_capacity)
@@ -106,10 +138,32 @@ class TrainStep:
         )
         (fired,) = distributed.all_reduce_sum([fired])
         self.tokens_since_fired.add_(n_rows).masked_fill_(fired > 0, 0)  # in place: a graph replays into it
-        n_dead = (self.tokens_since_fired >= self.cfg.dead_tokens).sum()
+        dead_counts = torch.stack([(self.tokens_since_fired >= self.cfg.dead_tokens).sum(), self.may_die().sum()])
         if torch.is_tensor(metrics):
-            return torch.cat([metrics, n_dead[None].to(metrics.dtype)])
-        return [*metrics, n_dead.item()]
+            return torch.cat([metrics, dead_counts.to(metrics.dtype)])
+        return [*metrics, *dead_counts.tolist()]
+
+
+class InFlight:
+    """A queued step's results on their way to the host: on CUDA copied to pinned memory right after the step, so
+    that reading them waits for that step alone, not for the steps queued since (nor does a graph's next replay
+    overwrite them first)."""
+
+    def __init__(self, results: torch.Tensor | list[float], lr: float):
+        self.lr, self.copied = lr, None
+        if torch.is_tensor(results) and results.is_cuda:
+            self.results = torch.empty(results.shape, dtype=results.dtype, pin_memory=True)
+            self.results.copy_(results, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.results = results
+
+    def read(self) -> list[float]:
+        """The results, once the step and their copy are done."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.results.tolist() if torch.is_tensor(self.results) else list(self.results)
 
 
 def autocast(device: torch.device):

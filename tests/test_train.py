@@ -100,6 +100,9 @@ def test_writes_metrics_plot_and_saelens_layout(tmp_path):
     val_records = [r for r in records if r["split"] == "val"]
     assert [r["step"] for r in train_records] == list(range(1, 31))
     assert [r["step"] for r in val_records] == [10, 20, 30]
+    # a step's training record comes before its validation, though its metrics come back while the next step runs
+    order = [(r["step"], r["split"] == "val") for r in records]
+    assert order == sorted(order)
     assert final == {**train_records[-1], **val_records[-1]}  # validation metrics, plus the last step's training ones
     assert {"loss", "mse", "mse_raw", "fvu", "l0", "dead_fraction", "auxk_loss", "lr"} <= train_records[0].keys()
     assert set(final["fvu_by_layer"]) == {"0", "1", "2"} and final["l0"] == 4
@@ -145,11 +148,13 @@ def test_checkpoint_round_trips_through_load(tmp_path):
     assert optimizer["0.step"].item() == 30 and optimizer["2.exp_avg"].shape == (128, 32)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    message = re.escape(f"at step 16; last good checkpoint kept at {tmp_path / 'checkpoint'}")
+@pytest.mark.parametrize("bad_step, save_every", [(16, 10), (15, 5)])  # (15, 5): the first bad step is one to save
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad_step, save_every):
+    message = re.escape(f"at step {bad_step}; last good checkpoint kept at {tmp_path / 'checkpoint'}")
     with pytest.raises(CrosscodersError, match=message) as error:
-        train([SMALL], InterruptAt(small_source(), at=15, scale=float("inf")), [tmp_path], progress=False)
-    assert re.match(r"loss became (nan|inf) at step 16", str(error.value))
+        cfg = replace(SMALL, save_every=save_every, val_every=100)
+        train([cfg], InterruptAt(small_source(), at=bad_step - 1, scale=float("inf")), [tmp_path], progress=False)
+    assert re.match(rf"loss became (nan|inf) at step {bad_step}", str(error.value))
     assert json.loads((tmp_path / "checkpoint/trainer_state.json").read_text())["step"] == 10
     assert all(tensor.isfinite().all() for tensor in weights(tmp_path / "checkpoint").values())
     assert not (tmp_path / "sae_weights.safetensors").exists()

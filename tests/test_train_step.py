@@ -1,5 +1,5 @@
-"""TrainStep: AuxK's candidates rounded up for CUDA graphs, the host's count of dead latents, and (on CUDA) graph
-replays that give the eager steps."""
+"""TrainStep: AuxK's candidates rounded up for CUDA graphs, metrics read back a step late with a bound on the dead
+latents, and (on CUDA) graph replays that give the eager steps."""
 
 import contextlib
 
@@ -40,18 +40,31 @@ def silenced_half(sae, bias: float = -100.0):
     return sae
 
 
-def test_the_host_counts_the_dead_latents_that_the_next_step_trains():
-    cfg = TrainConfig(expansion=4, k=8, batch_size=BATCH, dead_tokens=2 * BATCH, lr=1e-3)
-    step = TrainStep(silenced_half(make_sae()), cfg, torch.device("cpu"))
-    counts = []
-    for i in range(5):
-        n_dead = step.n_dead
-        metrics = step(*make_rows(BATCH, seed=i), lr=1e-3)
-        assert metrics["dead_fraction"] == n_dead / 128  # this step's AuxK trained the latents the host counted
-        assert (metrics["auxk_loss"] > 0) == (n_dead > 0)
-        assert step.n_dead == int((step.tokens_since_fired >= cfg.dead_tokens).sum())
-        counts.append(step.n_dead)
-    assert counts[0] == 0 and min(counts[1:]) >= 64  # the silenced half died after two steps of 64 rows
+@pytest.mark.parametrize("decoder", ["dense", "sparse"])
+def test_metrics_come_back_a_step_late_and_equal_steps_read_back_at_once(decoder):
+    """Each call returns the step before's metrics; AuxK's capacity, known before the step is queued, covers every
+    latent dead when it starts; and the steps equal steps read back at once, whose capacity is the exact count."""
+    cfg = TrainConfig(expansion=4, k=8, decoder=decoder, batch_size=BATCH, dead_tokens=2 * BATCH, lr=1e-3)
+    pipelined, at_once = (TrainStep(silenced_half(make_sae(decoder=decoder), -3), cfg, torch.device("cpu"))
+                          for _ in range(2))
+    late, exact, dead = [], [], []
+    for i in range(8):
+        x, layer = make_rows(10 if i == 5 else BATCH, seed=i)  # an epoch's short last batch among them
+        n_dead = int((pipelined.tokens_since_fired >= cfg.dead_tokens).sum())
+        assert pipelined.dead_capacity >= n_dead
+        assert at_once.dead_capacity == int((at_once.tokens_since_fired >= cfg.dead_tokens).sum())
+        dead.append(n_dead)
+        late.append(pipelined(x, layer, lr=1e-3 * (i + 1)))
+        assert at_once(x, layer, lr=1e-3 * (i + 1)) is None
+        exact.append(at_once.drain())
+        assert exact[-1]["dead_fraction"] == n_dead / 128 and exact[-1]["lr"] == 1e-3 * (i + 1)
+    late.append(pipelined.drain())
+    assert late[0] is None and pipelined.drain() is None
+    for i, (got, want) in enumerate(zip(late[1:], exact)):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), i
+    assert dead[:2] == [0, 0] and min(dead[2:]) >= 32 and all(m["auxk_loss"] > 0 for m in exact[2:])  # most of
+    # the silenced half died in step 2, before whose end step 3's capacity had to be known
+    torch.testing.assert_close(dict(pipelined.sae.named_parameters()), dict(at_once.sae.named_parameters()))
 
 
 def test_moments_loaded_from_a_checkpoint_take_their_parameters_layout():
@@ -82,11 +95,13 @@ def test_cuda_graph_replays_give_the_eager_steps(decoder, monkeypatch):
     for i in range(12):
         x, layer = make_rows(10 if i == 6 else BATCH, seed=i)  # batch 6 is short: it runs eagerly between replays
         if len(x) == BATCH:
-            capacities.append(graph_dead_capacity(graphed.n_dead, 128))
+            capacities.append(graph_dead_capacity(graphed.dead_capacity, 128))
         lr = 1e-3 * (i + 1) / 12
-        metrics = graphed(x.to(device), layer.to(device), lr)
-        assert metrics == pytest.approx(eager(x.to(device), layer.to(device), lr), rel=1e-4, abs=1e-5), i
-        assert graphed.n_dead == eager.n_dead
+        metrics, eager_metrics = graphed(x.to(device), layer.to(device), lr), eager(x.to(device), layer.to(device), lr)
+        assert (metrics is None) == (eager_metrics is None) == (i == 0)
+        assert metrics == pytest.approx(eager_metrics, rel=1e-4, abs=1e-5), i
+        assert graphed.dead_capacity == eager.dead_capacity
+    assert graphed.drain() == pytest.approx(eager.drain(), rel=1e-4, abs=1e-5)
     replayed = {capacity for capacity in capacities if capacities.count(capacity) > 1}
     assert graphed.graphs.graphs.keys() == replayed and 0 in replayed and len(replayed) >= 2  # without AuxK and with
     torch.testing.assert_close(dict(graphed.sae.named_parameters()), dict(eager.sae.named_parameters()),
