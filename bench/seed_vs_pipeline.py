@@ -64,6 +64,7 @@ def seed_training(loaded, cfg: TrainConfig, n_pairs: int, stats: LayerStats, dev
             buffer_x, buffer_layer = [x], [layer]
             if seen >= n_pairs:
                 break
+        run.sync()  # the last step's metrics: all the steps are done
     return time.perf_counter() - start
 
 

@@ -27,6 +27,11 @@ class StepGraphs:
 
     def __call__(self, x: torch.Tensor, layer: torch.Tensor, dead_capacity: int) -> torch.Tensor:
         """The step on x: [batch, d_model], layer: [batch]; every call must give the same batch shape."""
+        with torch.cuda.device(x.device):  # streams and captures are made on the current device, maybe not x's
+            return self.warm_up_capture_or_replay(x, layer, dead_capacity)
+
+    def warm_up_capture_or_replay(self, x: torch.Tensor, layer: torch.Tensor, dead_capacity: int) -> torch.Tensor:
+        """The step, with x's device the current one."""
         if dead_capacity not in self.warmed_up:
             self.warmed_up.add(dead_capacity)
             return self.on_side_stream(x, layer, dead_capacity)

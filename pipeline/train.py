@@ -288,6 +288,8 @@ def train(
                 if run.step != step or step >= run.total_steps:
                     continue  # resumed ahead of the others, or already done
                 run.train_step(x, layer)
+                if run.step == run.total_steps:  # done before the others: no step of it stays in flight
+                    run.sync()
                 if run.step % run.cfg.val_every == 0:
                     run.validate(source)
                 if run.step % run.cfg.save_every == 0:

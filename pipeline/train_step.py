@@ -151,11 +151,12 @@ class InFlight:
 
     def __init__(self, results: torch.Tensor | list[float], lr: float):
         self.lr, self.copied = lr, None
+        self.on_device = results  # held until read: the copy may still read it
         if torch.is_tensor(results) and results.is_cuda:
             self.results = torch.empty(results.shape, dtype=results.dtype, pin_memory=True)
-            self.results.copy_(results, non_blocking=True)
+            self.results.copy_(results, non_blocking=True)  # on the current stream of results' device
             self.copied = torch.cuda.Event()
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(results.device))
         else:
             self.results = results
 
