@@ -57,11 +57,15 @@ class TrainStep:
         self.in_flight: InFlight | None = None  # the last step queued, not read back yet
         # how many latents AuxK looks among in the next step queued: at least as many as are dead when it starts;
         # and, while no step is in flight, the same for the step after it
-        self.dead_capacity, self.dead_capacity_after = self.dead_counts()
+        self.dead_capacity, self.dead_capacity_after = self.dead_counts().tolist()
 
-    def dead_counts(self) -> tuple[int, int]:
-        """(latents dead now, latents that one more batch without firing would leave dead), read back."""
-        return int((self.tokens_since_fired >= self.cfg.dead_tokens).sum()), int(self.may_die().sum())
+    def dead(self) -> torch.Tensor:
+        """[n_latents] bool: the latents dead now, which the next step's AuxK trains."""
+        return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def dead_counts(self) -> torch.Tensor:
+        """[latents dead now, latents that one more batch without firing would leave dead], on the device."""
+        return torch.stack([self.dead().sum(), self.may_die().sum()])
 
     def may_die(self) -> torch.Tensor:
         """[n_latents] bool: the latents that the next step leaves dead if they do not fire in it."""
@@ -76,7 +80,7 @@ class TrainStep:
                 if value.shape == parameter.shape:  # a parameter and its moments in memory order, so they must match
                     state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
         self.tokens_since_fired.copy_(tokens_since_fired)
-        self.dead_capacity, self.dead_capacity_after = self.dead_counts()
+        self.dead_capacity, self.dead_capacity_after = self.dead_counts().tolist()
 
     def __call__(self, x: torch.Tensor, layer: torch.Tensor, lr: float) -> dict[str, float] | None:
         """Queue one optimizer step at learning rate lr on x: [batch, d_model] of layers layer: [batch] (this
@@ -95,25 +99,24 @@ class TrainStep:
         if previous is None:
             self.dead_capacity = self.dead_capacity_after
             return None
-        values = previous.read()  # waits for the step before only
-        self.dead_capacity = int(values.pop())  # those it left within a batch of dying: a bound for the next step
-        values.pop()  # those it left dead, which this step already trained
-        return {**dict(zip(METRICS, values)), "lr": previous.lr}
+        # waits for the step before only; the latents it left within a batch of dying bound those dead when the
+        # next step starts (those it left dead, this step already trained)
+        metrics, _, self.dead_capacity = previous.read()
+        return metrics
 
     def drain(self) -> dict[str, float] | None:
         """Wait for the step in flight; returns its METRICS and lr (None if there is none)."""
         if self.in_flight is None:
             return None
-        values, lr = self.in_flight.read(), self.in_flight.lr
-        self.dead_capacity_after, self.dead_capacity = int(values.pop()), int(values.pop())
+        metrics, self.dead_capacity, self.dead_capacity_after = self.in_flight.read()
         self.in_flight = None
-        return {**dict(zip(METRICS, values)), "lr": lr}
+        return metrics
 
     def on_device(self, x: torch.Tensor, layer: torch.Tensor, dead_capacity: int) -> torch.Tensor | list[float]:
         """The step's work: [*METRICS, latents dead after it, latents it leaves within a batch of dying], queued
         without a read-back on a single process (a tensor), read back on several (a list). AuxK looks among
         dead_capacity latents, at least those dead now."""
-        dead_mask = self.tokens_since_fired >= self.cfg.dead_tokens  # [n_latents]
+        dead_mask = self.dead()
         with autocast(self.device):
             out = self.sae(x, layer, dead_mask, dead_capacity)
         dead_fraction = dead_mask.float().mean()  # of the latents AuxK trained this step
@@ -138,7 +141,7 @@ class TrainStep:
         )
         (fired,) = distributed.all_reduce_sum([fired])
         self.tokens_since_fired.add_(n_rows).masked_fill_(fired > 0, 0)  # in place: a graph replays into it
-        dead_counts = torch.stack([(self.tokens_since_fired >= self.cfg.dead_tokens).sum(), self.may_die().sum()])
+        dead_counts = self.dead_counts()
         if torch.is_tensor(metrics):
             return torch.cat([metrics, dead_counts.to(metrics.dtype)])
         return [*metrics, *dead_counts.tolist()]
@@ -151,7 +154,7 @@ class InFlight:
 
     def __init__(self, results: torch.Tensor | list[float], lr: float):
         self.lr, self.copied = lr, None
-        self.on_device = results  # held until read: the copy may still read it
+        self.source = results  # held until read: the copy may still read it
         if torch.is_tensor(results) and results.is_cuda:
             self.results = torch.empty(results.shape, dtype=results.dtype, pin_memory=True)
             self.results.copy_(results, non_blocking=True)  # on the current stream of results' device
@@ -160,11 +163,13 @@ class InFlight:
         else:
             self.results = results
 
-    def read(self) -> list[float]:
-        """The results, once the step and their copy are done."""
+    def read(self) -> tuple[dict[str, float], int, int]:
+        """(the step's METRICS and lr, latents it left dead, latents it left within a batch of dying), once the step
+        and the copy are done."""
         if self.copied is not None:
             self.copied.synchronize()
-        return self.results.tolist() if torch.is_tensor(self.results) else list(self.results)
+        *values, n_dead, may_die = self.results.tolist() if torch.is_tensor(self.results) else self.results
+        return {**dict(zip(METRICS, values)), "lr": self.lr}, int(n_dead), int(may_die)
 
 
 def autocast(device: torch.device):
