@@ -2,8 +2,9 @@
 # The GPU figures of docs/BENCHMARKS.md in one run of under 10 minutes on one H100, each step's output
 # also written to OUT_DIR/<step>.txt: the GPU-only tests (Triton kernels, CUDA graph replays, batches sent on a
 # side stream), the SAE step (dense, sparse, Triton, each also replayed from CUDA graphs; Triton also with each
-# step's metrics read before the next is queued; with and without dead latents; a profile), stage two from shards against memory (also with CUDA graphs), and stage one against the
-# bare forward pass of a 1.5B-shaped random-weight model.
+# step's metrics read before the next is queued; with and without dead latents; a profile), stage two from
+# shards against memory (also with CUDA graphs), and stage one against the bare forward pass of a 1.5B-shaped
+# random-weight model.
 # Usage: bash bench/gpu.sh OUT_DIR   (PYTHON picks the interpreter; default python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
