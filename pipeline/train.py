@@ -44,7 +44,7 @@ class TrainConfig:
     normalize: bool = option(True, "Normalize each layer to zero mean and E||x||^2 = d_model, from the cache's stats.")
     decoder: str = option("auto", "Training step: dense (reference), sparse (decoder and encoder gradient touch only the kept latents), triton (sparse, with Triton kernels on CUDA), or auto (sparse when k / n_latents < 1/8).")
     lr: float = option(3e-4, "Adam learning rate after warm-up.")
-    weight_decay: float = option(1e-4, "L2 penalty added to the gradient (torch.optim.Adam's weight_decay).")
+    weight_decay: float = option(0.0, "Decoupled weight decay (AdamW) of the encoder weights; 0: none.")
     warmup_steps: int = option(100, "Steps of linear learning-rate warm-up from 0.")
     lr_decay: str = option("cosine", "After warm-up: cosine (to 10% of lr) or linear (to 0 over the last 20%).")
     batch_size: int = option(4096, "Rows per step; every run of a sweep shares it.")

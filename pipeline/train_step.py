@@ -27,6 +27,14 @@ def graph_dead_capacity(n_dead: int, n_latents: int) -> int:
     return min(n_latents, -(-n_dead // granularity) * granularity)
 
 
+def parameter_groups(sae: TopKSAE, weight_decay: float) -> list[dict]:
+    """AdamW's groups: decoupled weight decay on the encoder weights only, in the order of sae.parameters() (a
+    checkpoint's optimizer state is keyed by it). The decoder's rows keep unit norm and biases are not decayed; a
+    gradient-coupled L2 (Adam's weight_decay) would instead shrink every latent that stops firing by about lr a step."""
+    rest = [parameter for name, parameter in sae.named_parameters() if name != "W_enc"]
+    return [{"params": [sae.W_enc], "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
 def check_device(cfg: "TrainConfig", device: torch.device):
     """Raise unless this process can take cfg's step on device: CUDA graphs need one process on a CUDA device."""
     if cfg.cuda_graph and device.type != "cuda":
@@ -50,8 +58,8 @@ class TrainStep:
         # fused: one pass over each parameter, its gradient and moments, where the multi-tensor update makes about
         # ten; capturable: the step count and learning rate stay on the GPU, where a graph's replays update them
         lr = torch.tensor(cfg.lr, device=device) if cfg.cuda_graph else cfg.lr
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True,
-                                          capturable=cfg.cuda_graph)
+        self.optimizer = torch.optim.AdamW(parameter_groups(sae, cfg.weight_decay), lr=lr, fused=True,
+                                           capturable=cfg.cuda_graph)
         self.tokens_since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
         self.graphs = StepGraphs(self.on_device, list(sae.parameters())) if cfg.cuda_graph else None
         self.in_flight: InFlight | None = None  # the last step queued, not read back yet

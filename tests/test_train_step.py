@@ -2,6 +2,7 @@
 latents, and (on CUDA) graph replays that give the eager steps."""
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -65,6 +66,27 @@ def test_metrics_come_back_a_step_late_and_equal_steps_read_back_at_once(decoder
     assert dead[:2] == [0, 0] and min(dead[2:]) >= 32 and all(m["auxk_loss"] > 0 for m in exact[2:])  # most of
     # the silenced half died in step 2, before whose end step 3's capacity had to be known
     torch.testing.assert_close(dict(pipelined.sae.named_parameters()), dict(at_once.sae.named_parameters()))
+
+
+@pytest.mark.parametrize("weight_decay", [None, 0.1])  # None: the default
+def test_a_latent_that_never_fires_keeps_its_weights_and_only_its_encoder_column_decays(weight_decay):
+    """Its loss gradient is zero, so AdamW leaves it alone but for the decoupled decay of W_enc: a gradient-coupled
+    L2 would move it by about lr a step, erasing its encoder column and bending its decoder row."""
+    cfg = TrainConfig(expansion=4, k=8, batch_size=BATCH, lr=1e-2, dead_tokens=10**9)
+    cfg = cfg if weight_decay is None else dataclasses.replace(cfg, weight_decay=weight_decay)
+    step = TrainStep(silenced_half(make_sae()), cfg, torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in step.sae.named_parameters()}
+    for i in range(5):
+        step(*make_rows(BATCH, seed=i), lr=1e-2)
+    step.drain()
+    silent = slice(0, 64)
+    assert int(step.tokens_since_fired[silent].min()) == 5 * BATCH  # none of them fired
+    after = dict(step.sae.named_parameters())
+    shrink = (1 - 1e-2 * cfg.weight_decay) ** 5
+    torch.testing.assert_close(after["W_enc"][:, silent], before["W_enc"][:, silent] * shrink)
+    torch.testing.assert_close(after["W_dec"][silent], before["W_dec"][silent])
+    torch.testing.assert_close(after["b_enc"][silent], before["b_enc"][silent])
+    assert not torch.allclose(after["W_enc"][:, 64:], before["W_enc"][:, 64:] * shrink)  # the others did train
 
 
 def test_moments_loaded_from_a_checkpoint_take_their_parameters_layout():
