@@ -94,9 +94,21 @@ def parse_layers_per_token(spec: str, n_layers: int) -> int:
 
 
 def resolve_device(spec: str) -> torch.device:
+    """auto (a GPU when there is one), cpu, cuda, cuda:1, ...; refused in one line when this machine lacks it."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise CrosscodersError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CrosscodersError(f"--device {spec}: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CrosscodersError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use cuda:0 to "
+                               f"cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise CrosscodersError(f"--device {spec}: only cpu and cuda devices are supported")
+    return device
 
 
 def resolve_model_dtype(spec: str, device: torch.device) -> torch.dtype:

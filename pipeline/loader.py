@@ -129,6 +129,11 @@ class LoaderConfig:
     workers: int = option(4, "Threads reading and decompressing chunks.")
     val_rows: int = option(65536, "Held-out rows used for validation.")
 
+    def __post_init__(self):
+        if self.window_chunks < 1 or self.workers < 1 or self.val_rows < 0:
+            raise CrosscodersError(f"window_chunks and workers must be at least 1 and val_rows at least 0; got "
+                                   f"window_chunks={self.window_chunks}, workers={self.workers}, val_rows={self.val_rows}")
+
 
 class ShardLoader:
     """Training rows of an activation store in a shuffled order that spans the whole store.

@@ -65,6 +65,9 @@ class TrainConfig:
         positive = ("expansion", "k", "batch_size", "val_every", "save_every", "dead_tokens", "lr")
         if any(getattr(self, name) <= 0 for name in positive) or self.warmup_steps < 0:
             raise CrosscodersError(f"{', '.join(positive)} must be positive and warmup_steps >= 0; got {self}")
+        for name in ("lr", "weight_decay", "auxk_alpha"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise CrosscodersError(f"{name}={getattr(self, name)} must be a finite number >= 0")
         if self.steps is not None and self.tokens is not None:
             raise CrosscodersError(f"give steps or tokens, not both (steps={self.steps}, tokens={self.tokens})")
         if (self.steps is not None and self.steps < 1) or (self.tokens is not None and self.tokens < self.batch_size):
@@ -132,9 +135,6 @@ class Run:
         self.total_steps = cfg.total_steps(self.n_train_batches)
         sae_cfg = cfg.sae_config(source.d_model, source.n_layers)
         checkpoint = latest_checkpoint(self.dir) if resume else None  # every process loads it
-        if distributed.is_main():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         if checkpoint is None:
             torch.manual_seed(cfg.seed)
             self.sae = TopKSAE(sae_cfg, source.stats).to(device)
@@ -142,6 +142,9 @@ class Run:
             self.sae = load(checkpoint, device)
             self.sae.check_compatible(source.d_model, source.n_layers)
         self.trainer = TrainStep(self.sae, cfg, device)
+        if distributed.is_main():  # written once the run can start: a folder without it takes a corrected command
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         self.step, self.checkpoint_step = 0, None  # checkpoint_step: step of the checkpoint on disk
         if checkpoint is not None:
             self.load_trainer_state(checkpoint)

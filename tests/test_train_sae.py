@@ -67,6 +67,11 @@ def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
         (["--sweep", "kk=1,2"], "sweep 'kk=1,2' must be FIELD=V1,V2"),
         (["--steps", "ten"], "--steps 'ten' is not a count"),
         (["--cuda-graph", "--device", "cpu"], "cuda_graph needs a CUDA device, not cpu; train without --cuda-graph"),
+        (["--device", "gpu"], "--device 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+        (["--device", "cuda:99"], "--device cuda:99: this machine has"),  # no CUDA GPU, or fewer than 100
+        (["--lr", "nan"], "lr=nan must be a finite number >= 0"),
+        (["--weight-decay", "-1"], "weight_decay=-1.0 must be a finite number >= 0"),
+        (["--window-chunks", "0"], "window_chunks and workers must be at least 1 and val_rows at least 0"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(store_path, tmp_path, args, message):
