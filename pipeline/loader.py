@@ -128,6 +128,7 @@ class LoaderConfig:
     window_chunks: int = option(64, "Chunks (of 1024 rows) shuffled together; more mixes better and uses more memory.")
     workers: int = option(4, "Threads reading and decompressing chunks.")
     val_rows: int = option(65536, "Held-out rows used for validation.")
+    shuffle_seed: int = option(0, "Seed of the row order; every run of a sweep reads the same batches.")
 
     def __post_init__(self):
         if self.window_chunks < 1 or self.workers < 1 or self.val_rows < 0:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline import distributed
@@ -25,6 +26,7 @@ from pipeline.units import parse_count
 
 LR_DECAYS = ("cosine", "linear")
 RESUMABLE_CHANGES = ("val_every", "save_every", "wandb", "cuda_graph")  # settings a resumed run may change: not the math
+RESUMABLE_LOADER_CHANGES = ("shards", "workers", "val_rows")  # the store may move; not the row order
 CHECKPOINT = "checkpoint"
 DATA_FILE = "data.json"  # the store a run was trained on; eval-sae and sae-features default to it
 
@@ -54,7 +56,7 @@ class TrainConfig:
     save_every: int = option(1000, "Steps between checkpoints.")
     dead_tokens: int = option(10_000_000, "Rows without firing that make a latent dead.", counts("--dead-tokens"), str)
     auxk_alpha: float = option(1 / 32, "Weight of the AuxK loss (0 turns it off).")
-    seed: int = option(0, "Seed of the SAE's initialization.")
+    seed: int = option(0, "Seed of the SAE's initialization (the row order has its own, --shuffle-seed).")
     wandb: bool = option(False, "Also log to Weights & Biases (WANDB_MODE=offline works).")
     cuda_graph: bool = option(False, "Replay each step from a CUDA graph (one process on a CUDA device): one launch per step instead of hundreds.")
 
@@ -134,27 +136,34 @@ class Run:
         self.n_train_batches = source.n_train_batches()
         self.total_steps = cfg.total_steps(self.n_train_batches)
         sae_cfg = cfg.sae_config(source.d_model, source.n_layers)
-        checkpoint = latest_checkpoint(self.dir) if resume else None  # every process loads it
-        if checkpoint is None:
+        self.resumed_from = latest_checkpoint(self.dir) if resume else None  # every process loads it
+        if self.resumed_from is None:
             torch.manual_seed(cfg.seed)
             self.sae = TopKSAE(sae_cfg, source.stats).to(device)
         else:
-            self.sae = load(checkpoint, device)
+            self.sae = load(self.resumed_from, device)
             self.sae.check_compatible(source.d_model, source.n_layers)
         self.trainer = TrainStep(self.sae, cfg, device)
-        if distributed.is_main():  # written once the run can start: a folder without it takes a corrected command
-            self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
         self.step, self.checkpoint_step = 0, None  # checkpoint_step: step of the checkpoint on disk
-        if checkpoint is not None:
-            self.load_trainer_state(checkpoint)
+        if self.resumed_from is not None:
+            self.load_trainer_state(self.resumed_from)
         self.metrics_file = self.dir / "metrics.jsonl"
-        if distributed.is_main():
-            kept = [r for r in read_metrics(self.metrics_file) if r["step"] <= self.step] if checkpoint else []
-            self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        self.wandb = start_wandb(cfg, self.dir) if cfg.wandb and distributed.is_main() else None
+        self.wandb = None
         self.last_train: dict = {}
         self.last_val: dict | None = None
+
+    def begin(self, data: dict | None):
+        """Write the run's settings (train_config.json, data.json: what its batches are) and its metrics so far,
+        once every run of the sweep could be set up; a folder left without them takes a corrected command."""
+        if not distributed.is_main():
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        if data is not None:
+            (self.dir / DATA_FILE).write_text(json.dumps(data, indent=2))
+        kept = [r for r in read_metrics(self.metrics_file) if r["step"] <= self.step] if self.resumed_from else []
+        self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        self.wandb = start_wandb(self.cfg, self.dir) if self.cfg.wandb else None
 
     def train_step(self, x: torch.Tensor, layer: torch.Tensor):
         """Queue one optimizer step on x: [batch, d_model] of layers layer: [batch] (this process's share of the
@@ -226,20 +235,26 @@ class Run:
 
     def load_trainer_state(self, checkpoint: Path):
         """Restore the optimizer, step, dead-latent counter and RNG saved by save_checkpoint."""
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        if state["n_train_batches"] != self.n_train_batches:
+        try:
+            state = json.loads((checkpoint / "trainer_state.json").read_text())
+            step, n_train_batches = state["step"], state["n_train_batches"]
+            tensors = load_file(checkpoint / "trainer_state.safetensors")
+            tokens_since_fired, rng_state = tensors["tokens_since_fired"], tensors["cpu_rng_state"]
+            optimizer_state: dict[int, dict] = {}  # {param index: {"step", "exp_avg", "exp_avg_sq"}}
+            for key, tensor in load_file(checkpoint / "optimizer.safetensors").items():
+                index, name = key.split(".")
+                optimizer_state.setdefault(int(index), {})[name] = tensor
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
+            raise CrosscodersError(f"checkpoint {checkpoint} is damaged ({error!r}); restore it, or delete it to train "
+                                   "from the start") from None
+        if n_train_batches != self.n_train_batches:
             raise CrosscodersError(
-                f"{checkpoint} was trained on {state['n_train_batches']} batches per epoch, the cache now has "
+                f"{checkpoint} was trained on {n_train_batches} batches per epoch, the cache now has "
                 f"{self.n_train_batches}; resume on the same cache and batch_size"
             )
-        self.step = self.checkpoint_step = state["step"]
-        optimizer_state: dict[int, dict] = {}
-        for key, tensor in load_file(checkpoint / "optimizer.safetensors").items():
-            index, name = key.split(".")
-            optimizer_state.setdefault(int(index), {})[name] = tensor
-        tensors = load_file(checkpoint / "trainer_state.safetensors")
-        self.trainer.load_state(optimizer_state, tensors["tokens_since_fired"])
-        torch.set_rng_state(tensors["cpu_rng_state"])
+        self.step = self.checkpoint_step = step
+        self.trainer.load_state(optimizer_state, tokens_since_fired)
+        torch.set_rng_state(rng_state)
 
     def finish(self) -> dict:
         """Save the final SAE (run folder and checkpoint), plot the losses; returns the final metrics."""
@@ -262,8 +277,12 @@ def train(
     device: torch.device | str = "cpu",
     resume: bool = False,
     progress: bool = True,
+    data: dict | None = None,
 ) -> list[dict]:
-    """Train one SAE per config into its folder, all from the same batches; returns each run's final metrics."""
+    """Train one SAE per config into its folder, all from the same batches; returns each run's final metrics.
+
+    data describes the batches (store, model, loader settings): saved as each run's data.json, and a resumed run
+    must read the same row order."""
     device = torch.device(device)
     if len(configs) != len(out_dirs) or len({Path(d).resolve() for d in out_dirs}) < len(out_dirs):
         raise CrosscodersError(f"give one distinct folder per config ({len(configs)} configs, {len(out_dirs)} folders)")
@@ -274,9 +293,11 @@ def train(
     for cfg, out_dir in zip(configs, out_dirs):  # every config and folder error before any training
         cfg.sae_config(source.d_model, source.n_layers)
         check_device(cfg, device)
-        check_run_folder(cfg, Path(out_dir), resume)
+        check_run_folder(cfg, Path(out_dir), resume, data)
     distributed.barrier()  # every process has checked the folders before the first writes to them
     runs = [Run(cfg, out_dir, source, device, resume) for cfg, out_dir in zip(configs, out_dirs)]
+    for run in runs:
+        run.begin(data)
     start, end = min(run.step for run in runs), max(run.total_steps for run in runs)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     batch_size, world_size = configs[0].batch_size, distributed.world_size()
@@ -364,18 +385,42 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool):
-    """Raise if run_dir holds a run that is not to be resumed, or one saved with settings that change training."""
+def check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool, data: dict | None = None):
+    """Raise if run_dir holds a run that is not to be resumed, or one saved with settings that change training or
+    the batches it reads."""
     saved_cfg = run_dir / "train_config.json"
     if not saved_cfg.exists():
         return
     if not resume:
         raise CrosscodersError(f"{run_dir} already holds a training run; resume it or train into a new folder")
-    saved, current = json.loads(saved_cfg.read_text()), asdict(cfg)
+    if (run_dir / CHECKPOINT).exists() and latest_checkpoint(run_dir) is None:
+        raise CrosscodersError(f"{run_dir / CHECKPOINT} is damaged (no trainer_state.json); restore it, or delete it "
+                               "to train from the start")
+    saved, current = read_json(saved_cfg), asdict(cfg)
     changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
+    saved_data = read_json(run_dir / DATA_FILE) if data is not None and (run_dir / DATA_FILE).exists() else None
+    if saved_data is not None:
+        saved.update(flatten_data(saved_data))
+        current.update(flatten_data(data))
+        changed += [name for name in flatten_data(data) if saved.get(name) != current[name]]
     if changed:
         differences = ", ".join(f"{name}={saved.get(name)!r} (now {current[name]!r})" for name in changed)
         raise CrosscodersError(f"cannot resume {run_dir} with other settings: {differences}; use the saved ones")
+
+
+def flatten_data(data: dict) -> dict:
+    """The parts of a data.json that fix a run's batches, as {name: value}: the model, its layers and the loader's
+    settings but for those that leave the row order alone."""
+    loader = {name: value for name, value in data.get("loader", {}).items() if name not in RESUMABLE_LOADER_CHANGES}
+    return {"model": data.get("model"), "layers": data.get("layers"), **loader}
+
+
+def read_json(path: Path):
+    """A JSON file the trainer wrote; a one-line error if it was cut short or altered."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CrosscodersError(f"{path} is damaged ({error}); restore it, or train into a new folder") from None
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -426,15 +471,15 @@ def train_on_store(
     device = distributed.local_device(device)
     rank, world_size = distributed.init_from_env(device)
     try:
-        source = ShardLoader(store, base.batch_size, base.seed, device, loader_cfg.window_chunks, loader_cfg.workers,
-                             loader_cfg.val_rows, rank, world_size)
+        source = ShardLoader(store, base.batch_size, loader_cfg.shuffle_seed, device, loader_cfg.window_chunks,
+                             loader_cfg.workers, loader_cfg.val_rows, rank, world_size)
         out_dirs = [out / name if name else out for name, _ in runs]
-        results = train([cfg for _, cfg in runs], source, out_dirs, device, resume, progress)
+        # which store (and so which model and held-out split) made these SAEs, and in which order they read it
+        data = {"shards": store.url, "model": store.metadata["model"], "layers": store.metadata["layers"],
+                "loader": asdict(loader_cfg)}
+        results = train([cfg for _, cfg in runs], source, out_dirs, device, resume, progress, data)
     finally:
         distributed.close()
     if rank > 0:
         return {}
-    for out_dir in out_dirs:  # which store (and so which model and held-out split) made this SAE
-        data = {"shards": store.url, "model": store.metadata["model"], "layers": store.metadata["layers"]}
-        (out_dir / DATA_FILE).write_text(json.dumps({**data, "loader": asdict(loader_cfg)}, indent=2))
     return {str(d): r for d, r in zip(out_dirs, results)}
