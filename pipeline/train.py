@@ -95,12 +95,13 @@ def expand_sweep(base: TrainConfig, sweep: list[str]) -> list[tuple[str, TrainCo
                 f"sweep {option_text!r} must be FIELD=V1,V2,..., each FIELD once, one of {list(fields)}"
             )
         axes[name] = [(text.strip(), parse_value(fields[name], text.strip())) for text in values.split(",")]
+        parsed = [value for _, value in axes[name]]
+        if len(set(parsed)) < len(parsed):
+            raise CrosscodersError(f"sweep {option_text!r} repeats a value ({parsed}); give each value once")
     runs = []
     for combination in product(*axes.values()):
         run_name = "-".join(f"{name}{text}" for name, (text, _) in zip(axes, combination))
         runs.append((run_name, replace(base, **{name: value for name, (_, value) in zip(axes, combination)})))
-    if len({name for name, _ in runs}) < len(runs):
-        raise CrosscodersError(f"sweep {sweep} repeats a value; give each value once")
     return runs
 
 
@@ -245,7 +246,7 @@ class Run:
                 index, name = key.split(".")
                 optimizer_state.setdefault(int(index), {})[name] = tensor
         except (OSError, ValueError, KeyError, SafetensorError) as error:
-            raise CrosscodersError(f"checkpoint {checkpoint} is damaged ({error!r}); restore it, or delete it to train "
+            raise CrosscodersError(f"{checkpoint} is damaged ({error!r}); restore it, or delete it to train "
                                    "from the start") from None
         if n_train_batches != self.n_train_batches:
             raise CrosscodersError(

@@ -186,6 +186,23 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_used_folders(tmp_pa
     assert train([relaxed], small_source(), [tmp_path], resume=True, progress=False)[0]["step"] == 30
 
 
+@pytest.mark.parametrize("damage", ["truncate optimizer.safetensors", "truncate trainer_state.json",
+                                    "delete trainer_state.json"])
+def test_resuming_from_a_damaged_checkpoint_is_refused_in_one_line_and_changes_nothing(tmp_path, damage):
+    train([replace(SMALL, steps=10)], small_source(), [tmp_path], progress=False)
+    verb, name = damage.split()
+    file = tmp_path / "checkpoint" / name
+    if verb == "truncate":
+        file.write_bytes(file.read_bytes()[:20])
+    else:
+        file.unlink()
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(CrosscodersError, match=rf"^{re.escape(str(tmp_path / 'checkpoint'))}.* is damaged .*; restore it, "
+                                               "or delete it to train from the start$"):
+        train([replace(SMALL, steps=10)], small_source(), [tmp_path], resume=True, progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
 def test_expand_sweep_names_runs_and_checks_values():
     runs = expand_sweep(TrainConfig(), ["k=16,32", "expansion=4,8", "normalize=false"])
     assert [name for name, _ in runs] == [
@@ -195,7 +212,8 @@ def test_expand_sweep_names_runs_and_checks_values():
     assert (runs[1][1].k, runs[1][1].expansion, runs[1][1].normalize) == (16, 8, False)
     assert expand_sweep(TrainConfig(), []) == [("", TrainConfig())]
     assert [cfg.tokens for _, cfg in expand_sweep(TrainConfig(), ["tokens=20K,1M"])] == [20_000, 1_000_000]
-    bad_sweeps = (["depth=2"], ["k=16", "k=32"], ["k"], ["k=1.5"], ["normalize=maybe"], ["k=0"], ["lr_decay=no"])
+    bad_sweeps = (["depth=2"], ["k=16", "k=32"], ["k"], ["k=1.5"], ["normalize=maybe"], ["k=0"], ["lr_decay=no"],
+                  ["k=4,04"], ["lr=0.001,1e-3"])  # the same value twice, written two ways
     for bad in (*bad_sweeps, ["steps=1x"]):
         with pytest.raises(CrosscodersError):
             expand_sweep(TrainConfig(), bad)

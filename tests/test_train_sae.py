@@ -1,14 +1,17 @@
 """`train-sae` as users run it: from shards, sweeps reading the shards once, one-line errors."""
 
 import json
+import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from test_loader import write_store
 
+from pipeline.errors import CrosscodersError
 from pipeline.loader import LoaderConfig, ShardLoader
 from pipeline.sae import load
 from pipeline.store import Store
@@ -43,6 +46,32 @@ def test_a_sweep_trains_every_combination_reading_each_chunk_once(store_path, tm
         assert sae.cfg.k == int(Path(run_dir).name[1]) and sae.cfg.d_model == D_MODEL
         assert json.loads((Path(run_dir) / "data.json").read_text())["shards"] == str(store_path.resolve())
         assert (Path(run_dir) / "loss.png").stat().st_size > 1000
+
+
+def test_a_sweep_over_seed_equals_separate_runs_of_each_seed(store_path, tmp_path):
+    base = TrainConfig(batch_size=256, expansion=2, k=2, steps=4, warmup_steps=1)
+    loader, cpu = LoaderConfig(shards=str(store_path)), torch.device("cpu")
+    train_on_store(loader, base, tmp_path / "sweep", ["seed=0,1"], cpu, resume=False, progress=False)
+    train_on_store(loader, replace(base, seed=1), tmp_path / "alone", [], cpu, resume=False, progress=False)
+    assert torch.equal(load(tmp_path / "sweep" / "seed1").W_enc, load(tmp_path / "alone").W_enc)
+    assert not torch.equal(load(tmp_path / "sweep" / "seed0").W_enc, load(tmp_path / "alone").W_enc)
+
+
+def test_resume_refuses_another_row_order_and_takes_a_moved_store(store_path, tmp_path):
+    base = TrainConfig(batch_size=256, expansion=2, k=2, steps=6, save_every=3, warmup_steps=1)
+    loader, cpu = LoaderConfig(shards=str(store_path), window_chunks=2), torch.device("cpu")
+    train_on_store(loader, replace(base, steps=3), tmp_path / "run", [], cpu, resume=False, progress=False)
+    saved = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert saved["loader"]["window_chunks"] == 2 and saved["model"]["d_model"] == D_MODEL
+    for changed, message in ((dict(window_chunks=3), "window_chunks=2 (now 3)"), (dict(shuffle_seed=1), "shuffle_seed=0 (now 1)")):
+        with pytest.raises(CrosscodersError, match=re.escape(message)):
+            train_on_store(replace(loader, **changed), replace(base, steps=3), tmp_path / "run", [], cpu, resume=True,
+                           progress=False)
+    moved = tmp_path / "moved"
+    store_path.rename(moved)
+    relaxed = replace(loader, shards=str(moved), workers=1, val_rows=100)  # where the rows are read from, and how many are validated on
+    [result] = train_on_store(relaxed, replace(base, steps=3), tmp_path / "run", [], cpu, resume=True, progress=False).values()
+    assert result["step"] == 3
 
 
 def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
