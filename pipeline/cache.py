@@ -288,33 +288,40 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
 
 def _cache_window(model, window: Window, plans, budget: int, config: CacheConfig, corpus: CorpusConfig, pad_id: int, device, writer: ShardWriter) -> int:
     """Runs the model over one window's batches, recording up to `budget` pairs; returns the model tokens."""
-    plan_of = {doc: plan for (doc, _), plan in zip(window.docs, plans)}
+    docs, plans = _within_budget(window.docs, plans, budget)
+    plan_of = {doc: plan for (doc, _), plan in zip(docs, plans)}
     n_model_tokens = 0
-    batches = list(pack_batches(window.docs, config.batch_tokens, pad_id, window=len(window.docs)))
+    batches = list(pack_batches(docs, config.batch_tokens, pad_id, window=len(docs)))
     for i, packed in enumerate(batches):
-        recorded = _record_batch(model, packed, [plan_of[d] for d in packed.doc_index], budget, config, corpus, device)
-        budget -= len(recorded.layer)
+        recorded = _record_batch(model, packed, [plan_of[d] for d in packed.doc_index], config, corpus, device)
         n_model_tokens += int(packed.attention_mask.sum())
-        recorded.window, recorded.ends_window = window.index, i == len(batches) - 1 or budget == 0
+        recorded.window, recorded.ends_window = window.index, i == len(batches) - 1
         writer.submit(recorded)
-        if budget == 0:  # the run ends here: later documents of the window stay unrecorded
-            break
     return n_model_tokens
 
 
-def _record_batch(model, packed: Packed, plans: list[tuple[np.ndarray, np.ndarray]], budget: int, config: CacheConfig, corpus: CorpusConfig, device) -> RecordedBatch:
-    """Gathers the planned pairs of one batch (at most `budget`) by running the model up to the last needed layer."""
+def _within_budget(docs: list[tuple[int, np.ndarray]], plans: list[tuple[np.ndarray, np.ndarray]], budget: int) -> tuple[list, list]:
+    """The documents, in corpus order, up to the one that spends the budget, with their plans cut there.
+
+    The cut comes before packing, which sorts by length: the stored sample stays a corpus-order prefix.
+    """
+    kept_docs, kept_plans = [], []
+    for doc, (positions, chosen) in zip(docs, plans):
+        if budget == 0:
+            break
+        kept_docs.append(doc)
+        kept_plans.append((positions[:budget], chosen[:budget]))
+        budget -= len(kept_plans[-1][0])
+    return kept_docs, kept_plans
+
+
+def _record_batch(model, packed: Packed, plans: list[tuple[np.ndarray, np.ndarray]], config: CacheConfig, corpus: CorpusConfig, device) -> RecordedBatch:
+    """Gathers the planned pairs of one batch by running the model up to the last needed layer."""
     rows = {name: [] for name in ("batch", *ROW_FIELDS, "split")}
     doc_split = np.array([is_validation(d, corpus) for d in packed.doc_index], dtype=np.uint8)
-    n_docs = len(packed.doc_index)
     for b, (doc, tokens, (positions, chosen)) in enumerate(zip(packed.doc_index, packed.doc_tokens, plans)):
-        positions, chosen = positions[:budget], chosen[:budget]
-        budget -= len(positions)
         for name, values in (("batch", b), ("layer", chosen), ("token", tokens[positions]), ("doc", doc), ("pos", positions), ("split", doc_split[b])):
             rows[name].append(np.broadcast_to(values, positions.shape))
-        if budget == 0:  # later documents of the batch stay unrecorded
-            n_docs = b + 1
-            break
     columns = {name: np.concatenate(parts) for name, parts in rows.items()}
     order = np.argsort(columns["layer"], kind="stable")  # rows grouped by layer, as the hooks gather them
     columns = {name: values[order] for name, values in columns.items()}
@@ -339,9 +346,9 @@ def _record_batch(model, packed: Packed, plans: list[tuple[np.ndarray, np.ndarra
         doc=columns["doc"],
         pos=columns["pos"],
         split=columns["split"],
-        doc_index=np.asarray(packed.doc_index[:n_docs], dtype=np.int64),
-        doc_split=doc_split[:n_docs],
-        doc_tokens=packed.doc_tokens[:n_docs],
+        doc_index=np.asarray(packed.doc_index, dtype=np.int64),
+        doc_split=doc_split,
+        doc_tokens=packed.doc_tokens,
         copied=copied,
     )
 

@@ -153,6 +153,15 @@ def test_layer_draw_depends_on_seed_and_document_only():
     assert not np.array_equal(first, choose_pairs(np.arange(50), 8, list(range(10)), 1, skip, seed=3)[1])
 
 
+def test_n_tokens_ending_inside_a_window_keeps_a_corpus_order_prefix(tiny_model_dir, corpus_file, tmp_path):
+    """The window is packed shortest first, but its budget is spent in corpus order."""
+    store = run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=800, pack_window=60)  # one window
+    docs = sorted(store.document_tokens())
+    assert store.n_pairs == 800 and docs == list(range(len(docs))) and len(docs) < 60
+    keys, _ = sorted_rows(store)
+    assert sorted(set(keys[:, 0].tolist())) == docs
+
+
 def test_rerun_with_more_tokens_extends_and_same_run_does_nothing(tiny_model_dir, corpus_file, tmp_path):
     window = 4  # run_cache's pack_window
     full = run_cache(tiny_model_dir, corpus_file, tmp_path / "full", n_tokens=2500)
