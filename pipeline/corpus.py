@@ -167,7 +167,8 @@ def buffer_shuffle(items: Iterable, size: int, rng: random.Random) -> Iterator:
 
 
 def dataset_rows(config: CorpusConfig) -> Iterator[tuple[str | None, str | None, str | None]]:
-    """(prompt, response, None) or (None, None, text) per row of a shuffled, streamed `datasets` source."""
+    """(prompt, response, None) or (None, None, text) per row of a shuffled, streamed `datasets` source;
+    rows of empty text are skipped (they have no token to record)."""
     fields = [config.text_field] if config.text_field else [config.prompt_field, config.response_field]
     option = "--text-field" if config.text_field else "--prompt-field/--response-field"
     for row in load_rows(config).shuffle(seed=config.seed, buffer_size=ROW_BUFFER):
@@ -178,7 +179,8 @@ def dataset_rows(config: CorpusConfig) -> Iterator[tuple[str | None, str | None,
                     f"set {option} to the right column"
                 )
         if config.text_field:
-            yield None, None, str(row[config.text_field])
+            if text := str(row[config.text_field]):
+                yield None, None, text
         else:
             yield str(row[config.prompt_field]), str(row[config.response_field]), None
 

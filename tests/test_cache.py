@@ -162,6 +162,14 @@ def test_n_tokens_ending_inside_a_window_keeps_a_corpus_order_prefix(tiny_model_
     assert sorted(set(keys[:, 0].tolist())) == docs
 
 
+def test_a_corpus_with_empty_texts_caches_the_others(tiny_model_dir, tmp_path):
+    corpus = tmp_path / "text.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in ("def f(): pass", "", "x = 1 + 2")))
+    config = CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "s"), n_tokens=100)
+    cache_activations(config, CorpusConfig(dataset=str(corpus), text_field="text"), console=QUIET, progress=False)
+    assert sorted(len(tokens) > 0 for tokens in Store(tmp_path / "s").document_tokens().values()) == [True, True]
+
+
 def test_rerun_with_more_tokens_extends_and_same_run_does_nothing(tiny_model_dir, corpus_file, tmp_path):
     window = 4  # run_cache's pack_window
     full = run_cache(tiny_model_dir, corpus_file, tmp_path / "full", n_tokens=2500)

@@ -76,6 +76,12 @@ def test_text_field_gives_raw_text_documents(tmp_path):
     assert sorted(doc.text for doc in docs) == sorted(f"print({i})" for i in range(20))
 
 
+def test_empty_text_rows_are_skipped(tmp_path):
+    path = write_jsonl(tmp_path / "text.jsonl", [{"content": text} for text in ("print(1)", "", "print(2)", "")])
+    docs = list(iter_documents(CorpusConfig(dataset=str(path), text_field="content")))
+    assert sorted(doc.text for doc in docs) == ["print(1)", "print(2)"] and [doc.index for doc in docs] == [0, 1]
+
+
 def test_missing_field_names_it_and_the_columns(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"instruction": "q", "output": "a"}])
     with pytest.raises(CrosscodersError, match=r"'prompt'.*instruction, output.*--prompt-field/--response-field"):
