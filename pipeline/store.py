@@ -165,6 +165,32 @@ def _first_difference(old, new) -> str:
     return f" (store has {old!r}, this run has {new!r})"
 
 
+def _files_by_folder(files: list[str]) -> dict[str, set[str]]:
+    """Paths in the store grouped by their top folder (a shard's name)."""
+    grouped: dict[str, set[str]] = {}
+    for path in files:
+        grouped.setdefault(path.split("/", 1)[0], set()).add(path)
+    return grouped
+
+
+def _lost_array(shard: ShardInfo, files: set[str]) -> str | None:
+    """The first array of a committed shard missing from `files` (its paths in the store), or None.
+
+    An array that holds rows must have a data file: zarr would read a lost one as zeros.
+    """
+    with_data = {f.split("/c/")[0] for f in files if "/c/" in f}
+    for array, has_rows in _shard_arrays(shard).items():
+        folder = f"{shard.name}/{array}"
+        if f"{folder}/zarr.json" not in files or (has_rows and folder not in with_data):
+            return folder
+    return None
+
+
+def _shard_arrays(shard: ShardInfo) -> dict[str, bool]:
+    """A committed shard's row arrays, each with whether it holds rows."""
+    return {f"{split}/{array}": shard.n_rows[split] > 0 for split in SPLITS for array in ("acts", *ROW_FIELDS)}
+
+
 class Store:
     """A readable view of a store: metadata, complete shards, statistics and rows."""
 
@@ -189,12 +215,11 @@ class Store:
         self.zarr_store = self.location.zarr_store()
         self._arrays: dict[str, zarr.Array] = {}
         self._chunk_files: dict[str, ChunkFile | None] = {}  # local arrays' shard files, read without zarr
-        files = set(self.location.files())
-        with_data = {f.split("/c/")[0] for f in files if "/c/" in f}  # arrays with chunk files
+        files_of = _files_by_folder(self.location.files())
         self.shards: list[ShardInfo] = []
         self.unfinished: list[str] = []  # shard folders without their commit: being written, or left by a killed run
         for name in sorted(n for n in self.location.entries() if n.startswith(SHARD_PREFIX)):
-            info = self._read_shard(name, files, with_data)
+            info = self._read_shard(name, files_of.get(name, set()))
             if info is None:
                 self.unfinished.append(name)
             else:
@@ -204,8 +229,8 @@ class Store:
     def url(self) -> str:
         return self.location.url
 
-    def _read_shard(self, name: str, files: set[str], with_data: set[str]) -> ShardInfo | None:
-        """A shard's bookkeeping, or None while it lacks its commit (the attributes, written last)."""
+    def _read_shard(self, name: str, files: set[str]) -> ShardInfo | None:
+        """A shard's bookkeeping, or None while it lacks its commit (the attributes, written last); `files` are its paths."""
         if f"{name}/zarr.json" not in files:
             return None
         try:
@@ -216,12 +241,10 @@ class Store:
         except (OSError, ValueError, KeyError, AttributeError) as error:
             raise CrosscodersError(f"shard {self.location.path(name, 'zarr.json')} is damaged ({error!r}); "
                                    f"delete {self.location.path(name)} and re-run cache-acts to rewrite it") from None
-        for split in SPLITS:
-            for array in ("acts", *ROW_FIELDS):
-                folder = f"{name}/{split}/{array}"
-                if f"{folder}/zarr.json" not in files or (info.n_rows[split] and folder not in with_data):
-                    raise CrosscodersError(f"array {self.location.path(folder)} lost its files; "
-                                           f"delete {self.location.path(name)} and re-run cache-acts")
+        # The store's listing may predate this shard's commit (a writer runs alongside): list it again before calling it damaged.
+        lost = _lost_array(info, files) and _lost_array(info, set(self.location.files(name)))
+        if lost:
+            raise CrosscodersError(f"array {self.location.path(lost)} lost its files; delete {self.location.path(name)} and re-run cache-acts")
         return info
 
     # Writing ---------------------------------------------------------------------------------

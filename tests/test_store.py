@@ -122,6 +122,19 @@ def test_a_missing_data_file_is_caught_on_open(store):
         Store(store.url)
 
 
+def test_a_shard_committed_while_the_store_is_listed_opens(any_store, monkeypatch):
+    """A reader lists the store while a writer is at a shard, which it commits before the reader reads its commit."""
+    any_store.write_shard(make_shard(700, 2, 6))
+    listing = Location.files
+
+    def listed_before_the_commit(self, *parts):  # the store's listing then held the new shard's group, not its arrays
+        files = listing(self, *parts)
+        return files if parts else [f for f in files if not f.startswith("shard-00000006/") or f == "shard-00000006/zarr.json"]
+
+    monkeypatch.setattr(Location, "files", listed_before_the_commit)
+    assert [s.name for s in Store(any_store.url).shards] == ["shard-00000002", "shard-00000004", "shard-00000006"]
+
+
 def test_a_truncated_shard_header_is_caught_on_open(store):
     with open(store.location.path("shard-00000004", "zarr.json"), "w") as handle:
         handle.write('{"attributes": {')
