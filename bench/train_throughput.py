@@ -45,8 +45,8 @@ def synthetic_store(path: Path, n_rows: int, d_model: int, n_layers: int = 29, s
         train_rows = SplitRows(to_storage(acts, "bf16"), layer, np.zeros(rows), np.zeros(rows), np.zeros(rows))
         val_rows = SplitRows(to_storage(acts[:256], "bf16"), layer[:256], np.zeros(256), np.zeros(256), np.zeros(256))
         sums = layer_sums(acts.bfloat16(), torch.from_numpy(layer.astype(np.int64)), n_layers)
-        store.write_shard(ShardData({"train": train_rows, "val": val_rows}, np.array([0]), np.array([0]), np.array([0, 0]),
-                                    np.zeros(0, np.int32), *sums, [start // shard_rows], [rows + 256]))
+        store.write_shard(ShardData({"train": train_rows, "val": val_rows}, np.array([0]), np.array([0]), np.array([0, 1]),
+                                    np.zeros(1, np.int32), *sums, [start // shard_rows], [rows + 256]))
     return Store(path)
 
 

@@ -187,8 +187,12 @@ def _lost_array(shard: ShardInfo, files: set[str]) -> str | None:
 
 
 def _shard_arrays(shard: ShardInfo) -> dict[str, bool]:
-    """A committed shard's row arrays, each with whether it holds rows."""
-    return {f"{split}/{array}": shard.n_rows[split] > 0 for split in SPLITS for array in ("acts", *ROW_FIELDS)}
+    """A committed shard's arrays, each with whether it holds rows."""
+    has_rows = sum(shard.n_rows.values()) > 0  # rows are tokens of stored documents
+    arrays = {f"{split}/{array}": shard.n_rows[split] > 0 for split in SPLITS for array in ("acts", *ROW_FIELDS)}
+    arrays.update({"docs/index": has_rows, "docs/split": has_rows, "docs/tokens": has_rows, "docs/offsets": True})
+    arrays.update({f"stats/{name}": True for name in ("count", "sum", "sum_sq_norm")})
+    return arrays
 
 
 class Store:

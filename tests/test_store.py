@@ -122,6 +122,15 @@ def test_a_missing_data_file_is_caught_on_open(store):
         Store(store.url)
 
 
+@pytest.mark.parametrize("array", ["docs/tokens", "docs/offsets", "stats/sum"])
+def test_a_lost_documents_or_statistics_file_is_caught_on_open(any_store, array):
+    location = any_store.location
+    for path in location.fs.find(location.path("shard-00000002", *array.split("/"), "c")):
+        location.fs.rm(path)
+    with pytest.raises(CrosscodersError, match=f"shard-00000002/{array} lost its files"):
+        Store(any_store.url)
+
+
 def test_a_shard_committed_while_the_store_is_listed_opens(any_store, monkeypatch):
     """A reader lists the store while a writer is at a shard, which it commits before the reader reads its commit."""
     any_store.write_shard(make_shard(700, 2, 6))
