@@ -49,6 +49,10 @@ class CacheConfig:
             raise CrosscodersError("--max-seq-len must be at least 2")
         if self.batch_tokens < self.max_seq_len:
             raise CrosscodersError(f"--batch-tokens ({self.batch_tokens}) must be at least --max-seq-len ({self.max_seq_len})")
+        if self.pack_window < 1:
+            raise CrosscodersError(f"--pack-window {self.pack_window} must be at least 1 (documents per packing window)")
+        if self.shard_rows < 1:
+            raise CrosscodersError(f"--shard-rows {self.shard_rows} must be at least 1 (training rows per shard)")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,12 @@ class CorpusConfig:
     seed: int = option(0, "Seed of the corpus shuffle and of the per-token layer draw.")
     val_fraction: float = option(0.05, "Fraction of documents held out for validation and evaluation.")
 
+    def __post_init__(self):
+        if not 0 <= self.seed < 2**32:
+            raise CrosscodersError(f"--seed {self.seed} must be from 0 to {2**32 - 1}")
+        if not 0 <= self.val_fraction < 1:
+            raise CrosscodersError(f"--val-fraction {self.val_fraction} must be at least 0 and below 1 (0.05 holds out 5% of documents)")
+
     def to_dict(self) -> dict:
         """The config as plain JSON values."""
         return dataclasses.asdict(self)

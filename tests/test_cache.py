@@ -240,6 +240,8 @@ def test_interrupted_and_resumed_run_stores_exactly_the_uninterrupted_rows(tiny_
         (["--layers-per-token", "9", "--layers", "1,2"], "--layers-per-token '9' must be 'all' or a number from 1 to 2"),
         (["--dtype", "int8"], "--dtype 'int8' is not one of bf16, float16, float32"),
         (["--prompt-field", "question"], "question"),
+        (["--seed", "-1"], "--seed -1 must be from 0 to 4294967295"),
+        (["--pack-window", "0"], "--pack-window 0 must be at least 1"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(tiny_model_dir, corpus_file, tmp_path, args, message):
@@ -249,6 +251,15 @@ def test_bad_inputs_give_one_line_errors(tiny_model_dir, corpus_file, tmp_path, 
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()  # nothing is written before the inputs check out
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"pack_window": -3}, "--pack-window -3 must be at least 1"),
+    ({"shard_rows": 0}, "--shard-rows 0 must be at least 1"),
+])
+def test_out_of_range_options_are_refused(options, message):
+    with pytest.raises(CrosscodersError, match=message):
+        CacheConfig(**options)
 
 
 def test_a_preset_that_is_not_installed_names_its_pip_command(tmp_path):

@@ -119,6 +119,18 @@ def test_missing_path_and_offline_hub_give_clear_errors(tmp_path, monkeypatch):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"seed": -1}, "--seed -1 must be from 0 to 4294967295"),
+    ({"seed": 2**32}, "--seed 4294967296 must be from 0"),
+    ({"val_fraction": 2}, "--val-fraction 2 must be at least 0 and below 1"),
+    ({"val_fraction": -0.1}, "--val-fraction -0.1 must be"),
+    ({"val_fraction": 1.0}, "--val-fraction 1.0 must be"),
+])
+def test_out_of_range_options_are_refused(options, message):
+    with pytest.raises(CrosscodersError, match=re.escape(message)):
+        CorpusConfig(**options)
+
+
 def test_validation_split_is_five_percent_and_deterministic():
     config = CorpusConfig(seed=7)
     n = 20_000
