@@ -306,8 +306,14 @@ def test_disk_preflight_refuses_a_run_that_cannot_fit(tiny_model_dir, corpus_fil
 def test_parse_layers():
     assert parse_layers("all", 5) == [0, 1, 2, 3, 4]
     assert parse_layers("0-2,4", 5) == [0, 1, 2, 4]
-    with pytest.raises(CrosscodersError, match="not a layer list"):
+    with pytest.raises(CrosscodersError, match="'a-b' is not a layer list"):
         parse_layers("a-b", 5)
+    with pytest.raises(CrosscodersError, match="'1-' is not a layer list"):
+        parse_layers("0,1-", 5)
+    with pytest.raises(CrosscodersError, match=r"range '5-3' is empty; write the lower layer first \(3-5\)"):
+        parse_layers("5-3", 5)
+    with pytest.raises(CrosscodersError, match="'' is not a layer list"):
+        parse_layers("", 5)
 
 
 @pytest.mark.integration
