@@ -169,7 +169,13 @@ def _hub_config(hub_id: str) -> Path:
 
 def _config_fingerprint(config_json: Path) -> str:
     """sha256 of config.json without the keys that change with the saving library, not the model."""
-    config = {k: v for k, v in json.loads(config_json.read_text()).items() if k not in VOLATILE_CONFIG_KEYS}
+    try:
+        config = json.loads(config_json.read_text())
+    except ValueError as error:
+        raise CrosscodersError(f"{config_json} is damaged ({error}); restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise CrosscodersError(f"{config_json} is damaged (not a JSON object); restore the model's config.json")
+    config = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return "config-sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 

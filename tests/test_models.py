@@ -47,6 +47,15 @@ def test_the_fingerprint_changes_with_the_config(tiny, tiny_model_dir, tmp_path)
     assert load_model(str(folder)).info.fingerprint != tiny.info.fingerprint
 
 
+@pytest.mark.parametrize("text", ['{"vocab_size": ', "[1, 2]"])
+def test_a_damaged_config_is_a_one_line_error(tiny_model_dir, tmp_path, text):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    (folder / "config.json").write_text(text)
+    with pytest.raises(CrosscodersError, match=r"config.json is damaged \(.*\); restore the model's config.json") as error:
+        load_model(str(folder))
+    assert "\n" not in str(error.value)
+
+
 def test_model_info_round_trips_through_a_dict(tiny):
     assert ModelInfo.from_dict(json.loads(json.dumps(tiny.info.to_dict()))) == tiny.info
 
