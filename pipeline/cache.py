@@ -14,7 +14,7 @@ from rich.text import Text
 from pipeline import distributed
 from pipeline.background import ahead
 from pipeline.cli import option
-from pipeline.corpus import CorpusConfig, is_validation, iter_documents, tokenize_document
+from pipeline.corpus import CorpusConfig, check_chat_template, is_validation, iter_documents, tokenize_document
 from pipeline.errors import CrosscodersError
 from pipeline.hidden_states import capture_rows
 from pipeline.models import DEFAULT_MODEL, load_model
@@ -224,6 +224,7 @@ def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Consol
 def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress: bool, device, rank: int, world_size: int) -> CacheReport:
     model_dtype = resolve_model_dtype(config.model_dtype, device)
     loaded = load_model(config.model, device=device, dtype=model_dtype)
+    check_chat_template(corpus, loaded.tokenizer, config.model)
     info = loaded.info
     layers = parse_layers(config.layers, info.n_hidden_states)
     per_token = parse_layers_per_token(config.layers_per_token, len(layers))

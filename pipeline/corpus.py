@@ -89,6 +89,13 @@ def tokenize_document(doc: Document, tokenizer, max_seq_len: int) -> list[int]:
     return list(ids[:max_seq_len])
 
 
+def check_chat_template(config: CorpusConfig, tokenizer, model: str) -> None:
+    """Chat documents need the tokenizer's chat template: a model without one is refused before anything is written."""
+    if config.text_field is None and not tokenizer.chat_template:
+        raise CrosscodersError(f"model {model} has no chat template to format chat documents; "
+                               "use a plain-text corpus instead: --dataset FILE --text-field COLUMN")
+
+
 def is_validation(doc_index: int, config: CorpusConfig) -> bool:
     """Whether a document is held out: a hash of (seed, index) mapped to [0, 1), below `val_fraction`."""
     digest = hashlib.blake2b(f"{config.seed}:{doc_index}".encode(), digest_size=8).digest()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -260,6 +261,19 @@ def test_bad_inputs_give_one_line_errors(tiny_model_dir, corpus_file, tmp_path, 
 def test_out_of_range_options_are_refused(options, message):
     with pytest.raises(CrosscodersError, match=message):
         CacheConfig(**options)
+
+
+def test_a_model_without_a_chat_template_needs_a_text_corpus(tiny_model_dir, corpus_file, tmp_path):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "plain-model")
+    (model / "chat_template.jinja").unlink()
+    result = cli("--model", str(model), "--dataset", str(corpus_file), "--out", str(tmp_path / "s"), "--n-tokens", "100")
+    assert result.returncode == 2 and "has no chat template" in result.stderr and "--text-field" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+    text_corpus = tmp_path / "text.jsonl"
+    text_corpus.write_text("".join(json.dumps({"text": f"x = {i} + 1"}) + "\n" for i in range(20)))
+    config = CacheConfig(model=str(model), out=str(tmp_path / "s"), n_tokens=50)
+    cache_activations(config, CorpusConfig(dataset=str(text_corpus), text_field="text"), console=QUIET, progress=False)
+    assert Store(tmp_path / "s").n_pairs == 50
 
 
 def test_a_preset_that_is_not_installed_names_its_pip_command(tmp_path):
