@@ -25,6 +25,9 @@ SPLITS = ("train", "val")
 # Fields that may change between runs into one store: how the model is named (its fingerprint
 # must match) and the run's length and where it runs, which change no stored value.
 FREE_FIELDS = {"name", "model", "n_tokens", "shard_rows", "out", "device"}
+# cache-acts options compared by what they resolve to, the store's own model_dtype, layers and
+# layers_per_token: --model-dtype auto is float32 on a CPU, bf16 on a GPU; --layers all is 0-4 on a 5-state model.
+RESOLVED_OPTIONS = {"model_dtype", "layers", "layers_per_token"}
 
 
 def acts_codecs() -> tuple:
@@ -125,8 +128,9 @@ def create_or_open(url: str | os.PathLike, metadata: dict, clean: bool = True) -
     """Opens the store at url (a folder or fsspec URL) for appending, creating it with metadata if new.
 
     An existing store must have been made with the same metadata (model, layers, dtype, corpus...)
-    except FREE_FIELDS. With `clean`, shards a killed run left unfinished are deleted; only one
-    process of a multi-process run may clean, before any process writes.
+    except FREE_FIELDS, with the cache options in RESOLVED_OPTIONS compared resolved. With `clean`,
+    shards a killed run left unfinished are deleted; only one process of a multi-process run may
+    clean, before any process writes.
     """
     location = Location(url)
     if location.exists("zarr.json"):
@@ -148,7 +152,8 @@ def _check_same_recipe(store: "Store", metadata: dict) -> None:
     for key, value in metadata.items():
         old, new = existing.get(key), json.loads(json.dumps(value))
         if isinstance(old, dict) and isinstance(new, dict):
-            old, new = ({k: v for k, v in d.items() if k not in FREE_FIELDS} for d in (old, new))
+            free = FREE_FIELDS | RESOLVED_OPTIONS if key == "cache" else FREE_FIELDS
+            old, new = ({k: v for k, v in d.items() if k not in free} for d in (old, new))
         if old != new:
             differing = _first_difference(old, new)
             raise CrosscodersError(

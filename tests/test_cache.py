@@ -307,6 +307,8 @@ def test_changed_options_on_an_existing_store_are_refused(tiny_model_dir, corpus
     run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=200)
     with pytest.raises(CrosscodersError, match=r"different layers \(store has \[0, 1, 2, 3, 4\], this run has \[1, 2\]\)"):
         run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=400, layers="1,2")
+    grown = run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=400, layers="0-4", model_dtype="float32")  # as auto on a CPU
+    assert grown.n_pairs == 400
 
 
 def test_disk_preflight_refuses_a_run_that_cannot_fit(tiny_model_dir, corpus_file, tmp_path, monkeypatch):

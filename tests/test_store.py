@@ -175,9 +175,23 @@ def test_another_models_metadata_is_refused(store):
 
 
 def test_the_same_model_under_another_name_may_extend_a_store(tmp_path):
-    recipe = {**json.loads(json.dumps(METADATA)), "cache": {"model": "qwen2.5-coder-0.5b-instruct", "n_tokens": 100, "layers": "all"}}
+    recipe = {**json.loads(json.dumps(METADATA)), "cache": {"model": "qwen2.5-coder-0.5b-instruct", "n_tokens": 100, "skip_special": True}}
     create_or_open(tmp_path / "t", recipe)
     renamed = {**recipe, "cache": {**recipe["cache"], "model": "/models/qwen-0.5b", "n_tokens": 200}}
     create_or_open(tmp_path / "t", renamed)
-    with pytest.raises(CrosscodersError, match=r"different cache \(layers: store has 'all', this run has '1-3'\)"):
-        create_or_open(tmp_path / "t", {**renamed, "cache": {**renamed["cache"], "layers": "1-3"}})
+    with pytest.raises(CrosscodersError, match=r"different cache \(skip_special: store has True, this run has False\)"):
+        create_or_open(tmp_path / "t", {**renamed, "cache": {**renamed["cache"], "skip_special": False}})
+
+
+def test_options_are_compared_by_what_they_resolve_to(tmp_path):
+    """A store cached on a CPU with --model-dtype auto (float32) is extended on a GPU with --model-dtype float32."""
+    cache = {"model_dtype": "auto", "layers": "all", "layers_per_token": "3", "dtype": "bf16"}
+    recipe = {**json.loads(json.dumps(METADATA)), "model_dtype": "float32", "layers_per_token": 3, "cache": cache}
+    create_or_open(tmp_path / "t", recipe)
+    create_or_open(tmp_path / "t", {**recipe, "cache": {**cache, "model_dtype": "float32", "layers": "0-2", "layers_per_token": "all"}})
+    with pytest.raises(CrosscodersError, match=r"different model_dtype \(store has 'float32', this run has 'bfloat16'\)"):
+        create_or_open(tmp_path / "t", {**recipe, "model_dtype": "bfloat16"})
+    with pytest.raises(CrosscodersError, match=r"different layers \(store has \[0, 1, 2\], this run has \[1, 2\]\)"):
+        create_or_open(tmp_path / "t", {**recipe, "layers": [1, 2], "cache": {**cache, "layers": "1-2"}})
+    with pytest.raises(CrosscodersError, match=r"different cache \(dtype: store has 'bf16', this run has 'float16'\)"):
+        create_or_open(tmp_path / "t", {**recipe, "cache": {**cache, "dtype": "float16"}})
