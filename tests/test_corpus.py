@@ -141,6 +141,15 @@ def test_validation_split_is_five_percent_and_deterministic():
     assert held_out != [is_validation(i, CorpusConfig(seed=8)) for i in range(n)]
 
 
+def test_the_split_follows_the_rule_docs_format_md_states():
+    import hashlib
+
+    config = CorpusConfig(seed=5, val_fraction=0.3)
+    for doc_index in range(2000):
+        digest = hashlib.blake2b(f"{config.seed}:{doc_index}".encode(), digest_size=8).digest()
+        assert is_validation(doc_index, config) == (int.from_bytes(digest, "little") / 2**64 < config.val_fraction)
+
+
 def test_tokenize_document_uses_chat_template_and_truncates(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     doc = first(CorpusConfig(), 1)[0]
