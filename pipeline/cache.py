@@ -14,7 +14,7 @@ from rich.text import Text
 from pipeline import distributed
 from pipeline.background import ahead
 from pipeline.cli import option
-from pipeline.corpus import CorpusConfig, check_chat_template, is_validation, iter_documents, tokenize_document
+from pipeline.corpus import CorpusConfig, check_chat_template, is_validation, iter_documents, mined_files_fingerprint, tokenize_document
 from pipeline.errors import CrosscodersError
 from pipeline.hidden_states import capture_rows
 from pipeline.models import DEFAULT_MODEL, load_model
@@ -236,6 +236,7 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
         "model_dtype": str(model_dtype).removeprefix("torch."),
         "cache": asdict(config),
         "corpus": corpus.to_dict(),
+        "mined_files": mined_files_fingerprint() if corpus.dataset is None else None,
     }
     if next(iter_documents(corpus), None) is None:  # a bad --dataset fails here, before any store exists
         raise CrosscodersError("the corpus yields no documents; check --dataset and its fields")

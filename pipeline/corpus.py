@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import itertools
 import os
+import platform
 import random
 import re
 import sysconfig
@@ -110,14 +111,38 @@ def mined_pairs(seed: int) -> Iterator[tuple[str, str, None]]:
     )
 
 
+def mined_roots() -> list[list[str]]:
+    """The folders the default corpus is mined from, in two groups: the stdlib, then site-packages."""
+    paths = sysconfig.get_paths()
+    return [[paths["stdlib"]], sorted({paths["purelib"], paths["platlib"]})]
+
+
 def shuffled_files(rng: random.Random) -> Iterator[Path]:
     """Python files of the stdlib, then of site-packages, each group in seeded order and listed only when reached."""
-    paths = sysconfig.get_paths()
-    roots = [[paths["stdlib"]], sorted({paths["purelib"], paths["platlib"]})]
-    for group in roots:
+    for group in mined_roots():
         files = sorted(path for root in group for path in python_files(Path(root)))
         rng.shuffle(files)
         yield from files
+
+
+def mined_files_fingerprint() -> str:
+    """sha256 of the Python version and the paths (relative to their root) and sizes of the mined files.
+
+    Installing, removing or upgrading a package changes it, and with it the default corpus's documents.
+    """
+    digest = hashlib.sha256(f"python {platform.python_version()}\n".encode())
+    for group in mined_roots():
+        for root in group:
+            for path in sorted(python_files(Path(root))):
+                digest.update(f"{path.relative_to(root)} {_size(path)}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # e.g. a broken link, which mining skips too
+        return -1
 
 
 def python_files(root: Path) -> Iterator[Path]:

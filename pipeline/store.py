@@ -28,6 +28,11 @@ FREE_FIELDS = {"name", "model", "n_tokens", "shard_rows", "out", "device"}
 # cache-acts options compared by what they resolve to, the store's own model_dtype, layers and
 # layers_per_token: --model-dtype auto is float32 on a CPU, bf16 on a GPU; --layers all is 0-4 on a 5-state model.
 RESOLVED_OPTIONS = {"model_dtype", "layers", "layers_per_token"}
+# Fields no option sets, and why one can differ: the store would mix two document streams.
+SOURCE_FIELDS = {
+    "mined_files": "the Python files the default corpus is mined from changed since the store was made (packages installed, "
+                   "removed or upgraded, or another Python), so its documents would differ; choose a new --out",
+}
 
 
 def acts_codecs() -> tuple:
@@ -150,16 +155,20 @@ def create_or_open(url: str | os.PathLike, metadata: dict, clean: bool = True) -
 def _check_same_recipe(store: "Store", metadata: dict) -> None:
     existing = store.metadata
     for key, value in metadata.items():
+        if key in SOURCE_FIELDS and key not in existing:  # a store made before the field was recorded
+            continue
         old, new = existing.get(key), json.loads(json.dumps(value))
         if isinstance(old, dict) and isinstance(new, dict):
             free = FREE_FIELDS | RESOLVED_OPTIONS if key == "cache" else FREE_FIELDS
             old, new = ({k: v for k, v in d.items() if k not in free} for d in (old, new))
-        if old != new:
-            differing = _first_difference(old, new)
-            raise CrosscodersError(
-                f"{store.location.path('zarr.json')} was made with a different {key}{differing}; "
-                "re-run with the same options or choose another --out"
-            )
+        if old == new:
+            continue
+        if key in SOURCE_FIELDS:
+            raise CrosscodersError(f"{store.location.path('zarr.json')}: {SOURCE_FIELDS[key]}")
+        raise CrosscodersError(
+            f"{store.location.path('zarr.json')} was made with a different {key}{_first_difference(old, new)}; "
+            "re-run with the same options or choose another --out"
+        )
 
 
 def _first_difference(old, new) -> str:

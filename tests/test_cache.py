@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +310,18 @@ def test_changed_options_on_an_existing_store_are_refused(tiny_model_dir, corpus
         run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=400, layers="1,2")
     grown = run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=400, layers="0-4", model_dtype="float32")  # as auto on a CPU
     assert grown.n_pairs == 400
+
+
+def test_a_default_corpus_store_is_not_extended_once_the_mined_files_changed(tiny_model_dir, tmp_path, monkeypatch):
+    from pipeline import cache
+
+    config = CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "s"), n_tokens=100, max_seq_len=256)
+    cache_activations(config, CorpusConfig(), console=QUIET, progress=False)
+    assert Store(tmp_path / "s").metadata["mined_files"].startswith("sha256:")
+    monkeypatch.setattr(cache, "mined_files_fingerprint", lambda: "sha256:after-pip-install")
+    with pytest.raises(CrosscodersError, match=r"zarr.json: the Python files the default corpus is mined from changed .*; choose a new --out"):
+        cache_activations(replace(config, n_tokens=200), CorpusConfig(), console=QUIET, progress=False)
+    assert Store(tmp_path / "s").n_pairs == 100
 
 
 def test_disk_preflight_refuses_a_run_that_cannot_fit(tiny_model_dir, corpus_file, tmp_path, monkeypatch):

@@ -57,6 +57,20 @@ def test_start_resumes_at_that_index():
     assert first(CorpusConfig(seed=3), 100, start=300) == full[300:]
 
 
+def test_the_mined_files_fingerprint_changes_when_packages_change(tmp_path, monkeypatch):
+    stdlib, site = tmp_path / "stdlib", tmp_path / "site-packages"
+    for folder, name in ((stdlib, "os.py"), (site / "pkg", "core.py")):
+        folder.mkdir(parents=True)
+        (folder / name).write_text("x = 1\n")
+    monkeypatch.setattr(corpus, "mined_roots", lambda: [[str(stdlib)], [str(site)]])
+    before = corpus.mined_files_fingerprint()
+    assert corpus.mined_files_fingerprint() == before
+    (site / "pkg" / "core.py").write_text("x = 2  # upgraded\n")
+    upgraded = corpus.mined_files_fingerprint()
+    (site / "new.py").write_text("y = 1\n")
+    assert len({before, upgraded, corpus.mined_files_fingerprint()}) == 3
+
+
 def test_local_jsonl_chat_pairs_keep_every_row_once(tmp_path):
     rows = [{"prompt": f"question {i}", "response": f"answer {i}", "id": i} for i in range(300)]
     config = CorpusConfig(dataset=str(write_jsonl(tmp_path / "pairs.jsonl", rows)), seed=1, system_prompt="Be brief.")

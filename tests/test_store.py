@@ -195,3 +195,11 @@ def test_options_are_compared_by_what_they_resolve_to(tmp_path):
         create_or_open(tmp_path / "t", {**recipe, "layers": [1, 2], "cache": {**cache, "layers": "1-2"}})
     with pytest.raises(CrosscodersError, match=r"different cache \(dtype: store has 'bf16', this run has 'float16'\)"):
         create_or_open(tmp_path / "t", {**recipe, "cache": {**cache, "dtype": "float16"}})
+
+
+def test_changed_mined_files_are_refused_unless_the_store_predates_their_record(tmp_path):
+    create_or_open(tmp_path / "old", METADATA)  # made before mined_files was recorded: nothing to compare with
+    create_or_open(tmp_path / "old", {**METADATA, "mined_files": "sha256:abc"})
+    create_or_open(tmp_path / "new", {**METADATA, "mined_files": "sha256:abc"})
+    with pytest.raises(CrosscodersError, match="zarr.json: the Python files the default corpus is mined from changed"):
+        create_or_open(tmp_path / "new", {**METADATA, "mined_files": "sha256:def"})
