@@ -30,7 +30,7 @@ def run(config: EvalConfig) -> None:
     console = Console()
     console.width = max(console.width, WIDTH)  # logs default to 80 columns, which would cut numbers
     console.print(table)
-    Console(stderr=True).print(f"wrote {eval_path}\nwrote {plot_path}", soft_wrap=True)
+    Console(stderr=True).print(f"wrote {eval_path}\nwrote {plot_path}", soft_wrap=True, markup=False)
 
 
 config_command(app, [EvalConfig], run, help=__doc__)

@@ -112,7 +112,7 @@ def test_sae_metrics(model, store):
 
 
 def test_cli_writes_eval_json_and_plot(store, tmp_path):
-    run = saved_run(tmp_path / "run", store)
+    run = saved_run(tmp_path / "[b]run", store)  # brackets: printed as text, not rich markup
     result = subprocess.run([sys.executable, str(REPO / "eval_sae.py"), "--sae", str(run), "--layers", "0,4", "--n-docs", "4"],
                             capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr

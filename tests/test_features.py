@@ -1,5 +1,6 @@
 """sae-features on a tiny store: scan statistics against brute force, contexts, the HTML report and the CLI."""
 
+import io
 import json
 import os
 import subprocess
@@ -17,7 +18,16 @@ from transformers import AutoTokenizer
 from pipeline.cache import CacheConfig, cache_activations
 from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
-from pipeline.features import Context, FeaturesConfig, density_histogram, explore_features, feature_contexts, scan_features, token_texts
+from pipeline.features import (
+    Context,
+    FeaturesConfig,
+    density_histogram,
+    explore_features,
+    feature_contexts,
+    print_feature,
+    scan_features,
+    token_texts,
+)
 from pipeline.loader import layer_stats_of
 from pipeline.report import context_html
 from pipeline.sae import SAEConfig, TopKSAE
@@ -170,8 +180,25 @@ def test_context_html_escapes_code():
     assert parser.contexts == [{"text": "if a <&b> '\"x", "active": "<", "section": "f0"}]
 
 
+def recording_console() -> Console:
+    return Console(file=io.StringIO(), width=300, color_system=None)
+
+
+def test_tokens_that_look_like_rich_markup_print_as_text(store, sae):
+    scan = scan_features(sae, store, "train", None, top=3)
+    console = recording_console()
+    context = Context(2.0, 3, 7, 2, [1, 2, 3], ["a[/", "[bold]", "x][/y"], 1)
+    print_feature(console, scan, 2, [context], [("[/", 1.5), ("[bold]x", 0.5), ("][/", 0.25)])
+    shown = console.file.getvalue()
+    assert "promotes '[/' +1.5  '[bold]x' +0.5  '][/' +0.25" in shown
+    assert "a[/⟦[bold]⟧x][/y" in shown
+
+
 def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
-    path = explore_features(FeaturesConfig(sae=str(run_dir), html=str(tmp_path / "report.html"), n_report_features=6, top=4, context=4), QUIET, progress=False)
+    html = tmp_path / "[b]" / "report.html"  # brackets: printed as text, not rich markup
+    console = recording_console()
+    path = explore_features(FeaturesConfig(sae=str(run_dir), html=str(html), n_report_features=6, top=4, context=4), console, progress=False)
+    assert path == html and f"wrote {html}" in console.file.getvalue()
     page = path.read_text()
     parser = ReportParser()
     parser.feed(page)
@@ -202,6 +229,13 @@ def test_errors_are_one_line(store, sae, run_dir, tmp_path):
         explore_features(FeaturesConfig(sae=str(tmp_path / "other"), shards=store.url), QUIET)
     with pytest.raises(CrosscodersError, match="out of range"):
         explore_features(replace(FeaturesConfig(sae=str(run_dir)), feature=N_LATENTS), QUIET)
+
+
+def test_a_model_that_does_not_load_is_a_note(run_dir, tmp_path):
+    console = recording_console()
+    missing = tmp_path / "[b]model"
+    explore_features(FeaturesConfig(sae=str(run_dir), model=str(missing), feature=2, n_rows=300), console, progress=False)
+    assert f"note: model '{missing}' did not load" in console.file.getvalue()
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
