@@ -26,7 +26,7 @@ from pipeline.cli import option
 from pipeline.errors import CrosscodersError
 from pipeline.hidden_states import hidden_state_module, hooked, output_tensor
 from pipeline.loader import stats_from_sums
-from pipeline.models import load_model
+from pipeline.models import ModelInfo, load_model
 from pipeline.sae import TopKSAE, load
 from pipeline.store import Store
 from pipeline.train import DATA_FILE, run_data
@@ -242,17 +242,34 @@ def plot_recovered(results: list[LayerEval], path: Path, title: str):
     figure.savefig(path, dpi=100)
 
 
-def resolve(config: EvalConfig) -> EvalConfig:
-    """The config with the store, model and output folder filled in from the run's data.json and store."""
+def resolve(config: EvalConfig, data: dict | None) -> EvalConfig:
+    """The config with the store, model and output folder filled in from the run's data.json (data) and store."""
     run = Path(config.sae)
-    shards = config.shards
-    if shards is None:
-        data = run_data(run)
-        if data is None:
-            raise CrosscodersError(f"{run} has no {DATA_FILE} saying which store it was trained on; pass --shards")
-        shards = data["shards"]
+    if config.shards is None and data is None:
+        raise CrosscodersError(f"{run} has no {DATA_FILE} saying which store it was trained on; pass --shards")
+    shards = config.shards or data["shards"]
     model = config.model or Store(shards).metadata["model"]["name"]
     return replace(config, shards=str(shards), model=model, out=config.out or str(run / "eval"))
+
+
+def check_store_of_run(store: Store, data: dict | None):
+    """Raise unless the store holds activations of the model the SAE was trained on (data: the run's data.json, if any)."""
+    cached = store.metadata["model"]
+    if data is not None and data["model"]["fingerprint"] != cached["fingerprint"]:
+        raise CrosscodersError(
+            f"{store.url} holds activations of {cached['name']!r}, but the SAE was trained on {data['model']['name']!r}; "
+            "pass a store of that model as --shards"
+        )
+
+
+def check_model_of_store(info: ModelInfo, store: Store):
+    """Raise unless the model is the one the store was cached from: another model of the same shape would pass unnoticed."""
+    fingerprint = store.metadata["model"]["fingerprint"]
+    if info.fingerprint != fingerprint:
+        raise CrosscodersError(
+            f"model {info.name!r} ({info.fingerprint}) is not the model the store was cached from ({fingerprint}); "
+            "pass that model as --model"
+        )
 
 
 def run_eval(config: EvalConfig, console: Console | None = None, progress: bool = True) -> tuple[list[LayerEval], Path, Path]:
@@ -260,10 +277,13 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     console = console or Console(stderr=True)
     device = resolve_device(config.device)
     sae = load(config.sae, device).eval()
-    config = resolve(config)
+    data = run_data(Path(config.sae))
+    config = resolve(config, data)
     store = Store(config.shards)
+    check_store_of_run(store, data)
     loaded = load_model(config.model, device=device, dtype=resolve_model_dtype("auto", device))
     info = loaded.info
+    check_model_of_store(info, store)
     sae.check_compatible(info.d_model, info.n_hidden_states)
     layers = store.metadata["layers"] if config.layers == "all" else parse_layers(config.layers, info.n_hidden_states)
     uncached = [layer for layer in layers if layer not in store.metadata["layers"]]

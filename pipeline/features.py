@@ -13,6 +13,7 @@ from rich.text import Text
 from pipeline.cache import resolve_device
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
+from pipeline.evaluate import check_model_of_store, check_store_of_run
 from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix
 from pipeline.sae import TopKSAE, load
 from pipeline.store import SPLITS, Store
@@ -283,12 +284,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
         raise CrosscodersError(f"{sae_dir} has no {DATA_FILE} naming the store it was trained on; pass --shards DIR")
     store = Store(cfg.shards or data["shards"])
     sae.check_compatible(store.d_model, store.n_hidden_states)
-    fingerprint = store.metadata["model"]["fingerprint"]
-    if data is not None and data["model"]["fingerprint"] != fingerprint:
-        raise CrosscodersError(
-            f"{store.url} holds activations of {store.metadata['model']['name']!r}, but the SAE was trained on "
-            f"{data['model']['name']!r}; pass a store of that model as --shards"
-        )
+    check_store_of_run(store, data)
     if cfg.feature is not None and not 0 <= cfg.feature < sae.cfg.n_latents:
         raise CrosscodersError(f"--feature {cfg.feature} is out of range: the SAE has latents 0 to {sae.cfg.n_latents - 1}")
 
@@ -302,11 +298,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
         console.print(f"[yellow]note:[/] {escape(f'model {spec!r} did not load ({error})')}: no promoted tokens, contexts shown as token ids")
         lens = None
     else:
-        if loaded.info.fingerprint != fingerprint:
-            raise CrosscodersError(
-                f"model {spec!r} ({loaded.info.fingerprint}) is not the model the store was cached from ({fingerprint}); "
-                "pass that model as --model"
-            )
+        check_model_of_store(loaded.info, store)
         lens = Lens.of(loaded)
     tokenizer = lens.tokenizer if lens is not None else None
 

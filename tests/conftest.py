@@ -78,6 +78,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def other_tiny_model_dir(tmp_path_factory) -> Path:
+    """A model of the tiny model's shape and tokenizer but another fingerprint: other weights and rope_theta."""
+    folder = tmp_path_factory.mktemp("other-tiny-qwen2")
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(vocab_size=len(tokenizer), seed=1)
+    model.config.rope_theta = 1000.0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one thread is fastest, and steady when other jobs share the cores."""

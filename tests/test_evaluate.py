@@ -142,11 +142,25 @@ def test_user_errors(store, tmp_path):
         run_eval(EvalConfig(sae=str(run)), QUIET, progress=False)
 
 
+def small_store(model_dir: Path, folder: Path, val_fraction: float = 0.3) -> Store:
+    """A store of a few short documents."""
+    corpus = folder / "pairs.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i} = {i}"}) + "\n" for i in range(10)))
+    config = CacheConfig(model=str(model_dir), out=str(folder / "store"), n_tokens=100, batch_tokens=512, max_seq_len=64, dtype="float32")
+    cache_activations(config, CorpusConfig(dataset=str(corpus), val_fraction=val_fraction), console=QUIET, progress=False)
+    return Store(folder / "store")
+
+
+def test_a_model_or_store_other_than_the_sae_was_trained_on_is_refused(store, other_tiny_model_dir, tmp_path):
+    run = saved_run(tmp_path / "run", store)
+    with pytest.raises(CrosscodersError, match="is not the model the store was cached from.*pass that model as --model"):
+        run_eval(EvalConfig(sae=str(run), model=str(other_tiny_model_dir)), QUIET, progress=False)
+    other = small_store(other_tiny_model_dir, tmp_path)
+    with pytest.raises(CrosscodersError, match="but the SAE was trained on.*pass a store of that model as --shards"):
+        run_eval(EvalConfig(sae=str(run), shards=other.url), QUIET, progress=False)
+
+
 def test_store_without_held_out_documents_is_refused(tiny_model_dir, store, tmp_path):
-    corpus = tmp_path / "pairs.jsonl"
-    corpus.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i} = {i}"}) + "\n" for i in range(5)))
-    config = CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "store"), n_tokens=50, batch_tokens=512, max_seq_len=64, dtype="float32")
-    cache_activations(config, CorpusConfig(dataset=str(corpus), val_fraction=0.0), console=QUIET, progress=False)
-    run = saved_run(tmp_path / "run", Store(tmp_path / "store"))
+    run = saved_run(tmp_path / "run", small_store(tiny_model_dir, tmp_path, val_fraction=0.0))
     with pytest.raises(CrosscodersError, match="no held-out documents; cache more tokens or raise --val-fraction"):
         run_eval(EvalConfig(sae=str(run)), QUIET, progress=False)

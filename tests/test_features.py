@@ -231,6 +231,17 @@ def test_errors_are_one_line(store, sae, run_dir, tmp_path):
         explore_features(replace(FeaturesConfig(sae=str(run_dir)), feature=N_LATENTS), QUIET)
 
 
+def test_a_model_or_store_other_than_the_sae_was_trained_on_is_refused(run_dir, other_tiny_model_dir, tmp_path):
+    with pytest.raises(CrosscodersError, match="is not the model the store was cached from.*pass that model as --model"):
+        explore_features(FeaturesConfig(sae=str(run_dir), model=str(other_tiny_model_dir), n_rows=100), QUIET, progress=False)
+    corpus = tmp_path / "pairs.jsonl"
+    corpus.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i} = {i}"}) + "\n" for i in range(10)))
+    config = CacheConfig(model=str(other_tiny_model_dir), out=str(tmp_path / "store"), n_tokens=100, batch_tokens=512, max_seq_len=64, dtype="float32")
+    cache_activations(config, CorpusConfig(dataset=str(corpus)), console=QUIET, progress=False)
+    with pytest.raises(CrosscodersError, match="but the SAE was trained on.*pass a store of that model as --shards"):
+        explore_features(FeaturesConfig(sae=str(run_dir), shards=str(tmp_path / "store")), QUIET, progress=False)
+
+
 def test_a_model_that_does_not_load_is_a_note(run_dir, tmp_path):
     console = recording_console()
     missing = tmp_path / "[b]model"
