@@ -29,7 +29,7 @@ from pipeline.loader import stats_from_sums
 from pipeline.models import ModelInfo, load_model
 from pipeline.sae import TopKSAE, load
 from pipeline.store import Store
-from pipeline.train import DATA_FILE, run_data
+from pipeline.train import CHECKPOINT, DATA_FILE, run_data
 
 Reconstruct = Callable[[torch.Tensor, int], torch.Tensor]  # (x: [n, d_model], layer) -> x_hat: [n, d_model]
 EVAL_FILE, PLOT_FILE = "eval.json", "recovered.png"
@@ -46,7 +46,7 @@ class EvalConfig:
     n_docs: int = option(64, "Held-out documents to score (the first ones of the store).")
     batch_tokens: int = option(2048, "Token budget of a forward batch, padding included.")
     device: str = option("auto", "Device for the model and the SAE: auto, cpu, cuda, cuda:1, ...")
-    out: str | None = option(None, "Folder for eval.json and recovered.png; default: SAE/eval.")
+    out: str | None = option(None, "Folder for eval.json and recovered.png; default: RUN/eval (RUN/eval-checkpoint for RUN/checkpoint).")
 
     def __post_init__(self):
         if self.n_docs < 1 or self.batch_tokens < 2:
@@ -249,7 +249,14 @@ def resolve(config: EvalConfig, data: dict | None) -> EvalConfig:
         raise CrosscodersError(f"{run} has no {DATA_FILE} saying which store it was trained on; pass --shards")
     shards = config.shards or data["shards"]
     model = config.model or Store(shards).metadata["model"]["name"]
-    return replace(config, shards=str(shards), model=model, out=config.out or str(run / "eval"))
+    return replace(config, shards=str(shards), model=model, out=config.out or str(default_output(run, "eval")))
+
+
+def default_output(sae_dir: Path, name: str) -> Path:
+    """RUN/name, or RUN/stem-checkpoint.suffix for RUN/checkpoint: never inside it, as the trainer replaces it wholesale."""
+    if sae_dir.name != CHECKPOINT:
+        return sae_dir / name
+    return sae_dir.parent / f"{Path(name).stem}-{CHECKPOINT}{Path(name).suffix}"
 
 
 def check_store_of_run(store: Store, data: dict | None):

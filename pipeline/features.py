@@ -13,7 +13,7 @@ from rich.text import Text
 from pipeline.cache import resolve_device
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
-from pipeline.evaluate import check_model_of_store, check_store_of_run
+from pipeline.evaluate import check_model_of_store, check_store_of_run, default_output
 from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix
 from pipeline.sae import TopKSAE, load
 from pipeline.store import SPLITS, Store
@@ -41,7 +41,9 @@ class FeaturesConfig:
     feature: int | None = option(None, "Print this latent in the terminal: contexts, density, layer profile, promoted tokens.")
     top: int = option(10, "Top-activating contexts kept per latent.")
     context: int = option(12, "Tokens of context shown on each side of the activating token.")
-    html: str | None = option(None, "HTML report path; default RUN/features.html (with --feature, written only when given).")
+    html: str | None = option(
+        None, "HTML report path; default RUN/features.html, RUN/features-checkpoint.html for RUN/checkpoint (with --feature, written only when given)."
+    )
     n_report_features: int = option(50, "Latents in the HTML report: half the most frequent alive ones, half random alive ones.")
     model: str | None = option(None, "Model for the tokenizer and unembedding; default: the store's model.")
     device: str = option("auto", "Device for encoding: auto, cpu, cuda, cuda:1, ...")
@@ -315,7 +317,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
         return None
     features = ([cfg.feature] if cfg.feature is not None else []) + report_features(scan, cfg.n_report_features)
     features = list(dict.fromkeys(features))
-    path = Path(cfg.html or sae_dir / "features.html")
+    path = Path(cfg.html or default_output(sae_dir, "features.html"))
     write_html_report(
         path, scan, {f: feature_contexts(scan, store, tokenizer, f, cfg.context) for f in features}, {f: promoted(f) for f in features},
         title=f"{sae_dir} on {store.url}",

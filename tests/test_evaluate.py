@@ -19,7 +19,7 @@ from pipeline.errors import CrosscodersError
 from pipeline.evaluate import EvalConfig, evaluate, layer_means, run_eval, splice
 from pipeline.sae import SAEConfig, TopKSAE
 from pipeline.store import Store
-from pipeline.train import DATA_FILE
+from pipeline.train import CHECKPOINT, DATA_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(file=open(os.devnull, "w"))
@@ -123,6 +123,13 @@ def test_cli_writes_eval_json_and_plot(store, tmp_path):
     assert "recovered_loss" in report["average"]
     assert (run / "eval" / "recovered.png").read_bytes()[:4] == b"\x89PNG"
     assert "recovered vs mean" in result.stdout and str(run / "eval" / "eval.json") in result.stderr
+
+
+def test_outputs_of_a_checkpoint_go_beside_it(store, tmp_path):
+    run = saved_run(tmp_path / "run", store)
+    TopKSAE(SAEConfig(d_model=64, n_layers=N_HIDDEN_STATES, expansion=2, k=8)).save(run / CHECKPOINT)
+    _, eval_path, plot_path = run_eval(EvalConfig(sae=str(run / CHECKPOINT), layers="1", n_docs=1), QUIET, progress=False)
+    assert (eval_path, plot_path) == (run / "eval-checkpoint" / "eval.json", run / "eval-checkpoint" / "recovered.png")  # the trainer replaces checkpoint/
 
 
 def test_sae_of_another_width_is_a_one_line_cli_error(store, tmp_path):

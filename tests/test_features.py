@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -32,7 +33,7 @@ from pipeline.loader import layer_stats_of
 from pipeline.report import context_html
 from pipeline.sae import SAEConfig, TopKSAE
 from pipeline.store import Store
-from pipeline.train import DATA_FILE
+from pipeline.train import CHECKPOINT, DATA_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(file=open(os.devnull, "w"))
@@ -240,6 +241,14 @@ def test_a_model_or_store_other_than_the_sae_was_trained_on_is_refused(run_dir, 
     cache_activations(config, CorpusConfig(dataset=str(corpus)), console=QUIET, progress=False)
     with pytest.raises(CrosscodersError, match="but the SAE was trained on.*pass a store of that model as --shards"):
         explore_features(FeaturesConfig(sae=str(run_dir), shards=str(tmp_path / "store")), QUIET, progress=False)
+
+
+def test_report_of_a_checkpoint_goes_beside_it(sae, run_dir, tmp_path):
+    run = tmp_path / "run"
+    sae.save(run / CHECKPOINT)
+    shutil.copy(run_dir / DATA_FILE, run)
+    path = explore_features(FeaturesConfig(sae=str(run / CHECKPOINT), n_rows=100, n_report_features=2), QUIET, progress=False)
+    assert path == run / "features-checkpoint.html" and path.exists()  # the trainer replaces checkpoint/
 
 
 def test_a_model_that_does_not_load_is_a_note(run_dir, tmp_path):
