@@ -8,6 +8,7 @@ of a document predicts nothing and padding is never scored.
 """
 
 import json
+import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from itertools import islice
@@ -259,6 +260,16 @@ def default_output(sae_dir: Path, name: str) -> Path:
     return sae_dir.parent / f"{Path(name).stem}-{CHECKPOINT}{Path(name).suffix}"
 
 
+def make_output_folder(folder: Path, option: str) -> Path:
+    """Creates folder and a scratch file in it, so that an output that cannot be written fails before the long computation."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise CrosscodersError(f"cannot write to {folder} ({error.strerror}); pass a writable path as {option}") from None
+    return folder
+
+
 def check_store_of_run(store: Store, data: dict | None):
     """Raise unless the store holds activations of the model the SAE was trained on (data: the run's data.json, if any)."""
     cached = store.metadata["model"]
@@ -301,12 +312,11 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
         raise CrosscodersError(f"{store.url} holds no held-out documents; cache more tokens or raise --val-fraction")
     special_ids = np.asarray(sorted(set(loaded.tokenizer.all_special_ids)), dtype=np.int64)
     skip_special = store.metadata["cache"]["skip_special"]
+    out = make_output_folder(Path(config.out), "--out")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=not progress) as bar:
         results = evaluate(sae, loaded.model, docs, layers, layer_means(store).to(device), special_ids, skip_special, config.batch_tokens, bar)
 
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = {
         "config": asdict(config),
         "model": info.to_dict(),

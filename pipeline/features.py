@@ -13,7 +13,7 @@ from rich.text import Text
 from pipeline.cache import resolve_device
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
-from pipeline.evaluate import check_model_of_store, check_store_of_run, default_output
+from pipeline.evaluate import check_model_of_store, check_store_of_run, default_output, make_output_folder
 from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix
 from pipeline.sae import TopKSAE, load
 from pipeline.store import SPLITS, Store
@@ -274,6 +274,17 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: l
         console.print(line, no_wrap=True, overflow="ellipsis")
 
 
+def report_path(cfg: FeaturesConfig, sae_dir: Path) -> Path | None:
+    """Where the HTML report goes (None when --feature alone is printed), its folder made and checked before the scan."""
+    if cfg.feature is not None and cfg.html is None:
+        return None
+    path = Path(cfg.html or default_output(sae_dir, "features.html"))
+    make_output_folder(path.parent, "--html")
+    if path.is_dir():
+        raise CrosscodersError(f"--html {path} is a folder; pass a file path such as {path / 'features.html'}")
+    return path
+
+
 def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = True) -> Path | None:
     """`sae-features`: scan the store, print --feature, write the HTML report; returns the report's path (None if not written)."""
     from pipeline.report import write_html_report  # here, not at the top: report.py builds on this module
@@ -289,6 +300,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     check_store_of_run(store, data)
     if cfg.feature is not None and not 0 <= cfg.feature < sae.cfg.n_latents:
         raise CrosscodersError(f"--feature {cfg.feature} is out of range: the SAE has latents 0 to {sae.cfg.n_latents - 1}")
+    path = report_path(cfg, sae_dir)
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
@@ -313,11 +325,10 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
         f"scanned {scan.n_rows:,} {scan.split} rows: {int((~scan.dead).sum()):,} of {sae.cfg.n_latents:,} latents alive, "
         f"{int(scan.dead.sum()):,} dead, {int(scan.dense.sum()):,} dense (> {DENSE_FREQUENCY:.0%} of rows)"
     )
-    if cfg.feature is not None and cfg.html is None:
+    if path is None:
         return None
     features = ([cfg.feature] if cfg.feature is not None else []) + report_features(scan, cfg.n_report_features)
     features = list(dict.fromkeys(features))
-    path = Path(cfg.html or default_output(sae_dir, "features.html"))
     write_html_report(
         path, scan, {f: feature_contexts(scan, store, tokenizer, f, cfg.context) for f in features}, {f: promoted(f) for f in features},
         title=f"{sae_dir} on {store.url}",

@@ -144,6 +144,9 @@ def test_user_errors(store, tmp_path):
     run = saved_run(tmp_path / "run", store)
     with pytest.raises(CrosscodersError, match="out of range"):
         run_eval(EvalConfig(sae=str(run), layers="0-7"), QUIET, progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CrosscodersError, match="cannot write to .*file/eval .*; pass a writable path as --out"):
+        run_eval(EvalConfig(sae=str(run), out=str(tmp_path / "file" / "eval")), QUIET, progress=False)
     (run / DATA_FILE).unlink()
     with pytest.raises(CrosscodersError, match="--shards"):
         run_eval(EvalConfig(sae=str(run)), QUIET, progress=False)

@@ -230,6 +230,11 @@ def test_errors_are_one_line(store, sae, run_dir, tmp_path):
         explore_features(FeaturesConfig(sae=str(tmp_path / "other"), shards=store.url), QUIET)
     with pytest.raises(CrosscodersError, match="out of range"):
         explore_features(replace(FeaturesConfig(sae=str(run_dir)), feature=N_LATENTS), QUIET)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CrosscodersError, match="cannot write to .*file .*; pass a writable path as --html"):
+        explore_features(FeaturesConfig(sae=str(run_dir), html=str(tmp_path / "file" / "report.html")), QUIET)
+    with pytest.raises(CrosscodersError, match="is a folder; pass a file path such as"):
+        explore_features(FeaturesConfig(sae=str(run_dir), html=str(tmp_path)), QUIET)
 
 
 def test_a_model_or_store_other_than_the_sae_was_trained_on_is_refused(run_dir, other_tiny_model_dir, tmp_path):
