@@ -1,4 +1,5 @@
-"""Stage three on the tiny model: exact identity splices, known recovered fractions, the CLI and its errors."""
+"""Stage three on the tiny model: exact identity splices, known recovered fractions, SAE metrics against a hand-made
+reference, the CLI and its errors."""
 
 import json
 import os
@@ -104,11 +105,63 @@ def test_scores_only_the_positions_stage_one_records(model, store):
     assert recorded[0].n_tokens == every[0].n_tokens - len(docs) - n_special  # minus position 0 and special tokens
 
 
-def test_sae_metrics(model, store):
+def log_probs_with_state(model, ids: torch.Tensor, layer: int, state: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [seq - 1, vocab] of ids: [1, seq] with hidden state `layer` set to state: [seq, d_model]."""
+    module = model.model.embed_tokens if layer == 0 else model.model.norm if layer == N_HIDDEN_STATES - 1 else model.model.layers[layer - 1]
+    handle = module.register_forward_hook(lambda module, args, output: (state[None], *output[1:]) if isinstance(output, tuple) else state[None])
+    try:
+        return torch.log_softmax(model(ids).logits[0, :-1], -1)
+    finally:
+        handle.remove()
+
+
+def reference_metrics(sae: TopKSAE, model, docs: list, layer: int, means: torch.Tensor, special_ids: list[int]) -> dict:
+    """evaluate's metrics at one hidden state by hand: one document at a time, without padding, through a hook of its own."""
+    nll, kl, xs, errors, n_active, n_scored = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}, 0.0, [], 0.0, 0, 0
+    for _, tokens in docs:
+        ids = torch.from_numpy(tokens.astype("int64"))[None]  # [1, seq]
+        recorded = ~torch.isin(ids[0], torch.tensor(special_ids))  # [seq]: what stage one records
+        recorded[0] = False
+        scored = recorded[:-1]  # the last token predicts nothing
+        n_scored += int(scored.sum())
+        targets = ids[0, 1:, None]
+        out = model(ids, output_hidden_states=True)
+        clean = torch.log_softmax(out.logits[0, :-1], -1)
+        hidden = out.hidden_states[layer][0]  # [seq, d_model]
+        x = hidden[recorded]
+        layer_ids = torch.full((len(x),), layer)
+        values, indices = sae.encode(x, layer_ids)
+        x_hat = sae.decode(values, indices, layer_ids)
+        xs.append(x.double())
+        errors += float((x_hat - x).double().pow(2).sum())
+        n_active += int((values > 0).sum())
+        nll["clean"] -= float(clean.gather(1, targets)[scored].sum())
+        for name, rows in {"sae": x_hat, "zero": torch.zeros_like(x), "mean": means[layer].expand_as(x)}.items():
+            state = hidden.clone()
+            state[recorded] = rows
+            log_probs = log_probs_with_state(model, ids, layer, state)
+            nll[name] -= float(log_probs.gather(1, targets)[scored].sum())
+            if name == "sae":
+                kl += float((clean.exp() * (clean - log_probs)).sum(1)[scored].sum())  # KL(clean || spliced)
+    x = torch.cat(xs)
+    return {
+        "n_tokens": n_scored, **{f"ce_{name}": value / n_scored for name, value in nll.items()}, "kl": kl / n_scored,
+        "mse": errors / x.numel(), "fvu": errors / float((x - x.mean(0)).pow(2).sum()), "l0": n_active / len(x),
+    }
+
+
+@pytest.mark.parametrize("layer", [0, 2, N_HIDDEN_STATES - 1])
+def test_sae_metrics_equal_a_reference_computed_by_hand(model, store, layer):
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_model=64, n_layers=N_HIDDEN_STATES, expansion=2, k=8))
-    (result,) = evaluate(sae, model, held_out(store), [2], layer_means(store))
-    assert 0 < result.l0 <= 8 and result.fvu > 0 and result.kl > 0
+    with torch.no_grad():
+        sae.b_enc[10:] = -1e6  # only 10 latents can fire: rows with fewer than k active ones
+    docs, means, special_ids = held_out(store, 2), layer_means(store), [0, 1, 2]
+    with torch.no_grad():
+        (result,) = evaluate(sae, model, docs, [layer], means, special_ids)
+        expected = reference_metrics(sae, model, docs, layer, means, special_ids)
+    assert expected["l0"] < 8 and expected["kl"] > 0
+    assert {name: getattr(result, name) for name in expected} == pytest.approx(expected, rel=1e-4)
 
 
 def test_cli_writes_eval_json_and_plot(store, tmp_path):
