@@ -22,14 +22,17 @@ from pipeline.errors import CrosscodersError
 from pipeline.features import (
     Context,
     FeaturesConfig,
+    Lens,
     density_histogram,
     explore_features,
     feature_contexts,
     print_feature,
+    promoted_tokens,
     scan_features,
     token_texts,
 )
 from pipeline.loader import layer_stats_of
+from pipeline.models import load_model
 from pipeline.report import context_html
 from pipeline.sae import SAEConfig, TopKSAE
 from pipeline.store import Store
@@ -137,6 +140,26 @@ def test_contexts_are_the_stored_documents_around_the_row(store, sae, tiny_model
             assert c.tokens == token_texts(tokenizer, c.token_ids) and "\n" not in "".join(c.tokens)
             checked += 1
     assert checked > 8
+
+
+def test_promoted_tokens_are_the_logit_lens_of_the_decoder_direction(sae, tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir))
+    lens = Lens.of(loaded)
+    assert lens.final_layer == 4 and torch.equal(lens.unembedding, loaded.model.lm_head.weight)
+    assert torch.equal(lens.norm_weight, loaded.model.model.norm.weight)
+    lens = replace(lens, norm_weight=torch.rand(64) + 0.5)  # the tiny model's is all ones
+    feature, lm_head = 5, loaded.model.lm_head
+    assert sae.norm_scale[4] != 1 and sae.norm_scale[2] != sae.norm_scale[4]
+    with torch.no_grad():
+        expected = {
+            4: lm_head(sae.W_dec[feature] / sae.norm_scale[4]),  # the final layer's state is already the norm's output
+            2: lm_head(sae.W_dec[feature] / sae.norm_scale[2] * lens.norm_weight),  # earlier ones still pass its weight
+        }
+    for layer, logits in expected.items():
+        values, ids = logits.topk(7)
+        promoted = promoted_tokens(sae, lens, feature, layer, n_tokens=7)
+        assert [text for text, _ in promoted] == token_texts(loaded.tokenizer, ids.tolist())
+        assert [value for _, value in promoted] == pytest.approx(values.tolist(), rel=1e-5)
 
 
 class ReportParser(HTMLParser):
@@ -272,7 +295,9 @@ def test_cli_prints_a_feature_and_rejects_an_unknown_one(store, sae, run_dir, ti
     result = cli("--sae", str(run_dir), "--feature", "0", "--top", "3", "--context", "2")
     assert result.returncode == 0, result.stderr
     scan = scan_features(sae, store, "train", 200_000, top=3)
-    assert "feature 0" in result.stdout and "dense" in result.stdout and "promotes" in result.stdout
+    assert "feature 0" in result.stdout and "dense" in result.stdout
+    promoted = promoted_tokens(sae, Lens.of(load_model(str(tiny_model_dir))), 0, scan.peak_layer(0))
+    assert "promotes " + "  ".join(f"{text!r} {value:+.3g}" for text, value in promoted) in result.stdout
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for j in range(3):
         active = token_texts(tokenizer, [int(scan.top_token[0, j])])[0]
