@@ -4,6 +4,7 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.cli import config_command, run_app
 from pipeline.evaluate import EvalConfig, average, run_eval
@@ -30,7 +31,7 @@ def run(config: EvalConfig) -> None:
     console = Console()
     console.width = max(console.width, WIDTH)  # logs default to 80 columns, which would cut numbers
     console.print(table)
-    Console(stderr=True).print(f"wrote {eval_path}\nwrote {plot_path}", soft_wrap=True, markup=False)
+    Console(stderr=True).print(Text(f"wrote {eval_path}\nwrote {plot_path}"), soft_wrap=True)
 
 
 config_command(app, [EvalConfig], run, help=__doc__)

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
@@ -263,7 +262,7 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: l
     peak = scan.peak_layer(feature)
     console.print(f"layers 0-{len(rates) - 1} [cyan]{sparkline(rates)}[/]  peak layer {peak} ({rates[peak]:.3%} of its rows)")
     if promoted is not None:
-        console.print("promotes " + "  ".join(f"{text!r} {value:+.3g}" for text, value in promoted), markup=False, highlight=False)
+        console.print(Text("promotes " + "  ".join(f"{text!r} {value:+.3g}" for text, value in promoted)))
     top = max((c.value for c in contexts), default=1.0)
     for c in contexts:
         line = Text(f"{c.value:8.3f}  L{c.layer:<3d} doc {c.doc} pos {c.pos}  ", style="dim")
@@ -309,7 +308,8 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     try:
         loaded = load_model(spec)
     except (CrosscodersError, OSError) as error:
-        console.print(f"[yellow]note:[/] {escape(f'model {spec!r} did not load ({error})')}: no promoted tokens, contexts shown as token ids")
+        note = f" model {spec!r} did not load ({error}): no promoted tokens, contexts shown as token ids"
+        console.print(Text.assemble(("note:", "yellow"), note))
         lens = None
     else:
         check_model_of_store(loaded.info, store)
@@ -333,5 +333,5 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
         path, scan, {f: feature_contexts(scan, store, tokenizer, f, cfg.context) for f in features}, {f: promoted(f) for f in features},
         title=f"{sae_dir} on {store.url}",
     )
-    console.print(f"wrote {path}", markup=False)
+    console.print(Text(f"wrote {path}"))
     return path

@@ -165,7 +165,7 @@ def test_sae_metrics_equal_a_reference_computed_by_hand(model, store, layer):
 
 
 def test_cli_writes_eval_json_and_plot(store, tmp_path):
-    run = saved_run(tmp_path / "[b]run", store)  # brackets: printed as text, not rich markup
+    run = saved_run(tmp_path / "[b]:smile:run", store)  # printed as text, not rich markup or emoji codes
     result = subprocess.run([sys.executable, str(REPO / "eval_sae.py"), "--sae", str(run), "--layers", "0,4", "--n-docs", "4"],
                             capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr

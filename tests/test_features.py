@@ -211,15 +211,15 @@ def recording_console() -> Console:
 def test_tokens_that_look_like_rich_markup_print_as_text(store, sae):
     scan = scan_features(sae, store, "train", None, top=3)
     console = recording_console()
-    context = Context(2.0, 3, 7, 2, [1, 2, 3], ["a[/", "[bold]", "x][/y"], 1)
-    print_feature(console, scan, 2, [context], [("[/", 1.5), ("[bold]x", 0.5), ("][/", 0.25)])
+    context = Context(2.0, 3, 7, 2, [1, 2, 3], ["a[/", "[bold]", "x][/y:smile:"], 1)
+    print_feature(console, scan, 2, [context], [("[/", 1.5), ("[bold]x", 0.5), ("][/", 0.25), (":smile:", 0.125)])
     shown = console.file.getvalue()
-    assert "promotes '[/' +1.5  '[bold]x' +0.5  '][/' +0.25" in shown
-    assert "a[/⟦[bold]⟧x][/y" in shown
+    assert "promotes '[/' +1.5  '[bold]x' +0.5  '][/' +0.25  ':smile:' +0.125" in shown
+    assert "a[/⟦[bold]⟧x][/y:smile:" in shown
 
 
 def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
-    html = tmp_path / "[b]" / "report.html"  # brackets: printed as text, not rich markup
+    html = tmp_path / "[b]:smile:" / "report.html"  # printed as text, not rich markup or emoji codes
     console = recording_console()
     path = explore_features(FeaturesConfig(sae=str(run_dir), html=str(html), n_report_features=6, top=4, context=4), console, progress=False)
     assert path == html and f"wrote {html}" in console.file.getvalue()
@@ -281,7 +281,7 @@ def test_report_of_a_checkpoint_goes_beside_it(sae, run_dir, tmp_path):
 
 def test_a_model_that_does_not_load_is_a_note(run_dir, tmp_path):
     console = recording_console()
-    missing = tmp_path / "[b]model"
+    missing = tmp_path / "[b]:smile:model"
     explore_features(FeaturesConfig(sae=str(run_dir), model=str(missing), feature=2, n_rows=300), console, progress=False)
     assert f"note: model '{missing}' did not load" in console.file.getvalue()
 
