@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from pipeline.errors import CrosscodersError
 
@@ -96,8 +96,8 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
 
 
 def print_error(error: CrosscodersError) -> None:
-    """One red line on stderr; the message's own brackets are text, not rich markup."""
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    """One red line on stderr; the message is text: its brackets are no markup, its :codes: no emoji."""
+    Console(stderr=True).print(Text("error:", style="bold red"), Text(str(error)), highlight=False, soft_wrap=True)
 
 
 def run_app(app: typer.Typer) -> None:

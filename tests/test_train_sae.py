@@ -91,6 +91,7 @@ def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
     "args, message",
     [
         (["--shards", "{tmp}/nowhere"], "no activation store at"),
+        (["--shards", "{tmp}/[b]:smile:"], "no activation store at {tmp}/[b]:smile:"),  # printed as typed
         (["--shards", "{tmp}/empty"], "holds no complete shard yet; run cache-acts"),
         (["--k", "99", "--expansion", "2"], "k=99 is larger than n_latents=16"),
         (["--sweep", "kk=1,2"], "sweep 'kk=1,2' must be FIELD=V1,V2"),
@@ -110,7 +111,7 @@ def test_bad_inputs_give_one_line_errors(store_path, tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "3", *args)
     assert result.returncode == 2, result.stdout
-    assert message in result.stderr
+    assert message.replace("{tmp}", str(tmp_path)) in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # refused before the run's folder was made
 
