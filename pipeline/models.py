@@ -24,6 +24,7 @@ from pipeline.errors import CrosscodersError
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 MARKER = "crosscoders-gguf.json"
 VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torch_dtype"}
+SAMPLE_BYTES = 4096  # read from the start of each safetensors tensor for the fingerprint
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -130,10 +131,11 @@ def load_model(
         fingerprint = f"gguf-sha256:{sha256}"
     elif (path / "config.json").is_file():
         source = path
-        fingerprint = _config_fingerprint(path / "config.json")
+        fingerprint = _folder_fingerprint(path)
     elif HUB_ID.fullmatch(spec) and not path.exists():
+        _hub_config(spec)  # a one-line error if unreachable, rather than from_pretrained's traceback
         source = spec
-        fingerprint = _config_fingerprint(_hub_config(spec))
+        fingerprint = None  # of the hub's snapshot folder, once from_pretrained has fetched the weights into it
     else:
         raise _not_loadable(spec)
 
@@ -141,6 +143,8 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
     )
+    if fingerprint is None:
+        fingerprint = _folder_fingerprint(_hub_config(spec).parent)
     if spec in PRESETS and not tokenizer.chat_template:
         raise CrosscodersError(f"preset '{spec}' loaded without a chat template; delete {source} and load it again")
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -167,8 +171,25 @@ def _hub_config(hub_id: str) -> Path:
         raise _not_loadable(hub_id) from e
 
 
-def _config_fingerprint(config_json: Path) -> str:
-    """sha256 of config.json without the keys that change with the saving library, not the model."""
+def _folder_fingerprint(folder: Path) -> str:
+    """sha256 of a Hugging Face folder's config.json and a sample of its weights: tells a fine-tune from its base model.
+
+    The sample is the name, dtype, shape and first 4 KiB of every safetensors tensor (a fine-tune changes every
+    tensor it trains, a merged LoRA only some), or all of each PyTorch .bin file, which has no such index.
+    """
+    digest = hashlib.sha256(_canonical_config(folder / "config.json").encode())
+    for weights in _weights_files(folder):
+        digest.update(f"\0{weights.name}\0".encode())
+        try:
+            for chunk in _safetensors_sample(weights) if weights.suffix == ".safetensors" else _chunks(weights):
+                digest.update(chunk)
+        except (ValueError, LookupError, TypeError, AttributeError) as error:
+            raise CrosscodersError(f"{weights} is damaged ({error!r}); restore the model's weights") from None
+    return "hf-sha256:" + digest.hexdigest()
+
+
+def _canonical_config(config_json: Path) -> str:
+    """config.json as sorted compact JSON, without the keys that change with the saving library, not the model."""
     try:
         config = json.loads(config_json.read_text())
     except ValueError as error:
@@ -176,8 +197,25 @@ def _config_fingerprint(config_json: Path) -> str:
     if not isinstance(config, dict):
         raise CrosscodersError(f"{config_json} is damaged (not a JSON object); restore the model's config.json")
     config = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return "config-sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def _weights_files(folder: Path) -> list[Path]:
+    """The weights files from_pretrained reads: the safetensors files, else the PyTorch .bin files."""
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+
+
+def _safetensors_sample(path: Path):
+    """Each tensor's name, dtype, shape and first SAMPLE_BYTES, by name: the file's layout and metadata do not count."""
+    with open(path, "rb") as f:
+        n_header = int.from_bytes(f.read(8), "little")
+        tensors = json.loads(f.read(min(n_header, path.stat().st_size)))
+        tensors.pop("__metadata__", None)
+        for name, tensor in sorted(tensors.items()):
+            begin, end = tensor["data_offsets"]
+            f.seek(8 + n_header + begin)
+            yield json.dumps([name, tensor["dtype"], tensor["shape"]]).encode()
+            yield f.read(min(SAMPLE_BYTES, end - begin))
 
 
 def _part_paths(name: str, preset: Preset) -> list[Path]:

@@ -5,6 +5,7 @@ import shutil
 import huggingface_hub.constants
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CrosscodersError
 from pipeline.models import PRESETS, ModelInfo, Preset, decoder_layers, embedding, final_norm, load_model, unembedding_matrix
@@ -21,7 +22,7 @@ def test_a_local_folder_loads_in_eval_mode_with_its_shape(tiny, tiny_model_dir):
     info = tiny.info
     assert (info.name, info.d_model, info.n_layers, info.n_hidden_states) == (str(tiny_model_dir), 64, 4, 5)
     assert info.vocab_size == len(tiny.tokenizer)
-    assert info.fingerprint.startswith("config-sha256:")
+    assert info.fingerprint.startswith("hf-sha256:")
     assert not tiny.model.training
     assert not any(p.requires_grad for p in tiny.model.parameters())
     assert tiny.model.config._attn_implementation == "sdpa"
@@ -45,6 +46,53 @@ def test_the_fingerprint_changes_with_the_config(tiny, tiny_model_dir, tmp_path)
     config["max_position_embeddings"] = 1024
     (folder / "config.json").write_text(json.dumps(config))
     assert load_model(str(folder)).info.fingerprint != tiny.info.fingerprint
+
+
+def fine_tune(folder, tensor="model.layers.2.mlp.down_proj.weight"):
+    """Changes one tensor of the folder's weights, as a merged LoRA on one layer would; the config stays."""
+    weights = load_file(folder / "model.safetensors")
+    weights[tensor] += 1e-2
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_the_fingerprint_covers_the_weights(tiny, tiny_model_dir, tmp_path):
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    assert load_model(str(copy)).info.fingerprint == tiny.info.fingerprint
+    fine_tune(copy)
+    assert load_model(str(copy)).info.fingerprint != tiny.info.fingerprint
+
+
+def test_the_fingerprint_covers_pytorch_bin_weights(tiny_model_dir, tmp_path):
+    fingerprints = []
+    for name in ("base", "tuned"):
+        folder = shutil.copytree(tiny_model_dir, tmp_path / name)
+        if name == "tuned":
+            fine_tune(folder)
+        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+        fingerprints.append(load_model(str(folder)).info.fingerprint)
+    assert fingerprints[0] != fingerprints[1]
+
+
+def test_a_hub_id_is_fingerprinted_by_its_downloaded_weights(tiny, tiny_model_dir, tmp_path, monkeypatch):
+    for repo in ("base", "tuned"):
+        (tmp_path / f"models--someorg--{repo}" / "refs").mkdir(parents=True)
+        (tmp_path / f"models--someorg--{repo}" / "refs" / "main").write_text("0" * 40)
+        snapshot = shutil.copytree(tiny_model_dir, tmp_path / f"models--someorg--{repo}" / "snapshots" / ("0" * 40))
+    fine_tune(snapshot)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert load_model("someorg/base").info.fingerprint == tiny.info.fingerprint
+    assert load_model("someorg/tuned").info.fingerprint != tiny.info.fingerprint
+
+
+@pytest.mark.parametrize("header", [b"\x05\0\0\0\0\0\0\0[1, ", b'\x17\0\0\0\0\0\0\0{"w": {"dtype": "F32"}}'])
+def test_damaged_weights_are_a_one_line_error(tiny_model_dir, tmp_path, header):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    (folder / "model.safetensors").write_bytes(header)
+    with pytest.raises(CrosscodersError, match=r"model.safetensors is damaged \(.*\); restore the model's weights") as error:
+        load_model(str(folder))
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("text", ['{"vocab_size": ', "[1, 2]"])
