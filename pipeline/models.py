@@ -323,5 +323,7 @@ def _gguf_sha256(path: Path, cache_dir: Path) -> str:
             digest.update(chunk)
         index[key] = digest.hexdigest()
         cache_dir.mkdir(parents=True, exist_ok=True)
-        index_path.write_text(json.dumps(index, indent=1))
+        with tempfile.NamedTemporaryFile("w", dir=cache_dir, prefix=".gguf-sha256.", delete=False) as partial:
+            partial.write(json.dumps(index, indent=1))
+        os.replace(partial.name, index_path)  # whole: another process may be reading it
     return index[key]
