@@ -2,6 +2,7 @@
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from pipeline.cache import CacheConfig, cache_activations
 from pipeline.cli import config_command, run_app
@@ -13,10 +14,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def run(cache: CacheConfig, corpus: CorpusConfig) -> None:
     console = Console(stderr=True)
     report = cache_activations(cache, corpus, console=console)
-    console.print(
+    console.print(Text(  # text: the store's path may hold brackets or :codes:
         f"stored {report.n_pairs_written:,} pairs in {report.seconds:.1f} s "
         f"({report.model_tokens_per_s:,.0f} model tokens/s); {report.out} holds {report.n_pairs_total:,} pairs"
-    )
+    ), soft_wrap=True)
 
 
 config_command(app, [CacheConfig, CorpusConfig], run, help=__doc__)

@@ -248,7 +248,7 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
     ledger = PairLedger(stored, config.n_tokens)
     if ledger.budget(next(window_rounds(stored, 1))[0]) == 0:
         if rank == 0:
-            console.print(f"{store.url} already holds {store.n_pairs:,} pairs (asked for {config.n_tokens:,}); nothing to do")
+            console.print(Text(f"{store.url} already holds {store.n_pairs:,} pairs (asked for {config.n_tokens:,}); nothing to do"), soft_wrap=True)
         return CacheReport(store.url, 0, store.n_pairs, 0, 0.0)
     check_disk_space(store, config.n_tokens - store.n_pairs, info.d_model, config.dtype)
 

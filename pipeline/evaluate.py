@@ -283,6 +283,9 @@ def check_store_of_run(store: Store, data: dict | None):
 def check_model_of_store(info: ModelInfo, store: Store):
     """Raise unless the model is the one the store was cached from: another model of the same shape would pass unnoticed."""
     fingerprint = store.metadata["model"]["fingerprint"]
+    if fingerprint.startswith("config-sha256:"):  # the config alone: no model's fingerprint matches it now
+        raise CrosscodersError(f"{store.url} was cached before a model's fingerprint covered its weights ({fingerprint}); "
+                               "cache it again with cache-acts into a new --out")
     if info.fingerprint != fingerprint:
         raise CrosscodersError(
             f"model {info.name!r} ({info.fingerprint}) is not the model the store was cached from ({fingerprint}); "

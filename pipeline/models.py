@@ -202,7 +202,16 @@ def _canonical_config(config_json: Path) -> str:
 
 
 def _weights_files(folder: Path) -> list[Path]:
-    """The weights files from_pretrained reads: the safetensors files, else the PyTorch .bin files."""
+    """The weights files from_pretrained reads: model.safetensors or the shards its index names, else the same of
+    pytorch_model.bin; other files beside them (a snapshot may hold more) do not count. Else every such file."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / index).is_file():
+            try:
+                return sorted({folder / name for name in json.loads((folder / index).read_text())["weight_map"].values()})
+            except (ValueError, LookupError, TypeError, AttributeError) as error:
+                raise CrosscodersError(f"{folder / index} is damaged ({error!r}); restore the model's weights") from None
+        if (folder / single).is_file():
+            return [folder / single]
     return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
 
 
@@ -323,7 +332,7 @@ def _gguf_sha256(path: Path, cache_dir: Path) -> str:
             digest.update(chunk)
         index[key] = digest.hexdigest()
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=cache_dir, prefix=".gguf-sha256.", delete=False) as partial:
-            partial.write(json.dumps(index, indent=1))
-        os.replace(partial.name, index_path)  # whole: another process may be reading it
+        partial = cache_dir / f".gguf-sha256.json.{os.getpid()}"
+        partial.write_text(json.dumps(index, indent=1))
+        os.replace(partial, index_path)  # whole: another process may be reading it
     return index[key]

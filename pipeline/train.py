@@ -295,6 +295,8 @@ def train(
         cfg.sae_config(source.d_model, source.n_layers)
         check_device(cfg, device)
         check_run_folder(cfg, Path(out_dir), resume, data)
+        if cfg.wandb:
+            import_wandb()
     distributed.barrier()  # every process has checked the folders before the first writes to them
     runs = [Run(cfg, out_dir, source, device, resume) for cfg, out_dir in zip(configs, out_dirs)]
     for run in runs:
@@ -401,6 +403,7 @@ def check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool, data: dict |
     changed = [name for name in current if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]]
     saved_data = read_json(run_dir / DATA_FILE) if data is not None and (run_dir / DATA_FILE).exists() else None
     if saved_data is not None:
+        saved_data.setdefault("loader", {}).setdefault("shuffle_seed", saved.get("seed"))  # once the order's seed
         saved.update(flatten_data(saved_data))
         current.update(flatten_data(data))
         changed += [name for name in flatten_data(data) if saved.get(name) != current[name]]
@@ -446,13 +449,18 @@ def plot_losses(records: list[dict], path: Path):
     figure.savefig(path, dpi=100)
 
 
-def start_wandb(cfg: TrainConfig, run_dir: Path):
-    """A Weights & Biases run for this SAE (one per SAE of a sweep)."""
+def import_wandb():
+    """The wandb module; a one-line error if it is not installed."""
     try:
         import wandb
     except ImportError:
         raise CrosscodersError("wandb is not installed: pip install 'crosscoders[wandb]' or train without it") from None
-    return wandb.init(project="crosscoders", name=run_dir.name, dir=run_dir, config=asdict(cfg), reinit="create_new")
+    return wandb
+
+
+def start_wandb(cfg: TrainConfig, run_dir: Path):
+    """A Weights & Biases run for this SAE (one per SAE of a sweep)."""
+    return import_wandb().init(project="crosscoders", name=run_dir.name, dir=run_dir, config=asdict(cfg), reinit="create_new")
 
 
 def run_data(run_dir: Path) -> dict | None:

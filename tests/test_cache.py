@@ -214,7 +214,7 @@ def n_shards(out: Path) -> int:
 def test_interrupted_and_resumed_run_stores_exactly_the_uninterrupted_rows(tiny_model_dir, corpus_file, tmp_path, stop):
     reference = cli(*cli_args(tiny_model_dir, corpus_file, tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr
-    killed_out = tmp_path / "killed"
+    killed_out = tmp_path / "killed [b]:smile:"  # printed as typed, not as markup
     for target, delay in ((2, 0.0), (4, 0.2)):
         process = subprocess.Popen([sys.executable, str(REPO / "cache_activations.py"), *cli_args(tiny_model_dir, corpus_file, killed_out)],
                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -227,6 +227,7 @@ def test_interrupted_and_resumed_run_stores_exactly_the_uninterrupted_rows(tiny_
     assert 0 < n_shards(killed_out) < n_shards(tmp_path / "reference")
     resumed = cli(*cli_args(tiny_model_dir, corpus_file, killed_out))
     assert resumed.returncode == 0, resumed.stderr
+    assert f"{killed_out} holds" in resumed.stderr
     ref_keys, ref_acts = sorted_rows(Store(tmp_path / "reference"))
     keys, acts = sorted_rows(Store(killed_out))
     np.testing.assert_array_equal(ref_keys, keys)

@@ -8,6 +8,7 @@ import sys
 from contextlib import ExitStack
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from transformers import AutoModelForCausalLM
 from pipeline.cache import CacheConfig, cache_activations, pack_batches
 from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
-from pipeline.evaluate import EvalConfig, evaluate, layer_means, run_eval, splice
+from pipeline.evaluate import EvalConfig, check_model_of_store, evaluate, layer_means, run_eval, splice
+from pipeline.models import load_model
 from pipeline.sae import SAEConfig, TopKSAE
 from pipeline.store import Store
 from pipeline.train import CHECKPOINT, DATA_FILE
@@ -221,6 +223,13 @@ def test_a_model_or_store_other_than_the_sae_was_trained_on_is_refused(store, ot
     other = small_store(other_tiny_model_dir, tmp_path)
     with pytest.raises(CrosscodersError, match="but the SAE was trained on.*pass a store of that model as --shards"):
         run_eval(EvalConfig(sae=str(run), shards=other.url), QUIET, progress=False)
+
+
+def test_a_store_fingerprinted_by_its_models_config_alone_asks_to_be_cached_again(tiny_model_dir):
+    old_store = SimpleNamespace(url="/s", metadata={"model": {"fingerprint": "config-sha256:ab12"}})
+    with pytest.raises(CrosscodersError, match=r"^/s was cached before a model's fingerprint covered its weights "
+                                               r"\(config-sha256:ab12\); cache it again with cache-acts into a new --out$"):
+        check_model_of_store(load_model(str(tiny_model_dir)).info, old_store)
 
 
 def test_store_without_held_out_documents_is_refused(tiny_model_dir, store, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from dataclasses import replace
 
 import pytest
@@ -174,6 +175,13 @@ def test_config_errors_come_before_any_training(tmp_path):
         TrainConfig(steps=10, tokens=10_000)
     with pytest.raises(CrosscodersError, match="batches of 64 rows, not batch_size=32"):
         train([replace(SMALL, batch_size=32)], small_source(), [tmp_path / "c"], progress=False)
+
+
+def test_wandb_missing_is_refused_before_any_folder_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(CrosscodersError, match="wandb is not installed"):
+        train([SMALL, replace(SMALL, wandb=True)], small_source(), [tmp_path / "a", tmp_path / "b"], progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_used_folders(tmp_path):

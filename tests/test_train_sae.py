@@ -67,6 +67,10 @@ def test_resume_refuses_another_row_order_and_takes_a_moved_store(store_path, tm
         with pytest.raises(CrosscodersError, match=re.escape(message)):
             train_on_store(replace(loader, **changed), replace(base, steps=3), tmp_path / "run", [], cpu, resume=True,
                            progress=False)
+    data_file = tmp_path / "run" / "data.json"  # as a run from before the row order had its own seed saved it
+    data = json.loads(data_file.read_text())
+    del data["loader"]["shuffle_seed"]
+    data_file.write_text(json.dumps(data))
     moved = tmp_path / "moved"
     store_path.rename(moved)
     relaxed = replace(loader, shards=str(moved), workers=1, val_rows=100)  # where the rows are read from, and how many are validated on
@@ -102,6 +106,7 @@ def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
         (["--lr", "nan"], "lr=nan must be a finite number >= 0"),
         (["--weight-decay", "-1"], "weight_decay=-1.0 must be a finite number >= 0"),
         (["--window-chunks", "0"], "window_chunks and workers must be at least 1 and val_rows at least 0"),
+        (["--shuffle-seed", "20000000000000"], "shuffle_seed=20000000000000 must be in 0..2**32-1"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(store_path, tmp_path, args, message):
