@@ -301,10 +301,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
         raise CrosscodersError(f"--feature {cfg.feature} is out of range: the SAE has latents 0 to {sae.cfg.n_latents - 1}")
     path = report_path(cfg, sae_dir)
 
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
-        scan = scan_features(sae, store, cfg.split, cfg.n_rows, cfg.top, device, progress=bar)
-    spec = cfg.model or store.metadata["model"]["name"]
+    spec = cfg.model or store.metadata["model"]["name"]  # loaded before the scan: a wrong model stops it at once
     try:
         loaded = load_model(spec)
     except (CrosscodersError, OSError) as error:
@@ -314,6 +311,10 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     else:
         check_model_of_store(loaded.info, store)
         lens = Lens.of(loaded)
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
+        scan = scan_features(sae, store, cfg.split, cfg.n_rows, cfg.top, device, progress=bar)
     tokenizer = lens.tokenizer if lens is not None else None
 
     def promoted(feature: int) -> list[tuple[str, float]] | None:

@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 from transformers import AutoTokenizer
 
+from pipeline import features
 from pipeline.cache import CacheConfig, cache_activations
 from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
@@ -260,7 +261,8 @@ def test_errors_are_one_line(store, sae, run_dir, tmp_path):
         explore_features(FeaturesConfig(sae=str(run_dir), html=str(tmp_path)), QUIET)
 
 
-def test_a_model_or_store_other_than_the_sae_was_trained_on_is_refused(run_dir, other_tiny_model_dir, tmp_path):
+def test_a_model_or_store_other_than_the_sae_was_trained_on_is_refused(run_dir, other_tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(features, "scan_features", lambda *args, **kwargs: pytest.fail("scanned before checking the model"))
     with pytest.raises(CrosscodersError, match="is not the model the store was cached from.*pass that model as --model"):
         explore_features(FeaturesConfig(sae=str(run_dir), model=str(other_tiny_model_dir), n_rows=100), QUIET, progress=False)
     corpus = tmp_path / "pairs.jsonl"
