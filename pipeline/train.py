@@ -404,9 +404,10 @@ def check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool, data: dict |
     saved_data = read_json(run_dir / DATA_FILE) if data is not None and (run_dir / DATA_FILE).exists() else None
     if saved_data is not None:
         saved_data.setdefault("loader", {}).setdefault("shuffle_seed", saved.get("seed"))  # once the order's seed
-        saved.update(flatten_data(saved_data))
-        current.update(flatten_data(data))
-        changed += [name for name in flatten_data(data) if saved.get(name) != current[name]]
+        saved_order, current_order = flatten_data(saved_data), flatten_data(data)
+        changed += [name for name in current_order if saved_order.get(name) != current_order[name]]
+        saved.update(saved_order)
+        current.update(current_order)
     if changed:
         differences = ", ".join(f"{name}={saved.get(name)!r} (now {current[name]!r})" for name in changed)
         raise CrosscodersError(f"cannot resume {run_dir} with other settings: {differences}; use the saved ones")
@@ -467,7 +468,7 @@ def run_data(run_dir: Path) -> dict | None:
     """A run's data.json (store, model, layers), also found from its checkpoint/ folder; None if absent."""
     for folder in (run_dir, run_dir.parent) if run_dir.name == CHECKPOINT else (run_dir,):
         if (folder / DATA_FILE).is_file():
-            return json.loads((folder / DATA_FILE).read_text())
+            return read_json(folder / DATA_FILE)
     return None
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from pipeline.errors import CrosscodersError
 from pipeline.loader import MemoryLoader
 from pipeline.sae import load
-from pipeline.train import TrainConfig, expand_sweep, lr_at, train
+from pipeline.train import TrainConfig, expand_sweep, lr_at, run_data, train
 
 N_LAYERS = 3
 
@@ -209,6 +209,13 @@ def test_resuming_from_a_damaged_checkpoint_is_refused_in_one_line_and_changes_n
                                                "or delete it to train from the start$"):
         train([replace(SMALL, steps=10)], small_source(), [tmp_path], resume=True, progress=False)
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_damaged_data_json_is_a_one_line_error(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "data.json").write_text('{"shards": ')
+    with pytest.raises(CrosscodersError, match=r"data.json is damaged \(.*\); restore it, or train into a new folder$"):
+        run_data(tmp_path / "checkpoint")  # found from the checkpoint as from the run
 
 
 def test_expand_sweep_names_runs_and_checks_values():
