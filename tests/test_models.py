@@ -92,20 +92,20 @@ def test_a_hub_id_is_fingerprinted_by_its_downloaded_weights(tiny, tiny_model_di
     assert load_model("someorg/tuned").info.fingerprint != tiny.info.fingerprint
 
 
-@pytest.mark.parametrize("header", [b"\x05\0\0\0\0\0\0\0[1, ", b'\x17\0\0\0\0\0\0\0{"w": {"dtype": "F32"}}'])
-def test_damaged_weights_are_a_one_line_error(tiny_model_dir, tmp_path, header):
-    folder = shutil.copytree(tiny_model_dir, tmp_path / "copy")
-    (folder / "model.safetensors").write_bytes(header)
-    with pytest.raises(CrosscodersError, match=r"model.safetensors is damaged \(.*\); restore the model's weights") as error:
-        load_model(str(folder))
-    assert "\n" not in str(error.value)
+WEIGHTS_DAMAGED = r"model.safetensors is damaged \(.*\); restore the model's weights"
+CONFIG_DAMAGED = r"config.json is damaged \(.*\); restore the model's config.json"
 
 
-@pytest.mark.parametrize("text", ['{"vocab_size": ', "[1, 2]"])
-def test_a_damaged_config_is_a_one_line_error(tiny_model_dir, tmp_path, text):
+@pytest.mark.parametrize("file, content, message", [
+    ("model.safetensors", b"\x05\0\0\0\0\0\0\0[1, ", WEIGHTS_DAMAGED),
+    ("model.safetensors", b'\x17\0\0\0\0\0\0\0{"w": {"dtype": "F32"}}', WEIGHTS_DAMAGED),
+    ("config.json", b'{"vocab_size": ', CONFIG_DAMAGED),
+    ("config.json", b"[1, 2]", CONFIG_DAMAGED),
+])
+def test_a_damaged_model_file_is_a_one_line_error(tiny_model_dir, tmp_path, file, content, message):
     folder = shutil.copytree(tiny_model_dir, tmp_path / "copy")
-    (folder / "config.json").write_text(text)
-    with pytest.raises(CrosscodersError, match=r"config.json is damaged \(.*\); restore the model's config.json") as error:
+    (folder / file).write_bytes(content)
+    with pytest.raises(CrosscodersError, match=message) as error:
         load_model(str(folder))
     assert "\n" not in str(error.value)
 
