@@ -243,14 +243,15 @@ def plot_recovered(results: list[LayerEval], path: Path, title: str):
     figure.savefig(path, dpi=100)
 
 
-def resolve(config: EvalConfig, data: dict | None) -> EvalConfig:
-    """The config with the store, model and output folder filled in from the run's data.json (data) and store."""
+def resolve(config: EvalConfig, data: dict | None) -> tuple[EvalConfig, Store]:
+    """The store, opened, and the config with it, the model and the output folder filled in from the run's data.json (data)."""
     run = Path(config.sae)
     if config.shards is None and data is None:
         raise CrosscodersError(f"{run} has no {DATA_FILE} saying which store it was trained on; pass --shards")
-    shards = config.shards or data["shards"]
-    model = config.model or Store(shards).metadata["model"]["name"]
-    return replace(config, shards=str(shards), model=model, out=config.out or str(default_output(run, "eval")))
+    shards = str(config.shards or data["shards"])
+    store = Store(shards)
+    model = config.model or store.metadata["model"]["name"]
+    return replace(config, shards=shards, model=model, out=config.out or str(default_output(run, "eval"))), store
 
 
 def default_output(sae_dir: Path, name: str) -> Path:
@@ -299,8 +300,7 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     device = resolve_device(config.device)
     sae = load(config.sae, device).eval()
     data = run_data(Path(config.sae))
-    config = resolve(config, data)
-    store = Store(config.shards)
+    config, store = resolve(config, data)
     check_store_of_run(store, data)
     loaded = load_model(config.model, device=device, dtype=resolve_model_dtype("auto", device))
     info = loaded.info
