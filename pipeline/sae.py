@@ -215,6 +215,8 @@ class TopKSAE(nn.Module):
         (top_values, top_indices), dead_top = self.top_latents(x_in, dead_mask, dead_capacity)
         x_hat_normalized = self.decode_latents(top_values, top_indices) + self.b_dec
         auxk_loss = self.auxk_loss(dead_top, x_normalized - x_hat_normalized)
+        if dead_top is not None:  # a capacity may hold no dead latent: no AuxK then, not the 1 of reconstructing from none
+            auxk_loss = auxk_loss * dead_mask.any()
         x_hat = self.denormalize(x_hat_normalized, layer)
         return ForwardOutput(x_hat, x_hat_normalized, x_normalized, top_values, top_indices, auxk_loss)
 

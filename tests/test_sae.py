@@ -301,3 +301,19 @@ def test_auxk_loss_trains_only_dead_latents(decoder):
     out.auxk_loss.backward()
     assert sae.W_dec.grad[:40].abs().sum() > 0
     assert not sae.W_dec.grad[40:].any() and not sae.W_enc.grad[:, 40:].any()
+
+
+@pytest.mark.parametrize("decoder", ["dense", "sparse"])
+def test_auxk_among_candidates_none_of_them_dead_adds_nothing(decoder):
+    """The trainer's bound on the dead count may exceed a count of 0: AuxK then adds nothing, to the loss as to the
+    gradients, not the 1 of reconstructing the residual from nothing."""
+    results = []
+    for capacity in (0, 5, 4 * D_MODEL):
+        sae = perturbed_sae(D_MODEL, 4, 8, "sinusoidal", decoder)
+        results.append(loss_and_gradients(sae, *make_rows(64, seed=6), torch.zeros(sae.cfg.n_latents, dtype=torch.bool),
+                                          capacity))
+    (exact, exact_loss, exact_grads), *larger = results
+    for out, loss, grads in larger:
+        assert out.auxk_loss.item() == 0 and loss.item() == exact_loss.item()
+        for name, grad in exact_grads.items():
+            torch.testing.assert_close(grads[name], grad, msg=name)
