@@ -317,3 +317,27 @@ def test_auxk_among_candidates_none_of_them_dead_adds_nothing(decoder):
         assert out.auxk_loss.item() == 0 and loss.item() == exact_loss.item()
         for name, grad in exact_grads.items():
             torch.testing.assert_close(grads[name], grad, msg=name)
+
+
+@pytest.mark.parametrize("decoder", ["dense", "sparse"])
+@pytest.mark.parametrize("layer_encoding", ["sinusoidal", "none"])
+def test_forward_and_auxk_equal_the_topk_recipe_written_out(decoder, layer_encoding):
+    """Gao et al.'s TopK SAE and AuxK, written out on dense codes in the normalized space: the reconstruction, the MSE
+    and AuxK's top d_model / 2 dead latents reconstructing the detached residual, over its squared norm."""
+    sae = perturbed_sae(D_MODEL, 4, 8, layer_encoding, decoder, torch.float64)
+    x, layer = make_rows(64, seed=7)
+    x = x.double()
+    dead_mask = torch.arange(sae.cfg.n_latents) % 4 == 0  # 32 dead, more than k_aux = 16
+    out = sae(x, layer, dead_mask)
+    p = {name: parameter.detach() for name, parameter in sae.named_parameters()}
+    x_n = (x - sae.norm_mean[layer]) * sae.norm_scale[layer, None]
+    encoding = 0 if sae.layer_embedding is None else sae.layer_embedding[layer]
+    pre_acts = torch.relu((x_n - p["b_dec"] + encoding) @ p["W_enc"] + p["b_enc"])
+    top_values, top_indices = pre_acts.topk(8)
+    x_hat_n = torch.zeros_like(pre_acts).scatter(1, top_indices, top_values) @ p["W_dec"] + p["b_dec"]
+    dead_values, dead_indices = pre_acts.where(dead_mask, -torch.inf).topk(D_MODEL // 2)
+    e = x_n - x_hat_n
+    e_aux = torch.zeros_like(pre_acts).scatter(1, dead_indices, dead_values) @ p["W_dec"]
+    torch.testing.assert_close(out.x_hat, x_hat_n / sae.norm_scale[layer, None] + sae.norm_mean[layer])
+    torch.testing.assert_close(out.x_hat_normalized.detach(), x_hat_n)
+    assert out.auxk_loss.item() == pytest.approx(((e - e_aux).pow(2).sum() / e.pow(2).sum()).item(), rel=1e-5)
