@@ -11,9 +11,13 @@ SAE training step alone, dense, sparse and the step trained with (see bench/sae_
 """
 
 import itertools
+import multiprocessing
+import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,21 +37,39 @@ from pipeline.units import parse_count
 SIZES = [(4, 32), (16, 64)]
 
 
-def synthetic_store(path: Path, n_rows: int, d_model: int, n_layers: int = 29, shard_rows: int = 262144) -> Store:
-    """A bf16 store of random rows, for loader speed where no real store is at hand."""
-    store = create_or_open(path, {"model": {"name": "synthetic", "fingerprint": "synthetic", "d_model": d_model, "n_hidden_states": n_layers},
-                                  "dtype": "bf16", "layers": list(range(n_layers))})
-    generator = torch.Generator().manual_seed(0)
-    for start in range(0, n_rows, shard_rows):
-        rows = min(shard_rows, n_rows - start)
-        acts = torch.randn(rows, d_model, generator=generator) * torch.linspace(0.5, 20, n_layers)[torch.arange(rows) % n_layers, None]
-        layer = (np.arange(rows) % n_layers).astype(np.int16)
-        train_rows = SplitRows(to_storage(acts, "bf16"), layer, np.zeros(rows), np.zeros(rows), np.zeros(rows))
-        val_rows = SplitRows(to_storage(acts[:256], "bf16"), layer[:256], np.zeros(256), np.zeros(256), np.zeros(256))
-        sums = layer_sums(acts.bfloat16(), torch.from_numpy(layer.astype(np.int64)), n_layers)
-        store.write_shard(ShardData({"train": train_rows, "val": val_rows}, np.array([0]), np.array([0]), np.array([0, 1]),
-                                    np.zeros(1, np.int32), *sums, [start // shard_rows], [rows + 256]))
+def synthetic_store(path: Path, n_rows: int, d_model: int, n_layers: int = 29, shard_rows: int = 65536) -> Store:
+    """A bf16 store of random rows, for loader speed where no real store is at hand. Up to 8 processes write its
+    shards (cache-acts' default of 65536 rows) at once: one process makes a shard in 3.5 s of CPU time at d_model
+    1536 on dev-cpu (random numbers, exact layer statistics, compression on zarr's one writing thread), so one
+    process would spend one to two minutes on 2M rows, more than bench/gpu.sh gives the whole step."""
+    create_or_open(path, synthetic_metadata(d_model, n_layers))
+    starts = range(0, n_rows, shard_rows)
+    n_processes = min(len(starts), os.cpu_count() or 1, 8)  # each holds a few GB
+    write = partial(write_random_shard, path, n_rows, d_model, n_layers, shard_rows, max(1, (os.cpu_count() or 1) // n_processes))
+    # spawned, not forked: torch's threads and CUDA may be running in this process already
+    with ProcessPoolExecutor(n_processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(write, starts))
     return Store(path)
+
+
+def synthetic_metadata(d_model: int, n_layers: int) -> dict:
+    return {"model": {"name": "synthetic", "fingerprint": "synthetic", "d_model": d_model, "n_hidden_states": n_layers},
+            "dtype": "bf16", "layers": list(range(n_layers))}
+
+
+def write_random_shard(path: Path, n_rows: int, d_model: int, n_layers: int, shard_rows: int, threads: int, start: int):
+    """The shard of synthetic_store holding rows [start, start + shard_rows), from its own seed."""
+    torch.set_num_threads(threads)
+    store = create_or_open(path, synthetic_metadata(d_model, n_layers), clean=False)
+    generator = torch.Generator().manual_seed(start)
+    rows = min(shard_rows, n_rows - start)
+    acts = torch.randn(rows, d_model, generator=generator) * torch.linspace(0.5, 20, n_layers)[torch.arange(rows) % n_layers, None]
+    layer = (np.arange(rows) % n_layers).astype(np.int16)
+    train_rows = SplitRows(to_storage(acts, "bf16"), layer, np.zeros(rows), np.zeros(rows), np.zeros(rows))
+    val_rows = SplitRows(to_storage(acts[:256], "bf16"), layer[:256], np.zeros(256), np.zeros(256), np.zeros(256))
+    sums = layer_sums(acts.bfloat16(), torch.from_numpy(layer.astype(np.int64)), n_layers)
+    store.write_shard(ShardData({"train": train_rows, "val": val_rows}, np.array([0]), np.array([0]), np.array([0, 1]),
+                                np.zeros(1, np.int32), *sums, [start // shard_rows], [rows + 256]))
 
 
 class Prefetched:
