@@ -81,8 +81,11 @@ def main(
             acts_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "/acts/" in str(f))
             all_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
             raw = store.n_pairs * store.d_model * {"bf16": 2, "float16": 2, "float32": 4}[store.dtype]
-            table.add_row(str(repeat), f"{bare_rate:,.0f}", f"{cache_rate:,.0f}", f"{cache_rate / bare_rate:.2f}",
-                          f"{all_bytes / store.n_pairs:,.0f}", f"{raw / acts_bytes:.3f}")
+            row = (str(repeat), f"{bare_rate:,.0f}", f"{cache_rate:,.0f}", f"{cache_rate / bare_rate:.2f}",
+                   f"{all_bytes / store.n_pairs:,.0f}", f"{raw / acts_bytes:.3f}")
+            table.add_row(*row)
+            # also at once: a run stopped at a time limit keeps the repeats it measured
+            print(" | ".join(f"{column.header} {cell}" for column, cell in zip(table.columns, row)), flush=True)
     console.print(table)
 
 

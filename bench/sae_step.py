@@ -123,9 +123,11 @@ def main(
                 best[name] = min(best[name], seconds_per_step(step, x, layer, dead_mask, steps_per_repeat, "+sync" in name))
         rates = [batch_size / best[name] for name in names]  # 0 for a path that failed
         k_aux = SAEConfig(d_model, N_LAYERS, expansion, k).k_aux(int(dead_mask.sum()))
-        table.add_row(str(expansion), str(k), f"1/{n_latents // k}", str(k_aux),
-                      *(f"{rate:,.0f}" if rate else "failed" for rate in rates),
-                      *(f"{rate / rates[0]:.2f}x" if rate and rates[0] else "-" for rate in rates[1:]))
+        row = (str(expansion), str(k), f"1/{n_latents // k}", str(k_aux), *(f"{rate:,.0f}" if rate else "failed" for rate in rates),
+               *(f"{rate / rates[0]:.2f}x" if rate and rates[0] else "-" for rate in rates[1:]))
+        table.add_row(*row)
+        # also at once: a run stopped at a time limit keeps the shapes it measured
+        print(" | ".join(f"{column.header} {cell}" for column, cell in zip(table.columns, row)), flush=True)
         if profile:
             for name, step in steps.items():
                 print_profile(step, x, layer, dead_mask, "+sync" in name, torch_device, f"{name}, {expansion}x/k{k}")

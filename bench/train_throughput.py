@@ -146,6 +146,12 @@ def step_rows_per_s(source, cfg: TrainConfig, device: torch.device, n_steps: int
         return n_steps * len(x) / (time.perf_counter() - start)
 
 
+def add_row(table: Table, *cells: str):
+    """A row of the table, also printed at once: a run stopped at a time limit keeps the rows it measured."""
+    table.add_row(*cells)
+    print(" | ".join(f"{column.header} {cell}" for column, cell in zip(table.columns, cells) if cell not in ("", "-")), flush=True)
+
+
 def main(
     shards: str = typer.Option(None, help="A store written by cache-acts; or give --synthetic-rows."),
     synthetic_rows: str = typer.Option(None, help="Write a random bf16 store of this many rows (e.g. 2M) and use it."),
@@ -175,7 +181,7 @@ def main(
         table.add_column(column, justify="right")
     for count, each in zip(counts, loaders):
         rate = loader_rows_per_s(each, steps, torch_device)
-        table.add_row(f"loader alone, {count} threads", "-", "-", "-", f"{rate:,.0f}", "", "")
+        add_row(table, f"loader alone, {count} threads", "-", "-", "-", f"{rate:,.0f}", "", "")
     if not loader_only:
         memory = Prefetched(loader, steps)
         name = decoder + ("+graph" if cuda_graph else "")
@@ -183,12 +189,12 @@ def main(
             base = TrainConfig(expansion=expansion, k=k, batch_size=batch_size, steps=steps, val_every=10**9, save_every=10**9,
                                warmup_steps=1, decoder=decoder, cuda_graph=cuda_graph)
             (memory_wait, from_memory), (shards_wait, from_shards) = timed_training(memory, base, torch_device), timed_training(loader, base, torch_device)
-            table.add_row("train from memory", str(expansion), str(k), name, f"{from_memory:,.0f}", "", f"{memory_wait:.2f}")
-            table.add_row("train from shards", str(expansion), str(k), name, f"{from_shards:,.0f}", f"{from_shards / from_memory:.2f}", f"{shards_wait:.2f}")
+            add_row(table, "train from memory", str(expansion), str(k), name, f"{from_memory:,.0f}", "", f"{memory_wait:.2f}")
+            add_row(table, "train from shards", str(expansion), str(k), name, f"{from_shards:,.0f}", f"{from_shards / from_memory:.2f}", f"{shards_wait:.2f}")
             alone = {"dense": replace(base, decoder="dense", cuda_graph=False), "sparse": replace(base, decoder="sparse", cuda_graph=False), name: base}
             for step_name, cfg in alone.items():
                 rate = step_rows_per_s(memory, replace(cfg, steps=None), torch_device, max(steps // 3, 3))
-                table.add_row("SAE step alone", str(expansion), str(k), step_name, f"{rate:,.0f}", "", "")
+                add_row(table, "SAE step alone", str(expansion), str(k), step_name, f"{rate:,.0f}", "", "")
     Console(width=160).print(table)
 
 
