@@ -15,6 +15,7 @@ import torch
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.cache import resolve_device
 from pipeline.errors import CrosscodersError
@@ -46,6 +47,15 @@ def make_step(name: str, expansion: int, k: int, batch_size: int, d_model: int, 
         return TrainStep(sae, cfg, device)
     except CrosscodersError as error:
         raise typer.BadParameter(str(error)) from None
+
+
+def first_lines(error: BaseException) -> str:
+    """The first line of error and of each error it was raised while handling, the first one first: a failed CUDA
+    graph capture raises from its end, which only says that an op during the capture failed."""
+    chain = [error]
+    while chain[-1].__context__ is not None:
+        chain.append(chain[-1].__context__)
+    return "; then ".join(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for e in reversed(chain))
 
 
 def train_steps(step: TrainStep, x, layer, dead_mask: torch.Tensor, n_steps: int, at_once: bool):
@@ -115,7 +125,7 @@ def main(
             try:  # warm-up: Adam's state; with +graph the eager run and the capture
                 train_steps(step, x, layer, dead_mask, 3, at_once=False)
             except RuntimeError as error:  # one path failing (say, a capture) leaves the others' figures
-                Console(width=160).print(f"[red]{name}, {expansion}x/k{k} failed:[/red] {str(error).splitlines()[0]}")
+                Console(width=160).print(f"[red]{name}, {expansion}x/k{k} failed:[/red]", Text(first_lines(error)))
                 del steps[name]
         best = {name: float("inf") for name in names}
         for _ in range(repeats):
