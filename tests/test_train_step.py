@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from test_sae import D_MODEL, make_rows, make_sae
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline import train_step
 from pipeline.errors import CrosscodersError
@@ -103,6 +104,40 @@ def test_moments_loaded_from_a_checkpoint_take_their_parameters_layout():
         step(*make_rows(BATCH, seed=2), lr=1e-2)
     for name, parameter in steps[0].sae.named_parameters():
         assert torch.equal(dict(steps[1].sae.named_parameters())[name], parameter), name
+
+
+class HostReads(TorchDispatchMode):
+    """Notes the ops of a block that read a value back to the host: on CUDA each waits for the GPU, and a graph
+    capture fails on it. .tolist() bypasses the dispatcher, so the test patches it."""
+
+    OPS = ("_local_scalar_dense", "nonzero", "bincount", "unique", "masked_select", "repeat_interleave", "equal")
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        by_mask = name in ("index", "index_put", "index_put_") and any(torch.is_tensor(i) and i.dtype == torch.bool for i in args[1])
+        if by_mask or any(op in name for op in self.OPS):  # a boolean mask's index needs its count of True
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("decoder", ["dense", "sparse"])
+def test_the_step_a_cuda_graph_captures_reads_nothing_back(decoder, monkeypatch):
+    """What StepGraphs captures, TrainStep.on_device with AuxK's capacity given, may not read anything back; only a
+    GPU runs the capture, so on the CPU the dispatcher lists the ops instead."""
+    cfg = TrainConfig(expansion=4, k=8, decoder=decoder, batch_size=BATCH, dead_tokens=2 * BATCH)
+    step = TrainStep(make_sae(decoder=decoder), cfg, torch.device("cpu"))
+    x, layer = make_rows(BATCH)
+    step.on_device(x, layer, 0)  # the eager warm-up before a capture: Adam's state
+    step.tokens_since_fired[:40] = cfg.dead_tokens  # 40 dead latents: AuxK runs, among 48 candidates
+    with HostReads() as reads:
+        tolist = torch.Tensor.tolist
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda tensor: reads.found.append("tolist") or tolist(tensor))
+        step.on_device(x, layer, 48)
+    assert reads.found == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
