@@ -212,5 +212,5 @@ def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, top_values: torch.Tensor
     """[mse_raw, fvu, l0] of one batch, as 0-d tensors (no device sync)."""
     with torch.no_grad():
         squared_error = (x_hat.float() - x).pow(2)
-        fvu = squared_error.sum() / (x - x.mean(0)).pow(2).sum() if len(x) > 1 else x.new_tensor(math.nan)  # needs a variance
+        fvu = squared_error.sum() / (x - x.mean(0)).pow(2).sum() if len(x) > 1 else x.new_full((), math.nan)  # needs a variance
         return [squared_error.mean(), fvu, (top_values > 0).sum(1).float().mean()]
