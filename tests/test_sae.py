@@ -3,8 +3,10 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file as load_numpy
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import layer_stats_of
@@ -254,6 +256,45 @@ def test_save_and_load_give_identical_outputs(tmp_path, layer_encoding):
     for name, expected in sae(x, layer).__dict__.items():
         assert torch.equal(getattr(loaded(x, layer), name), expected), name
     assert {p.name for p in tmp_path.iterdir()} == {"cfg.json", "sae_weights.safetensors"}
+
+
+def apply_as_format_md_says(folder, x: np.ndarray, layer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A third party's SAE, from docs/FORMAT.md alone: (latent indices [n, k], x_hat [n, d_model]) in float64 numpy."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = {name: t.astype(np.float64) for name, t in load_numpy(folder / "sae_weights.safetensors").items()}
+    d, n_layers = cfg["d_model"], cfg["n_layers"]
+    if cfg["layer_encoding"] == "sinusoidal":
+        angle = np.arange(n_layers)[:, None] * 10000.0 ** (-np.arange(0, d, 2) / d)
+        encoding = np.zeros((n_layers, d))
+        encoding[:, 0::2], encoding[:, 1::2] = np.sin(angle), np.cos(angle)[:, : d // 2]
+        encoding = encoding.astype(np.float32).astype(np.float64)
+    else:
+        encoding = w["layer_embedding"] if cfg["layer_encoding"] == "learned" else np.zeros((n_layers, d))
+    x_norm = (x - w["norm_mean"][layer]) * w["norm_scale"][layer, None]
+    pre = np.maximum((x_norm - w["b_dec"] + encoding[layer]) @ w["W_enc"] + w["b_enc"], 0)
+    indices = np.argsort(-pre, axis=1)[:, : cfg["k"]]
+    values = np.take_along_axis(pre, indices, 1)
+    x_hat = (np.einsum("nk,nkd->nd", values, w["W_dec"][indices]) + w["b_dec"]) / w["norm_scale"][layer, None] + w["norm_mean"][layer]
+    return indices, x_hat
+
+
+@pytest.mark.parametrize("layer_encoding", ["sinusoidal", "learned", "none"])
+@pytest.mark.parametrize("d_model", [D_MODEL, D_MODEL + 1])
+def test_a_saved_sae_applied_as_format_md_describes_gives_its_codes_and_reconstructions(tmp_path, layer_encoding, d_model):
+    torch.manual_seed(0)
+    x, layer = make_rows(64, d_model=d_model)
+    sae = TopKSAE(SAEConfig(d_model, N_LAYERS, expansion=4, k=8, layer_encoding=layer_encoding), layer_stats_of(x, layer, N_LAYERS))
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    sae.save(tmp_path)
+    indices, x_hat = apply_as_format_md_says(tmp_path, x.double().numpy(), layer.numpy())
+    sae = load(tmp_path).double()
+    with torch.no_grad():
+        values, expected_indices = sae.encode(x.double(), layer)
+        expected = sae.decode(values, expected_indices, layer)
+    assert np.array_equal(np.sort(indices, 1), np.sort(expected_indices.numpy(), 1))
+    np.testing.assert_allclose(x_hat, expected.numpy(), rtol=1e-9, atol=1e-9)
 
 
 def test_load_rejects_mismatched_missing_or_corrupt_files(tmp_path):

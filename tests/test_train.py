@@ -105,12 +105,15 @@ def test_writes_metrics_plot_and_saelens_layout(tmp_path):
     order = [(r["step"], r["split"] == "val") for r in records]
     assert order == sorted(order)
     assert final == {**train_records[-1], **val_records[-1]}  # validation metrics, plus the last step's training ones
-    assert {"loss", "mse", "mse_raw", "fvu", "l0", "dead_fraction", "auxk_loss", "lr"} <= train_records[0].keys()
+    # the records docs/FORMAT.md lists
+    assert train_records[0].keys() == {"split", "step", "loss", "mse", "mse_raw", "fvu", "l0", "dead_fraction", "auxk_loss", "lr"}
+    assert val_records[0].keys() == {"split", "step", "mse", "mse_raw", "fvu", "l0", "fvu_by_layer"}
     assert set(final["fvu_by_layer"]) == {"0", "1", "2"} and final["l0"] == 4
     assert any(r["auxk_loss"] > 0 for r in train_records)  # dead_tokens is short enough for latents to die
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "train_config.json").read_text())["k"] == 4
     assert_same_tensors(weights(tmp_path), weights(tmp_path / "checkpoint"))
+    assert {p.name for p in tmp_path.iterdir()} == {"train_config.json", "metrics.jsonl", "checkpoint", "cfg.json", "sae_weights.safetensors", "loss.png"}
     files = {p.name for p in (tmp_path / "checkpoint").iterdir()}
     assert files == {"cfg.json", "sae_weights.safetensors", "optimizer.safetensors"} | {
         "trainer_state.safetensors", "trainer_state.json"
