@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.cells import cell_len
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
@@ -266,11 +267,21 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: l
     top = max((c.value for c in contexts), default=1.0)
     for c in contexts:
         line = Text(f"{c.value:8.3f}  L{c.layer:<3d} doc {c.doc} pos {c.pos}  ", style="dim")
-        line.append("".join(c.tokens[: c.center]))
         active = c.tokens[c.center] if console.color_system else f"⟦{c.tokens[c.center]}⟧"  # still visible without colour
+        # at most half the room left of the activating token, so a long left context never pushes it off the line
+        line.append(left_cropped("".join(c.tokens[: c.center]), (console.width - line.cell_len - cell_len(active)) // 2))
         line.append(active, style="bold black on rgb({},{},{})".format(*highlight_rgb(c.value / top)))
         line.append("".join(c.tokens[c.center + 1 :]))
         console.print(line, no_wrap=True, overflow="ellipsis")
+
+
+def left_cropped(text: str, width: int) -> str:
+    """The end of text that fits in width terminal cells, "…" marking where it was cut."""
+    if cell_len(text) <= width:
+        return text
+    while text and cell_len(text) > width - 1:
+        text = text[1:]
+    return "…" + text if width > 0 else ""
 
 
 def report_path(cfg: FeaturesConfig, sae_dir: Path) -> Path | None:

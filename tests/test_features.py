@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.cells import cell_len
 from rich.console import Console
 from transformers import AutoTokenizer
 
@@ -217,6 +218,18 @@ def test_tokens_that_look_like_rich_markup_print_as_text(store, sae):
     shown = console.file.getvalue()
     assert "promotes '[/' +1.5  '[bold]x' +0.5  '][/' +0.25  ':smile:' +0.125" in shown
     assert "a[/⟦[bold]⟧x][/y:smile:" in shown
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_a_long_left_context_never_pushes_the_activating_token_off_the_line(store, sae, width):
+    scan = scan_features(sae, store, "train", None, top=3)
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    left = ["    return self._name"] * 12  # a docstring's worth of wide tokens, as in real code
+    context = Context(2.0, 3, 7, 12, list(range(25)), left + ["ACT"] + ["x"] * 12, 12)
+    print_feature(console, scan, 2, [context, replace(context, tokens=["a"] * 12 + ["ACT"] + ["b"] * 12)], None)
+    lines = console.file.getvalue().splitlines()[-2:]
+    assert "…" in lines[0] and "_name⟦ACT⟧xx" in lines[0] and "aaaaaaaaaaaa⟦ACT⟧bb" in lines[1]  # cut only where it does not fit
+    assert all(cell_len(line) <= width for line in lines)
 
 
 def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
