@@ -306,8 +306,8 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     if cfg.shards is None and data is None:
         raise CrosscodersError(f"{sae_dir} has no {DATA_FILE} naming the store it was trained on; pass --shards DIR")
     store = Store(cfg.shards or data["shards"])
+    check_store_of_run(store, data)  # first: a store of another model is named as such, whatever its shape
     sae.check_compatible(store.d_model, store.n_hidden_states)
-    check_store_of_run(store, data)
     if cfg.feature is not None and not 0 <= cfg.feature < sae.cfg.n_latents:
         raise CrosscodersError(f"--feature {cfg.feature} is out of range: the SAE has latents 0 to {sae.cfg.n_latents - 1}")
     path = report_path(cfg, sae_dir)

@@ -37,7 +37,7 @@ from pipeline.loader import layer_stats_of
 from pipeline.models import load_model
 from pipeline.report import context_html
 from pipeline.sae import SAEConfig, TopKSAE
-from pipeline.store import Store
+from pipeline.store import Store, create_or_open
 from pipeline.train import CHECKPOINT, DATA_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,6 +284,10 @@ def test_a_model_or_store_other_than_the_sae_was_trained_on_is_refused(run_dir, 
     cache_activations(config, CorpusConfig(dataset=str(corpus)), console=QUIET, progress=False)
     with pytest.raises(CrosscodersError, match="but the SAE was trained on.*pass a store of that model as --shards"):
         explore_features(FeaturesConfig(sae=str(run_dir), shards=str(tmp_path / "store")), QUIET, progress=False)
+    wider = {"name": "wide", "fingerprint": "f", "d_model": 128, "n_layers": 4, "n_hidden_states": 5, "vocab_size": 400}
+    create_or_open(tmp_path / "wide", {"model": wider, "dtype": "float32", "layers": [0]})  # another model, of another shape
+    with pytest.raises(CrosscodersError, match="holds activations of 'wide', but the SAE was trained on"):
+        explore_features(FeaturesConfig(sae=str(run_dir), shards=str(tmp_path / "wide")), QUIET, progress=False)
 
 
 def test_report_of_a_checkpoint_goes_beside_it(sae, run_dir, tmp_path):
