@@ -18,6 +18,7 @@ from pipeline.sparse_topk import TORCH_KERNELS, SparseKernels, gather_pre_acts
 LAYER_ENCODINGS = ("sinusoidal", "learned", "none")
 DECODERS = ("dense", "sparse", "triton", "auto")
 CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
+CHECKPOINT = "checkpoint"  # a training run's folder of its latest checkpoint (pipeline/train.py)
 Selection = tuple[torch.Tensor, torch.Tensor]  # (values, indices) of chosen latents: [batch, m] each
 
 # decoder="auto" picks the training step by density k / n_latents. From python -m bench.sae_step on 2 CPU cores
@@ -281,12 +282,26 @@ class TopKSAE(nn.Module):
         save_file({name: t.detach().contiguous() for name, t in self.state_dict().items()}, folder / WEIGHTS_FILE)
 
 
+def _not_an_sae(folder: Path, missing: str) -> str:
+    """What folder is instead of an SAE, and what to pass: the usual mistakes named."""
+    if folder.is_file():
+        return f"it is a file; pass the folder holding it, {folder.parent}"
+    if (folder / "zarr.json").is_file():
+        return "it is an activation store (pass it as --shards); pass a training run or its checkpoint/"
+    if (folder / CHECKPOINT / CONFIG_FILE).is_file():
+        return f"the run has not finished; pass its checkpoint, {folder / CHECKPOINT}"
+    runs = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_FILE}")) if folder.is_dir() else []
+    if runs:
+        return f"it holds a sweep; pass one of its runs, e.g. {folder / runs[0]}"
+    return f"{missing} is missing; pass a training run or its checkpoint/"
+
+
 def load(path: Path | str, device: torch.device | str = "cpu") -> TopKSAE:
     """The SAE saved in path: a training run folder or its checkpoint/ folder."""
     folder = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
-            raise CrosscodersError(f"no SAE at {folder}: {name} is missing; pass a training run or its checkpoint/")
+            raise CrosscodersError(f"no SAE at {folder}: {_not_an_sae(folder, name)}")
     try:
         cfg = SAEConfig(**json.loads((folder / CONFIG_FILE).read_text()))
         weights = load_file(folder / WEIGHTS_FILE)

@@ -19,7 +19,7 @@ from pipeline import distributed
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
-from pipeline.sae import DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
+from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
 from pipeline.store import Store
 from pipeline.train_step import TrainStep, autocast, check_device
 from pipeline.units import parse_count
@@ -27,7 +27,6 @@ from pipeline.units import parse_count
 LR_DECAYS = ("cosine", "linear")
 RESUMABLE_CHANGES = ("val_every", "save_every", "wandb", "cuda_graph")  # settings a resumed run may change: not the math
 RESUMABLE_LOADER_CHANGES = ("shards", "workers", "val_rows")  # the store may move; not the row order
-CHECKPOINT = "checkpoint"
 DATA_FILE = "data.json"  # the store a run was trained on; eval-sae and sae-features default to it
 
 

@@ -317,6 +317,21 @@ def test_load_rejects_mismatched_missing_or_corrupt_files(tmp_path):
         load(tmp_path / "elsewhere")
 
 
+def test_load_of_a_file_a_store_a_sweep_or_an_unfinished_run_says_what_to_pass_instead(tmp_path):
+    make_sae().save(tmp_path / "sweep" / "k8")
+    with pytest.raises(CrosscodersError, match=rf"no SAE at {tmp_path}/sweep: it holds a sweep; pass one of its runs, e.g. {tmp_path}/sweep/k8$"):
+        load(tmp_path / "sweep")
+    with pytest.raises(CrosscodersError, match=rf"it is a file; pass the folder holding it, {tmp_path}/sweep/k8$"):
+        load(tmp_path / "sweep" / "k8" / "cfg.json")
+    make_sae().save(tmp_path / "unfinished" / "checkpoint")
+    with pytest.raises(CrosscodersError, match=rf"the run has not finished; pass its checkpoint, {tmp_path}/unfinished/checkpoint$"):
+        load(tmp_path / "unfinished")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "zarr.json").write_text("{}")
+    with pytest.raises(CrosscodersError, match=r"it is an activation store \(pass it as --shards\)"):
+        load(tmp_path / "store")
+
+
 def test_check_compatible_names_the_sae_and_both_sizes(tmp_path):
     make_sae().save(tmp_path)
     sae = load(tmp_path)
