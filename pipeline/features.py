@@ -52,7 +52,8 @@ class FeaturesConfig:
         if self.split not in SPLITS:
             raise CrosscodersError(f"--split {self.split!r} is unknown; use one of {', '.join(SPLITS)}")
         if min(self.top, self.n_report_features) < 1 or self.context < 0:
-            raise CrosscodersError(f"--top and --n-report-features must be positive and --context >= 0; got {self}")
+            raise CrosscodersError(f"--top and --n-report-features must be positive and --context at least 0; got {self.top}, "
+                                   f"{self.n_report_features} and {self.context}")
 
 
 @dataclass(frozen=True)

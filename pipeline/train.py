@@ -63,9 +63,11 @@ class TrainConfig:
         for name, choices in (("layer_encoding", LAYER_ENCODINGS), ("decoder", DECODERS), ("lr_decay", LR_DECAYS)):
             if getattr(self, name) not in choices:
                 raise CrosscodersError(f"{name}={getattr(self, name)!r} is unknown; use one of {choices}")
-        positive = ("expansion", "k", "batch_size", "val_every", "save_every", "dead_tokens", "lr")
-        if any(getattr(self, name) <= 0 for name in positive) or self.warmup_steps < 0:
-            raise CrosscodersError(f"{', '.join(positive)} must be positive and warmup_steps >= 0; got {self}")
+        for name in ("expansion", "k", "batch_size", "val_every", "save_every", "dead_tokens", "lr"):
+            if getattr(self, name) <= 0:
+                raise CrosscodersError(f"{name}={getattr(self, name)} must be positive")
+        if self.warmup_steps < 0:
+            raise CrosscodersError(f"warmup_steps={self.warmup_steps} must be at least 0")
         for name in ("lr", "weight_decay", "auxk_alpha"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise CrosscodersError(f"{name}={getattr(self, name)} must be a finite number >= 0")
@@ -394,7 +396,7 @@ def check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool, data: dict |
     if not saved_cfg.exists():
         return
     if not resume:
-        raise CrosscodersError(f"{run_dir} already holds a training run; resume it or train into a new folder")
+        raise CrosscodersError(f"{run_dir} already holds a training run; continue it with --resume or train into a new --out")
     if (run_dir / CHECKPOINT).exists() and latest_checkpoint(run_dir) is None:
         raise CrosscodersError(f"{run_dir / CHECKPOINT} is damaged (no trainer_state.json); restore it, or delete it "
                                "to train from the start")

@@ -267,6 +267,8 @@ def test_errors_are_one_line(store, sae, run_dir, tmp_path):
         explore_features(FeaturesConfig(sae=str(tmp_path / "other"), shards=store.url), QUIET)
     with pytest.raises(CrosscodersError, match="out of range"):
         explore_features(replace(FeaturesConfig(sae=str(run_dir)), feature=N_LATENTS), QUIET)
+    with pytest.raises(CrosscodersError, match="^--top and --n-report-features must be positive and --context at least 0; got 0, 50 and 12$"):
+        FeaturesConfig(top=0)
     (tmp_path / "file").write_text("")
     with pytest.raises(CrosscodersError, match="cannot write to .*file .*; pass a writable path as --html"):
         explore_features(FeaturesConfig(sae=str(run_dir), html=str(tmp_path / "file" / "report.html")), QUIET)

@@ -176,6 +176,10 @@ def test_config_errors_come_before_any_training(tmp_path):
     assert not (tmp_path / "a").exists()
     with pytest.raises(CrosscodersError, match="not both"):
         TrainConfig(steps=10, tokens=10_000)
+    with pytest.raises(CrosscodersError, match="^batch_size=0 must be positive$"):  # the field, not the whole config
+        TrainConfig(batch_size=0)
+    with pytest.raises(CrosscodersError, match="^warmup_steps=-1 must be at least 0$"):
+        TrainConfig(warmup_steps=-1)
     with pytest.raises(CrosscodersError, match="batches of 64 rows, not batch_size=32"):
         train([replace(SMALL, batch_size=32)], small_source(), [tmp_path / "c"], progress=False)
 
@@ -189,7 +193,7 @@ def test_wandb_missing_is_refused_before_any_folder_is_written(tmp_path, monkeyp
 
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_used_folders(tmp_path):
     train([SMALL], small_source(), [tmp_path], progress=False)
-    with pytest.raises(CrosscodersError, match="already holds a training run"):
+    with pytest.raises(CrosscodersError, match="already holds a training run; continue it with --resume or train into a new --out$"):
         train([SMALL], small_source(), [tmp_path], progress=False)
     with pytest.raises(CrosscodersError, match=r"cannot resume .* k=4 \(now 8\)"):
         train([replace(SMALL, k=8)], small_source(), [tmp_path], resume=True, progress=False)
