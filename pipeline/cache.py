@@ -1,9 +1,10 @@
 """Stage one: run the model once over the corpus and store (layer, activation) pairs."""
 
+import functools
 import itertools
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -281,8 +282,9 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
                 corpus_ended = any(n_docs == 0 for n_docs, _ in counts)
                 budget = ledger.budget(window.index)
                 if window.docs and budget:
-                    n_model_tokens += _cache_window(loaded.model, window, plans, budget, config, corpus, pad_id, device, writer)
-                bar.update(task, completed=ledger.total)
+                    advance = functools.partial(bar.advance, task)
+                    n_model_tokens += _cache_window(loaded.model, window, plans, budget, config, corpus, pad_id, device, writer, advance)
+                bar.update(task, completed=ledger.total)  # with the other processes' windows
         except BaseException:  # Ctrl-C or an error: keep complete shards only, so a rerun resumes exactly
             writer.close(flush=False)
             raise
@@ -297,8 +299,10 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
     return CacheReport(store.url, ledger.n_new, ledger.total, n_model_tokens, seconds)
 
 
-def _cache_window(model, window: Window, plans, budget: int, config: CacheConfig, corpus: CorpusConfig, pad_id: int, device, writer: ShardWriter) -> int:
-    """Runs the model over one window's batches, recording up to `budget` pairs; returns the model tokens."""
+def _cache_window(model, window: Window, plans, budget: int, config: CacheConfig, corpus: CorpusConfig, pad_id: int, device, writer: ShardWriter,
+                  advance: Callable[[int], None]) -> int:
+    """Runs the model over one window's batches, recording up to `budget` pairs and calling advance(pairs) after each
+    batch (a window takes minutes on a CPU); returns the model tokens."""
     docs, plans = _within_budget(window.docs, plans, budget)
     plan_of = {doc: plan for (doc, _), plan in zip(docs, plans)}
     n_model_tokens = 0
@@ -308,6 +312,7 @@ def _cache_window(model, window: Window, plans, budget: int, config: CacheConfig
         n_model_tokens += int(packed.attention_mask.sum())
         recorded.window, recorded.ends_window = window.index, i == len(batches) - 1
         writer.submit(recorded)
+        advance(len(recorded.layer))
     return n_model_tokens
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.cache import CacheConfig, cache_activations, choose_pairs, pack_batches, parse_layers
@@ -162,6 +163,18 @@ def test_n_tokens_ending_inside_a_window_keeps_a_corpus_order_prefix(tiny_model_
     assert store.n_pairs == 800 and docs == list(range(len(docs))) and len(docs) < 60
     keys, _ = sorted_rows(store)
     assert sorted(set(keys[:, 0].tolist())) == docs
+
+
+def test_progress_advances_batch_by_batch_within_a_window(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    shown = []  # the bar's pair count after each change
+    for method in ("advance", "update"):
+        def recorded(self, task, *args, method=getattr(Progress, method), **kwargs):
+            method(self, task, *args, **kwargs)
+            shown.append(self.tasks[0].completed)
+        monkeypatch.setattr(Progress, method, recorded)
+    config = CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "s"), n_tokens=800, batch_tokens=256, max_seq_len=64, pack_window=60)
+    cache_activations(config, CorpusConfig(dataset=str(corpus_file)), console=QUIET, progress=True)  # one window, many batches
+    assert len(set(shown)) > 3 and shown == sorted(shown) and shown[-1] == 800
 
 
 def test_a_corpus_with_empty_texts_caches_the_others(tiny_model_dir, tmp_path):
