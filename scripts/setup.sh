@@ -8,8 +8,9 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-# The CPU wheel of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
+# The CPU wheel of torch, from a local wheel folder or PyTorch's CPU index (-qq: that index may be out of reach);
+# a bare `torch` requirement would pull a multi-GB CUDA build from PyPI.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/python -m pip install --quiet torch==2.13.0
+    .venv/bin/python -m pip install -qq torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 .venv/bin/python -m pip install --quiet -e ".[${extras}]"
