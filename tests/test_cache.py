@@ -218,6 +218,13 @@ def cli_args(model_dir, corpus_file, out, n_tokens="6K") -> list[str]:
             "--batch-tokens", "512", "--max-seq-len", "256", "--shard-rows", "150", "--pack-window", "4", "--dtype", "float32"]
 
 
+def test_the_same_command_again_says_there_is_nothing_to_do_and_no_more(tiny_model_dir, corpus_file, tmp_path):
+    args = cli_args(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens="1K")
+    assert "stored 1,000 pairs" in cli(*args).stderr
+    again = cli(*args)
+    assert again.returncode == 0 and "nothing to do" in again.stderr and "stored" not in again.stderr
+
+
 def n_shards(out: Path) -> int:
     """Committed shards, 0 before the store exists."""
     return len(Store(out).shards) if (out / "zarr.json").exists() else 0
