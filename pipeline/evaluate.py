@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 from torch import nn
 
 from pipeline.cache import pack_batches, parse_layers, resolve_device, resolve_model_dtype, skip_mask
@@ -313,6 +314,9 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     docs = list(islice(store.documents(split="val"), config.n_docs))
     if not docs:
         raise CrosscodersError(f"{store.url} holds no held-out documents; cache more tokens or raise --val-fraction")
+    if len(docs) < config.n_docs:
+        console.print(Text(f"{store.url} holds {len(docs)} held-out documents, fewer than --n-docs {config.n_docs}: scoring those"),
+                      soft_wrap=True)
     special_ids = np.asarray(sorted(set(loaded.tokenizer.all_special_ids)), dtype=np.int64)
     skip_special = store.metadata["cache"]["skip_special"]
     out = make_output_folder(Path(config.out), "--out")

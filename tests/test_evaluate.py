@@ -187,6 +187,15 @@ def test_outputs_of_a_checkpoint_go_beside_it(store, tmp_path):
     assert (eval_path, plot_path) == (run / "eval-checkpoint" / "eval.json", run / "eval-checkpoint" / "recovered.png")  # the trainer replaces checkpoint/
 
 
+def test_fewer_held_out_documents_than_asked_for_are_scored_and_said(store, tmp_path):
+    run = saved_run(tmp_path / "run", store)
+    n_val = len(held_out(store, 1000))
+    console = Console(record=True, file=open(os.devnull, "w"))
+    run_eval(EvalConfig(sae=str(run), layers="1", n_docs=n_val + 5), console, progress=False)
+    assert json.loads((run / "eval" / "eval.json").read_text())["n_docs"] == n_val
+    assert f"holds {n_val} held-out documents, fewer than --n-docs {n_val + 5}" in console.export_text()
+
+
 def test_sae_of_another_width_is_a_one_line_cli_error(store, tmp_path):
     run = saved_run(tmp_path / "run", store, d_model=32)
     result = subprocess.run([sys.executable, str(REPO / "eval_sae.py"), "--sae", str(run)], capture_output=True, text=True, cwd=REPO)
