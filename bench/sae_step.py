@@ -106,7 +106,10 @@ def main(
     profile: bool = typer.Option(False, help="Also print each step's top ops from torch.profiler."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
 ):
-    torch_device = resolve_device(device)
+    try:
+        torch_device = resolve_device(device)
+    except CrosscodersError as error:
+        raise typer.BadParameter(str(error)) from None
     names = decoders.split(",")
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, d_model, generator=generator).to(torch_device)

@@ -165,8 +165,8 @@ def main(
     cuda_graph: bool = typer.Option(False, help="Train with each step replayed from a CUDA graph."),
     device: str = "auto",
 ):
-    torch_device = resolve_device(device)
-    try:  # a step this device cannot take is refused before the store is written
+    try:  # a device or step this machine cannot take is refused before the store is written
+        torch_device = resolve_device(device)
         check_device(TrainConfig(decoder=decoder, cuda_graph=cuda_graph), torch_device)
     except CrosscodersError as error:
         raise typer.BadParameter(str(error)) from None
@@ -176,6 +176,8 @@ def main(
     loaders = [ShardLoader(store, batch_size, seed=0, device=torch_device, workers=n) for n in counts]
     loader = loaders[-1]
     steps = min(steps, loader.n_train_batches() - 1)
+    if steps < 4:  # the steady state runs from the third batch asked for to the last
+        raise typer.BadParameter(f"{steps} steps time no steady state; give --steps 4 or more, and a store of 5 batches or more")
     table = Table(title=f"stage two: d_model {store.d_model}, batch {batch_size}, {torch_device}, {loader.n_rows:,} rows")
     for column in ("measure", "expansion", "k", "step", "rows/s", "ratio", "first batch s"):
         table.add_column(column, justify="right")
