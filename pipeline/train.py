@@ -163,9 +163,22 @@ class Run:
         (self.dir / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
         if data is not None:
             (self.dir / DATA_FILE).write_text(json.dumps(data, indent=2))
-        kept = [r for r in read_metrics(self.metrics_file) if r["step"] <= self.step] if self.resumed_from else []
-        self.metrics_file.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        self.keep_metrics()
         self.wandb = start_wandb(self.cfg, self.dir) if self.cfg.wandb else None
+
+    def keep_metrics(self):
+        """Cut metrics.jsonl after the records of the steps the resumed checkpoint has done (a checkpoint waits for
+        them all; what follows, a line torn by a crash included, is logged again) and take up the last ones; empty
+        it if the run starts afresh. Truncation, not a rewrite: a crash while it runs loses no kept record."""
+        kept = metric_lines(self.metrics_file) if self.resumed_from else []
+        kept = kept[: next((i for i, (record, _) in enumerate(kept) if record["step"] > self.step), len(kept))]
+        with self.metrics_file.open("a") as file:
+            file.truncate(kept[-1][1] if kept else 0)
+        for record, _ in kept:
+            if record["split"] == "train":
+                self.last_train = record
+            else:
+                self.last_val = record
 
     def train_step(self, x: torch.Tensor, layer: torch.Tensor):
         """Queue one optimizer step on x: [batch, d_model] of layers layer: [batch] (this process's share of the
@@ -259,10 +272,7 @@ class Run:
         torch.set_rng_state(rng_state)
 
     def finish(self) -> dict:
-        """Save the final SAE (run folder and checkpoint), plot the losses; returns the final metrics."""
-        self.sync()
-        if self.checkpoint_step != self.step:
-            self.save_checkpoint()
+        """Save the final SAE in the run folder, plot the losses; returns the final metrics."""
         if not distributed.is_main():
             return {**self.last_train, **(self.last_val or {})}
         self.sae.save(self.dir)
@@ -316,20 +326,14 @@ def train(
                 if run.step != step or step >= run.total_steps:
                     continue  # resumed ahead of the others, or already done
                 run.train_step(x, layer)
-                if run.step == run.total_steps:  # done before the others: no step of it stays in flight
-                    run.sync()
-                if run.step % run.cfg.val_every == 0:
+                # the last step too is validated, then saved: a run resumed from any checkpoint has all its records
+                done = run.step == run.total_steps
+                if run.step % run.cfg.val_every == 0 or done:
                     run.validate(source)
-                if run.step % run.cfg.save_every == 0:
+                if run.step % run.cfg.save_every == 0 or done:
                     run.save_checkpoint()
                 bar.update(task, completed=run.step, description=describe(run))
-        results = []
-        for run, task in zip(runs, tasks):
-            if run.last_val is None or run.last_val["step"] != run.step:
-                run.validate(source)
-            bar.update(task, description=describe(run))
-            results.append(run.finish())
-    return results
+        return [run.finish() for run in runs]
 
 
 def batches_from(source: BatchSource, step: int):
@@ -431,9 +435,24 @@ def read_json(path: Path):
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl; none if it does not exist."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [record for record, _ in metric_lines(path)]
+
+
+def metric_lines(path: Path) -> list[tuple[dict, int]]:
+    """(record, offset just past its line) of each line of a metrics.jsonl, but for a last line without its newline:
+    a record and its newline are one write, so a crash (or a full disk) cut that one short."""
+    content = path.read_bytes() if path.exists() else b""
+    lines, start = [], 0
+    while (end := content.find(b"\n", start)) >= 0:
+        if end > start:
+            try:
+                record = json.loads(content[start:end])
+            except ValueError as error:
+                line = content.count(b"\n", 0, start) + 1
+                raise CrosscodersError(f"{path} is damaged at line {line} ({error}); restore it, or delete that line") from None
+            lines.append((record, end + 1))
+        start = end + 1
+    return lines
 
 
 def plot_losses(records: list[dict], path: Path):

@@ -141,6 +141,35 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert (tmp_path / "whole/metrics.jsonl").read_text() == (tmp_path / "resumed/metrics.jsonl").read_text()
 
 
+@pytest.mark.parametrize("cut", [1, 30])  # the newline alone, or the record's end too
+def test_resume_drops_a_metrics_line_torn_by_a_crash_and_keeps_every_other(tmp_path, cut):
+    train([SMALL], small_source(), [tmp_path / "whole"], progress=False)
+    with pytest.raises(Interrupted):
+        train([SMALL], InterruptAt(small_source(), at=23), [tmp_path / "resumed"], progress=False)
+    metrics = tmp_path / "resumed/metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes()[:-cut])
+    train([SMALL], small_source(), [tmp_path / "resumed"], resume=True, progress=False)
+    assert (tmp_path / "whole/metrics.jsonl").read_text() == metrics.read_text()
+
+
+def test_a_damaged_metrics_line_before_the_last_is_a_one_line_error(tmp_path):
+    with pytest.raises(Interrupted):
+        train([SMALL], InterruptAt(small_source(), at=23), [tmp_path], progress=False)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "metrics.jsonl").write_text("".join([*lines[:3], lines[3][:20] + "\n", *lines[4:]]))
+    with pytest.raises(CrosscodersError, match=r"metrics.jsonl is damaged at line 4 \(.*\); restore it, or delete that line$"):
+        train([SMALL], small_source(), [tmp_path], resume=True, progress=False)
+
+
+@pytest.mark.parametrize("val_every", [10, 7])  # 7: the last step is saved, and only then validated, unless it comes first
+def test_resuming_a_finished_run_logs_nothing_again_and_reports_its_metrics(tmp_path, val_every):
+    cfg = replace(SMALL, val_every=val_every)
+    [final] = train([cfg], small_source(), [tmp_path], progress=False)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    assert train([cfg], small_source(), [tmp_path], resume=True, progress=False) == [final]
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
 def test_checkpoint_round_trips_through_load(tmp_path):
     train([SMALL], small_source(), [tmp_path], progress=False)
     state = json.loads((tmp_path / "checkpoint/trainer_state.json").read_text())
