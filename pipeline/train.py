@@ -241,8 +241,8 @@ class Run:
         epoch, batch = divmod(self.step, self.n_train_batches)
         state = {"step": self.step, "epoch": epoch, "batch": batch, "n_train_batches": self.n_train_batches}
         (temporary / "trainer_state.json").write_text(json.dumps({**state, "train_config": asdict(self.cfg)}, indent=2))
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
+        if final.exists():  # if not, the save before stopped between its renames: old is the only checkpoint
+            shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         temporary.rename(final)
         shutil.rmtree(old, ignore_errors=True)

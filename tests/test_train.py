@@ -4,6 +4,7 @@ import json
 import re
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from pipeline.errors import CrosscodersError
 from pipeline.loader import MemoryLoader
 from pipeline.sae import load
-from pipeline.train import TrainConfig, expand_sweep, lr_at, run_data, train
+from pipeline.train import TrainConfig, expand_sweep, latest_checkpoint, lr_at, run_data, train
 
 N_LAYERS = 3
 
@@ -168,6 +169,26 @@ def test_resuming_a_finished_run_logs_nothing_again_and_reports_its_metrics(tmp_
     metrics = (tmp_path / "metrics.jsonl").read_text()
     assert train([cfg], small_source(), [tmp_path], resume=True, progress=False) == [final]
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_crash_between_the_renames_of_two_saves_in_a_row_keeps_a_checkpoint(tmp_path, monkeypatch):
+    rename = Path.rename
+
+    def crash_before_swapping_in(self, target):  # as a kill -9 once the old checkpoint is moved aside
+        if Path(target).name == "checkpoint" and json.loads((self / "trainer_state.json").read_text())["step"] == 20:
+            raise Interrupted
+        return rename(self, target)
+
+    train([SMALL], small_source(), [tmp_path / "whole"], progress=False)
+    monkeypatch.setattr(Path, "rename", crash_before_swapping_in)
+    for resume in (False, True):  # the resumed run crashes in the same place
+        with pytest.raises(Interrupted):
+            train([SMALL], small_source(), [tmp_path / "resumed"], resume=resume, progress=False)
+        assert json.loads((latest_checkpoint(tmp_path / "resumed") / "trainer_state.json").read_text())["step"] == 10
+    monkeypatch.undo()
+    train([SMALL], small_source(), [tmp_path / "resumed"], resume=True, progress=False)
+    assert_same_tensors(weights(tmp_path / "whole"), weights(tmp_path / "resumed"))
+    assert (tmp_path / "whole/metrics.jsonl").read_text() == (tmp_path / "resumed/metrics.jsonl").read_text()
 
 
 def test_checkpoint_round_trips_through_load(tmp_path):
