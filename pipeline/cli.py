@@ -1,7 +1,8 @@
 """Command lines built from config dataclasses: one option per field, same name, same help text.
 
 A field declares its help (and, optionally, a parser for what users type) with `option(...)`.
-User errors (CrosscodersError) are printed as one red line and exit with status 2.
+User errors (CrosscodersError) are printed as one red line and exit with status 2; Ctrl-C, where a stage says what
+it kept (Interrupted), as one plain line with status 130.
 """
 
 import dataclasses
@@ -15,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from pipeline.errors import CrosscodersError
+from pipeline.errors import CrosscodersError, Interrupted
 
 
 def option(default: Any, help: str, parse: Callable[[str], Any] | None = None, cli_type: type | None = None):
@@ -88,6 +89,9 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
         except CrosscodersError as error:
             print_error(error)
             raise typer.Exit(2) from None
+        except Interrupted as interrupted:
+            Console(stderr=True).print(Text(str(interrupted)), highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
 
     command.__signature__ = inspect.Signature([_parameter(f) for f in config_fields] + list(extra))
     command.__doc__ = help

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import distributed
 from pipeline.cli import option
-from pipeline.errors import CrosscodersError
+from pipeline.errors import CrosscodersError, Interrupted
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
 from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
 from pipeline.store import Store
@@ -245,8 +245,8 @@ class Run:
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         temporary.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
         self.checkpoint_step = self.step
+        shutil.rmtree(old, ignore_errors=True)
 
     def load_trainer_state(self, checkpoint: Path):
         """Restore the optimizer, step, dead-latent counter and RNG saved by save_checkpoint."""
@@ -310,11 +310,21 @@ def train(
             import_wandb()
     distributed.barrier()  # every process has checked the folders before the first writes to them
     runs = [Run(cfg, out_dir, source, device, resume) for cfg, out_dir in zip(configs, out_dirs)]
+    try:
+        return train_runs(runs, source, device, progress, data)
+    except KeyboardInterrupt:  # saves are atomic: each run has the checkpoint it last finished saving, or none
+        kept = ", ".join(f"{run.dir} {'none yet' if run.checkpoint_step is None else f'step {run.checkpoint_step}'}"
+                         for run in runs)
+        raise Interrupted(f"interrupted; last checkpoints: {kept}; run the same command with --resume to continue") from None
+
+
+def train_runs(runs: list[Run], source: BatchSource, device: torch.device, progress: bool, data: dict | None) -> list[dict]:
+    """train's loop: write each run's settings, train them all from the same batches, finish each."""
     for run in runs:
         run.begin(data)
     start, end = min(run.step for run in runs), max(run.total_steps for run in runs)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    batch_size, world_size = configs[0].batch_size, distributed.world_size()
+    batch_size, world_size = runs[0].cfg.batch_size, distributed.world_size()
     per_process = " per process" if world_size > 1 else ""
     with Progress(*columns, disable=not progress or not distributed.is_main()) as bar:
         tasks = [bar.add_task(run.dir.name, total=run.total_steps, completed=run.step) for run in runs]

@@ -2,8 +2,10 @@
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -89,6 +91,27 @@ def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
     longer = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "16",
                  "--expansion", "2", "--k", "2", "--resume")
     assert longer.returncode == 2 and "steps=12 (now 16)" in longer.stderr  # the LR schedule depends on the length
+
+
+def test_ctrl_c_says_what_it_kept_in_one_line_and_resume_goes_on_from_there(store_path, tmp_path):
+    run = tmp_path / "run"
+    args = ["--shards", str(store_path), "--out", str(run), "--batch-size", "256", "--steps", "300", "--expansion", "2",
+            "--k", "2", "--save-every", "5", "--val-every", "50"]
+    process = subprocess.Popen([sys.executable, str(REPO / "train_sae.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and process.poll() is None and not (run / "checkpoint").exists():
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate()[1]
+    assert process.returncode == 130, stderr
+    step = json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"]
+    assert 0 < step < 300 and step % 5 == 0
+    assert stderr == f"interrupted; last checkpoints: {run} step {step}; run the same command with --resume to continue\n"
+    resumed = cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 301))  # each step once
 
 
 @pytest.mark.parametrize(
