@@ -404,10 +404,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool, data: dict | None = None):
-    """Raise if run_dir holds a run that is not to be resumed, or one saved with settings that change training or
-    the batches it reads."""
+    """Raise if run_dir cannot hold a run, holds none to resume or other files, holds a run that is not to be resumed,
+    or one saved with settings that change training or the batches it reads."""
+    existing = next(folder for folder in (run_dir, *run_dir.resolve().parents) if folder.exists())
+    if not existing.is_dir():
+        raise CrosscodersError(f"{run_dir} cannot be a run folder: {existing} is a file; train into another one")
     saved_cfg = run_dir / "train_config.json"
     if not saved_cfg.exists():
+        if resume:
+            raise CrosscodersError(f"{run_dir} holds no training run to resume (no train_config.json); train without "
+                                   "--resume to start one")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise CrosscodersError(f"{run_dir} holds files but no training run; train into a new or empty folder")
         return
     if not resume:
         raise CrosscodersError(f"{run_dir} already holds a training run; continue it with --resume or train into a new --out")

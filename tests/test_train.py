@@ -251,6 +251,23 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_used_folders(tmp_pa
     assert train([relaxed], small_source(), [tmp_path], resume=True, progress=False)[0]["step"] == 30
 
 
+def test_resume_needs_a_run_and_a_new_run_an_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    refusals = [("empty", True, "empty holds no training run to resume (no train_config.json); train without --resume"),
+                ("missing", True, "missing holds no training run to resume"),
+                ("other", False, "other holds files but no training run; train into a new or empty folder"),
+                ("file", False, f"file cannot be a run folder: {tmp_path / 'file'} is a file"),
+                ("file/run", True, f"run cannot be a run folder: {tmp_path / 'file'} is a file")]
+    for name, resume, message in refusals:
+        with pytest.raises(CrosscodersError, match=re.escape(message)):
+            train([SMALL], small_source(), [tmp_path / name], resume=resume, progress=False)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["empty", "file", "notes.txt", "other"]  # nothing written
+    assert train([replace(SMALL, steps=2)], small_source(), [tmp_path / "empty"], progress=False)[0]["step"] == 2
+
+
 @pytest.mark.parametrize("damage", ["truncate optimizer.safetensors", "truncate trainer_state.json",
                                     "delete trainer_state.json"])
 def test_resuming_from_a_damaged_checkpoint_is_refused_in_one_line_and_changes_nothing(tmp_path, damage):
