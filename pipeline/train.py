@@ -312,10 +312,17 @@ def train(
     runs = [Run(cfg, out_dir, source, device, resume) for cfg, out_dir in zip(configs, out_dirs)]
     try:
         return train_runs(runs, source, device, progress, data)
-    except KeyboardInterrupt:  # saves are atomic: each run has the checkpoint it last finished saving, or none
-        kept = ", ".join(f"{run.dir} {'none yet' if run.checkpoint_step is None else f'step {run.checkpoint_step}'}"
-                         for run in runs)
-        raise Interrupted(f"interrupted; last checkpoints: {kept}; run the same command with --resume to continue") from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; last checkpoints: {last_checkpoints(runs)}; run the same command with --resume "
+                          "to continue") from None
+    except (OSError, SafetensorError) as error:  # writing the run folders: a full disk, a folder made read-only
+        raise CrosscodersError(f"cannot write the run ({error}); last checkpoints: {last_checkpoints(runs)}; once it can "
+                               "be written, run the same command with --resume to continue") from None
+
+
+def last_checkpoints(runs: list[Run]) -> str:
+    """Each run's folder and the step of the checkpoint it last finished saving, whole as saves are atomic."""
+    return ", ".join(f"{run.dir} {'none yet' if run.checkpoint_step is None else f'step {run.checkpoint_step}'}" for run in runs)
 
 
 def train_runs(runs: list[Run], source: BatchSource, device: torch.device, progress: bool, data: dict | None) -> list[dict]:

@@ -1,5 +1,6 @@
 """The trainer: recovers a planted dictionary, sweeps in one pass, resumes exactly, stops on NaN."""
 
+import errno
 import json
 import re
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import MemoryLoader
@@ -189,6 +190,24 @@ def test_a_crash_between_the_renames_of_two_saves_in_a_row_keeps_a_checkpoint(tm
     train([SMALL], small_source(), [tmp_path / "resumed"], resume=True, progress=False)
     assert_same_tensors(weights(tmp_path / "whole"), weights(tmp_path / "resumed"))
     assert (tmp_path / "whole/metrics.jsonl").read_text() == (tmp_path / "resumed/metrics.jsonl").read_text()
+
+
+def test_a_full_disk_is_a_one_line_error_that_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import pipeline.train
+
+    def full_disk_at_step_20(tensors, path):
+        if path.name == "optimizer.safetensors" and tensors["0.step"].item() == 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save_file(tensors, path)
+
+    train([SMALL], small_source(), [tmp_path / "whole"], progress=False)
+    monkeypatch.setattr(pipeline.train, "save_file", full_disk_at_step_20)
+    with pytest.raises(CrosscodersError, match=re.escape(f"cannot write the run ([Errno 28] No space left on device); last "
+                                                         f"checkpoints: {tmp_path / 'resumed'} step 10; once it can be written")):
+        train([SMALL], small_source(), [tmp_path / "resumed"], progress=False)
+    monkeypatch.undo()
+    train([SMALL], small_source(), [tmp_path / "resumed"], resume=True, progress=False)
+    assert_same_tensors(weights(tmp_path / "whole"), weights(tmp_path / "resumed"))
 
 
 def test_checkpoint_round_trips_through_load(tmp_path):
