@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 import shutil
 import typing
 from dataclasses import asdict, dataclass, replace
@@ -241,6 +242,9 @@ class Run:
         epoch, batch = divmod(self.step, self.n_train_batches)
         state = {"step": self.step, "epoch": epoch, "batch": batch, "n_train_batches": self.n_train_batches}
         (temporary / "trainer_state.json").write_text(json.dumps({**state, "train_config": asdict(self.cfg)}, indent=2))
+        for file in temporary.iterdir():  # on disk before the swap: else a power cut may leave it swapped in but empty
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
         if final.exists():  # if not, the save before stopped between its renames: old is the only checkpoint
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)

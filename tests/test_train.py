@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 import re
 import sys
 from dataclasses import replace
@@ -208,6 +209,20 @@ def test_a_full_disk_is_a_one_line_error_that_keeps_the_last_checkpoint(tmp_path
     monkeypatch.undo()
     train([SMALL], small_source(), [tmp_path / "resumed"], resume=True, progress=False)
     assert_same_tensors(weights(tmp_path / "whole"), weights(tmp_path / "resumed"))
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_swapped_in(tmp_path, monkeypatch):
+    synced, swapped, fsync, rename = set(), [], os.fsync, Path.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.add(os.fstat(fd).st_ino) or fsync(fd))
+
+    def swap_in(self, target):
+        if Path(target).name == "checkpoint":
+            swapped.append({file.stat().st_ino for file in self.iterdir()} <= synced)
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", swap_in)
+    train([replace(SMALL, steps=20)], small_source(), [tmp_path], progress=False)
+    assert swapped == [True, True]
 
 
 def test_checkpoint_round_trips_through_load(tmp_path):
