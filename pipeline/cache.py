@@ -16,7 +16,7 @@ from pipeline import distributed
 from pipeline.background import ahead
 from pipeline.cli import option
 from pipeline.corpus import CorpusConfig, check_chat_template, is_validation, iter_documents, mined_files_fingerprint, tokenize_document
-from pipeline.errors import CrosscodersError
+from pipeline.errors import CrosscodersError, Interrupted
 from pipeline.hidden_states import capture_rows
 from pipeline.models import DEFAULT_MODEL, load_model
 from pipeline.shard_writer import RecordedBatch, ShardWriter
@@ -285,8 +285,10 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
                     advance = functools.partial(bar.advance, task)
                     n_model_tokens += _cache_window(loaded.model, window, plans, budget, config, corpus, pad_id, device, writer, advance)
                 bar.update(task, completed=ledger.total)  # with the other processes' windows
-        except BaseException:  # Ctrl-C or an error: keep complete shards only, so a rerun resumes exactly
+        except BaseException as error:  # Ctrl-C or an error: keep complete shards only, so a rerun resumes exactly
             writer.close(flush=False)
+            if isinstance(error, KeyboardInterrupt):
+                raise Interrupted(f"interrupted; {store.url} keeps its complete shards; run the same command to continue") from None
             raise
         finally:
             planned.close()  # waits for the window being prepared: no thread outlives the run

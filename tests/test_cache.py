@@ -236,14 +236,18 @@ def test_interrupted_and_resumed_run_stores_exactly_the_uninterrupted_rows(tiny_
     assert reference.returncode == 0, reference.stderr
     killed_out = tmp_path / "killed [b]:smile:"  # printed as typed, not as markup
     for target, delay in ((2, 0.0), (4, 0.2)):
+        caching = n_shards(killed_out) < target  # else stopped while it starts (imports), before any code of ours
         process = subprocess.Popen([sys.executable, str(REPO / "cache_activations.py"), *cli_args(tiny_model_dir, corpus_file, killed_out)],
-                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while time.time() < deadline and process.poll() is None and n_shards(killed_out) < target:
             time.sleep(0.02)
         time.sleep(delay)
         process.send_signal(stop)
-        process.wait()
+        last_line = process.communicate()[1].strip().splitlines()[-1:]
+        if stop == signal.SIGINT and caching:
+            assert process.returncode == 130
+            assert last_line == [f"interrupted; {killed_out} keeps its complete shards; run the same command to continue"]
     assert 0 < n_shards(killed_out) < n_shards(tmp_path / "reference")
     resumed = cli(*cli_args(tiny_model_dir, corpus_file, killed_out))
     assert resumed.returncode == 0, resumed.stderr
