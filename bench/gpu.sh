@@ -42,5 +42,5 @@ step train 100 "$python" bench/train_throughput.py --synthetic-rows 2M --d-model
 step sae_step_profile 40 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders sparse,triton,triton+graph \
     --repeats 1 --profile
 step train_graph 70 "$python" bench/train_throughput.py --synthetic-rows 1M --d-model 1536 --batch-size 4096 --steps 200 \
-    --workers 8 --decoder triton --cuda-graph
+    --workers 8 --decoder triton --cuda-graph --repeats 2
 step sae_step_no_dead 50 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths --dead-fraction 0 --steps 20
