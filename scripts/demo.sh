@@ -13,7 +13,7 @@ bin=.venv/bin
 $bin/cache-acts --model "$model" --n-tokens "$n_tokens" --out "$shards" --max-seq-len 512 --batch-tokens 4096
 resume=()  # run again, each stage goes on from what the last run left (or finds it done)
 if [ -e "$run/train_config.json" ]; then resume=(--resume); fi
-$bin/train-sae --shards "$shards" --out "$run" --batch-size 512 --steps 300 --val-every 50 --save-every 100 --warmup-steps 30 "${resume[@]}"
+$bin/train-sae --shards "$shards" --out "$run" --batch-size 512 --steps 300 --val-every 50 --save-every 100 --warmup-steps 30 ${resume[@]+"${resume[@]}"}
 $bin/eval-sae --sae "$run" --layers 0,6,12,18,24 --n-docs 4
 $bin/sae-features --sae "$run" --n-report-features 40
 echo
