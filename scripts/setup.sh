@@ -8,9 +8,11 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-# The CPU wheel of torch, from a local wheel folder or PyTorch's CPU index (-qq: that index may be out of reach);
-# a bare `torch` requirement would pull a multi-GB CUDA build from PyPI.
+# The CPU wheel of torch, from the indexes and wheel folders pip is set up with, else from PyTorch's CPU index
+# (tried second: where it is out of reach, pip would retry it for every package); a bare `torch` requirement
+# would pull a multi-GB CUDA build from PyPI.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/python -m pip install -qq torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
+    .venv/bin/python -m pip install --quiet torch==2.13.0+cpu 2>/dev/null \
+        || .venv/bin/python -m pip install --quiet torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 .venv/bin/python -m pip install --quiet -e ".[${extras}]"
