@@ -215,9 +215,7 @@ class TopKSAE(nn.Module):
             dead_capacity = int(dead_mask.sum())  # a shape: read back before the large GPU work is queued
         (top_values, top_indices), dead_top = self.top_latents(x_in, dead_mask, dead_capacity)
         x_hat_normalized = self.decode_latents(top_values, top_indices) + self.b_dec
-        auxk_loss = self.auxk_loss(dead_top, x_normalized - x_hat_normalized)
-        if dead_top is not None:  # a capacity may hold no dead latent: no AuxK then, not the 1 of reconstructing from none
-            auxk_loss = auxk_loss * dead_mask.any()
+        auxk_loss = self.auxk_loss(dead_top, x_normalized - x_hat_normalized, dead_mask)
         x_hat = self.denormalize(x_hat_normalized, layer)
         return ForwardOutput(x_hat, x_hat_normalized, x_normalized, top_values, top_indices, auxk_loss)
 
@@ -244,15 +242,16 @@ class TopKSAE(nn.Module):
             selections = [(v, i) for v, (_, i) in zip(values.split(sizes, 1), selections)]
         return tuple(selections[0]), tuple(selections[1]) if k_aux else None
 
-    def auxk_loss(self, dead_top: Selection | None, residual: torch.Tensor) -> torch.Tensor:
+    def auxk_loss(self, dead_top: Selection | None, residual: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
         """Gao et al. A.2: ||e - e_hat||^2 / ||e||^2, e_hat from dead_top (values, indices) of the top dead latents,
-        so dead ones learn; 0 when none is dead (dead_top None)."""
+        so dead ones learn; 0 when none is dead (dead_top None, or candidates among which dead_mask marks none)."""
         if dead_top is None:
             return residual.new_zeros((), dtype=torch.float32)
         error = residual.detach().float()  # the main reconstruction is not pulled towards the dead latents
         error_hat = self.decode_latents(*dead_top).float()
         # clamped: a process whose share of the batch is empty contributes 0, not 0 / 0
-        return (error - error_hat).pow(2).sum() / error.pow(2).sum().clamp(min=torch.finfo(torch.float32).tiny)
+        loss = (error - error_hat).pow(2).sum() / error.pow(2).sum().clamp(min=torch.finfo(torch.float32).tiny)
+        return loss * dead_mask.any()  # not the 1 of reconstructing from none; a device op, no read-back
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self):
