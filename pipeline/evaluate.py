@@ -247,11 +247,9 @@ def plot_recovered(results: list[LayerEval], path: Path, title: str):
 def resolve(config: EvalConfig, data: dict | None) -> tuple[EvalConfig, Store]:
     """The store, opened, and the config with it, the model and the output folder filled in from the run's data.json (data)."""
     run = Path(config.sae)
-    if config.shards is None and data is None:
-        raise CrosscodersError(f"{run} has no {DATA_FILE} saying which store it was trained on; pass --shards")
-    shards = str(config.shards or data["shards"])
-    store = Store(shards)
+    store = store_of_run(run, config.shards, data)
     model = config.model or store.metadata["model"]["name"]
+    shards = str(config.shards or data["shards"])
     return replace(config, shards=shards, model=model, out=config.out or str(default_output(run, "eval"))), store
 
 
@@ -272,14 +270,19 @@ def make_output_folder(folder: Path, option: str) -> Path:
     return folder
 
 
-def check_store_of_run(store: Store, data: dict | None):
-    """Raise unless the store holds activations of the model the SAE was trained on (data: the run's data.json, if any)."""
+def store_of_run(run: Path, shards: str | None, data: dict | None) -> Store:
+    """The store given (--shards), else the one the run's data.json (data) names; refused unless it holds activations
+    of the model the SAE was trained on."""
+    if shards is None and data is None:
+        raise CrosscodersError(f"{run} has no {DATA_FILE} saying which store it was trained on; pass --shards")
+    store = Store(shards or data["shards"])
     cached = store.metadata["model"]
     if data is not None and data["model"]["fingerprint"] != cached["fingerprint"]:
         raise CrosscodersError(
             f"{store.url} holds activations of {cached['name']!r}, but the SAE was trained on {data['model']['name']!r}; "
             "pass a store of that model as --shards"
         )
+    return store
 
 
 def check_model_of_store(info: ModelInfo, store: Store):
@@ -302,7 +305,6 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     sae = load(config.sae, device).eval()
     data = run_data(Path(config.sae))
     config, store = resolve(config, data)
-    check_store_of_run(store, data)
     loaded = load_model(config.model, device=device, dtype=resolve_model_dtype("auto", device))
     info = loaded.info
     check_model_of_store(info, store)

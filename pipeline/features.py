@@ -13,11 +13,11 @@ from rich.text import Text
 from pipeline.cache import resolve_device
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
-from pipeline.evaluate import check_model_of_store, check_store_of_run, default_output, make_output_folder
+from pipeline.evaluate import check_model_of_store, default_output, make_output_folder, store_of_run
 from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix
 from pipeline.sae import TopKSAE, load
 from pipeline.store import SPLITS, Store
-from pipeline.train import DATA_FILE, run_data
+from pipeline.train import run_data
 from pipeline.units import parse_count
 
 DENSE_FREQUENCY = 0.1  # a latent firing on more rows than this is "dense"
@@ -304,10 +304,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     sae_dir = Path(cfg.sae)
     sae = load(sae_dir, device).eval()
     data = run_data(sae_dir)
-    if cfg.shards is None and data is None:
-        raise CrosscodersError(f"{sae_dir} has no {DATA_FILE} naming the store it was trained on; pass --shards DIR")
-    store = Store(cfg.shards or data["shards"])
-    check_store_of_run(store, data)  # first: a store of another model is named as such, whatever its shape
+    store = store_of_run(sae_dir, cfg.shards, data)  # first: a store of another model is named as such, whatever its shape
     sae.check_compatible(store.d_model, store.n_hidden_states)
     if cfg.feature is not None and not 0 <= cfg.feature < sae.cfg.n_latents:
         raise CrosscodersError(f"--feature {cfg.feature} is out of range: the SAE has latents 0 to {sae.cfg.n_latents - 1}")
