@@ -1,12 +1,14 @@
 """Command lines built from config dataclasses: one option per field, same name, same help text.
 
 A field declares its help (and, optionally, a parser for what users type) with `option(...)`.
-User errors (CrosscodersError) are printed as one red line and exit with status 2; Ctrl-C, where a stage says what
-it kept (Interrupted), as one plain line with status 130.
+User errors (CrosscodersError) are printed as one red line and exit with status 2. Ctrl-C and SIGTERM (a scheduler
+stopping or preempting the job) stop a command alike: one plain line, saying what the stage kept (Interrupted) where it
+says, and the status a shell gives a process the signal killed, 130 or 143.
 """
 
 import dataclasses
 import inspect
+import signal
 import sys
 import types
 import typing
@@ -16,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from pipeline.errors import CrosscodersError, Interrupted
+from pipeline.errors import CrosscodersError
 
 
 def option(default: Any, help: str, parse: Callable[[str], Any] | None = None, cli_type: type | None = None):
@@ -83,15 +85,24 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
         raise RuntimeError(f"config fields share CLI names: {duplicates}")
 
     def command(**values):
+        stopped_by = [signal.SIGINT]
+
+        def stop(signum, frame):
+            stopped_by[0] = signum
+            raise KeyboardInterrupt
+
+        default_sigterm = signal.signal(signal.SIGTERM, stop)
         try:
             configs = [build_config(cls, values) for cls in config_classes]
             run(*configs, **{p.name: values[p.name] for p in extra})
         except CrosscodersError as error:
             print_error(error)
             raise typer.Exit(2) from None
-        except Interrupted as interrupted:
-            Console(stderr=True).print(Text(str(interrupted)), highlight=False, soft_wrap=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as interrupted:  # Interrupted says what the stage kept
+            Console(stderr=True).print(Text(str(interrupted) or "interrupted"), highlight=False, soft_wrap=True)
+            raise typer.Exit(128 + stopped_by[0]) from None
+        finally:
+            signal.signal(signal.SIGTERM, default_sigterm)
 
     command.__signature__ = inspect.Signature([_parameter(f) for f in config_fields] + list(extra))
     command.__doc__ = help

@@ -6,4 +6,4 @@ class CrosscodersError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, saying what was kept and how to continue; the CLI prints it on one line and exits with status 130."""
+    """Ctrl-C or SIGTERM, saying what was kept and how to continue; the CLI prints it on one line."""

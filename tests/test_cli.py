@@ -2,12 +2,17 @@
 
 import dataclasses
 import importlib
+import os
+import signal
 
 import pytest
 import typer.main
+from typer.testing import CliRunner
 
 from pipeline.cache import CacheConfig
+from pipeline.cli import config_command, option
 from pipeline.corpus import CorpusConfig
+from pipeline.errors import Interrupted
 from pipeline.evaluate import EvalConfig
 from pipeline.features import FeaturesConfig
 from pipeline.loader import LoaderConfig
@@ -32,3 +37,36 @@ def test_options_are_the_config_fields_with_their_names_help_and_defaults(script
         assert "--" + name.replace("_", "-") in options[name].opts
         assert options[name].help == field.metadata["help"]
         assert options[name].default == (list(default) if isinstance(default, tuple) else default), name
+
+
+@dataclasses.dataclass(frozen=True)
+class StopConfig:
+    how: str = option("sigterm", "how the command stops")
+
+
+def stopping_command(config: StopConfig):
+    if config.how == "sigterm":  # a scheduler stopping the job
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif config.how == "ctrl-c-in-a-stage":
+        raise Interrupted("interrupted; the store keeps its complete shards")
+    raise KeyboardInterrupt  # Ctrl-C where no stage says what it kept
+
+
+@pytest.mark.parametrize("how, status, line", [
+    ("sigterm", 143, "interrupted"),
+    ("ctrl-c", 130, "interrupted"),
+    ("ctrl-c-in-a-stage", 130, "interrupted; the store keeps its complete shards"),
+])
+def test_ctrl_c_and_sigterm_stop_a_command_with_one_line_and_the_signal_s_status(how, status, line):
+    app = typer.Typer()
+    config_command(app, [StopConfig], stopping_command)
+    def sigterm_outside_the_command(signum, frame):
+        raise AssertionError("the command did not catch SIGTERM")
+
+    default_sigterm = signal.signal(signal.SIGTERM, sigterm_outside_the_command)  # not pytest's: it would end the tests
+    try:
+        result = CliRunner().invoke(app, ["--how", how])
+        assert signal.getsignal(signal.SIGTERM) == sigterm_outside_the_command  # put back once the command returns
+    finally:
+        signal.signal(signal.SIGTERM, default_sigterm)
+    assert (result.exit_code, result.stderr) == (status, line + "\n")

@@ -93,7 +93,8 @@ def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
     assert longer.returncode == 2 and "steps=12 (now 16)" in longer.stderr  # the LR schedule depends on the length
 
 
-def test_ctrl_c_says_what_it_kept_in_one_line_and_resume_goes_on_from_there(store_path, tmp_path):
+@pytest.mark.parametrize("stop, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_says_what_it_kept_in_one_line_and_resume_goes_on_from_there(store_path, tmp_path, stop, status):
     run = tmp_path / "run"
     args = ["--shards", str(store_path), "--out", str(run), "--batch-size", "256", "--steps", "300", "--expansion", "2",
             "--k", "2", "--save-every", "5", "--val-every", "50"]
@@ -102,9 +103,9 @@ def test_ctrl_c_says_what_it_kept_in_one_line_and_resume_goes_on_from_there(stor
     deadline = time.time() + 60
     while time.time() < deadline and process.poll() is None and not (run / "checkpoint").exists():
         time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     stderr = process.communicate()[1]
-    assert process.returncode == 130, stderr
+    assert process.returncode == status, stderr
     step = json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"]
     assert 0 < step < 300 and step % 5 == 0
     assert stderr == f"interrupted; last checkpoints: {run} step {step}; run the same command with --resume to continue\n"
