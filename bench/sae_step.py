@@ -30,7 +30,10 @@ LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaun
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     """"4x32,16x64" -> [(4, 32), (16, 64)]: (expansion, k) pairs."""
-    return [tuple(int(part) for part in shape.split("x")) for shape in text.split(",")]
+    try:
+        return [(int(expansion), int(k)) for expansion, k in (shape.split("x") for shape in text.split(","))]
+    except ValueError:
+        raise typer.BadParameter(f"--shapes {text}: give EXPANSIONxK pairs, e.g. 4x32,16x64") from None
 
 
 def make_step(name: str, expansion: int, k: int, batch_size: int, d_model: int, device: torch.device) -> TrainStep:

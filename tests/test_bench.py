@@ -1,0 +1,118 @@
+"""The benchmarks of docs/BENCHMARKS.md still run: each script at a tiny size on the CPU, and every command of
+bench/gpu.sh takes its options, so the one GPU run a session may get is not lost to a renamed option."""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_loader import write_store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def printed_rows(stdout: str, columns: list[str]) -> list[dict[str, str]]:
+    """The rows a bench prints as it measures them: "column value | column value | ..." lines."""
+    def column_and_value(cell: str) -> tuple[str, str]:
+        column = max((c for c in columns if cell.startswith(c + " ")), key=len)
+        return column, cell[len(column) + 1 :]
+
+    return [dict(map(column_and_value, line.split(" | "))) for line in stdout.splitlines() if " | " in line]
+
+
+def rate(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def gpu_script_steps() -> dict[str, list[str]]:
+    """Each `step NAME SECONDS COMMAND...` of bench/gpu.sh: its name and command, the variables filled in."""
+    script = (REPO / "bench" / "gpu.sh").read_text().replace("\\\n", " ")
+    variables = {**dict(re.findall(r"^(\w+)=(\S+)$", script, re.MULTILINE)), "python": sys.executable}
+    steps = {}
+    for line in script.splitlines():
+        if line.startswith("step "):
+            name, _, *command = shlex.split(line)[1:]
+            steps[name] = [variables.get(word[1:], word) if word.startswith("$") else word for word in command]
+    return steps
+
+
+def test_gpu_script_runs_every_measure_the_performance_issue_needs():
+    assert gpu_script_steps().keys() == {"kernels", "sae_step", "cache", "train", "sae_step_profile", "train_graph", "sae_step_no_dead"}
+
+
+@pytest.mark.parametrize("step", gpu_script_steps())
+def test_gpu_script_commands_take_their_options(step):
+    command = gpu_script_steps()[step]
+    if command[1:3] == ["-m", "pytest"]:  # the tests it names exist
+        result = run(*command[1:], "--collect-only")
+        assert result.returncode == 0, result.stdout[-2000:]
+        assert re.search(r"\d+ tests collected", result.stdout)
+    else:  # an unknown option is refused before --help is answered
+        result = run(*command[1:], "--help")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sae_step_bench_measures_each_shape_and_step():
+    result = run("-m", "bench.sae_step", "--device", "cpu", "--d-model", "32", "--shapes", "4x4,2x8", "--batch-size", "64",
+                 "--decoders", "dense,sparse", "--steps", "2", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    rows = printed_rows(result.stdout, ["expansion", "k", "k / n_latents", "k_aux", "dense rows/s", "sparse rows/s", "sparse speed-up"])
+    assert [(row["expansion"], row["k"], row["k / n_latents"]) for row in rows] == [("4", "4", "1/32"), ("2", "8", "1/8")]
+    for row in rows:
+        assert rate(row["dense rows/s"]) > 0 and rate(row["sparse rows/s"]) > 0
+        assert row["sparse speed-up"] == f"{rate(row['sparse rows/s']) / rate(row['dense rows/s']):.2f}x"
+
+
+def test_train_throughput_bench_times_loader_training_from_memory_and_shards_and_the_step():
+    result = run("bench/train_throughput.py", "--synthetic-rows", "12K", "--d-model", "32", "--batch-size", "256", "--steps", "6",
+                 "--repeats", "1", "--workers", "1,2", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    rows = printed_rows(result.stdout, ["measure", "expansion", "k", "step", "rows/s", "ratio", "first batch s"])
+    assert [row["measure"] for row in rows[:2]] == ["loader alone, 1 threads", "loader alone, 2 threads"]
+    for expansion, k in (("4", "32"), ("16", "64")):
+        shape = [row for row in rows if row.get("expansion") == expansion and row.get("k") == k]
+        assert [(row["measure"], row["step"]) for row in shape] == [
+            ("train from memory", "auto"), ("train from shards", "auto"),
+            ("SAE step alone", "dense"), ("SAE step alone", "sparse"), ("SAE step alone", "auto")]
+        memory, shards = rate(shape[0]["rows/s"]), rate(shape[1]["rows/s"])
+        assert shape[1]["ratio"] == f"{shards / memory:.2f}"
+    assert all(rate(row["rows/s"]) > 0 for row in rows)
+
+
+def test_cache_throughput_bench_compares_stage_one_with_the_bare_forward_pass(tiny_model_dir):
+    result = run("bench/cache_throughput.py", "--model", str(tiny_model_dir), "--n-tokens", "400", "--batch-tokens", "256",
+                 "--max-seq-len", "128", "--repeats", "1", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    [row] = printed_rows(result.stdout, ["repeat", "bare fwd tok/s", "cache-acts tok/s", "ratio", "bytes/pair", "compression"])
+    assert row["ratio"] == f"{rate(row['cache-acts tok/s']) / rate(row['bare fwd tok/s']):.2f}"
+    assert rate(row["bytes/pair"]) > 64 * 2 / 1.5  # 64-wide bf16 rows compress a little, not to nothing
+    assert 1 < rate(row["compression"]) < 1.5
+
+
+def test_seed_vs_pipeline_bench_times_both_ways(tiny_model_dir):
+    result = run("bench/seed_vs_pipeline.py", "--model", str(tiny_model_dir), "--n-tokens", "600", "--sweep", "k=2,4",
+                 "--batch-size", "64", "--max-seq-len", "128", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "2 SAEs on 600 pairs" in result.stdout
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in result.stdout.splitlines() if line.startswith("│")]
+    seconds = {(way, stage): value for way, stage, value in rows}
+    assert list(seconds) == [("seed", "forward + train k2"), ("seed", "forward + train k4"), ("seed", "total"),
+                             ("pipeline", "cache-acts once"), ("pipeline", "train-sae sweep of 2"), ("pipeline", "total"),
+                             ("", "speed-up")]
+    seed, pipeline = float(seconds["seed", "total"]), float(seconds["pipeline", "total"])
+    speed_up = float(seconds["", "speed-up"].rstrip("x"))
+    assert abs(speed_up - seed / pipeline) <= speed_up * (0.05 / seed + 0.05 / pipeline) + 0.005  # totals rounded to 0.1 s
+
+
+def test_store_codecs_bench_reads_a_store(tmp_path):
+    write_store(tmp_path / "shards", [3000])
+    result = run("bench/store_codecs.py", "--shards", str(tmp_path / "shards"))
+    assert result.returncode == 0, result.stderr
+    for codec in ("blosc lz4 shuffle", "blosc zstd-3 bitshuffle", "zstd-3 (no shuffle)"):
+        assert codec in result.stdout
