@@ -19,10 +19,11 @@ from rich.console import Console
 from rich.table import Table
 
 import pipeline.cache as cache_module
-from pipeline.cache import CacheConfig, cache_activations, choose_pairs, pack_batches, resolve_device, resolve_model_dtype, skip_mask
+from pipeline.cache import CacheConfig, cache_activations, choose_pairs, pack_batches, resolve_device, resolve_model_dtype
 from pipeline.corpus import CorpusConfig, iter_documents, tokenize_document
 from pipeline.loader import LayerStats, LoaderConfig, ShardLoader
 from pipeline.models import load_model
+from pipeline.positions import skipped_positions
 from pipeline.store import Store
 from pipeline.train import Run, TrainConfig, expand_sweep, train_on_store
 from pipeline.units import parse_count
@@ -41,9 +42,10 @@ class SeedSource:
 def seed_training(loaded, cfg: TrainConfig, n_pairs: int, stats: LayerStats, device, batch_tokens: int, max_seq_len: int) -> float:
     """One SAE the seed's way: a forward pass per training batch; returns seconds."""
     tokenizer, model = loaded.tokenizer, loaded.model
-    special = np.asarray(tokenizer.all_special_ids)
+    corpus, cache = CorpusConfig(), CacheConfig()
+    skipped = skipped_positions(tokenizer, cache.skip_special, cache.skip_chat_prefix, corpus.system_prompt)  # as stage one
     layers = list(range(loaded.info.n_hidden_states))
-    docs = ((d.index, np.asarray(tokenize_document(d, tokenizer, max_seq_len), dtype=np.int32)) for d in iter_documents(CorpusConfig()))
+    docs = ((d.index, np.asarray(tokenize_document(d, tokenizer, max_seq_len), dtype=np.int32)) for d in iter_documents(corpus))
     source = SeedSource(loaded.info.d_model, len(layers), stats, n_pairs // cfg.batch_size)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
@@ -54,7 +56,7 @@ def seed_training(loaded, cfg: TrainConfig, n_pairs: int, stats: LayerStats, dev
                 states = model.model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
                                      output_hidden_states=True, use_cache=False).hidden_states
             for b, (doc, tokens) in enumerate(zip(packed.doc_index, packed.doc_tokens)):
-                positions, chosen = choose_pairs(tokens, doc, layers, 1, skip_mask(tokens, special, True), 0)
+                positions, chosen = choose_pairs(tokens, doc, layers, 1, skipped.mask(tokens), 0)
                 buffer_x.append(torch.stack([states[layer][b, pos] for pos, layer in zip(positions, chosen)]).float())
                 buffer_layer.append(torch.from_numpy(chosen.astype(np.int64)))
             x, layer = torch.cat(buffer_x), torch.cat(buffer_layer).to(device)

@@ -19,6 +19,7 @@ from pipeline.corpus import CorpusConfig, check_chat_template, is_validation, it
 from pipeline.errors import CrosscodersError, Interrupted
 from pipeline.hidden_states import capture_rows
 from pipeline.models import DEFAULT_MODEL, load_model
+from pipeline.positions import skipped_positions
 from pipeline.shard_writer import RecordedBatch, ShardWriter
 from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, create_or_open
 from pipeline.units import parse_count
@@ -38,6 +39,8 @@ class CacheConfig:
     batch_tokens: int = option(16384, "Token budget of a forward batch, padding included.")
     pack_window: int = option(256, "Documents sorted by length together before packing (less padding); shards end on window ends.")
     skip_special: bool = option(True, "Skip the first position and special tokens (attention sinks with outsized norms).")
+    skip_chat_prefix: bool = option(True, "Skip the chat template's start every document shares (system prompt, user header): "
+                                          "its hidden states are the same in every document.")
     dtype: str = option("bf16", "Storage dtype of activations: bf16, float16 or float32.")
     model_dtype: str = option("auto", "Dtype the model runs in: auto (bf16 on GPU, float32 on CPU), bf16, float16, float32.")
     device: str = option("auto", "Device for the forward pass: auto, cpu, cuda, cuda:1, ...")
@@ -185,7 +188,7 @@ def choose_pairs(
     """(positions, layers) recorded for one document, ordered by position then layer.
 
     The layer draw depends only on (seed, document), not on batching, so resumed runs match.
-    `skip` marks positions never recorded (the first position and special tokens, by default).
+    `skip` marks positions never recorded (pipeline/positions.py).
     """
     rng = np.random.default_rng([seed, doc_index])
     positions = np.flatnonzero(~skip)
@@ -195,16 +198,6 @@ def choose_pairs(
         choice = np.argsort(rng.random((len(positions), len(layers))), axis=1)[:, :per_token]
     chosen = np.sort(np.asarray(layers)[choice], axis=1)
     return np.repeat(positions, per_token), chosen.reshape(-1)
-
-
-def skip_mask(tokens: np.ndarray, special_ids: np.ndarray, skip_special: bool) -> np.ndarray:
-    """Positions not to record. The first position and special tokens act as attention sinks with
-    residual norms orders of magnitude above the rest; recording them would dominate an SAE's loss."""
-    mask = np.zeros(len(tokens), dtype=bool)
-    if skip_special:
-        mask[0] = True
-        mask |= np.isin(tokens, special_ids)
-    return mask
 
 
 def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Console | None = None, progress: bool = True) -> CacheReport:
@@ -229,6 +222,8 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
     info = loaded.info
     layers = parse_layers(config.layers, info.n_hidden_states)
     per_token = parse_layers_per_token(config.layers_per_token, len(layers))
+    system_prompt = corpus.system_prompt if corpus.text_field is None else None
+    skipped = skipped_positions(loaded.tokenizer, config.skip_special, config.skip_chat_prefix, system_prompt)
     metadata = {
         "model": info.to_dict(),
         "dtype": config.dtype,
@@ -236,6 +231,7 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
         "layers_per_token": per_token,
         "model_dtype": str(model_dtype).removeprefix("torch."),
         "cache": asdict(config),
+        "skipped": skipped.to_dict(),
         "corpus": corpus.to_dict(),
         "mined_files": mined_files_fingerprint() if corpus.dataset is None else None,
     }
@@ -254,7 +250,6 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
     check_disk_space(store, config.n_tokens - store.n_pairs, info.d_model, config.dtype)
 
     tokenizer = loaded.tokenizer
-    special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     my_windows = read_windows(
         lambda start: iter_documents(corpus, start=start),
@@ -263,7 +258,7 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
         (windows[rank] for windows in window_rounds(stored, world_size)),
     )
     planned = ahead(  # the next window is read, tokenized and planned while the model runs on this one
-        (window, [choose_pairs(tokens, doc, layers, per_token, skip_mask(tokens, special_ids, config.skip_special), corpus.seed)
+        (window, [choose_pairs(tokens, doc, layers, per_token, skipped.mask(tokens), corpus.seed)
                   for doc, tokens in window.docs])
         for window in my_windows
     )

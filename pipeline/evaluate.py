@@ -1,8 +1,9 @@
 """Stage three: splice the SAE into the model at each layer and measure the next-token loss it costs.
 
 Positions. A hidden state is spliced (and MSE, FVU and L0 measured) exactly at the positions stage one
-records: every real token except, with the store's `cache.skip_special`, position 0 and special tokens.
-Those attention sinks have norms far outside what the SAE was trained on, so they keep their clean values.
+records: every real token but those the store's `skipped` names (pipeline/positions.py), by default position 0,
+special tokens and the chat template's start every document shares. Those keep their clean values: the attention
+sinks among them have norms far outside what the SAE was trained on.
 Losses score the prediction made at each spliced position of the document's next token; the last token
 of a document predicts nothing and padding is never scored.
 """
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -23,12 +24,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 from torch import nn
 
-from pipeline.cache import pack_batches, parse_layers, resolve_device, resolve_model_dtype, skip_mask
+from pipeline.cache import pack_batches, parse_layers, resolve_device, resolve_model_dtype
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
 from pipeline.hidden_states import hidden_state_module, hooked, output_tensor
 from pipeline.loader import stats_from_sums
 from pipeline.models import ModelInfo, load_model
+from pipeline.positions import RECORD_ALL, SkippedPositions
 from pipeline.sae import TopKSAE, load
 from pipeline.store import Store
 from pipeline.train import CHECKPOINT, DATA_FILE, run_data
@@ -136,19 +138,18 @@ def evaluate(
     docs: Iterable[tuple[int, np.ndarray]],
     layers: list[int],
     means: torch.Tensor,
-    special_ids: Sequence[int] = (),
-    skip_special: bool = True,
+    skipped: SkippedPositions = RECORD_ALL,
     batch_tokens: int = 2048,
     progress: Progress | None = None,
 ) -> list[LayerEval]:
     """Clean, SAE-spliced, zero- and mean-ablated next-token loss, KL, MSE, FVU and L0 per hidden state.
 
     docs: (doc_index, token ids) pairs, e.g. `Store.documents("val")`; means: [n_hidden_states, d_model], the
-    mean-ablation values; `sae` may also be any reconstruct(x, layer) -> x_hat function (then l0 is None).
+    mean-ablation values; skipped: the positions stage one did not record, left clean; `sae` may also be any
+    reconstruct(x, layer) -> x_hat function (then l0 is None).
     The model runs clean once per batch and three times per layer (SAE, zeros, mean), on its own device.
     """
     device = next(model.parameters()).device
-    special_ids = np.asarray(special_ids, dtype=np.int64)
     sums = {layer: _Sums({"sae": 0.0, "zero": 0.0, "mean": 0.0}) for layer in layers}
     ce_clean, n_scored = 0.0, 0
     batches = list(pack_batches(docs, batch_tokens, pad_id=0))  # padding is masked, so its id does not matter
@@ -156,7 +157,7 @@ def evaluate(
     for packed in batches:
         recorded = torch.zeros_like(packed.attention_mask, dtype=torch.bool)  # [batch, seq]: what stage one records
         for row, tokens in enumerate(packed.doc_tokens):
-            recorded[row, : len(tokens)] = torch.from_numpy(~skip_mask(tokens, special_ids, skip_special))
+            recorded[row, : len(tokens)] = torch.from_numpy(~skipped.mask(tokens))
         input_ids, attention_mask = packed.input_ids.to(device), packed.attention_mask.to(device)
         recorded = recorded.to(device)
         scored = recorded[:, :-1] & attention_mask[:, 1:].bool()  # [batch, seq - 1]: has a next token to predict
@@ -319,12 +320,11 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     if len(docs) < config.n_docs:
         console.print(Text(f"{store.url} holds {len(docs)} held-out documents, fewer than --n-docs {config.n_docs}: scoring those"),
                       soft_wrap=True)
-    special_ids = np.asarray(sorted(set(loaded.tokenizer.all_special_ids)), dtype=np.int64)
-    skip_special = store.metadata["cache"]["skip_special"]
     out = make_output_folder(Path(config.out), "--out")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=not progress) as bar:
-        results = evaluate(sae, loaded.model, docs, layers, layer_means(store).to(device), special_ids, skip_special, config.batch_tokens, bar)
+        results = evaluate(sae, loaded.model, docs, layers, layer_means(store).to(device),
+                           SkippedPositions.from_dict(store.metadata["skipped"]), config.batch_tokens, bar)
 
     report = {
         "config": asdict(config),

@@ -13,7 +13,7 @@ from pipeline.chunk_file import ChunkFile
 from pipeline.errors import CrosscodersError
 from pipeline.storage import Location
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FORMAT_NAME = "crosscoders-activations"
 SHARD_PREFIX = "shard-"
 CHUNK_ROWS = 1024  # rows per compressed chunk: the loader's unit of random access (docs/FORMAT.md)

@@ -96,10 +96,16 @@ def test_exact_pair_count_and_no_padding_or_skipped_tokens(tiny_model_dir, float
     assert len(float32_store.shards) > 2
     docs = float32_store.document_tokens()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat_start = tokenizer.apply_chat_template([{"role": "system", "content": CorpusConfig().system_prompt}, {"role": "user", "content": ""}],
+                                               tokenize=True, return_dict=False)
+    user_header = chat_start.index(tokenizer.convert_tokens_to_ids("<|im_start|>"), 1)
+    n_shared = chat_start.index(tokenizer.convert_tokens_to_ids("Ċ"), user_header) + 1  # system turn, "<|im_start|>user\n"
+    assert float32_store.metadata["skipped"]["shared_prefix"] == chat_start[:n_shared]
     for split in ("train", "val"):
         rows = all_rows(float32_store, split)
         for doc, pos, token in zip(rows["doc"], rows["pos"], rows["token"]):
-            assert 0 < pos < len(docs[doc]) and docs[doc][pos] == token
+            assert docs[doc][:n_shared].tolist() == chat_start[:n_shared]
+            assert n_shared <= pos < len(docs[doc]) and docs[doc][pos] == token
         assert not np.isin(rows["token"], tokenizer.all_special_ids).any()
 
 

@@ -20,6 +20,7 @@ from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
 from pipeline.evaluate import EvalConfig, check_model_of_store, evaluate, layer_means, run_eval, splice
 from pipeline.models import load_model
+from pipeline.positions import RECORD_ALL, SkippedPositions
 from pipeline.sae import SAEConfig, TopKSAE
 from pipeline.store import Store
 from pipeline.train import CHECKPOINT, DATA_FILE
@@ -100,11 +101,14 @@ def test_known_reconstructions_give_known_recovered_fractions(model, store):
 
 def test_scores_only_the_positions_stage_one_records(model, store):
     docs, means = held_out(store), layer_means(store)
-    special_ids = [0, 1, 2]  # the tiny tokenizer's special tokens
-    every, recorded = (evaluate(lambda x, layer: x, model, docs, [1], means, special_ids, skip) for skip in (False, True))
-    n_special = sum(int(torch.isin(torch.from_numpy(t[1:-1]), torch.tensor(special_ids)).sum()) for _, t in docs)
+    skipped = SkippedPositions.from_dict(store.metadata["skipped"])
+    n_shared = len(skipped.shared_prefix)
+    assert skipped.special_ids == (0, 1, 2) and n_shared > 10  # the tiny tokenizer's special tokens; the chat's start
+    every, recorded = (evaluate(lambda x, layer: x, model, docs, [1], means, skip) for skip in (RECORD_ALL, skipped))
+    assert all(tokens[:n_shared].tolist() == list(skipped.shared_prefix) for _, tokens in docs)
+    n_special = sum(int(torch.isin(torch.from_numpy(t[n_shared:-1]), torch.tensor([0, 1, 2])).sum()) for _, t in docs)
     assert every[0].n_tokens == sum(len(t) - 1 for _, t in docs)
-    assert recorded[0].n_tokens == every[0].n_tokens - len(docs) - n_special  # minus position 0 and special tokens
+    assert recorded[0].n_tokens == every[0].n_tokens - len(docs) * n_shared - n_special  # minus the shared start, specials
 
 
 def log_probs_with_state(model, ids: torch.Tensor, layer: int, state: torch.Tensor) -> torch.Tensor:
@@ -117,13 +121,13 @@ def log_probs_with_state(model, ids: torch.Tensor, layer: int, state: torch.Tens
         handle.remove()
 
 
-def reference_metrics(sae: TopKSAE, model, docs: list, layer: int, means: torch.Tensor, special_ids: list[int]) -> dict:
+def reference_metrics(sae: TopKSAE, model, docs: list, layer: int, means: torch.Tensor, special_ids: list[int], n_shared: int) -> dict:
     """evaluate's metrics at one hidden state by hand: one document at a time, without padding, through a hook of its own."""
     nll, kl, xs, errors, n_active, n_scored = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}, 0.0, [], 0.0, 0, 0
     for _, tokens in docs:
         ids = torch.from_numpy(tokens.astype("int64"))[None]  # [1, seq]
         recorded = ~torch.isin(ids[0], torch.tensor(special_ids))  # [seq]: what stage one records
-        recorded[0] = False
+        recorded[:n_shared] = False  # the chat's start every document shares, the first position among it
         scored = recorded[:-1]  # the last token predicts nothing
         n_scored += int(scored.sum())
         targets = ids[0, 1:, None]
@@ -158,10 +162,10 @@ def test_sae_metrics_equal_a_reference_computed_by_hand(model, store, layer):
     sae = TopKSAE(SAEConfig(d_model=64, n_layers=N_HIDDEN_STATES, expansion=2, k=8))
     with torch.no_grad():
         sae.b_enc[10:] = -1e6  # only 10 latents can fire: rows with fewer than k active ones
-    docs, means, special_ids = held_out(store, 2), layer_means(store), [0, 1, 2]
+    docs, means, skipped = held_out(store, 2), layer_means(store), SkippedPositions.from_dict(store.metadata["skipped"])
     with torch.no_grad():
-        (result,) = evaluate(sae, model, docs, [layer], means, special_ids)
-        expected = reference_metrics(sae, model, docs, layer, means, special_ids)
+        (result,) = evaluate(sae, model, docs, [layer], means, skipped)
+        expected = reference_metrics(sae, model, docs, layer, means, [0, 1, 2], len(skipped.shared_prefix))
     assert expected["l0"] < 8 and expected["kl"] > 0
     assert {name: getattr(result, name) for name in expected} == pytest.approx(expected, rel=1e-4)
 
