@@ -25,7 +25,8 @@ class SkippedPositions:
     def mask(self, tokens: np.ndarray) -> np.ndarray:
         """Positions not to record: [len(tokens)] bool, of a document's token ids."""
         mask = np.isin(tokens, self.special_ids)
-        mask[:1] |= self.first
+        if self.first:
+            mask[:1] = True
         n = min(len(self.shared_prefix), len(tokens))  # a document cut inside the prefix is all prefix
         if n and np.array_equal(tokens[:n], self.shared_prefix[:n]):
             mask[:n] = True
@@ -55,7 +56,7 @@ def shared_chat_prefix(tokenizer, system_prompt: str) -> tuple[int, ...]:
     chats = [tokenize_document(Document(0, ({"role": "system", "content": system_prompt}, {"role": "user", "content": user},
                                             {"role": "assistant", "content": "x"}), None), tokenizer, max_seq_len=10**9)
              for user in ("A", "B")]
-    n = next(i for i, (a, b) in enumerate(zip(*chats)) if a != b)
+    n = next((i for i, (a, b) in enumerate(zip(*chats)) if a != b), min(map(len, chats)))
     return tuple(chats[0][:n])
 
 
