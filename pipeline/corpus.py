@@ -73,12 +73,16 @@ def iter_documents(config: CorpusConfig, start: int = 0) -> Iterator[Document]:
         if text is not None:
             yield Document(index, None, text)
         else:
-            messages = (
-                {"role": "system", "content": config.system_prompt},
-                {"role": "user", "content": prompt},
-                {"role": "assistant", "content": response},
-            )
-            yield Document(index, messages, None)
+            yield Document(index, chat_messages(config.system_prompt, prompt, response), None)
+
+
+def chat_messages(system_prompt: str, prompt: str, response: str) -> tuple[dict, ...]:
+    """A chat document's turns: the system prompt, the user's prompt, the assistant's response."""
+    return (
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": response},
+    )
 
 
 def tokenize_document(doc: Document, tokenizer, max_seq_len: int) -> list[int]:

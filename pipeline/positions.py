@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.corpus import Document, tokenize_document
+from pipeline.corpus import Document, chat_messages, tokenize_document
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,7 @@ def special_token_ids(tokenizer) -> tuple[int, ...]:
 def shared_chat_prefix(tokenizer, system_prompt: str) -> tuple[int, ...]:
     """The token ids the chat template puts before the user's words in every document: where two chats that differ
     from the user's first character on part."""
-    chats = [tokenize_document(Document(0, ({"role": "system", "content": system_prompt}, {"role": "user", "content": user},
-                                            {"role": "assistant", "content": "x"}), None), tokenizer, max_seq_len=10**9)
+    chats = [tokenize_document(Document(0, chat_messages(system_prompt, user, "x"), None), tokenizer, max_seq_len=10**9)
              for user in ("A", "B")]
     n = next((i for i, (a, b) in enumerate(zip(*chats)) if a != b), min(map(len, chats)))
     return tuple(chats[0][:n])

@@ -6,13 +6,12 @@ import torch
 from conftest import SPECIAL_TOKENS, build_tiny_model, build_tiny_tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.corpus import SYSTEM_PROMPT, Document, tokenize_document
+from pipeline.corpus import SYSTEM_PROMPT, Document, chat_messages, tokenize_document
 from pipeline.positions import RECORD_ALL, SkippedPositions, shared_chat_prefix, skipped_positions, special_token_ids
 
 
 def chat(tokenizer, user: str, answer: str = "def f(): pass") -> np.ndarray:
-    messages = ({"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}, {"role": "assistant", "content": answer})
-    return np.asarray(tokenize_document(Document(0, messages, None), tokenizer, max_seq_len=512))
+    return np.asarray(tokenize_document(Document(0, chat_messages(SYSTEM_PROMPT, user, answer), None), tokenizer, max_seq_len=512))
 
 
 def test_special_tokens_include_those_the_tokenizer_does_not_name():
