@@ -1,12 +1,15 @@
 """`cache-acts`: stage one, run the model once and store (layer, activation) pairs."""
 
-import typer
-from rich.console import Console
-from rich.text import Text
+from pipeline.errors import importing_quietly
 
-from pipeline.cache import CacheConfig, cache_activations
-from pipeline.cli import config_command, run_app
-from pipeline.corpus import CorpusConfig
+with importing_quietly():
+    import typer
+    from rich.console import Console
+    from rich.text import Text
+
+    from pipeline.cache import CacheConfig, cache_activations
+    from pipeline.cli import config_command, run_app
+    from pipeline.corpus import CorpusConfig
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

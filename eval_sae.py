@@ -1,13 +1,16 @@
 """`eval-sae`: stage three, splice a trained SAE into the model at each layer and measure the loss it costs."""
 
-import typer
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from pipeline.errors import importing_quietly
 
-from pipeline.cli import config_command, run_app
-from pipeline.evaluate import EvalConfig, average, run_eval
+with importing_quietly():
+    import typer
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from pipeline.cli import config_command, run_app
+    from pipeline.evaluate import EvalConfig, average, run_eval
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 WIDTH = 110  # the whole table

@@ -1,10 +1,13 @@
 """`sae-features`: what the SAE's latents mean: density, layer profile, top contexts, promoted tokens, an HTML report."""
 
-import typer
-from rich.console import Console
+from pipeline.errors import importing_quietly
 
-from pipeline.cli import config_command, run_app
-from pipeline.features import FeaturesConfig, explore_features
+with importing_quietly():
+    import typer
+    from rich.console import Console
+
+    from pipeline.cli import config_command, run_app
+    from pipeline.features import FeaturesConfig, explore_features
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

@@ -1,15 +1,18 @@
 """`train-sae`: stage two, train one layer-agnostic TopK SAE (or a sweep of them) on cached activations."""
 
-from pathlib import Path
+from pipeline.errors import importing_quietly
 
-import typer
-from rich.console import Console
-from rich.table import Table
+with importing_quietly():
+    from pathlib import Path
 
-from pipeline.cache import resolve_device
-from pipeline.cli import config_command, extra_option, run_app
-from pipeline.loader import LoaderConfig
-from pipeline.train import TrainConfig, train_on_store
+    import typer
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.cache import resolve_device
+    from pipeline.cli import config_command, extra_option, run_app
+    from pipeline.loader import LoaderConfig
+    from pipeline.train import TrainConfig, train_on_store
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 METRICS = ("fvu", "mse", "mse_raw", "l0", "dead_fraction")

@@ -4,6 +4,9 @@ import dataclasses
 import importlib
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -70,3 +73,15 @@ def test_ctrl_c_and_sigterm_stop_a_command_with_one_line_and_the_signal_s_status
     finally:
         signal.signal(signal.SIGTERM, default_sigterm)
     assert (result.exit_code, result.stderr) == (status, line + "\n")
+
+
+@pytest.mark.parametrize("script", COMMANDS)
+def test_ctrl_c_while_a_command_imports_its_modules_stops_it_in_one_line(script):
+    """Ctrl-C 0.1 s in, while torch is still importing (it takes seconds), and not a traceback from inside it."""
+    interrupt_soon = ("import os, runpy, signal, sys; signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT)); "
+                      f"signal.setitimer(signal.ITIMER_REAL, 0.1); sys.argv = ['{script}.py', '--help']; "
+                      f"runpy.run_path('{script}.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", interrupt_soon], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (130, "interrupted\n")
+    assert result.stdout == ""  # stopped before --help was answered
