@@ -57,10 +57,11 @@ def main(
     max_seq_len: int = 1024,
     layers_per_token: str = "1",
     device: str = "auto",
+    model_dtype: str = typer.Option("auto", help="cache-acts --model-dtype, for both measurements."),
     repeats: int = 2,
 ):
     torch_device = resolve_device(device)
-    dtype = resolve_model_dtype("auto", torch_device)
+    dtype = resolve_model_dtype(model_dtype, torch_device)
     loaded = random_model(model.removeprefix("random:"), torch_device, dtype) if model.startswith("random:") else load_model(model, torch_device, dtype)
     cache_module.load_model = lambda *args, **kwargs: loaded  # one model in memory for both measurements
     n_pairs = parse_count(n_tokens)
@@ -73,7 +74,7 @@ def main(
         for repeat in range(repeats):
             out = Path(scratch) / f"store{repeat}"
             config = CacheConfig(model=model, out=str(out), n_tokens=n_pairs, batch_tokens=batch_tokens, max_seq_len=max_seq_len,
-                                 layers_per_token=layers_per_token, device=str(torch_device))
+                                 layers_per_token=layers_per_token, model_dtype=model_dtype, device=str(torch_device))
             report = cache_activations(config, CorpusConfig(), console=console, progress=False)
             store = Store(out)
             bare_tokens, bare_s = bare_forward(loaded, store, config)

@@ -21,7 +21,7 @@ from pipeline.hidden_states import capture_rows
 from pipeline.models import DEFAULT_MODEL, load_model
 from pipeline.positions import skipped_positions
 from pipeline.shard_writer import RecordedBatch, ShardWriter
-from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, create_or_open
+from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, create_or_open, recorded_metadata
 from pipeline.units import parse_count
 from pipeline.windows import PairLedger, Window, read_windows, window_rounds
 
@@ -42,7 +42,8 @@ class CacheConfig:
     skip_chat_prefix: bool = option(True, "Skip the chat template's start every document shares (system prompt, user header): "
                                           "its hidden states are the same in every document.")
     dtype: str = option("bf16", "Storage dtype of activations: bf16, float16 or float32.")
-    model_dtype: str = option("auto", "Dtype the model runs in: auto (bf16 on GPU, float32 on CPU), bf16, float16, float32.")
+    model_dtype: str = option("auto", "Dtype the model runs in: bf16, float16, float32, or auto: an existing store's, else bf16 "
+                                      "on a GPU or a CPU with bf16 instructions (AVX512-BF16, AMX), float32 on other CPUs.")
     device: str = option("auto", "Device for the forward pass: auto, cpu, cuda, cuda:1, ...")
     shard_rows: int = option(65536, "Training rows per shard (each shard is written whole, then made visible).")
 
@@ -124,10 +125,20 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def resolve_model_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """bf16 on a GPU, float32 on the CPU (where bf16 matmuls are slow), unless asked otherwise."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls beat float32 ones here: on CUDA, and on CPUs with AVX512-BF16 or AMX (2.2x measured,
+    docs/BENCHMARKS.md); other CPUs emulate bf16 at float32's speed or below."""
+    if device.type == "cuda":
+        return True
+    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_model_dtype(spec: str, device: torch.device, stored: str | None = None) -> torch.dtype:
+    """The dtype asked for; auto is `stored` (an existing store's, so its rows never mix two), else bf16 where it is native."""
     if spec == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if stored is not None:
+            return getattr(torch, stored)  # recorded by torch's name: bfloat16, float16 or float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     names = {"bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if spec not in names:
         raise CrosscodersError(f"--model-dtype {spec!r} is not one of auto, {', '.join(names)}")
@@ -216,7 +227,7 @@ def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Consol
 
 
 def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress: bool, device, rank: int, world_size: int) -> CacheReport:
-    model_dtype = resolve_model_dtype(config.model_dtype, device)
+    model_dtype = resolve_model_dtype(config.model_dtype, device, (recorded_metadata(config.out) or {}).get("model_dtype"))
     loaded = load_model(config.model, device=device, dtype=model_dtype)
     check_chat_template(corpus, loaded.tokenizer, config.model)
     info = loaded.info

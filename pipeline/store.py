@@ -26,7 +26,7 @@ SPLITS = ("train", "val")
 # must match) and the run's length and where it runs, which change no stored value.
 FREE_FIELDS = {"name", "model", "n_tokens", "shard_rows", "out", "device"}
 # cache-acts options compared by what they resolve to, the store's own model_dtype, layers and
-# layers_per_token: --model-dtype auto is float32 on a CPU, bf16 on a GPU; --layers all is 0-4 on a 5-state model.
+# layers_per_token: --model-dtype auto is float32 on some CPUs, bf16 elsewhere; --layers all is 0-4 on a 5-state model.
 RESOLVED_OPTIONS = {"model_dtype", "layers", "layers_per_token"}
 # Fields no option sets, and why one can differ: the store would mix two document streams.
 SOURCE_FIELDS = {
@@ -150,6 +150,15 @@ def create_or_open(url: str | os.PathLike, metadata: dict, clean: bool = True) -
     attributes = {"crosscoders": {"format": FORMAT_NAME, "version": FORMAT_VERSION, **metadata}}
     zarr.create_group(store=location.zarr_store(), attributes=json.loads(json.dumps(attributes)))
     return Store(location)
+
+
+def recorded_metadata(url: str | os.PathLike) -> dict | None:
+    """What the store at url records of how it was made, or None where none is readable (create_or_open then says why)."""
+    location = Location(url)
+    try:
+        return location.read_json("zarr.json")["attributes"]["crosscoders"] if location.exists("zarr.json") else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _check_same_recipe(store: "Store", metadata: dict) -> None:

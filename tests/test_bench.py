@@ -93,8 +93,9 @@ def test_train_throughput_bench_times_loader_training_from_memory_and_shards_and
 
 def test_cache_throughput_bench_compares_stage_one_with_the_bare_forward_pass(tiny_model_dir):
     result = run("bench/cache_throughput.py", "--model", str(tiny_model_dir), "--n-tokens", "400", "--batch-tokens", "256",
-                 "--max-seq-len", "128", "--repeats", "1", "--device", "cpu")
+                 "--max-seq-len", "128", "--repeats", "1", "--device", "cpu", "--model-dtype", "float32")
     assert result.returncode == 0, result.stderr
+    assert "torch.float32" in result.stdout  # the table names the dtype both passes ran in
     [row] = printed_rows(result.stdout, ["repeat", "bare fwd tok/s", "cache-acts tok/s", "ratio", "bytes/pair", "compression"])
     assert shown_ratio(row["ratio"], row["cache-acts tok/s"], row["bare fwd tok/s"])
     assert rate(row["bytes/pair"]) > 64 * 2 / 1.5  # 64-wide bf16 rows compress a little, not to nothing
@@ -122,3 +123,19 @@ def test_store_codecs_bench_reads_a_store(tmp_path):
     assert result.returncode == 0, result.stderr
     for codec in ("blosc lz4 shuffle", "blosc zstd-3 bitshuffle", "zstd-3 (no shuffle)"):
         assert codec in result.stdout
+
+
+def test_model_dtype_bench_compares_bf16_hidden_states_and_predictions_with_float32(tiny_model_dir):
+    result = run("bench/model_dtype.py", "--model", str(tiny_model_dir), "--n-docs", "3", "--max-seq-len", "96", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    states = printed_rows("\n".join(line for line in lines if line.startswith("hidden state ")),
+                          ["hidden state", "relative error", "share of variance"])
+    assert [row["hidden state"] for row in states] == ["0", "1", "2", "3", "4"]
+    assert 0 < float(states[0]["relative error"]) < 2**-8  # the embeddings: bf16's rounding alone
+    assert all(0 < float(row["relative error"]) < 0.1 and 0 < float(row["share of variance"]) < 0.01 for row in states)
+    models = printed_rows("\n".join(line for line in lines if line.startswith("model dtype ")), ["model dtype", "tok/s", "next-token loss"])
+    assert [row["model dtype"] for row in models] == ["float32", "bf16"]
+    assert abs(float(models[0]["next-token loss"]) - float(models[1]["next-token loss"])) < 0.05
+    [kl] = [float(line.split()[1]) for line in lines if line.startswith("KL ")]
+    assert 0 < kl < 0.01

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.cache import CacheConfig, cache_activations, choose_pairs, pack_batches, parse_layers
+from pipeline.cache import CacheConfig, cache_activations, choose_pairs, native_bf16, pack_batches, parse_layers
 from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
 from pipeline.store import Store
@@ -57,7 +57,7 @@ def sorted_rows(store: Store) -> tuple[np.ndarray, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def float32_store(tiny_model_dir, corpus_file, tmp_path_factory) -> Store:
-    return run_cache(tiny_model_dir, corpus_file, tmp_path_factory.mktemp("s") / "store", dtype="float32", layers_per_token="2")
+    return run_cache(tiny_model_dir, corpus_file, tmp_path_factory.mktemp("s") / "store", dtype="float32", model_dtype="float32", layers_per_token="2")
 
 
 def test_stored_pairs_equal_the_models_hidden_states(tiny_model_dir, float32_store):
@@ -137,7 +137,7 @@ def test_layer_statistics_match_the_stored_training_rows(float32_store):
 
 
 def test_bf16_store_rounds_the_float32_values_bit_exactly(tiny_model_dir, corpus_file, float32_store, tmp_path):
-    bf16 = run_cache(tiny_model_dir, corpus_file, tmp_path / "bf16", dtype="bf16", layers_per_token="2")
+    bf16 = run_cache(tiny_model_dir, corpus_file, tmp_path / "bf16", dtype="bf16", model_dtype="float32", layers_per_token="2")
     keys32, acts32 = sorted_rows(float32_store)
     keys16, acts16 = sorted_rows(bf16)
     np.testing.assert_array_equal(keys32, keys16)
@@ -339,8 +339,30 @@ def test_changed_options_on_an_existing_store_are_refused(tiny_model_dir, corpus
     run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=200)
     with pytest.raises(CrosscodersError, match=r"different layers \(store has \[0, 1, 2, 3, 4\], this run has \[1, 2\]\)"):
         run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=400, layers="1,2")
-    grown = run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=400, layers="0-4", model_dtype="float32")  # as auto on a CPU
+    made_in = Store(tmp_path / "s").metadata["model_dtype"]  # what auto resolved to on this machine
+    grown = run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=400, layers="0-4", model_dtype={"bfloat16": "bf16"}.get(made_in, made_in))
     assert grown.n_pairs == 400
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_bf16_is_native_on_cuda_and_on_cpus_with_bf16_instructions():
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_tile"})
+    assert native_bf16(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_model_dtype_auto_is_bf16_where_native_and_an_existing_stores_own(tiny_model_dir, corpus_file, tmp_path, monkeypatch, native):
+    from pipeline import cache
+
+    monkeypatch.setattr(cache, "native_bf16", lambda device: native)
+    run_cache(tiny_model_dir, corpus_file, tmp_path / "auto", n_tokens=100)
+    assert Store(tmp_path / "auto").metadata["model_dtype"] == ("bfloat16" if native else "float32")
+    other = "float32" if native else "bf16"
+    run_cache(tiny_model_dir, corpus_file, tmp_path / "other", n_tokens=100, model_dtype=other)
+    grown = run_cache(tiny_model_dir, corpus_file, tmp_path / "other", n_tokens=200)  # auto: the store's, not this machine's
+    assert grown.n_pairs == 200
+    assert Store(tmp_path / "other").metadata["model_dtype"] == {"bf16": "bfloat16"}.get(other, other)
 
 
 def test_a_default_corpus_store_is_not_extended_once_the_mined_files_changed(tiny_model_dir, tmp_path, monkeypatch):
@@ -383,7 +405,7 @@ def test_real_05b_preset_pairs_equal_its_hidden_states(tmp_path):
     from pipeline.models import load_model
 
     config = CacheConfig(model="qwen2.5-coder-0.5b-instruct", out=str(tmp_path / "s"), n_tokens=1500, max_seq_len=192,
-                         batch_tokens=768, dtype="float32")
+                         batch_tokens=768, dtype="float32", model_dtype="float32")
     cache_activations(config, CorpusConfig(), console=QUIET, progress=False)
     store = Store(tmp_path / "s")
     assert store.n_pairs == 1500 and store.metadata["model"]["n_hidden_states"] == 25

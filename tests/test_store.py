@@ -184,7 +184,7 @@ def test_the_same_model_under_another_name_may_extend_a_store(tmp_path):
 
 
 def test_options_are_compared_by_what_they_resolve_to(tmp_path):
-    """A store cached on a CPU with --model-dtype auto (float32) is extended on a GPU with --model-dtype float32."""
+    """A store cached with --model-dtype auto on a CPU without bf16 instructions (float32) is extended on a GPU with --model-dtype float32."""
     cache = {"model_dtype": "auto", "layers": "all", "layers_per_token": "3", "dtype": "bf16"}
     recipe = {**json.loads(json.dumps(METADATA)), "model_dtype": "float32", "layers_per_token": 3, "cache": cache}
     create_or_open(tmp_path / "t", recipe)
