@@ -47,9 +47,16 @@ def store(tiny_model_dir, tmp_path_factory) -> Store:
     return Store(folder / "store")
 
 
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def model(tiny_model_dir, request):
+    """The model in each dtype eval-sae runs it in (bf16 on a GPU or a CPU with bf16 instructions)."""
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=request.param).eval()
+
+
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+def float32_model(tiny_model_dir):
+    """For comparisons across batch shapes: in bf16 a document's results depend on what it is batched with."""
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
 
 def saved_run(folder: Path, store: Store, d_model: int = 64) -> Path:
@@ -157,15 +164,15 @@ def reference_metrics(sae: TopKSAE, model, docs: list, layer: int, means: torch.
 
 
 @pytest.mark.parametrize("layer", [0, 2, N_HIDDEN_STATES - 1])
-def test_sae_metrics_equal_a_reference_computed_by_hand(model, store, layer):
+def test_sae_metrics_equal_a_reference_computed_by_hand(float32_model, store, layer):
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(d_model=64, n_layers=N_HIDDEN_STATES, expansion=2, k=8))
     with torch.no_grad():
         sae.b_enc[10:] = -1e6  # only 10 latents can fire: rows with fewer than k active ones
     docs, means, skipped = held_out(store, 2), layer_means(store), SkippedPositions.from_dict(store.metadata["skipped"])
     with torch.no_grad():
-        (result,) = evaluate(sae, model, docs, [layer], means, skipped)
-        expected = reference_metrics(sae, model, docs, layer, means, [0, 1, 2], len(skipped.shared_prefix))
+        (result,) = evaluate(sae, float32_model, docs, [layer], means, skipped)
+        expected = reference_metrics(sae, float32_model, docs, layer, means, [0, 1, 2], len(skipped.shared_prefix))
     assert expected["l0"] < 8 and expected["kl"] > 0
     assert {name: getattr(result, name) for name in expected} == pytest.approx(expected, rel=1e-4)
 
@@ -249,3 +256,18 @@ def test_store_without_held_out_documents_is_refused(tiny_model_dir, store, tmp_
     run = saved_run(tmp_path / "run", small_store(tiny_model_dir, tmp_path, val_fraction=0.0))
     with pytest.raises(CrosscodersError, match="no held-out documents; cache more tokens or raise --val-fraction"):
         run_eval(EvalConfig(sae=str(run)), QUIET, progress=False)
+
+
+def test_an_sae_scores_on_the_bf16_model_as_on_the_float32_one(float32_model, tiny_model_dir, store):
+    """eval-sae's default on a GPU, and on CPUs with bf16 instructions: only bf16's rounding apart."""
+    bf16_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d_model=64, n_layers=N_HIDDEN_STATES, expansion=2, k=8))
+    docs, means, skipped = held_out(store), layer_means(store), SkippedPositions.from_dict(store.metadata["skipped"])
+    with torch.no_grad():
+        exact, rounded = (evaluate(sae, model, docs, [1, 3], means, skipped) for model in (float32_model, bf16_model))
+    for a, b in zip(exact, rounded):
+        assert (b.layer, b.n_tokens, b.l0) == (a.layer, a.n_tokens, a.l0)
+        for name in ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl", "mse", "fvu"):  # 2.8e-5 to 5.5e-4 apart, measured
+            assert getattr(b, name) == pytest.approx(getattr(a, name), rel=2e-3), name
+        assert b.ce_sae != a.ce_sae  # it did run in bf16
