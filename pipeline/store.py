@@ -30,8 +30,8 @@ FREE_FIELDS = {"name", "model", "n_tokens", "shard_rows", "out", "device"}
 RESOLVED_OPTIONS = {"model_dtype", "layers", "layers_per_token"}
 # Fields no option sets, and why one can differ: the store would mix two document streams.
 SOURCE_FIELDS = {
-    "mined_files": "the Python files the default corpus is mined from changed since the store was made (packages installed, "
-                   "removed or upgraded, or another Python), so its documents would differ; choose a new --out",
+    "mined_files": "the default corpus changed since the store was made (packages installed, removed or upgraded, another "
+                   "Python, or prompts laid out by another version of this package), so its documents would differ; choose a new --out",
 }
 
 

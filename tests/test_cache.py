@@ -372,7 +372,7 @@ def test_a_default_corpus_store_is_not_extended_once_the_mined_files_changed(tin
     cache_activations(config, CorpusConfig(), console=QUIET, progress=False)
     assert Store(tmp_path / "s").metadata["mined_files"].startswith("sha256:")
     monkeypatch.setattr(cache, "mined_files_fingerprint", lambda: "sha256:after-pip-install")
-    with pytest.raises(CrosscodersError, match=r"zarr.json: the Python files the default corpus is mined from changed .*; choose a new --out"):
+    with pytest.raises(CrosscodersError, match=r"zarr.json: the default corpus changed since the store was made .*; choose a new --out"):
         cache_activations(replace(config, n_tokens=200), CorpusConfig(), console=QUIET, progress=False)
     assert Store(tmp_path / "s").n_pairs == 100
 

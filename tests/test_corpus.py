@@ -36,6 +36,17 @@ def test_mined_documents_ask_for_a_signature_and_answer_with_its_code():
         assert signature, user["content"]
         assert assistant["content"].startswith("```python\n") and assistant["content"].endswith("\n```")
         assert f"def {signature[2]}(" in assistant["content"]
+        assert user["content"].endswith(f" with the signature `{signature[1]}`.")  # after what the function does
+
+
+def test_mined_prompts_open_with_their_own_words():
+    """A causal model's hidden states are the same wherever documents start alike: few prompts may share an opening."""
+    prompts = sorted(doc.messages[1]["content"] for doc in first(CorpusConfig(), 300))
+    def common(a: str, b: str) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    neighbours = [common(a, b) for a, b in zip(prompts, prompts[1:])]  # sorted: the longest opening shared is with a neighbour
+    longest = [max(pair) for pair in zip([0, *neighbours], [*neighbours, 0])]
+    assert sorted(longest)[len(longest) // 2] < 20  # 8 characters measured ("Return t"); 47 when all opened "Write a Python function"
 
 
 def test_first_documents_parse_only_a_few_files(monkeypatch):
@@ -68,7 +79,9 @@ def test_the_mined_files_fingerprint_changes_when_packages_change(tmp_path, monk
     (site / "pkg" / "core.py").write_text("x = 2  # upgraded\n")
     upgraded = corpus.mined_files_fingerprint()
     (site / "new.py").write_text("y = 1\n")
-    assert len({before, upgraded, corpus.mined_files_fingerprint()}) == 3
+    added = corpus.mined_files_fingerprint()
+    monkeypatch.setattr(corpus, "MINED_PROMPTS", corpus.MINED_PROMPTS + 1)  # the same files, prompts laid out otherwise
+    assert len({before, upgraded, added, corpus.mined_files_fingerprint()}) == 4
 
 
 def test_local_jsonl_chat_pairs_keep_every_row_once(tmp_path):

@@ -201,5 +201,5 @@ def test_changed_mined_files_are_refused_unless_the_store_predates_their_record(
     create_or_open(tmp_path / "old", METADATA)  # made before mined_files was recorded: nothing to compare with
     create_or_open(tmp_path / "old", {**METADATA, "mined_files": "sha256:abc"})
     create_or_open(tmp_path / "new", {**METADATA, "mined_files": "sha256:abc"})
-    with pytest.raises(CrosscodersError, match="zarr.json: the Python files the default corpus is mined from changed"):
+    with pytest.raises(CrosscodersError, match="zarr.json: the default corpus changed since the store was made"):
         create_or_open(tmp_path / "new", {**METADATA, "mined_files": "sha256:def"})
