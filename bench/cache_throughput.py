@@ -1,7 +1,7 @@
 """Stage one against the bare forward pass, on the same batches, in one run.
 
-Usage: python bench/cache_throughput.py --model qwen2.5-coder-0.5b-instruct --n-tokens 4K
-       python bench/cache_throughput.py --model random:qwen2.5-coder-1.5b --n-tokens 2M --batch-tokens 16384   (GPU)
+Usage: python -m bench.cache_throughput --model qwen2.5-coder-0.5b-instruct --n-tokens 4K
+       python -m bench.cache_throughput --model random:qwen2.5-coder-1.5b --n-tokens 2M --batch-tokens 16384   (GPU)
 
 `random:qwen2.5-coder-1.5b` builds a model of that shape with random weights (speed does not depend
 on the weights). The bare pass is `model.model(..., output_hidden_states=True)` over exactly the
@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 import pipeline.cache as cache_module
+from bench.tables import add_row
 from pipeline.cache import CacheConfig, cache_activations, pack_batches, resolve_device, resolve_model_dtype
 from pipeline.corpus import CorpusConfig
 from pipeline.models import LoadedModel, ModelInfo, load_model
@@ -84,9 +85,7 @@ def main(
             raw = store.n_pairs * store.d_model * {"bf16": 2, "float16": 2, "float32": 4}[store.dtype]
             row = (str(repeat), f"{bare_rate:,.0f}", f"{cache_rate:,.0f}", f"{cache_rate / bare_rate:.2f}",
                    f"{all_bytes / store.n_pairs:,.0f}", f"{raw / acts_bytes:.3f}")
-            table.add_row(*row)
-            # also at once: a run stopped at a time limit keeps the repeats it measured
-            print(" | ".join(f"{column.header} {cell}" for column, cell in zip(table.columns, row)), flush=True)
+            add_row(table, *row)
     console.print(table)
 
 

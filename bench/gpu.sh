@@ -35,12 +35,12 @@ step kernels 90 "$python" -m pytest -q -p no:cacheprovider tests/test_triton_top
     --deselect tests/test_triton_topk.py::test_kernels_compile_for_hopper_gpus
 paths=dense,sparse,triton,dense+graph,sparse+graph,triton+graph,triton+sync,triton+graph+sync
 step sae_step 100 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths --steps 20
-step cache 120 "$python" bench/cache_throughput.py --model random:qwen2.5-coder-1.5b --n-tokens 1M \
+step cache 120 "$python" -m bench.cache_throughput --model random:qwen2.5-coder-1.5b --n-tokens 1M \
     --batch-tokens 16384 --max-seq-len 1024
-step train 100 "$python" bench/train_throughput.py --synthetic-rows 2M --d-model 1536 --batch-size 4096 --steps 200 \
+step train 100 "$python" -m bench.train_throughput --synthetic-rows 2M --d-model 1536 --batch-size 4096 --steps 200 \
     --workers 4,8,14
 step sae_step_profile 40 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders sparse,triton,triton+graph \
     --repeats 1 --profile
-step train_graph 70 "$python" bench/train_throughput.py --synthetic-rows 1M --d-model 1536 --batch-size 4096 --steps 200 \
+step train_graph 70 "$python" -m bench.train_throughput --synthetic-rows 1M --d-model 1536 --batch-size 4096 --steps 200 \
     --workers 8 --decoder triton --cuda-graph --repeats 2
 step sae_step_no_dead 50 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths --dead-fraction 0 --steps 20

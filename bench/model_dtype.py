@@ -1,7 +1,7 @@
 """The model in bf16 against float32 on the same documents: how far its hidden states and its next-token
 predictions move, and how much faster it runs (cache-acts --model-dtype).
 
-Usage: python bench/model_dtype.py --model qwen2.5-coder-0.5b-instruct --n-docs 12
+Usage: python -m bench.model_dtype --model qwen2.5-coder-0.5b-instruct --n-docs 12
 
 Both models see each document of the default mined corpus alone, one after the other; only the positions
 cache-acts records count (not the first, special tokens or the chat's shared start). Per hidden state:
@@ -18,18 +18,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench.tables import add_row
 from pipeline.cache import resolve_device
 from pipeline.corpus import CorpusConfig, iter_documents, tokenize_document
 from pipeline.models import load_model
 from pipeline.positions import skipped_positions
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16}
-
-
-def print_row(table: Table, *cells: str) -> None:
-    """Adds a row, and prints it at once: a run stopped at a time limit keeps what it measured."""
-    table.add_row(*cells)
-    print(" | ".join(f"{column.header} {cell}" for column, cell in zip(table.columns, cells)), flush=True)
 
 
 def main(
@@ -80,13 +75,13 @@ def main(
         states_table.add_column(column, justify="right")
     variance = total - row_sums.pow(2).sum(1) / n_kept
     for layer in range(info.n_hidden_states):
-        print_row(states_table, str(layer), f"{(error[layer] / total[layer]).sqrt():.4f}", f"{error[layer] / variance[layer]:.2e}")
+        add_row(states_table, str(layer), f"{(error[layer] / total[layer]).sqrt():.4f}", f"{error[layer] / variance[layer]:.2e}")
     console.print(states_table)
     model_table = Table(title=f"the whole model (KL from float32 to bf16: {kl / n_predicted:.2e} nats per token)")
     for column in ("model dtype", "tok/s", "next-token loss"):
         model_table.add_column(column, justify="right")
     for name in DTYPES:
-        print_row(model_table, name, f"{sum(map(len, documents)) / seconds[name]:,.0f}", f"{losses[name] / n_predicted:.4f}")
+        add_row(model_table, name, f"{sum(map(len, documents)) / seconds[name]:,.0f}", f"{losses[name] / n_predicted:.4f}")
     print(f"KL {kl / n_predicted:.2e}", flush=True)
     console.print(model_table)
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from bench.tables import add_row
 from pipeline.cache import resolve_device
 from pipeline.errors import CrosscodersError
 from pipeline.sae import SAEConfig, TopKSAE
@@ -141,9 +142,7 @@ def main(
         k_aux = SAEConfig(d_model, N_LAYERS, expansion, k).k_aux(int(dead_mask.sum()))
         row = (str(expansion), str(k), f"1/{n_latents // k}", str(k_aux), *(f"{rate:,.0f}" if rate else "failed" for rate in rates),
                *(f"{rate / rates[0]:.2f}x" if rate and rates[0] else "-" for rate in rates[1:]))
-        table.add_row(*row)
-        # also at once: a run stopped at a time limit keeps the shapes it measured
-        print(" | ".join(f"{column.header} {cell}" for column, cell in zip(table.columns, row)), flush=True)
+        add_row(table, *row)
         if profile:
             for name, step in steps.items():
                 print_profile(step, x, layer, dead_mask, "+sync" in name, torch_device, f"{name}, {expansion}x/k{k}")

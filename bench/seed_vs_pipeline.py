@@ -1,6 +1,6 @@
 """A sweep of N SAEs on the same tokens: the seed notebook's way against the two-stage pipeline.
 
-Usage: python bench/seed_vs_pipeline.py --model qwen2.5-coder-0.5b-instruct --n-tokens 3K --sweep k=16,32,48,64
+Usage: python -m bench.seed_vs_pipeline --model qwen2.5-coder-0.5b-instruct --n-tokens 3K --sweep k=16,32,48,64
 
 Seed: every SAE step runs the model's forward pass (`output_hidden_states=True`) on a batch of
 documents and trains on one random layer per token, so N SAEs cost N forward passes over the

@@ -1,6 +1,6 @@
 """Codec choice for stored activations: ratio and speeds on a real store's chunks.
 
-Usage: python bench/store_codecs.py --shards /tmp/s [--chunk-rows 1024]
+Usage: python -m bench.store_codecs --shards /tmp/s [--chunk-rows 1024]
 Prints one row per codec: compression ratio, compress and decompress MB/s (one thread).
 """
 

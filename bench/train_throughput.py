@@ -1,7 +1,7 @@
 """Stage two: training from shards against training from memory, the loader alone, the SAE step alone.
 
-Usage: python bench/train_throughput.py --shards /tmp/s --steps 30 --batch-size 1024
-       python bench/train_throughput.py --synthetic-rows 2M --d-model 1536 --batch-size 4096   (GPU: a random store)
+Usage: python -m bench.train_throughput --shards /tmp/s --steps 30 --batch-size 1024
+       python -m bench.train_throughput --synthetic-rows 2M --d-model 1536 --batch-size 4096   (GPU: a random store)
 
 One run measures: training rows/s reading shards (ShardLoader) and reading the very same batches
 already in memory on the device (so both do the same training work), in the steady state from the
@@ -28,6 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench.tables import add_row
 from pipeline.cache import resolve_device
 from pipeline.errors import CrosscodersError
 from pipeline.loader import ShardLoader
@@ -146,12 +147,6 @@ def step_rows_per_s(source, cfg: TrainConfig, device: torch.device, n_steps: int
             run.train_step(x, layer)
         run.sync()  # the last step's metrics: all the steps are done
         return n_steps * len(x) / (time.perf_counter() - start)
-
-
-def add_row(table: Table, *cells: str):
-    """A row of the table, also printed at once: a run stopped at a time limit keeps the rows it measured."""
-    table.add_row(*cells)
-    print(" | ".join(f"{column.header} {cell}" for column, cell in zip(table.columns, cells) if cell not in ("", "-")), flush=True)
 
 
 def main(

@@ -77,7 +77,7 @@ def test_sae_step_bench_measures_each_shape_and_step():
 
 
 def test_train_throughput_bench_times_loader_training_from_memory_and_shards_and_the_step():
-    result = run("bench/train_throughput.py", "--synthetic-rows", "12K", "--d-model", "32", "--batch-size", "256", "--steps", "6",
+    result = run("-m", "bench.train_throughput", "--synthetic-rows", "12K", "--d-model", "32", "--batch-size", "256", "--steps", "6",
                  "--repeats", "1", "--workers", "1,2", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     rows = printed_rows(result.stdout, ["measure", "expansion", "k", "step", "rows/s", "ratio", "first batch s"])
@@ -92,7 +92,7 @@ def test_train_throughput_bench_times_loader_training_from_memory_and_shards_and
 
 
 def test_cache_throughput_bench_compares_stage_one_with_the_bare_forward_pass(tiny_model_dir):
-    result = run("bench/cache_throughput.py", "--model", str(tiny_model_dir), "--n-tokens", "400", "--batch-tokens", "256",
+    result = run("-m", "bench.cache_throughput", "--model", str(tiny_model_dir), "--n-tokens", "400", "--batch-tokens", "256",
                  "--max-seq-len", "128", "--repeats", "1", "--device", "cpu", "--model-dtype", "float32")
     assert result.returncode == 0, result.stderr
     assert "torch.float32" in result.stdout  # the table names the dtype both passes ran in
@@ -103,7 +103,7 @@ def test_cache_throughput_bench_compares_stage_one_with_the_bare_forward_pass(ti
 
 
 def test_seed_vs_pipeline_bench_times_both_ways(tiny_model_dir):
-    result = run("bench/seed_vs_pipeline.py", "--model", str(tiny_model_dir), "--n-tokens", "600", "--sweep", "k=2,4",
+    result = run("-m", "bench.seed_vs_pipeline", "--model", str(tiny_model_dir), "--n-tokens", "600", "--sweep", "k=2,4",
                  "--batch-size", "64", "--max-seq-len", "128", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "2 SAEs on 600 pairs" in result.stdout
@@ -119,14 +119,14 @@ def test_seed_vs_pipeline_bench_times_both_ways(tiny_model_dir):
 
 def test_store_codecs_bench_reads_a_store(tmp_path):
     write_store(tmp_path / "shards", [3000])
-    result = run("bench/store_codecs.py", "--shards", str(tmp_path / "shards"))
+    result = run("-m", "bench.store_codecs", "--shards", str(tmp_path / "shards"))
     assert result.returncode == 0, result.stderr
     for codec in ("blosc lz4 shuffle", "blosc zstd-3 bitshuffle", "zstd-3 (no shuffle)"):
         assert codec in result.stdout
 
 
 def test_model_dtype_bench_compares_bf16_hidden_states_and_predictions_with_float32(tiny_model_dir):
-    result = run("bench/model_dtype.py", "--model", str(tiny_model_dir), "--n-docs", "3", "--max-seq-len", "96", "--device", "cpu")
+    result = run("-m", "bench.model_dtype", "--model", str(tiny_model_dir), "--n-docs", "3", "--max-seq-len", "96", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     states = printed_rows("\n".join(line for line in lines if line.startswith("hidden state ")),
