@@ -43,7 +43,8 @@ class CacheConfig:
                                           "its hidden states are the same in every document.")
     dtype: str = option("bf16", "Storage dtype of activations: bf16, float16 or float32.")
     model_dtype: str = option("auto", "Dtype the model runs in: bf16, float16, float32, or auto: an existing store's, else bf16 "
-                                      "on a GPU or a CPU with bf16 instructions (AVX512-BF16, AMX), float32 on other CPUs.")
+                                      "on a GPU with bf16 tensor cores or a CPU with bf16 instructions (AVX512-BF16, AMX), "
+                                      "else float32.")
     device: str = option("auto", "Device for the forward pass: auto, cpu, cuda, cuda:1, ...")
     shard_rows: int = option(65536, "Training rows per shard (each shard is written whole, then made visible).")
 
@@ -126,18 +127,21 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls beat float32 ones here: on CUDA, and on CPUs with AVX512-BF16 or AMX (2.2x measured,
-    docs/BENCHMARKS.md); other CPUs emulate bf16 at float32's speed or below."""
+    """Whether bf16 matmuls beat float32 ones here: on GPUs with bf16 tensor cores (from Ampere, sm_80), and on CPUs
+    with AVX512-BF16 or AMX (2.2x measured, docs/BENCHMARKS.md); the others emulate bf16 at float32's speed or below."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def resolve_model_dtype(spec: str, device: torch.device, stored: str | None = None) -> torch.dtype:
-    """The dtype asked for; auto is `stored` (an existing store's, so its rows never mix two), else bf16 where it is native."""
+    """The dtype asked for; auto is `stored` (an existing store's, so its rows never mix two), else bf16 where it is native.
+
+    `stored` is read before the store is validated: a value that is no model dtype is left for that check to report."""
     if spec == "auto":
-        if stored is not None:
-            return getattr(torch, stored)  # recorded by torch's name: bfloat16, float16 or float32
+        recorded = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # by torch's name
+        if isinstance(stored, str) and stored in recorded:
+            return recorded[stored]
         return torch.bfloat16 if native_bf16(device) else torch.float32
     names = {"bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if spec not in names:

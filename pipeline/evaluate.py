@@ -50,6 +50,7 @@ class EvalConfig:
     n_docs: int = option(64, "Held-out documents to score (the first ones of the store).")
     batch_tokens: int = option(2048, "Token budget of a forward batch, padding included.")
     device: str = option("auto", "Device for the model and the SAE: auto, cpu, cuda, cuda:1, ...")
+    model_dtype: str = option("auto", "Dtype the model runs in: bf16, float16, float32, or auto: the one the store was cached in.")
     out: str | None = option(None, "Folder for eval.json and recovered.png; default: RUN/eval (RUN/eval-checkpoint for RUN/checkpoint).")
 
     def __post_init__(self):
@@ -306,7 +307,8 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     sae = load(config.sae, device).eval()
     data = run_data(Path(config.sae))
     config, store = resolve(config, data)
-    loaded = load_model(config.model, device=device, dtype=resolve_model_dtype("auto", device))
+    model_dtype = resolve_model_dtype(config.model_dtype, device, store.metadata.get("model_dtype"))
+    loaded = load_model(config.model, device=device, dtype=model_dtype)
     info = loaded.info
     check_model_of_store(info, store)
     sae.check_compatible(info.d_model, info.n_hidden_states)
@@ -329,6 +331,7 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     report = {
         "config": asdict(config),
         "model": info.to_dict(),
+        "model_dtype": str(model_dtype).removeprefix("torch."),
         "n_docs": len(docs),
         "n_tokens": results[0].n_tokens,
         "layers": [r.to_dict() for r in results],

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.cache import CacheConfig, cache_activations, choose_pairs, native_bf16, pack_batches, parse_layers
+from pipeline.cache import CacheConfig, cache_activations, choose_pairs, native_bf16, pack_batches, parse_layers, resolve_model_dtype
 from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
 from pipeline.store import Store
@@ -345,10 +345,36 @@ def test_changed_options_on_an_existing_store_are_refused(tiny_model_dir, corpus
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
-def test_bf16_is_native_on_cuda_and_on_cpus_with_bf16_instructions():
+def test_bf16_is_native_on_cpus_with_bf16_instructions():
     flags = set(Path("/proc/cpuinfo").read_text().split())
     assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_tile"})
-    assert native_bf16(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("capability, native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_is_native_on_gpus_with_bf16_tensor_cores(monkeypatch, capability, native):
+    """V100 (7.0) and T4 (7.5) emulate it; A100 (8.0) and H100 (9.0) have it."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability)
+    assert native_bf16(torch.device("cuda:1")) == native
+    assert asked == [torch.device("cuda:1")]
+
+
+@pytest.mark.parametrize("stored", ["bf16", "int8", ["float32"], None])
+def test_model_dtype_auto_ignores_a_recorded_value_that_is_no_model_dtype(stored, monkeypatch):
+    """Read before the store is checked: the check reports it, in one line, rather than torch failing on it."""
+    monkeypatch.setattr("pipeline.cache.native_bf16", lambda device: False)
+    assert resolve_model_dtype("auto", torch.device("cpu"), stored) == torch.float32
+    assert resolve_model_dtype("auto", torch.device("cpu"), "float16") == torch.float16
+
+
+def test_a_store_recording_an_unknown_model_dtype_is_a_one_line_error(tiny_model_dir, corpus_file, tmp_path):
+    run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=100)
+    metadata_file = tmp_path / "s" / "zarr.json"
+    metadata = json.loads(metadata_file.read_text())
+    metadata["attributes"]["crosscoders"]["model_dtype"] = "bf16"
+    metadata_file.write_text(json.dumps(metadata))
+    with pytest.raises(CrosscodersError, match=r"different model_dtype \(store has 'bf16', this run has"):
+        run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=200)
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -198,6 +198,17 @@ def test_outputs_of_a_checkpoint_go_beside_it(store, tmp_path):
     assert (eval_path, plot_path) == (run / "eval-checkpoint" / "eval.json", run / "eval-checkpoint" / "recovered.png")  # the trainer replaces checkpoint/
 
 
+def test_the_model_runs_in_the_dtype_the_store_was_cached_in(store, tmp_path, monkeypatch):
+    """Not in what this machine runs fastest: the SAE is scored on the hidden states it was trained on."""
+    run = saved_run(tmp_path / "run", store)
+    cached_in = store.metadata["model_dtype"]
+    monkeypatch.setattr("pipeline.cache.native_bf16", lambda device: cached_in != "bfloat16")  # auto would pick the other
+    for model_dtype, expected in (("auto", cached_in), ("float32", "float32"), ("bf16", "bfloat16")):
+        _, eval_path, _ = run_eval(EvalConfig(sae=str(run), layers="1", n_docs=1, model_dtype=model_dtype), QUIET, progress=False)
+        report = json.loads(eval_path.read_text())
+        assert (report["model_dtype"], report["config"]["model_dtype"]) == (expected, model_dtype)
+
+
 def test_fewer_held_out_documents_than_asked_for_are_scored_and_said(store, tmp_path):
     run = saved_run(tmp_path / "run", store)
     n_val = len(held_out(store, 1000))
