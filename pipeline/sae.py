@@ -149,7 +149,8 @@ class TopKSAE(nn.Module):
         if cfg.layer_encoding == "sinusoidal":
             self.register_buffer("layer_embedding", sinusoidal_encoding(cfg.n_layers, cfg.d_model), persistent=False)
         elif cfg.layer_encoding == "learned":
-            self.layer_embedding = nn.Parameter(torch.zeros(cfg.n_layers, cfg.d_model))
+            # starts as the sinusoidal encoding: from zero, Adam's steps of about lr leave it near zero for thousands of steps
+            self.layer_embedding = nn.Parameter(sinusoidal_encoding(cfg.n_layers, cfg.d_model))
         else:
             self.layer_embedding = None
         if cfg.normalize and stats is not None:

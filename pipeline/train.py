@@ -42,7 +42,7 @@ class TrainConfig:
 
     expansion: int = option(4, "Latents per input dimension: n_latents = expansion * d_model.")
     k: int = option(32, "Latents kept per row (TopK).")
-    layer_encoding: str = option("sinusoidal", "How the encoder is told the layer: sinusoidal, learned or none.")
+    layer_encoding: str = option("sinusoidal", "How the encoder is told the layer: sinusoidal, learned (trained, starting as sinusoidal) or none.")
     normalize: bool = option(True, "Normalize each layer to zero mean and E||x||^2 = d_model, from the cache's stats.")
     decoder: str = option("auto", "Training step: dense (reference), sparse (decoder and encoder gradient touch only the kept latents), triton (sparse, with Triton kernels on CUDA), or auto (sparse when k / n_latents < 1/8).")
     lr: float = option(3e-4, "Adam learning rate after warm-up.")

@@ -223,11 +223,17 @@ def test_sinusoidal_encoding_matches_closed_form_and_differs_per_layer():
 
 
 def test_layer_encoding_changes_the_code_of_the_same_row():
-    x_normalized = torch.randn(1, D_MODEL).expand(N_LAYERS, D_MODEL)
+    x_normalized = torch.randn(1, D_MODEL, generator=torch.Generator().manual_seed(0)).expand(N_LAYERS, D_MODEL)
     layer = torch.arange(N_LAYERS)
-    for layer_encoding, n_codes in (("sinusoidal", N_LAYERS), ("none", 1)):
+    for layer_encoding, n_codes in (("sinusoidal", N_LAYERS), ("learned", N_LAYERS), ("none", 1)):
         code = make_sae(layer_encoding=layer_encoding).pre_acts(x_normalized, layer).topk(8).indices
         assert len({tuple(sorted(row)) for row in code.tolist()}) == n_codes, layer_encoding
+
+
+def test_learned_layer_encoding_starts_as_the_sinusoidal_one_and_is_trained():
+    sae = make_sae(layer_encoding="learned")
+    torch.testing.assert_close(sae.layer_embedding.detach(), sinusoidal_encoding(N_LAYERS, D_MODEL))
+    assert sae.layer_embedding in set(sae.parameters())
 
 
 def test_normalization_round_trips_and_gives_unit_scale_per_layer():
