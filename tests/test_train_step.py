@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline import train_step
 from pipeline.errors import CrosscodersError
+from pipeline.sae import TopKSAE
 from pipeline.train import TrainConfig
 from pipeline.train_step import TrainStep, graph_dead_capacity
 
@@ -67,6 +68,51 @@ def test_metrics_come_back_a_step_late_and_equal_steps_read_back_at_once(decoder
     assert dead[:2] == [0, 0] and min(dead[2:]) >= 32 and all(m["auxk_loss"] > 0 for m in exact[2:])  # most of
     # the silenced half died in step 2, before whose end step 3's capacity had to be known
     torch.testing.assert_close(dict(pipelined.sae.named_parameters()), dict(at_once.sae.named_parameters()))
+
+
+@pytest.mark.parametrize("decoder", ["dense", "sparse"])
+def test_a_step_is_adamw_on_mse_plus_auxk_and_its_metrics_follow_their_formulas(decoder):
+    """Against a step written out by hand: loss MSE + alpha * AuxK, W_dec's gradient without its part along each
+    row, AdamW, the rows back to unit norm; metrics by their formulas; only a positive value counts as firing."""
+    cfg = TrainConfig(expansion=4, k=8, decoder=decoder, batch_size=BATCH, dead_tokens=2 * BATCH, lr=1e-2, weight_decay=0.1)
+    sae = make_sae(decoder=decoder)
+    with torch.no_grad():
+        sae.b_enc[:64] = -3.0  # dead from the start: AuxK finds positive pre-acts among them
+        sae.b_enc[72:] = -1e6  # never fire: rows have fewer than k positive pre-acts, so top-k also picks zeros
+    reference = TopKSAE(dataclasses.replace(sae.cfg, decoder="dense"))
+    reference.load_state_dict(sae.state_dict())
+    step = TrainStep(sae, cfg, torch.device("cpu"))
+    counter = torch.zeros(128, dtype=torch.long)
+    counter[:64] = cfg.dead_tokens
+    step.load_state({}, counter)
+    x, layer = make_rows(BATCH, seed=0)
+    step(x, layer, lr=1e-2)
+    metrics = step.drain()
+
+    dead = counter >= cfg.dead_tokens
+    out = reference(x, layer, dead, int(dead.sum()))
+    mse = (out.x_hat_normalized - out.x_normalized).pow(2).mean()
+    (mse + cfg.auxk_alpha * out.auxk_loss).backward()
+    W_dec = reference.W_dec
+    W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+    decayed = [{"params": [reference.W_enc], "weight_decay": 0.1},
+                {"params": [p for name, p in reference.named_parameters() if name != "W_enc"], "weight_decay": 0.0}]
+    torch.optim.AdamW(decayed, lr=1e-2).step()
+    with torch.no_grad():
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(dict(sae.named_parameters()), dict(reference.named_parameters()))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))
+
+    l0 = (out.top_values > 0).sum(1).float().mean()
+    assert 0 < l0 < cfg.k and out.auxk_loss > 0
+    expected = {"loss": mse + cfg.auxk_alpha * out.auxk_loss, "mse": mse, "auxk_loss": out.auxk_loss, "dead_fraction": 0.5,
+                "mse_raw": (out.x_hat - x).pow(2).mean(), "fvu": (out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum(),
+                "l0": l0, "lr": 1e-2}
+    assert metrics == pytest.approx({name: float(torch.as_tensor(value).detach()) for name, value in expected.items()}, rel=1e-5)
+    fired = torch.zeros(128, dtype=torch.bool)
+    fired[out.top_indices[out.top_values > 0]] = True
+    assert not fired[72:].any()
+    assert torch.equal(step.tokens_since_fired, torch.where(fired, 0, counter + BATCH))
 
 
 @pytest.mark.parametrize("weight_decay", [None, 0.1])  # None: the default
