@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from pipeline.cache import CacheConfig, cache_activations, pack_batches
 from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
-from pipeline.evaluate import EvalConfig, check_model_of_store, evaluate, layer_means, run_eval, splice
+from pipeline.evaluate import EvalConfig, LayerEval, average, check_model_of_store, evaluate, layer_means, run_eval, splice
 from pipeline.models import load_model
 from pipeline.positions import RECORD_ALL, SkippedPositions
 from pipeline.sae import SAEConfig, TopKSAE
@@ -175,6 +175,16 @@ def test_sae_metrics_equal_a_reference_computed_by_hand(float32_model, store, la
         expected = reference_metrics(sae, float32_model, docs, layer, means, [0, 1, 2], len(skipped.shared_prefix))
     assert expected["l0"] < 8 and expected["kl"] > 0
     assert {name: getattr(result, name) for name in expected} == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("l0", [[10.0, 20.0, 60.0], [None, None, None]])  # None: a plain reconstruct function
+def test_the_average_is_each_metrics_mean_over_the_layers(l0):
+    results = [LayerEval(layer=layer, n_tokens=50, ce_clean=2.0, ce_sae=ce_sae, ce_zero=8.0, ce_mean=5.0, kl=kl, mse=1.0,
+                         fvu=fvu, l0=n) for layer, ce_sae, kl, fvu, n in zip((0, 6, 12), (2.6, 3.2, 5.0), (0.1, 0.2, 0.6), (0.1, 0.2, 0.9), l0)]
+    mean = average(results)
+    expected = {"ce_clean": 2.0, "ce_sae": 3.6, "ce_zero": 8.0, "ce_mean": 5.0, "kl": 0.3, "mse": 1.0, "fvu": 0.4,
+                "recovered_loss": (0.9 + 0.8 + 0.5) / 3, "recovered_loss_mean": (0.8 + 0.6 + 0.0) / 3}
+    assert mean == pytest.approx(expected if l0[0] is None else {**expected, "l0": 30.0})
 
 
 def test_cli_writes_eval_json_and_plot(store, tmp_path):

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
 from pipeline.features import (
     Context,
+    FeatureScan,
     FeaturesConfig,
     Lens,
     density_histogram,
@@ -35,7 +37,7 @@ from pipeline.features import (
 )
 from pipeline.loader import layer_stats_of
 from pipeline.models import load_model
-from pipeline.report import context_html
+from pipeline.report import context_html, write_html_report
 from pipeline.sae import SAEConfig, TopKSAE
 from pipeline.store import Store, create_or_open
 from pipeline.train import CHECKPOINT, DATA_FILE
@@ -88,9 +90,20 @@ def all_rows(store: Store, split: str) -> dict:
     return {**columns, "acts": torch.cat([store.read_acts(s, split).float() for s in store.shards])}
 
 
-@pytest.mark.parametrize("n_rows", [None, 1500])  # all rows; part of the second shard
-def test_scan_agrees_with_brute_force(store, sae, n_rows):
+def with_few_candidates(sae: TopKSAE) -> TopKSAE:
+    """The SAE with all but latents 0-5 silenced: many rows have fewer than k positive pre-acts, so top-k keeps zeros."""
+    few = TopKSAE(sae.cfg)
+    few.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        few.b_enc[6:] = -1e6
+    return few
+
+
+# n_rows: all rows, or part of the second shard
+@pytest.mark.parametrize("n_rows, candidates", [(None, "all"), (1500, "all"), (None, "few")])
+def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates):
     assert len(store.shards) > 1
+    sae = sae if candidates == "all" else with_few_candidates(sae)
     scan = scan_features(sae, store, "train", n_rows, top=5, batch_rows=256)
     rows = all_rows(store, "train")
     n = len(rows["layer"]) if n_rows is None else n_rows
@@ -105,6 +118,10 @@ def test_scan_agrees_with_brute_force(store, sae, n_rows):
         assert torch.equal(scan.layer_counts[:, l], fired[layer == l].sum(0))
         assert scan.n_rows_by_layer[l] == (layer == l).sum()
     assert torch.equal(scan.layer_counts.sum(1), scan.counts)
+    if candidates == "few":
+        assert (fired.sum(1) < sae.cfg.k).float().mean() > 0.2 and int(fired[:, 6:].sum()) == 0
+    rates = torch.stack([fired[layer == l].float().mean(0) for l in range(5)], 1)  # [n_latents, layers]
+    torch.testing.assert_close(scan.layer_frequency, rates.double(), check_dtype=False)
     for feature in [0, 2, 5, 17, 100]:
         expected = code[:, feature].topk(5).values
         assert torch.equal(scan.top_values[feature], expected)
@@ -115,6 +132,32 @@ def test_scan_agrees_with_brute_force(store, sae, n_rows):
         for name in ("layer", "token", "doc", "pos"):
             stored = torch.from_numpy(rows[name][rows_found.numpy()].astype(np.int64))
             assert torch.equal(getattr(scan, f"top_{name}")[feature][live], stored)
+
+
+def hand_made_scan() -> FeatureScan:
+    """Latent 0 fires on 40 of 120 rows, most of them on layer 1, yet at the higher rate on layer 0 (20 rows);
+    latent 1 never fires; latent 2 on 65, at the higher rate on layer 1."""
+    layer_counts = torch.tensor([[10, 30], [0, 0], [5, 60]])
+    empty = torch.full((3, 1), -1)
+    return FeatureScan("train", 120, layer_counts, torch.tensor([20, 100]), torch.zeros(3, 1), empty, *[empty] * 5)
+
+
+def test_the_peak_layer_is_the_one_with_the_highest_rate_not_the_most_rows():
+    scan = hand_made_scan()
+    torch.testing.assert_close(scan.layer_frequency, torch.tensor([[0.5, 0.3], [0.0, 0.0], [0.25, 0.6]]))
+    assert (scan.peak_layer(0), scan.peak_layer(2)) == (0, 1)
+    assert scan.dead.tolist() == [False, True, False] and scan.dense.tolist() == [True, False, True]
+
+
+def test_html_report_numbers_are_the_scans(tmp_path):
+    scan = hand_made_scan()
+    page = write_html_report(tmp_path / "r.html", scan, {0: [], 2: []}, {0: None, 2: None}, "hand-made").read_text()
+    for feature, density, count, peak, rate in ((0, "33.333%", 40, 0, "50.000%"), (2, "54.167%", 65, 1, "60.000%")):
+        assert f'<td><a href="#f{feature}">{feature}</a></td><td><span class="dense">{density}</span></td><td>{count}</td><td>{peak}</td>' in page
+        section = page[page.index(f'<section class="feature" id="f{feature}">') :].split("</section>")[0]
+        assert f"fires on {count} of 120 rows" in section and f"most often on layer {peak} ({rate} of its rows)" in section
+        (low, high), = re.findall(r'fill="#d33"><title>frequency 10\^(-?[\d.]+) to 10\^(-?[\d.]+)', section)
+        assert float(low) <= np.log10(count / 120) <= float(high)  # the latent's own bin in red, and only it
 
 
 def test_dead_dense_and_density_histogram(store, sae):
