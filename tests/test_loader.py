@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_store import write_store as write_random_store
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import MemoryLoader, ShardLoader
@@ -139,3 +140,32 @@ def test_batches_sent_ahead_to_a_gpu_equal_the_cpu_batches(store):
         for (x, layer), (x_gpu, layer_gpu) in pairs:
             assert x_gpu.is_cuda and x_gpu.dtype == torch.float32
             assert torch.equal(x, x_gpu.cpu()) and torch.equal(layer, layer_gpu.cpu())
+
+
+def test_row_order_within_a_window_changes_per_epoch(tmp_path):
+    loader = ShardLoader(write_store(tmp_path / "s", [1000]), 100)   # one chunk: only the row shuffle can change
+    assert not np.array_equal(np.concatenate(ids(loader.train_batches(0))), np.concatenate(ids(loader.train_batches(1))))
+
+
+def test_chunk_order_changes_per_epoch(tmp_path):
+    loader = ShardLoader(write_store(tmp_path / "s", [1024] * 6), 1024, window_chunks=1)  # a batch == a chunk
+    chunk_seq = [[int(b[0]) // 1024 for b in ids(loader.train_batches(e))] for e in (0, 1, 2)]
+    assert len({tuple(c) for c in chunk_seq}) > 1
+
+
+def test_val_layers_travel_with_val_rows(tmp_path):
+    store = write_random_store(tmp_path / "s")  # random, independent train and val layers
+    loader = ShardLoader(store, 4, val_rows=4)
+    got = torch.cat([layer for _, layer in loader.val_batches()])
+    assert got.tolist() == np.concatenate([store.read(s, "val/layer") for s in store.shards]).tolist()
+
+
+def test_bf16_store_batches_are_float32_values(tmp_path):
+    store = write_random_store(tmp_path / "b")  # bf16
+    loader = ShardLoader(store, 64, val_rows=4)
+    train = torch.cat([x for x, _ in loader.train_batches(0)])
+    assert train.dtype == torch.float32
+    expected = torch.cat([store.read_acts(s, "train").float() for s in store.shards])
+    assert sorted(map(tuple, train.tolist())) == sorted(map(tuple, expected.tolist()))
+    val = torch.cat([x for x, _ in loader.val_batches()])
+    assert val.dtype == torch.float32 and torch.equal(val, torch.cat([store.read_acts(s, "val").float() for s in store.shards]))

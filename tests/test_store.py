@@ -8,6 +8,7 @@ import pytest
 import torch
 import zarr
 
+from pipeline.chunk_file import ChunkFile
 from pipeline.errors import CrosscodersError
 from pipeline.storage import Location
 from pipeline.store import ShardData, SplitRows, Store, create_or_open, from_storage, to_storage
@@ -203,3 +204,63 @@ def test_changed_mined_files_are_refused_unless_the_store_predates_their_record(
     create_or_open(tmp_path / "new", {**METADATA, "mined_files": "sha256:abc"})
     with pytest.raises(CrosscodersError, match="zarr.json: the default corpus changed since the store was made"):
         create_or_open(tmp_path / "new", {**METADATA, "mined_files": "sha256:def"})
+
+
+def test_a_shard_with_no_rows_opens(tmp_path):
+    store = create_or_open(tmp_path / "z", METADATA)
+    shard = make_shard(10, 0, 0)
+    for split, r in shard.splits.items():
+        shard.splits[split] = SplitRows(r.acts[:0], r.layer[:0], r.token[:0], r.doc[:0], r.pos[:0])
+    shard.doc_index, shard.doc_split, shard.doc_offsets, shard.doc_tokens = (np.zeros(0, int),) * 2 + (np.array([0]), np.zeros(0, int))
+    shard.window_pairs = [0]
+    store.write_shard(shard)
+    assert [s.name for s in Store(tmp_path / "z").shards] == ["shard-00000000"]
+
+
+def test_documents_read_back_by_split(tmp_path):
+    store = create_or_open(tmp_path / "d", METADATA)
+    shard = make_shard(10, 0, 0)
+    shard.doc_index, shard.doc_split = np.array([3, 5, 8]), np.array([0, 1, 0])
+    shard.doc_offsets, shard.doc_tokens = np.array([0, 2, 5, 6]), np.array([10, 11, 20, 21, 22, 30])
+    store.write_shard(shard)
+    store = Store(tmp_path / "d")
+    assert {k: v.tolist() for k, v in store.documents()} == {3: [10, 11], 5: [20, 21, 22], 8: [30]}
+    assert [k for k, _ in store.documents("val")] == [5] and [k for k, _ in store.documents("train")] == [3, 8]
+
+
+def test_row_fields_have_the_documented_dtypes(tmp_path):
+    store = write_store(tmp_path / "s")
+    got = {f: store.read(store.shards[0], f"train/{f}").dtype for f in ("layer", "token", "doc", "pos")}
+    assert got == {"layer": np.int16, "token": np.int32, "doc": np.int64, "pos": np.int32}
+
+
+def test_a_shard_without_val_rows_opens(tmp_path):
+    store = create_or_open(tmp_path / "v", METADATA)
+    shard = make_shard(10, 0, 0)
+    v = shard.splits["val"]
+    shard.splits["val"] = SplitRows(v.acts[:0], v.layer[:0], v.token[:0], v.doc[:0], v.pos[:0])
+    store.write_shard(shard)
+    assert Store(tmp_path / "v").n_rows("val") == 0
+
+
+def test_another_format_version_is_refused(tmp_path):
+    write_store(tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "zarr.json").read_text())
+    meta["attributes"]["crosscoders"]["version"] = 2
+    (tmp_path / "s" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(CrosscodersError, match="re-cache"):
+        Store(tmp_path / "s")
+
+
+def test_a_folder_holding_only_gitkeep_becomes_a_store(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / ".gitkeep").write_text("")
+    assert create_or_open(tmp_path / "shards", METADATA).shards == []
+
+
+def test_a_chunk_of_another_size_is_refused(tmp_path):
+    store = write_store(tmp_path / "s")
+    good = store.chunk_file(store.shards[0], "train/acts")
+    wrong = ChunkFile(good.path, (good.shape[0], good.shape[1] * 2), good.chunk_rows, len(good.index), good.dtype)
+    with pytest.raises(ValueError, match="does not hold"):
+        wrong.chunk(0)
