@@ -367,7 +367,7 @@ def batches_from(source: BatchSource, step: int):
 
 @torch.no_grad()
 def evaluate(sae: TopKSAE, source: BatchSource, device: torch.device) -> dict | None:
-    """MSE (normalized and raw), FVU (overall and per layer) and L0 over the validation rows; None if there are none."""
+    """MSE (normalized and raw), FVU (pooled, per layer and their mean) and L0 over the validation rows; None if there are none."""
     n_layers, d_model = sae.cfg.n_layers, sae.cfg.d_model
     count = torch.zeros(n_layers, dtype=torch.float64, device=device)
     sum_x = torch.zeros(n_layers, d_model, dtype=torch.float64, device=device)
@@ -397,6 +397,8 @@ def evaluate(sae: TopKSAE, source: BatchSource, device: torch.device) -> dict | 
         "fvu": (sum_error.sum() / (sum_sq.sum() - sum_x.sum(0).pow(2).sum() / n_rows)).item(),
         "l0": (n_fired / n_rows).item(),
         "fvu_by_layer": fvu_by_layer,
+        # each layer weighs the same; the pooled fvu, in raw space, is mostly the late layers' of large norm
+        "fvu_layer_mean": sum(fvu_by_layer.values()) / len(fvu_by_layer),
     }
 
 

@@ -110,8 +110,9 @@ def test_writes_metrics_plot_and_saelens_layout(tmp_path):
     assert final == {**train_records[-1], **val_records[-1]}  # validation metrics, plus the last step's training ones
     # the records docs/FORMAT.md lists
     assert train_records[0].keys() == {"split", "step", "loss", "mse", "mse_raw", "fvu", "l0", "dead_fraction", "auxk_loss", "lr"}
-    assert val_records[0].keys() == {"split", "step", "mse", "mse_raw", "fvu", "l0", "fvu_by_layer"}
+    assert val_records[0].keys() == {"split", "step", "mse", "mse_raw", "fvu", "l0", "fvu_by_layer", "fvu_layer_mean"}
     assert set(final["fvu_by_layer"]) == {"0", "1", "2"} and final["l0"] == 4
+    assert final["fvu_layer_mean"] == pytest.approx(sum(final["fvu_by_layer"].values()) / 3)
     assert any(r["auxk_loss"] > 0 for r in train_records)  # dead_tokens is short enough for latents to die
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "train_config.json").read_text())["k"] == 4

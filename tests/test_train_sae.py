@@ -80,6 +80,19 @@ def test_resume_refuses_another_row_order_and_takes_a_moved_store(store_path, tm
     assert result["step"] == 3
 
 
+def test_cli_sweep_table_names_each_run_and_shows_its_validation_metrics(store_path, tmp_path):
+    result = cli("--shards", str(store_path), "--out", str(tmp_path / "sweep"), "--sweep", "k=2,4", "--batch-size", "256",
+                 "--steps", "2", "--expansion", "2", "--val-every", "2")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): line.split("│")[2:-1] for line in result.stdout.splitlines() if line.startswith("│")}
+    assert set(rows) == {"k2", "k4"}  # the runs' folders in --out
+    assert "fvu_layer_mean" in result.stdout
+    for name, cells in rows.items():
+        val = [json.loads(line) for line in (tmp_path / "sweep" / name / "metrics.jsonl").read_text().splitlines()][-1]
+        assert val["split"] == "val"
+        assert [float(cell) for cell in cells[:3]] == pytest.approx([val["fvu"], val["fvu_layer_mean"], val["mse"]], rel=1e-3)
+
+
 def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
     result = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "12",
                  "--expansion", "2", "--k", "2", "--val-every", "4", "--save-every", "6")
