@@ -22,15 +22,13 @@ def run(loader: LoaderConfig, train: TrainConfig, out: str, sweep: list[str], re
     results = train_on_store(loader, train, Path(out), sweep or [], resolve_device(device), resume)
     if not results:  # another process of a torchrun run reports
         return
-    sweep_folder = Path(out) if sweep else None
     title = f"final metrics of the runs in {out}" if sweep else "final metrics"
     table = Table(title=f"{title} (validation when held-out rows exist)")
     table.add_column("run", overflow="fold")
     for name in METRICS:
         table.add_column(name, justify="right", min_width=len(name))
     for run_dir, metrics in results.items():
-        name = str(Path(run_dir).relative_to(sweep_folder)) if sweep_folder else run_dir
-        table.add_row(name, *(f"{metrics[m]:.4g}" if isinstance(metrics.get(m), (int, float)) else "-" for m in METRICS))
+        table.add_row(Path(run_dir).name if sweep else run_dir, *(f"{metrics[m]:.4g}" if isinstance(metrics.get(m), (int, float)) else "-" for m in METRICS))
     Console().print(table)
 
 
