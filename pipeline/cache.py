@@ -18,6 +18,7 @@ from pipeline.cli import option
 from pipeline.corpus import CorpusConfig, check_chat_template, is_validation, iter_documents, mined_files_fingerprint, tokenize_document
 from pipeline.errors import CrosscodersError, Interrupted
 from pipeline.hidden_states import capture_rows
+from pipeline.layers import parse_layers
 from pipeline.models import DEFAULT_MODEL, load_model
 from pipeline.positions import skipped_positions
 from pipeline.shard_writer import RecordedBatch, ShardWriter
@@ -72,31 +73,6 @@ class CacheReport:
     @property
     def model_tokens_per_s(self) -> float:
         return self.n_model_tokens / max(self.seconds, 1e-9)
-
-
-def parse_layers(spec: str, n_hidden_states: int) -> list[int]:
-    """'all', '0-28', '4,8,12' or '0-8,20' -> sorted layer ids, each checked against the model."""
-    if spec.strip() == "all":
-        return list(range(n_hidden_states))
-    layers = sorted({layer for part in spec.split(",") for layer in _layer_range(part.strip(), spec)})
-    bad = [layer for layer in layers if not 0 <= layer < n_hidden_states]
-    if bad:
-        raise CrosscodersError(
-            f"--layers {spec!r}: layer {bad[0]} is out of range; the model has {n_hidden_states} hidden states (0..{n_hidden_states - 1})"
-        )
-    return layers
-
-
-def _layer_range(part: str, spec: str) -> range:
-    """'4' or '0-28' (one item of --layers) -> its layers."""
-    first, dash, last = part.partition("-")
-    try:
-        first, last = int(first), int(last if dash else first)
-    except ValueError:
-        raise CrosscodersError(f"--layers {spec!r}: {part!r} is not a layer list; write e.g. all, 0-28 or 4,8,12") from None
-    if first > last:
-        raise CrosscodersError(f"--layers {spec!r}: range {part!r} is empty; write the lower layer first ({last}-{first})")
-    return range(first, last + 1)
 
 
 def parse_layers_per_token(spec: str, n_layers: int) -> int:

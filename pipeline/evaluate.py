@@ -24,16 +24,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 from torch import nn
 
-from pipeline.cache import pack_batches, parse_layers, resolve_device, resolve_model_dtype
+from pipeline.cache import pack_batches, resolve_device, resolve_model_dtype
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
 from pipeline.hidden_states import hidden_state_module, hooked, output_tensor
+from pipeline.layers import stored_layers
 from pipeline.loader import stats_from_sums
 from pipeline.models import ModelInfo, load_model
 from pipeline.positions import RECORD_ALL, SkippedPositions
 from pipeline.sae import TopKSAE, load
 from pipeline.store import Store
-from pipeline.train import CHECKPOINT, DATA_FILE, run_data
+from pipeline.train import CHECKPOINT, DATA_FILE, run_data, trained_layers
 
 Reconstruct = Callable[[torch.Tensor, int], torch.Tensor]  # (x: [n, d_model], layer) -> x_hat: [n, d_model]
 EVAL_FILE, PLOT_FILE = "eval.json", "recovered.png"
@@ -46,7 +47,8 @@ class EvalConfig:
     sae: str = option("./runs/sae", "Training run folder (or its checkpoint/) holding the SAE.")
     model: str | None = option(None, "Model to splice into; default: the one the store was cached from.")
     shards: str | None = option(None, "Activation store whose held-out documents are scored; default: the run's (data.json).")
-    layers: str = option("all", "Hidden states to evaluate: all (the store's), 0-24, or 4,8,12.")
+    layers: str = option("trained", "Hidden states to evaluate: trained (those the SAE was trained on), all (the store's), 0-24, "
+                                    "or 4,8,12.")
     n_docs: int = option(64, "Held-out documents to score (the first ones of the store).")
     batch_tokens: int = option(2048, "Token budget of a forward batch, padding included.")
     device: str = option("auto", "Device for the model and the SAE: auto, cpu, cuda, cuda:1, ...")
@@ -287,6 +289,19 @@ def store_of_run(run: Path, shards: str | None, data: dict | None) -> Store:
     return store
 
 
+def layers_of_run(spec: str, store: Store, data: dict | None) -> list[int]:
+    """The hidden states --layers names: trained (those of the run's data.json; the store's without one), all (the
+    store's) or a layer list, each checked to be in the store."""
+    if spec.strip() != "trained" or data is None:
+        return stored_layers("all" if spec.strip() == "trained" else spec, store.metadata["layers"], store.n_hidden_states)
+    layers, held = trained_layers(data), store.metadata["layers"]
+    missing = [layer for layer in layers if layer not in held]
+    if missing:
+        raise CrosscodersError(f"{store.url} was not cached at hidden state {missing[0]}, which the SAE was trained on; "
+                               f"pick from {held} with --layers")
+    return layers
+
+
 def check_model_of_store(info: ModelInfo, store: Store):
     """Raise unless the model is the one the store was cached from: another model of the same shape would pass unnoticed."""
     fingerprint = store.metadata["model"]["fingerprint"]
@@ -312,10 +327,7 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     info = loaded.info
     check_model_of_store(info, store)
     sae.check_compatible(info.d_model, info.n_hidden_states)
-    layers = store.metadata["layers"] if config.layers == "all" else parse_layers(config.layers, info.n_hidden_states)
-    uncached = [layer for layer in layers if layer not in store.metadata["layers"]]
-    if uncached:
-        raise CrosscodersError(f"--layers {config.layers!r}: the store was not cached at hidden state {uncached[0]}; pick from {store.metadata['layers']}")
+    layers = layers_of_run(config.layers, store, data)
     docs = list(islice(store.documents(split="val"), config.n_docs))
     if not docs:
         raise CrosscodersError(f"{store.url} holds no held-out documents; cache more tokens or raise --val-fraction")

@@ -13,7 +13,7 @@ from rich.text import Text
 from pipeline.cache import resolve_device
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
-from pipeline.evaluate import check_model_of_store, default_output, make_output_folder, store_of_run
+from pipeline.evaluate import check_model_of_store, default_output, layers_of_run, make_output_folder, store_of_run
 from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix
 from pipeline.sae import TopKSAE, load
 from pipeline.store import SPLITS, Store
@@ -38,6 +38,8 @@ class FeaturesConfig:
     shards: str | None = option(None, "Activation store to scan; default: the one the run was trained on (RUN/data.json).")
     split: str = option("train", "Rows to scan: train (most rows, so most contexts; fine for density) or val (held out).")
     n_rows: int | None = option(200_000, "Rows of the split to scan, e.g. 200K, or all.", parse_rows, str)
+    layers: str = option("trained", "Hidden states whose rows are scanned: trained (those the SAE was trained on), all (the "
+                                    "store's), 0-24, or 4,8,12.")
     feature: int | None = option(None, "Print this latent in the terminal: contexts, density, layer profile, promoted tokens.")
     top: int = option(10, "Top-activating contexts kept per latent.")
     context: int = option(12, "Tokens of context shown on each side of the activating token.")
@@ -112,57 +114,80 @@ def scan_features(
     device: torch.device | str = "cpu",
     batch_rows: int = BATCH_ROWS,
     progress: Progress | None = None,
+    layers: list[int] | None = None,
 ) -> FeatureScan:
-    """Encodes the first n_rows rows of a split (all when None) in store order: firing counts and running top-k rows."""
+    """Encodes the first n_rows rows of a split (all when None) of the given layers (all when None) in store order:
+    firing counts and running top-k rows."""
     sae.check_compatible(store.d_model, store.n_hidden_states)
     n_latents, n_layers = sae.cfg.n_latents, sae.cfg.n_layers
-    total = store.n_rows(split) if n_rows is None else min(n_rows, store.n_rows(split))
+    picked = scanned_rows(store, split, n_rows, layers)
+    total = sum(len(rows) for rows in picked)
     if total == 0:
-        raise CrosscodersError(f"{store.url} has no {split} rows; scan the other --split or cache more tokens")
+        held = "" if layers is None else f" of hidden states {layers}"
+        raise CrosscodersError(f"{store.url} has no {split} rows{held}; scan the other --split, other --layers or cache more tokens")
     layer_counts = torch.zeros(n_latents * n_layers, dtype=torch.int64, device=device)
     n_rows_by_layer = torch.zeros(n_layers, dtype=torch.int64, device=device)
     top_values = torch.zeros(n_latents, top, device=device)
     top_rows = torch.full((n_latents, top), -1, dtype=torch.int64, device=device)
     task = progress.add_task("scanning", total=total) if progress is not None else None
-    shard_rows, seen = [], 0
-    for shard in store.shards:
-        rows = min(shard.n_rows[split], total - seen)
-        shard_rows.append(rows)
-        layers = torch.from_numpy(store.read(shard, f"{split}/layer", 0, rows).astype(np.int64)).to(device)
-        for start in range(0, rows, batch_rows):
-            end = min(start + batch_rows, rows)
-            layer = layers[start:end]  # [batch]
-            values, indices = sae.encode(store.read_acts(shard, split, start, end).to(device, torch.float32), layer)  # [batch, k]
+    seen = 0  # rows scanned before this batch
+    for shard, rows in zip(store.shards, picked):
+        if not len(rows):
+            continue
+        span = int(rows[-1]) + 1  # the shard's rows [0, span) hold the picked ones
+        shard_layers = torch.from_numpy(store.read(shard, f"{split}/layer", 0, span).astype(np.int64)).to(device)
+        for start in range(0, span, batch_rows):  # whole stored ranges, read once each, of which the picked rows
+            first, last = np.searchsorted(rows, [start, start + batch_rows])
+            if first == last:
+                continue
+            offsets = torch.from_numpy(rows[first:last] - start).to(device)
+            layer = shard_layers[start:][offsets]  # [batch]
+            x = store.read_acts(shard, split, start, min(start + batch_rows, span)).to(device)[offsets]
+            values, indices = sae.encode(x.float(), layer)  # [batch, k]
             fired = values > 0
             layer_counts += torch.bincount((indices * n_layers + layer[:, None])[fired], minlength=n_latents * n_layers)
             n_rows_by_layer += torch.bincount(layer, minlength=n_layers)
-            code = values.new_zeros(end - start, n_latents).scatter_(1, indices, values)  # [batch, n_latents]
+            code = values.new_zeros(len(layer), n_latents).scatter_(1, indices, values)  # [batch, n_latents]
             candidates = torch.cat([top_values, code.T], 1)  # [n_latents, top + batch]
             top_values, best = candidates.topk(top, dim=1)  # best < top: a kept old row; otherwise batch row best - top
-            top_rows = torch.where(best < top, top_rows.gather(1, best.clamp(max=top - 1)), best - top + seen + start)
+            top_rows = torch.where(best < top, top_rows.gather(1, best.clamp(max=top - 1)), best - top + seen)
+            seen += len(layer)
             if task is not None:
-                progress.update(task, advance=end - start)
-        seen += rows
-        if seen == total:
-            break
+                progress.update(task, advance=len(layer))
     top_values, top_rows = top_values.cpu(), top_rows.cpu().where(top_values.cpu() > 0, -1)
-    provenance = _provenance(store, split, shard_rows, top_rows)
+    provenance = _provenance(store, split, picked, top_rows)
     return FeatureScan(split, total, layer_counts.view(n_latents, n_layers).cpu(), n_rows_by_layer.cpu(), top_values, top_rows, **provenance)
 
 
-def _provenance(store: Store, split: str, shard_rows: list[int], top_rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Shard, layer, token, doc and pos of the scanned rows top_rows: [n_latents, top], -1 where a row is -1."""
+def scanned_rows(store: Store, split: str, n_rows: int | None, layers: list[int] | None) -> list[np.ndarray]:
+    """Per shard, the offsets of the rows to scan: the split's first n_rows (all when None) of the given layers
+    (all when None), in store order."""
+    picked, remaining = [], store.n_rows(split) if n_rows is None else n_rows
+    for shard in store.shards:
+        if layers is None:
+            rows = np.arange(min(shard.n_rows[split], remaining))
+        else:
+            rows = np.flatnonzero(np.isin(store.read(shard, f"{split}/layer"), layers))[:remaining] if remaining else np.arange(0)
+        picked.append(rows)
+        remaining -= len(rows)
+    return picked
+
+
+def _provenance(store: Store, split: str, picked: list[np.ndarray], top_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Shard, layer, token, doc and pos of the scanned rows top_rows: [n_latents, top], -1 where a row is -1;
+    picked: each shard's scanned offsets (scanned_rows)."""
     names = ("layer", "token", "doc", "pos")
     found = {name: torch.full_like(top_rows, -1) for name in ("shard", *names)}
     start = 0
-    for index, rows in enumerate(shard_rows):
-        inside = (top_rows >= start) & (top_rows < start + rows)
+    for index, rows in enumerate(picked):
+        inside = (top_rows >= start) & (top_rows < start + len(rows))
         if inside.any():
-            offsets = (top_rows[inside] - start).numpy()
+            offsets = rows[(top_rows[inside] - start).numpy()]
             found["shard"][inside] = index
             for name in names:
-                found[name][inside] = torch.from_numpy(store.read(store.shards[index], f"{split}/{name}", 0, rows)[offsets].astype(np.int64))
-        start += rows
+                values = store.read(store.shards[index], f"{split}/{name}", 0, int(rows[-1]) + 1)[offsets]
+                found[name][inside] = torch.from_numpy(values.astype(np.int64))
+        start += len(rows)
     return {f"top_{name}": value for name, value in found.items()}
 
 
@@ -306,6 +331,8 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     data = run_data(sae_dir)
     store = store_of_run(sae_dir, cfg.shards, data)  # first: a store of another model is named as such, whatever its shape
     sae.check_compatible(store.d_model, store.n_hidden_states)
+    layers = layers_of_run(cfg.layers, store, data)
+    layers = None if layers == store.metadata["layers"] else layers  # every row: no layer ids to read ahead
     if cfg.feature is not None and not 0 <= cfg.feature < sae.cfg.n_latents:
         raise CrosscodersError(f"--feature {cfg.feature} is out of range: the SAE has latents 0 to {sae.cfg.n_latents - 1}")
     path = report_path(cfg, sae_dir)
@@ -323,7 +350,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
-        scan = scan_features(sae, store, cfg.split, cfg.n_rows, cfg.top, device, progress=bar)
+        scan = scan_features(sae, store, cfg.split, cfg.n_rows, cfg.top, device, progress=bar, layers=layers)
     tokenizer = lens.tokenizer if lens is not None else None
 
     def promoted(feature: int) -> list[tuple[str, float]] | None:

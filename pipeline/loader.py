@@ -10,7 +10,7 @@ import torch
 from pipeline import distributed
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
-from pipeline.store import CHUNK_ROWS, STORAGE_DTYPES, Store, layer_sums, storage_bits
+from pipeline.store import CHUNK_ROWS, STORAGE_DTYPES, ShardInfo, Store, layer_sums, storage_bits
 
 WINDOWS_AHEAD = 2  # windows read and shuffled ahead of the one batches are taken from
 
@@ -121,6 +121,20 @@ def stats_from_sums(count: np.ndarray, total: np.ndarray, sq: np.ndarray) -> Lay
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """Training rows [start, end) of a shard, one compressed chunk; of them, only the `kept` offsets when not None."""
+
+    shard: ShardInfo
+    start: int
+    end: int
+    kept: np.ndarray | None = None  # [n_rows] int64 offsets from start
+
+    @property
+    def n_rows(self) -> int:
+        return self.end - self.start if self.kept is None else len(self.kept)
+
+
+@dataclass(frozen=True)
 class LoaderConfig:
     """Where training rows come from and how they are read."""
 
@@ -129,6 +143,8 @@ class LoaderConfig:
     workers: int = option(4, "Threads reading and decompressing chunks.")
     val_rows: int = option(65536, "Held-out rows used for validation.")
     shuffle_seed: int = option(0, "Seed of the row order; every run of a sweep reads the same batches.")
+    layers: str = option("all", "Hidden states to train on: all (the store's), 12, 0-8 or 4,8,12; the others' rows are read "
+                                "and skipped.")
 
     def __post_init__(self):
         if self.window_chunks < 1 or self.workers < 1 or self.val_rows < 0:
@@ -146,7 +162,8 @@ class ShardLoader:
     shuffled row by row. A batch thus mixes rows of many shards while memory stays bounded by a
     few windows, whatever the store's size. The order depends only on (seed, epoch), so a run
     resumes mid-epoch by skipping whole windows without reading them. Under data parallelism each
-    process reads every N-th chunk and the processes trade rows (train_batches).
+    process reads every N-th chunk and the processes trade rows (train_batches). Given `layers`, the loader
+    keeps only their rows, training and held out, as if the store held nothing else.
     """
 
     def __init__(
@@ -160,6 +177,7 @@ class ShardLoader:
         val_rows: int = 65536,
         rank: int = 0,
         world_size: int = 1,
+        layers: list[int] | None = None,
     ):
         check_split(batch_size, world_size)
         if not store.shards:
@@ -168,20 +186,33 @@ class ShardLoader:
             raise CrosscodersError(f"{store.url} holds no training rows; cache more tokens or lower --val-fraction")
         self.store, self.batch_size, self.seed = store, batch_size, seed
         self.device, self.window_chunks, self.val_rows = torch.device(device), window_chunks, val_rows
-        self.d_model, self.n_layers = store.d_model, store.n_hidden_states
-        self.chunks = [
-            (shard, start, min(start + CHUNK_ROWS, shard.n_rows["train"]))
-            for shard in store.shards
-            for start in range(0, shard.n_rows["train"], CHUNK_ROWS)
-        ]
-        self.n_rows = sum(end - start for _, start, end in self.chunks)
+        self.d_model, self.n_layers, self.layers = store.d_model, store.n_hidden_states, layers
+        self._layers: dict[str, np.ndarray] = {}  # shard name -> its training rows' layer ids
+        self.chunks = [chunk for shard in store.shards for chunk in self._shard_chunks(shard) if chunk.n_rows]
+        self.n_rows = sum(chunk.n_rows for chunk in self.chunks)
+        if self.n_rows == 0:
+            raise CrosscodersError(f"{store.url} holds no training rows of hidden states {layers}; pick others with --layers")
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk-reader")
         # windows are assembled in their own threads: waiting on chunk reads there must never starve the readers
         self.window_pool = ThreadPoolExecutor(max_workers=WINDOWS_AHEAD, thread_name_prefix="window-reader")
         self.stats = stats_from_sums(*store.layer_stats_sums())
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._layers: dict[str, np.ndarray] = {}  # shard name -> its training rows' layer ids
         self.rank, self.world_size = rank, world_size
+
+    def _shard_chunks(self, shard: ShardInfo) -> list[Chunk]:
+        """The shard's training rows by chunk, but for the rows of other layers than self.layers."""
+        n_rows = shard.n_rows["train"]
+        starts = range(0, n_rows, CHUNK_ROWS)
+        if self.layers is None:
+            return [Chunk(shard, start, min(start + CHUNK_ROWS, n_rows)) for start in starts]
+        kept = np.isin(self._layer_ids(shard), self.layers)
+        return [Chunk(shard, start, min(start + CHUNK_ROWS, n_rows), np.flatnonzero(kept[start : start + CHUNK_ROWS])) for start in starts]
+
+    def _layer_ids(self, shard: ShardInfo) -> np.ndarray:
+        """The layer ids of a shard's training rows (2 bytes a row), read once, not per chunk."""
+        if shard.name not in self._layers:
+            self._layers[shard.name] = self.store.read(shard, "train/layer")
+        return self._layers[shard.name]
 
     def n_train_batches(self) -> int:
         return -(-self.n_rows // self.batch_size)
@@ -192,16 +223,15 @@ class ShardLoader:
 
     def _read_chunk(self, chunk_id: int) -> tuple[np.ndarray, np.ndarray]:
         """A chunk's training rows: (acts as the store's bits [rows, d_model], layer ids [rows])."""
-        shard, start, end = self.chunks[chunk_id]
-        if shard.name not in self._layers:  # a shard's layer ids (2 bytes a row) are read once, not per chunk
-            self._layers[shard.name] = self.store.read(shard, "train/layer")
-        return self.store.read(shard, "train/acts", start, end), self._layers[shard.name][start:end]
+        chunk = self.chunks[chunk_id]
+        acts, layers = self.store.read(chunk.shard, "train/acts", chunk.start, chunk.end), self._layer_ids(chunk.shard)[chunk.start : chunk.end]
+        return (acts, layers) if chunk.kept is None else (acts[chunk.kept], layers[chunk.kept])
 
     def _read_window(self, epoch: int, window: int, chunk_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This process's part of a window, every N-th chunk of the epoch, in the window's shuffled order:
         (acts in the storage dtype, layers, each row's place in that order). Runs in a window thread; the
         reader threads copy each chunk's rows straight to their shuffled rows (pinned for a GPU), one copy."""
-        sizes = [self.chunks[c][2] - self.chunks[c][1] for c in chunk_ids]
+        sizes = [self.chunks[c].n_rows for c in chunk_ids]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         order = epoch_permutation(int(starts[-1]), self.seed + 7919 * (window + 1), epoch)
         mine = [j for j in range(len(chunk_ids)) if (window * self.window_chunks + j) % self.world_size == self.rank]
@@ -244,7 +274,7 @@ class ShardLoader:
     def _host_batches(self, epoch: int, start_batch: int):
         """train_batches before they move to the device (under NCCL the traded rows are there already)."""
         windows = self._windows(epoch)
-        sizes = [sum(self.chunks[c][2] - self.chunks[c][1] for c in w) for w in windows]
+        sizes = [sum(self.chunks[c].n_rows for c in w) for w in windows]
         window_end = np.cumsum(sizes)
         first = int(np.searchsorted(window_end, start_batch * self.batch_size, side="right"))
         ahead = [self.window_pool.submit(self._read_window, epoch, w, windows[w]) for w in range(first, min(first + WINDOWS_AHEAD, len(windows)))]
@@ -292,14 +322,21 @@ class ShardLoader:
             yield acts[start:][share], layers[start:][share]
 
     def _read_val(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `val_rows` held-out rows in store order, kept in memory in the storage dtype."""
+        """The first `val_rows` held-out rows (of self.layers) in store order, kept in memory in the storage dtype."""
         acts, layers, remaining = [], [], self.val_rows
         for shard in self.store.shards:
-            take = min(shard.n_rows["val"], remaining)
-            if take:
-                acts.append(self.store.read_acts(shard, "val", 0, take))
-                layers.append(torch.from_numpy(self.store.read(shard, "val/layer", 0, take).astype(np.int64)))
-                remaining -= take
+            if remaining == 0:
+                break
+            if self.layers is None:
+                rows = np.arange(min(shard.n_rows["val"], remaining))
+                layer_ids = self.store.read(shard, "val/layer", 0, len(rows))
+            else:
+                layer_ids = self.store.read(shard, "val/layer")
+                rows = np.flatnonzero(np.isin(layer_ids, self.layers))[:remaining]
+            if len(rows):
+                acts.append(self.store.read_acts(shard, "val", 0, int(rows[-1]) + 1)[torch.from_numpy(rows)])
+                layers.append(torch.from_numpy(layer_ids[rows].astype(np.int64)))
+                remaining -= len(rows)
         if not acts:
             return torch.zeros(0, self.d_model), torch.zeros(0, dtype=torch.int64)
         return torch.cat(acts), torch.cat(layers)

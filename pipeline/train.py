@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import distributed
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError, Interrupted
+from pipeline.layers import stored_layers
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
 from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
 from pipeline.store import Store
@@ -28,6 +29,7 @@ from pipeline.units import parse_count
 LR_DECAYS = ("cosine", "linear")
 RESUMABLE_CHANGES = ("val_every", "save_every", "wandb", "cuda_graph")  # settings a resumed run may change: not the math
 RESUMABLE_LOADER_CHANGES = ("shards", "workers", "val_rows")  # the store may move; not the row order
+# data.json names the layers trained on as train_layers, a list: their --layers spelling may change
 DATA_FILE = "data.json"  # the store a run was trained on; eval-sae and sae-features default to it
 
 
@@ -452,8 +454,13 @@ def check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool, data: dict |
 def flatten_data(data: dict) -> dict:
     """The parts of a data.json that fix a run's batches, as {name: value}: the model, its layers and the loader's
     settings but for those that leave the row order alone."""
-    loader = {name: value for name, value in data.get("loader", {}).items() if name not in RESUMABLE_LOADER_CHANGES}
-    return {"model": data.get("model"), "layers": data.get("layers"), **loader}
+    loader = {name: value for name, value in data.get("loader", {}).items() if name not in (*RESUMABLE_LOADER_CHANGES, "layers")}
+    return {"model": data.get("model"), "layers": data.get("layers"), "train_layers": trained_layers(data), **loader}
+
+
+def trained_layers(data: dict) -> list[int]:
+    """The hidden states a run's data.json says it trained on (all the store's, for runs before train-sae --layers)."""
+    return data.get("train_layers", data.get("layers"))
 
 
 def read_json(path: Path):
@@ -532,12 +539,14 @@ def train_on_store(
     device = distributed.local_device(device)
     rank, world_size = distributed.init_from_env(device)
     try:
+        layers = stored_layers(loader_cfg.layers, store.metadata["layers"], store.n_hidden_states)
         source = ShardLoader(store, base.batch_size, loader_cfg.shuffle_seed, device, loader_cfg.window_chunks,
-                             loader_cfg.workers, loader_cfg.val_rows, rank, world_size)
+                             loader_cfg.workers, loader_cfg.val_rows, rank, world_size,
+                             None if layers == store.metadata["layers"] else layers)
         out_dirs = [out / name if name else out for name, _ in runs]
         # which store (and so which model and held-out split) made these SAEs, and in which order they read it
         data = {"shards": store.url, "model": store.metadata["model"], "layers": store.metadata["layers"],
-                "loader": asdict(loader_cfg)}
+                "train_layers": layers, "loader": asdict(loader_cfg)}
         results = train([cfg for _, cfg in runs], source, out_dirs, device, resume, progress, data)
     finally:
         distributed.close()

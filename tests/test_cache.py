@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.cache import CacheConfig, cache_activations, choose_pairs, native_bf16, pack_batches, parse_layers, resolve_model_dtype
+from pipeline.cache import CacheConfig, cache_activations, choose_pairs, native_bf16, pack_batches, resolve_model_dtype
 from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
 from pipeline.store import Store
@@ -409,19 +409,6 @@ def test_disk_preflight_refuses_a_run_that_cannot_fit(tiny_model_dir, corpus_fil
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: shutil_module._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(CrosscodersError, match=r"need up to .* GiB but .* GiB free; lower --n-tokens"):
         run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=1000)
-
-
-def test_parse_layers():
-    assert parse_layers("all", 5) == [0, 1, 2, 3, 4]
-    assert parse_layers("0-2,4", 5) == [0, 1, 2, 4]
-    with pytest.raises(CrosscodersError, match="'a-b' is not a layer list"):
-        parse_layers("a-b", 5)
-    with pytest.raises(CrosscodersError, match="'1-' is not a layer list"):
-        parse_layers("0,1-", 5)
-    with pytest.raises(CrosscodersError, match=r"range '5-3' is empty; write the lower layer first \(3-5\)"):
-        parse_layers("5-3", 5)
-    with pytest.raises(CrosscodersError, match="'' is not a layer list"):
-        parse_layers("", 5)
 
 
 @pytest.mark.integration

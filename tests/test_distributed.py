@@ -159,9 +159,10 @@ class ThreadExchange:
 
 
 @pytest.mark.parametrize("start_batch", [0, 3])
-def test_ranks_read_disjoint_chunks_and_get_their_shares_of_the_one_process_batches(tmp_path, monkeypatch, start_batch):
+@pytest.mark.parametrize("layers", [None, [1, 2]])  # [1, 2]: chunks of half their rows, the windows of uneven sizes
+def test_ranks_read_disjoint_chunks_and_get_their_shares_of_the_one_process_batches(tmp_path, monkeypatch, start_batch, layers):
     store = write_store(tmp_path / "s", [3000, 700, 1100])
-    single = list(ShardLoader(store, 512, seed=1, window_chunks=3).train_batches(0, start_batch))
+    single = list(ShardLoader(store, 256 if layers else 512, seed=1, window_chunks=3, layers=layers).train_batches(0, start_batch))
     exchange, reads, world_size = ThreadExchange(4), [], 4
     monkeypatch.setattr(distributed, "all_to_all_rows", exchange)
     original = ShardLoader._read_chunk
@@ -170,7 +171,7 @@ def test_ranks_read_disjoint_chunks_and_get_their_shares_of_the_one_process_batc
 
     def run(rank: int):
         exchange.local.rank = rank
-        loader = ShardLoader(store, 512, seed=1, window_chunks=3, rank=rank, world_size=world_size)
+        loader = ShardLoader(store, 256 if layers else 512, seed=1, window_chunks=3, rank=rank, world_size=world_size, layers=layers)
         shares[rank] = list(loader.train_batches(0, start_batch))
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
@@ -178,7 +179,7 @@ def test_ranks_read_disjoint_chunks_and_get_their_shares_of_the_one_process_batc
         thread.start()
     for thread in threads:
         thread.join()
-    assert all(len(s) == len(single) for s in shares)
+    assert all(len(s) == len(single) for s in shares) and len(single) >= 4
     for b, (whole, layers) in enumerate(single):
         assert torch.equal(whole, torch.cat([s[b][0] for s in shares])) and torch.equal(layers, torch.cat([s[b][1] for s in shares]))
     chunks = [chunk for _, chunk in reads]

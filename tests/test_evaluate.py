@@ -18,11 +18,11 @@ from transformers import AutoModelForCausalLM
 from pipeline.cache import CacheConfig, cache_activations, pack_batches
 from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
-from pipeline.evaluate import EvalConfig, LayerEval, average, check_model_of_store, evaluate, layer_means, run_eval, splice
+from pipeline.evaluate import EvalConfig, LayerEval, average, check_model_of_store, evaluate, layer_means, layers_of_run, run_eval, splice
 from pipeline.models import load_model
 from pipeline.positions import RECORD_ALL, SkippedPositions
 from pipeline.sae import SAEConfig, TopKSAE
-from pipeline.store import Store
+from pipeline.store import Store, create_or_open
 from pipeline.train import CHECKPOINT, DATA_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,6 +246,18 @@ def test_user_errors(store, tmp_path):
     (run / DATA_FILE).unlink()
     with pytest.raises(CrosscodersError, match="--shards"):
         run_eval(EvalConfig(sae=str(run)), QUIET, progress=False)
+
+
+def test_layers_default_to_those_the_sae_was_trained_on(store, tmp_path):
+    run = saved_run(tmp_path / "run", store)
+    data = json.loads((run / DATA_FILE).read_text())
+    assert layers_of_run("trained", store, data) == layers_of_run("trained", store, None) == store.metadata["layers"]  # before --layers
+    (run / DATA_FILE).write_text(json.dumps({**data, "train_layers": [1, 3]}))  # train-sae --layers 1,3
+    for layers, expected in (("trained", [1, 3]), ("all", store.metadata["layers"]), ("2", [2])):
+        results, eval_path, _ = run_eval(EvalConfig(sae=str(run), layers=layers, n_docs=1), QUIET, progress=False)
+        assert [r.layer for r in results] == [r["layer"] for r in json.loads(eval_path.read_text())["layers"]] == expected
+    with pytest.raises(CrosscodersError, match=r"was not cached at hidden state 1, which the SAE was trained on; pick from \[0, 2\] with --layers"):
+        layers_of_run("trained", create_or_open(tmp_path / "two", {**store.metadata, "layers": [0, 2]}), {**data, "train_layers": [1, 3]})
 
 
 def small_store(model_dir: Path, folder: Path, val_fraction: float = 0.3) -> Store:

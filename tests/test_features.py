@@ -99,13 +99,18 @@ def with_few_candidates(sae: TopKSAE) -> TopKSAE:
     return few
 
 
-# n_rows: all rows, or part of the second shard
-@pytest.mark.parametrize("n_rows, candidates", [(None, "all"), (1500, "all"), (None, "few")])
-def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates):
+# n_rows: all rows, or part of the second shard (300 of hidden state 2 end there too)
+@pytest.mark.parametrize("n_rows, candidates, layers", [(None, "all", None), (1500, "all", None), (None, "few", None),
+                                                        (None, "all", [1, 3]), (300, "all", [2])])
+def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates, layers):
     assert len(store.shards) > 1
     sae = sae if candidates == "all" else with_few_candidates(sae)
-    scan = scan_features(sae, store, "train", n_rows, top=5, batch_rows=256)
+    scan = scan_features(sae, store, "train", n_rows, top=5, batch_rows=256, layers=layers)
     rows = all_rows(store, "train")
+    if layers is not None:  # the rows of those layers, in store order
+        picked = np.isin(rows["layer"], layers)
+        assert n_rows is None or picked[: store.shards[0].n_rows["train"]].sum() < n_rows < picked.sum()
+        rows = {name: column[torch.from_numpy(picked) if name == "acts" else picked] for name, column in rows.items()}
     n = len(rows["layer"]) if n_rows is None else n_rows
     layer = torch.from_numpy(rows["layer"][:n].astype(np.int64))
     with torch.no_grad():
@@ -116,11 +121,11 @@ def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates):
     assert torch.equal(scan.counts, fired.sum(0))
     for l in range(5):
         assert torch.equal(scan.layer_counts[:, l], fired[layer == l].sum(0))
-        assert scan.n_rows_by_layer[l] == (layer == l).sum()
+        assert scan.n_rows_by_layer[l] == (layer == l).sum() and (scan.n_rows_by_layer[l] > 0) == (layers is None or l in layers)
     assert torch.equal(scan.layer_counts.sum(1), scan.counts)
     if candidates == "few":
         assert (fired.sum(1) < sae.cfg.k).float().mean() > 0.2 and int(fired[:, 6:].sum()) == 0
-    rates = torch.stack([fired[layer == l].float().mean(0) for l in range(5)], 1)  # [n_latents, layers]
+    rates = torch.stack([fired[layer == l].float().mean(0).nan_to_num() for l in range(5)], 1)  # [n_latents, layers]
     torch.testing.assert_close(scan.layer_frequency, rates.double(), check_dtype=False)
     for feature in [0, 2, 5, 17, 100]:
         expected = code[:, feature].topk(5).values
@@ -333,6 +338,26 @@ def test_a_model_or_store_other_than_the_sae_was_trained_on_is_refused(run_dir, 
     create_or_open(tmp_path / "wide", {"model": wider, "dtype": "float32", "layers": [0]})  # another model, of another shape
     with pytest.raises(CrosscodersError, match="holds activations of 'wide', but the SAE was trained on"):
         explore_features(FeaturesConfig(sae=str(run_dir), shards=str(tmp_path / "wide")), QUIET, progress=False)
+
+
+def test_the_scan_defaults_to_the_layers_the_sae_was_trained_on(store, sae, run_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    sae.save(run)
+    data = json.loads((run_dir / DATA_FILE).read_text())
+    (run / DATA_FILE).write_text(json.dumps({**data, "train_layers": [2]}))  # train-sae --layers 2
+    scanned = []
+
+    def scan_features(*args, layers, **kwargs):
+        scanned.append(layers)
+        raise KeyboardInterrupt  # what was asked for is all this test needs
+
+    monkeypatch.setattr(features, "scan_features", scan_features)
+    for layers, expected in (("trained", [2]), ("all", None), ("3,1", [1, 3]), ("0-4", None)):  # None: every row
+        with pytest.raises(KeyboardInterrupt):
+            explore_features(FeaturesConfig(sae=str(run), layers=layers), QUIET, progress=False)
+        assert scanned.pop() == expected
+    with pytest.raises(CrosscodersError, match=r"--layers '5': layer 5 is out of range"):
+        explore_features(FeaturesConfig(sae=str(run), layers="5"), QUIET, progress=False)
 
 
 def test_report_of_a_checkpoint_goes_beside_it(sae, run_dir, tmp_path):

@@ -107,6 +107,27 @@ def test_statistics_are_the_exact_per_layer_moments(store):
         torch.testing.assert_close(loader.stats.mean_sq_norm[layer], mine.pow(2).sum(1).mean().float())
 
 
+@pytest.mark.parametrize("layers", [[1], [0, 3]])
+def test_a_layer_filter_yields_those_layers_rows_once_per_epoch_and_only_theirs_held_out(store, layers):
+    loader = ShardLoader(store, batch_size=300, seed=5, window_chunks=2, val_rows=70, layers=layers)
+    wanted = np.flatnonzero(np.isin(np.arange(10300) % N_STATES, layers))
+    batches = ids(loader.train_batches(0))
+    assert np.array_equal(np.sort(np.concatenate(batches)), wanted)
+    assert [len(b) for b in batches[:-1]] == [300] * (len(batches) - 1) and len(batches) == loader.n_train_batches() == -(-len(wanted) // 300)
+    for x, layer in loader.train_batches(1, start_batch=2):
+        assert torch.equal(layer, x[:, 0].long() % N_STATES)
+    assert all(np.array_equal(a, b) for a, b in zip(batches[3:], ids(loader.train_batches(0, start_batch=3)), strict=True))
+    val_ids = np.concatenate([np.arange(10**6 + first, 10**6 + first + 50) for first in (0, 3000, 5500, 9600)])  # store order
+    val = torch.cat([x for x, _ in loader.val_batches()])
+    assert val[:, 0].long().tolist() == val_ids[np.isin(val_ids % N_STATES, layers)][:70].tolist()
+    assert torch.equal(torch.cat([layer for _, layer in loader.val_batches()]), val[:, 0].long() % N_STATES)
+
+
+def test_a_layer_filter_that_keeps_no_row_is_a_clear_error(store):
+    with pytest.raises(CrosscodersError, match=r"holds no training rows of hidden states \[7\]; pick others with --layers"):
+        ShardLoader(store, 64, layers=[7])
+
+
 def test_memory_loader_sees_every_row_once(store):
     acts = torch.arange(1000.0)[:, None].repeat(1, D_MODEL)
     seen = np.concatenate(ids(MemoryLoader(acts, torch.zeros(1000, dtype=torch.long), N_STATES, 300).train_batches(0)))

@@ -80,6 +80,27 @@ def test_resume_refuses_another_row_order_and_takes_a_moved_store(store_path, tm
     assert result["step"] == 3
 
 
+def test_training_on_some_layers_reads_only_their_rows_and_resumes_only_on_them(store_path, tmp_path):
+    base = TrainConfig(batch_size=128, expansion=2, k=2, steps=8, save_every=4, val_every=4, warmup_steps=1)
+    loader, cpu = LoaderConfig(shards=str(store_path), layers="1-2"), torch.device("cpu")
+    train_on_store(loader, replace(base, steps=4), tmp_path / "run", [], cpu, resume=False, progress=False)
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert (data["train_layers"], data["layers"], data["loader"]["layers"]) == ([1, 2], [0, 1, 2, 3], "1-2")
+    with pytest.raises(CrosscodersError, match=re.escape("train_layers=[1, 2] (now [1])")):
+        train_on_store(replace(loader, layers="1"), replace(base, steps=4), tmp_path / "run", [], cpu, resume=True, progress=False)
+    [result] = train_on_store(replace(loader, layers="2,1"), replace(base, steps=4), tmp_path / "run", [], cpu, resume=True,
+                              progress=False).values()  # the same layers, spelt otherwise
+    assert result["step"] == 4 and set(result["fvu_by_layer"]) == {"1", "2"}
+    rows = ShardLoader(Store(store_path), 128, layers=[1, 2])
+    assert json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["n_train_batches"] == rows.n_train_batches()
+    assert load(tmp_path / "run").cfg.n_layers == 4  # the encoding of every hidden state: the SAE still applies to all
+    for layers, message in (("2-5", "--layers '2-5': layer 4 is out of range; the model has 4 hidden states (0..3)"),
+                            ("1,x", "--layers '1,x': 'x' is not a layer list")):
+        with pytest.raises(CrosscodersError, match=re.escape(message)):
+            train_on_store(replace(loader, layers=layers), base, tmp_path / "new", [], cpu, resume=False, progress=False)
+    assert not (tmp_path / "new").exists()
+
+
 def test_cli_sweep_table_names_each_run_and_shows_its_validation_metrics(store_path, tmp_path):
     result = cli("--shards", str(store_path), "--out", str(tmp_path / "sweep"), "--sweep", "k=2,4", "--batch-size", "256",
                  "--steps", "2", "--expansion", "2", "--val-every", "2")
@@ -149,7 +170,8 @@ def test_ctrl_c_or_sigterm_says_what_it_kept_in_one_line_and_resume_goes_on_from
 def test_bad_inputs_give_one_line_errors(store_path, tmp_path, args, message):
     from pipeline.store import create_or_open
 
-    create_or_open(tmp_path / "empty", {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": 4}, "dtype": "float32"})
+    create_or_open(tmp_path / "empty", {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": 4}, "dtype": "float32",
+                                     "layers": [0, 1, 2, 3]})
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "3", *args)
     assert result.returncode == 2, result.stdout

@@ -1,0 +1,39 @@
+"""The --layers syntax: which hidden states a command reads (0 = the embeddings)."""
+
+from pipeline.errors import CrosscodersError
+
+
+def parse_layers(spec: str, n_hidden_states: int) -> list[int]:
+    """'all', '0-28', '4,8,12' or '0-8,20' -> sorted layer ids, each checked against the model."""
+    if spec.strip() == "all":
+        return list(range(n_hidden_states))
+    layers = sorted({layer for part in spec.split(",") for layer in _layer_range(part.strip(), spec)})
+    bad = [layer for layer in layers if not 0 <= layer < n_hidden_states]
+    if bad:
+        raise CrosscodersError(
+            f"--layers {spec!r}: layer {bad[0]} is out of range; the model has {n_hidden_states} hidden states (0..{n_hidden_states - 1})"
+        )
+    return layers
+
+
+def _layer_range(part: str, spec: str) -> range:
+    """'4' or '0-28' (one item of --layers) -> its layers."""
+    first, dash, last = part.partition("-")
+    try:
+        first, last = int(first), int(last if dash else first)
+    except ValueError:
+        raise CrosscodersError(f"--layers {spec!r}: {part!r} is not a layer list; write e.g. all, 0-28 or 4,8,12") from None
+    if first > last:
+        raise CrosscodersError(f"--layers {spec!r}: range {part!r} is empty; write the lower layer first ({last}-{first})")
+    return range(first, last + 1)
+
+
+def stored_layers(spec: str, store_layers: list[int], n_hidden_states: int) -> list[int]:
+    """'all' (every layer the store holds) or a layer list of parse_layers, each checked to be in the store."""
+    if spec.strip() == "all":
+        return list(store_layers)
+    layers = parse_layers(spec, n_hidden_states)
+    uncached = [layer for layer in layers if layer not in store_layers]
+    if uncached:
+        raise CrosscodersError(f"--layers {spec!r}: the store was not cached at hidden state {uncached[0]}; pick from {store_layers}")
+    return layers
