@@ -5,7 +5,8 @@ Usage: python -m bench.train_throughput --shards /tmp/s --steps 30 --batch-size 
 
 One run measures: training rows/s reading shards (ShardLoader) and reading the very same batches
 already in memory on the device (so both do the same training work), in the steady state from the
-third batch on, their ratio and how long each run waited for its first batch; rows/s of the loader alone; and rows/s of one
+third batch on, their ratio and how long each run waited for its first batch; rows/s of the loader alone (and, with
+--layers, keeping only those hidden states' rows, as train-sae --layers does); and rows/s of one
 SAE training step alone, dense, sparse and the step trained with (see bench/sae_step.py), at the seed's size
 (expansion 4, k 32) and a large one (expansion 16, k 64). --decoder and --cuda-graph pick the training step.
 The runs from memory and from shards alternate --repeats times and the fastest of each counts, so a slow
@@ -31,6 +32,7 @@ from rich.table import Table
 from bench.tables import add_row
 from pipeline.cache import resolve_device
 from pipeline.errors import CrosscodersError
+from pipeline.layers import stored_layers
 from pipeline.loader import ShardLoader
 from pipeline.store import ShardData, SplitRows, Store, create_or_open, layer_sums, to_storage
 from pipeline.train import Run, TrainConfig, train
@@ -160,6 +162,7 @@ def main(
     workers: str = typer.Option("4", help="Loader reader threads; a list (4,8,16) times the loader alone with each "
                                           "and trains with the last."),
     loader_only: bool = typer.Option(False, help="Time the loader alone, without training."),
+    layers: str = typer.Option(None, help="Also time the loader alone keeping these hidden states' rows (train-sae --layers)."),
     decoder: str = typer.Option("auto", help="The training step: dense, sparse, triton or auto (TrainConfig.decoder)."),
     cuda_graph: bool = typer.Option(False, help="Train with each step replayed from a CUDA graph."),
     device: str = "auto",
@@ -185,6 +188,12 @@ def main(
     for count, each in zip(counts, loaders):
         rate = loader_rows_per_s(each, steps, torch_device)
         add_row(table, f"loader alone, {count} threads", "-", "-", "-", f"{rate:,.0f}", "", "")
+    if layers is not None:
+        kept = stored_layers(layers, store.metadata["layers"], store.n_hidden_states)
+        for count in counts:
+            each = ShardLoader(store, batch_size, seed=0, device=torch_device, workers=count, layers=kept)
+            rate = loader_rows_per_s(each, min(steps, each.n_train_batches()), torch_device)
+            add_row(table, f"loader alone, {count} threads, layers {layers}", "-", "-", "-", f"{rate:,.0f}", "", "")
     if not loader_only:
         memory = Prefetched(loader, steps)
         name = decoder + ("+graph" if cuda_graph else "")

@@ -78,10 +78,11 @@ def test_sae_step_bench_measures_each_shape_and_step():
 
 def test_train_throughput_bench_times_loader_training_from_memory_and_shards_and_the_step():
     result = run("-m", "bench.train_throughput", "--synthetic-rows", "12K", "--d-model", "32", "--batch-size", "256", "--steps", "6",
-                 "--repeats", "1", "--workers", "1,2", "--device", "cpu")
+                 "--repeats", "1", "--workers", "1,2", "--layers", "3-5", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     rows = printed_rows(result.stdout, ["measure", "expansion", "k", "step", "rows/s", "ratio", "first batch s"])
-    assert [row["measure"] for row in rows[:2]] == ["loader alone, 1 threads", "loader alone, 2 threads"]
+    assert [row["measure"] for row in rows[:4]] == ["loader alone, 1 threads", "loader alone, 2 threads",
+                                                    "loader alone, 1 threads, layers 3-5", "loader alone, 2 threads, layers 3-5"]
     for expansion, k in (("4", "32"), ("16", "64")):
         shape = [row for row in rows if row.get("expansion") == expansion and row.get("k") == k]
         assert [(row["measure"], row["step"]) for row in shape] == [
