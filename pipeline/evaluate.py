@@ -292,14 +292,14 @@ def store_of_run(run: Path, shards: str | None, data: dict | None) -> Store:
 def layers_of_run(spec: str, store: Store, data: dict | None) -> list[int]:
     """The hidden states --layers names: trained (those of the run's data.json; the store's without one), all (the
     store's) or a layer list, each checked to be in the store."""
-    if spec.strip() != "trained" or data is None:
-        return stored_layers("all" if spec.strip() == "trained" else spec, store.metadata["layers"], store.n_hidden_states)
-    layers, held = trained_layers(data), store.metadata["layers"]
-    missing = [layer for layer in layers if layer not in held]
-    if missing:
-        raise CrosscodersError(f"{store.url} was not cached at hidden state {missing[0]}, which the SAE was trained on; "
-                               f"pick from {held} with --layers")
-    return layers
+    held = store.metadata["layers"]
+    if spec.strip() == "trained" and data is not None:
+        missing = [layer for layer in trained_layers(data) if layer not in held]
+        if missing:
+            raise CrosscodersError(f"{store.url} was not cached at hidden state {missing[0]}, which the SAE was trained on; "
+                                   f"pick from {held} with --layers")
+        return trained_layers(data)
+    return stored_layers("all" if spec.strip() == "trained" else spec, held, store.n_hidden_states)
 
 
 def check_model_of_store(info: ModelInfo, store: Store):

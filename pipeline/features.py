@@ -120,8 +120,8 @@ def scan_features(
     firing counts and running top-k rows."""
     sae.check_compatible(store.d_model, store.n_hidden_states)
     n_latents, n_layers = sae.cfg.n_latents, sae.cfg.n_layers
-    picked = scanned_rows(store, split, n_rows, layers)
-    total = sum(len(rows) for rows in picked)
+    picked = store.rows_of_layers(split, n_rows, layers)
+    total = sum(len(rows) for rows, _ in picked)
     if total == 0:
         held = "" if layers is None else f" of hidden states {layers}"
         raise CrosscodersError(f"{store.url} has no {split} rows{held}; scan the other --split, other --layers or cache more tokens")
@@ -131,17 +131,17 @@ def scan_features(
     top_rows = torch.full((n_latents, top), -1, dtype=torch.int64, device=device)
     task = progress.add_task("scanning", total=total) if progress is not None else None
     seen = 0  # rows scanned before this batch
-    for shard, rows in zip(store.shards, picked):
+    for shard, (rows, layer_ids) in zip(store.shards, picked):
         if not len(rows):
             continue
         span = int(rows[-1]) + 1  # the shard's rows [0, span) hold the picked ones
-        shard_layers = torch.from_numpy(store.read(shard, f"{split}/layer", 0, span).astype(np.int64)).to(device)
+        shard_layers = torch.from_numpy(layer_ids.astype(np.int64)).to(device)  # [picked rows]
         for start in range(0, span, batch_rows):  # whole stored ranges, read once each, of which the picked rows
             first, last = np.searchsorted(rows, [start, start + batch_rows])
             if first == last:
                 continue
             offsets = torch.from_numpy(rows[first:last] - start).to(device)
-            layer = shard_layers[start:][offsets]  # [batch]
+            layer = shard_layers[first:last]  # [batch]
             x = store.read_acts(shard, split, start, min(start + batch_rows, span)).to(device)[offsets]
             values, indices = sae.encode(x.float(), layer)  # [batch, k]
             fired = values > 0
@@ -159,27 +159,13 @@ def scan_features(
     return FeatureScan(split, total, layer_counts.view(n_latents, n_layers).cpu(), n_rows_by_layer.cpu(), top_values, top_rows, **provenance)
 
 
-def scanned_rows(store: Store, split: str, n_rows: int | None, layers: list[int] | None) -> list[np.ndarray]:
-    """Per shard, the offsets of the rows to scan: the split's first n_rows (all when None) of the given layers
-    (all when None), in store order."""
-    picked, remaining = [], store.n_rows(split) if n_rows is None else n_rows
-    for shard in store.shards:
-        if layers is None:
-            rows = np.arange(min(shard.n_rows[split], remaining))
-        else:
-            rows = np.flatnonzero(np.isin(store.read(shard, f"{split}/layer"), layers))[:remaining] if remaining else np.arange(0)
-        picked.append(rows)
-        remaining -= len(rows)
-    return picked
-
-
-def _provenance(store: Store, split: str, picked: list[np.ndarray], top_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+def _provenance(store: Store, split: str, picked: list[tuple[np.ndarray, np.ndarray]], top_rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Shard, layer, token, doc and pos of the scanned rows top_rows: [n_latents, top], -1 where a row is -1;
-    picked: each shard's scanned offsets (scanned_rows)."""
+    picked: each shard's scanned (offsets, layer ids), from Store.rows_of_layers."""
     names = ("layer", "token", "doc", "pos")
     found = {name: torch.full_like(top_rows, -1) for name in ("shard", *names)}
     start = 0
-    for index, rows in enumerate(picked):
+    for index, (rows, _) in enumerate(picked):
         inside = (top_rows >= start) & (top_rows < start + len(rows))
         if inside.any():
             offsets = rows[(top_rows[inside] - start).numpy()]
@@ -332,7 +318,6 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     store = store_of_run(sae_dir, cfg.shards, data)  # first: a store of another model is named as such, whatever its shape
     sae.check_compatible(store.d_model, store.n_hidden_states)
     layers = layers_of_run(cfg.layers, store, data)
-    layers = None if layers == store.metadata["layers"] else layers  # every row: no layer ids to read ahead
     if cfg.feature is not None and not 0 <= cfg.feature < sae.cfg.n_latents:
         raise CrosscodersError(f"--feature {cfg.feature} is out of range: the SAE has latents 0 to {sae.cfg.n_latents - 1}")
     path = report_path(cfg, sae_dir)

@@ -186,7 +186,7 @@ class ShardLoader:
             raise CrosscodersError(f"{store.url} holds no training rows; cache more tokens or lower --val-fraction")
         self.store, self.batch_size, self.seed = store, batch_size, seed
         self.device, self.window_chunks, self.val_rows = torch.device(device), window_chunks, val_rows
-        self.d_model, self.n_layers, self.layers = store.d_model, store.n_hidden_states, layers
+        self.d_model, self.n_layers, self.layers = store.d_model, store.n_hidden_states, store.kept_layers(layers)
         self._layers: dict[str, np.ndarray] = {}  # shard name -> its training rows' layer ids
         self.chunks = [chunk for shard in store.shards for chunk in self._shard_chunks(shard) if chunk.n_rows]
         self.n_rows = sum(chunk.n_rows for chunk in self.chunks)
@@ -323,20 +323,11 @@ class ShardLoader:
 
     def _read_val(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `val_rows` held-out rows (of self.layers) in store order, kept in memory in the storage dtype."""
-        acts, layers, remaining = [], [], self.val_rows
-        for shard in self.store.shards:
-            if remaining == 0:
-                break
-            if self.layers is None:
-                rows = np.arange(min(shard.n_rows["val"], remaining))
-                layer_ids = self.store.read(shard, "val/layer", 0, len(rows))
-            else:
-                layer_ids = self.store.read(shard, "val/layer")
-                rows = np.flatnonzero(np.isin(layer_ids, self.layers))[:remaining]
+        acts, layers = [], []
+        for shard, (rows, layer_ids) in zip(self.store.shards, self.store.rows_of_layers("val", self.val_rows, self.layers)):
             if len(rows):
                 acts.append(self.store.read_acts(shard, "val", 0, int(rows[-1]) + 1)[torch.from_numpy(rows)])
-                layers.append(torch.from_numpy(layer_ids[rows].astype(np.int64)))
-                remaining -= len(rows)
+                layers.append(torch.from_numpy(layer_ids.astype(np.int64)))
         if not acts:
             return torch.zeros(0, self.d_model), torch.zeros(0, dtype=torch.int64)
         return torch.cat(acts), torch.cat(layers)

@@ -347,6 +347,28 @@ class Store:
         """Activations [rows, d_model] in the storage dtype."""
         return from_storage(self.read(shard, f"{split}/acts", start, end), self.dtype)
 
+    def kept_layers(self, layers: list[int] | None) -> list[int] | None:
+        """layers as a row filter: None (keep every row) when they cover every layer the store holds."""
+        return None if layers is None or set(self.metadata["layers"]) <= set(layers) else list(layers)
+
+    def rows_of_layers(self, split: str, n_rows: int | None = None, layers: list[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per shard, (offsets, layer ids) of the split's first n_rows rows (all when None) of the given layers
+        (all when None), in store order."""
+        picked, remaining, layers = [], self.n_rows(split) if n_rows is None else n_rows, self.kept_layers(layers)
+        for shard in self.shards:
+            if remaining == 0:
+                rows = layer_ids = np.zeros(0, np.int64)
+            elif layers is None:
+                layer_ids = self.read(shard, f"{split}/layer", 0, min(shard.n_rows[split], remaining))
+                rows = np.arange(len(layer_ids))
+            else:
+                layer_ids = self.read(shard, f"{split}/layer")
+                rows = np.flatnonzero(np.isin(layer_ids, layers))[:remaining]
+                layer_ids = layer_ids[rows]
+            picked.append((rows, layer_ids))
+            remaining -= len(rows)
+        return picked
+
     def layer_stats_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Totals over all shards of training-row count, sum and squared-norm sum per layer."""
         count = np.zeros(self.n_hidden_states, np.int64)

@@ -29,7 +29,6 @@ from pipeline.units import parse_count
 LR_DECAYS = ("cosine", "linear")
 RESUMABLE_CHANGES = ("val_every", "save_every", "wandb", "cuda_graph")  # settings a resumed run may change: not the math
 RESUMABLE_LOADER_CHANGES = ("shards", "workers", "val_rows")  # the store may move; not the row order
-# data.json names the layers trained on as train_layers, a list: their --layers spelling may change
 DATA_FILE = "data.json"  # the store a run was trained on; eval-sae and sae-features default to it
 
 
@@ -454,6 +453,7 @@ def check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool, data: dict |
 def flatten_data(data: dict) -> dict:
     """The parts of a data.json that fix a run's batches, as {name: value}: the model, its layers and the loader's
     settings but for those that leave the row order alone."""
+    # the loader's --layers as typed may change ("2,1" for "1-2"): train_layers, the list, is compared instead
     loader = {name: value for name, value in data.get("loader", {}).items() if name not in (*RESUMABLE_LOADER_CHANGES, "layers")}
     return {"model": data.get("model"), "layers": data.get("layers"), "train_layers": trained_layers(data), **loader}
 
@@ -541,8 +541,7 @@ def train_on_store(
     try:
         layers = stored_layers(loader_cfg.layers, store.metadata["layers"], store.n_hidden_states)
         source = ShardLoader(store, base.batch_size, loader_cfg.shuffle_seed, device, loader_cfg.window_chunks,
-                             loader_cfg.workers, loader_cfg.val_rows, rank, world_size,
-                             None if layers == store.metadata["layers"] else layers)
+                             loader_cfg.workers, loader_cfg.val_rows, rank, world_size, layers)
         out_dirs = [out / name if name else out for name, _ in runs]
         # which store (and so which model and held-out split) made these SAEs, and in which order they read it
         data = {"shards": store.url, "model": store.metadata["model"], "layers": store.metadata["layers"],

@@ -352,7 +352,7 @@ def test_the_scan_defaults_to_the_layers_the_sae_was_trained_on(store, sae, run_
         raise KeyboardInterrupt  # what was asked for is all this test needs
 
     monkeypatch.setattr(features, "scan_features", scan_features)
-    for layers, expected in (("trained", [2]), ("all", None), ("3,1", [1, 3]), ("0-4", None)):  # None: every row
+    for layers, expected in (("trained", [2]), ("all", [0, 1, 2, 3, 4]), ("3,1", [1, 3]), ("0-4", [0, 1, 2, 3, 4])):
         with pytest.raises(KeyboardInterrupt):
             explore_features(FeaturesConfig(sae=str(run), layers=layers), QUIET, progress=False)
         assert scanned.pop() == expected

@@ -123,6 +123,15 @@ def test_a_layer_filter_yields_those_layers_rows_once_per_epoch_and_only_theirs_
     assert torch.equal(torch.cat([layer for _, layer in loader.val_batches()]), val[:, 0].long() % N_STATES)
 
 
+def test_a_layer_filter_of_every_stored_layer_reads_as_none(store):
+    loader = ShardLoader(store, 300, seed=5, layers=[3, 2, 1, 0])
+    assert loader.layers is None and all(chunk.kept is None for chunk in loader.chunks)  # no layer ids read ahead
+    assert all(np.array_equal(a, b) for a, b in zip(ids(loader.train_batches(0)), ids(ShardLoader(store, 300, seed=5).train_batches(0)), strict=True))
+    picked = store.rows_of_layers("val", 120, [0, 1, 2, 3])
+    assert [len(rows) for rows, _ in picked] == [50, 50, 20, 0]
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(picked, store.rows_of_layers("val", 120)))
+
+
 def test_a_layer_filter_that_keeps_no_row_is_a_clear_error(store):
     with pytest.raises(CrosscodersError, match=r"holds no training rows of hidden states \[7\]; pick others with --layers"):
         ShardLoader(store, 64, layers=[7])
