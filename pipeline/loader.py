@@ -293,9 +293,12 @@ class ShardLoader:
                 in_order = torch.argsort(position)  # the senders' rows, interleaved
                 acts, layers = acts[in_order], layers[in_order]
             while batch < self.n_train_batches():
-                share = rank_rows(min(self.batch_size, self.n_rows - batch * self.batch_size), self.rank, self.world_size)
-                if batch * self.batch_size + share.stop > window_end[w]:
-                    break  # this share continues in the next window
+                batch_rows = min(self.batch_size, self.n_rows - batch * self.batch_size)
+                if batch * self.batch_size + batch_rows > window_end[w]:
+                    # the batch continues in the next window: every process trades that window's rows before any
+                    # yields the batch, so that all enter their collectives in the same order (this share may be whole)
+                    break
+                share = rank_rows(batch_rows, self.rank, self.world_size)
                 n = share.stop - share.start - (len(pending[0]) if pending else 0)
                 x, layer = (torch.cat([pending[0], acts[:n]]), torch.cat([pending[1], layers[:n]])) if pending else (acts[:n], layers[:n])
                 yield x, layer

@@ -26,7 +26,8 @@ from pipeline.store import Store
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 ARGS = ["--batch-size", "256", "--expansion", "2", "--k", "2", "--val-every", "5", "--save-every", "10",
-        "--dead-tokens", "512", "--warmup-steps", "2", "--val-rows", "120", "--device", "cpu"]
+        "--dead-tokens", "512", "--warmup-steps", "2", "--val-rows", "120", "--device", "cpu",
+        "--window-chunks", "1", "--shuffle-seed", "5"]  # batches that span two windows, read by different processes
 
 
 def free_port() -> int:
@@ -162,23 +163,31 @@ class ThreadExchange:
 @pytest.mark.parametrize("layers", [None, [1, 2]])  # [1, 2]: chunks of half their rows, the windows of uneven sizes
 def test_ranks_read_disjoint_chunks_and_get_their_shares_of_the_one_process_batches(tmp_path, monkeypatch, start_batch, layers):
     store = write_store(tmp_path / "s", [3000, 700, 1100])
-    single = list(ShardLoader(store, 256 if layers else 512, seed=1, window_chunks=3, layers=layers).train_batches(0, start_batch))
+    single = list(ShardLoader(store, 256 if layers else 512, seed=1, window_chunks=1, layers=layers).train_batches(0, start_batch))
     exchange, reads, world_size = ThreadExchange(4), [], 4
     monkeypatch.setattr(distributed, "all_to_all_rows", exchange)
     original = ShardLoader._read_chunk
     monkeypatch.setattr(ShardLoader, "_read_chunk", lambda self, chunk: reads.append((self.rank, chunk)) or original(self, chunk))
-    shares = [None] * world_size
+    shares = [[] for _ in range(world_size)]
+    step = threading.Barrier(world_size, timeout=30)  # each step's gradient all_reduce, which every rank must reach
 
     def run(rank: int):
         exchange.local.rank = rank
-        loader = ShardLoader(store, 256 if layers else 512, seed=1, window_chunks=3, rank=rank, world_size=world_size, layers=layers)
-        shares[rank] = list(loader.train_batches(0, start_batch))
+        loader = ShardLoader(store, 256 if layers else 512, seed=1, window_chunks=1, rank=rank, world_size=world_size, layers=layers)
+        try:
+            for batch in loader.train_batches(0, start_batch):
+                shares[rank].append(batch)
+                step.wait()
+        except threading.BrokenBarrierError:  # ranks waiting in different collectives: a hang under torchrun
+            step.abort()
+            exchange.barrier.abort()
 
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
+    threads = [threading.Thread(target=run, args=(rank,), daemon=True) for rank in range(world_size)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert not step.broken, "the ranks' batches and row exchanges interleave differently"
     assert all(len(s) == len(single) for s in shares) and len(single) >= 4
     for b, (whole, layers) in enumerate(single):
         assert torch.equal(whole, torch.cat([s[b][0] for s in shares])) and torch.equal(layers, torch.cat([s[b][1] for s in shares]))
