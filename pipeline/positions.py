@@ -21,23 +21,32 @@ class SkippedPositions:
     first: bool  # position 0
     special_ids: tuple[int, ...]  # special tokens, wherever they are
     shared_prefix: tuple[int, ...]  # the token ids every chat document starts with
+    # skip as much of shared_prefix as a document starts with, not only all of it: a user's words that start with a
+    # newline merge with the template's last one into one token ("\n\n"), yet the positions before it are shared. The
+    # stores of versions before this field skipped only a whole prefix (or a document cut inside it).
+    partial_prefix: bool = True
 
     def mask(self, tokens: np.ndarray) -> np.ndarray:
         """Positions not to record: [len(tokens)] bool, of a document's token ids."""
         mask = np.isin(tokens, self.special_ids)
         if self.first:
             mask[:1] = True
-        n = min(len(self.shared_prefix), len(tokens))  # a document cut inside the prefix is all prefix
-        if n and np.array_equal(tokens[:n], self.shared_prefix[:n]):
+        n = min(len(self.shared_prefix), len(tokens))
+        parted = np.flatnonzero(tokens[:n] != np.asarray(self.shared_prefix[:n], dtype=tokens.dtype))
+        if not parted.size:  # all of the prefix, or a document cut inside it
             mask[:n] = True
+        elif self.partial_prefix:
+            mask[: parted[0]] = True
         return mask
 
     def to_dict(self) -> dict:
-        return {"first": self.first, "special_ids": list(self.special_ids), "shared_prefix": list(self.shared_prefix)}
+        return {"first": self.first, "special_ids": list(self.special_ids), "shared_prefix": list(self.shared_prefix),
+                "partial_prefix": self.partial_prefix}
 
     @classmethod
     def from_dict(cls, values: dict) -> "SkippedPositions":
-        return cls(values["first"], tuple(values["special_ids"]), tuple(values["shared_prefix"]))
+        return cls(values["first"], tuple(values["special_ids"]), tuple(values["shared_prefix"]),
+                   values.get("partial_prefix", False))
 
 
 RECORD_ALL = SkippedPositions(first=False, special_ids=(), shared_prefix=())

@@ -47,11 +47,27 @@ def test_a_causal_model_has_the_same_hidden_states_on_the_shared_prefix_of_every
 def test_mask_skips_the_first_position_special_tokens_and_the_shared_prefix_only_where_a_document_starts_with_it():
     skipped = SkippedPositions(first=True, special_ids=(0, 1), shared_prefix=(1, 7, 8))
     assert skipped.mask(np.array([1, 7, 8, 9, 1, 7])).tolist() == [True, True, True, False, True, False]
-    assert skipped.mask(np.array([1, 7, 9, 8, 5])).tolist() == [True, False, False, False, False]  # another start
+    assert skipped.mask(np.array([1, 7, 9, 8, 5])).tolist() == [True, True, False, False, False]  # parts after 2
     assert skipped.mask(np.array([1, 7])).tolist() == [True, True]  # cut inside the prefix: all of it shared
     assert skipped.mask(np.array([5, 6, 0])).tolist() == [True, False, True]
     assert not RECORD_ALL.mask(np.array([1, 7, 8, 0])).any()
     assert SkippedPositions.from_dict(skipped.to_dict()) == skipped
+
+
+def test_stores_made_before_partial_prefixes_skip_only_a_whole_prefix():
+    old = SkippedPositions.from_dict({"first": False, "special_ids": [], "shared_prefix": [1, 7, 8]})
+    assert not old.partial_prefix
+    assert old.mask(np.array([1, 7, 9, 8])).tolist() == [False, False, False, False]
+    assert old.mask(np.array([1, 7, 8, 9])).tolist() == [True, True, True, False]
+
+
+def test_a_user_prompt_whose_start_merges_with_the_templates_last_token_still_skips_the_template_before_it():
+    tokenizer = build_tiny_tokenizer()
+    skipped = skipped_positions(tokenizer, True, True, SYSTEM_PROMPT)
+    prefix = np.array(skipped.shared_prefix)
+    tokens = chat(tokenizer, "    return a + b")  # the template's last "\n" and the indent make one token
+    assert tokens[: len(prefix) - 1].tolist() == prefix[:-1].tolist() and tokens[len(prefix) - 1] != prefix[-1]
+    assert skipped.mask(tokens).tolist()[: len(prefix)] == [True] * (len(prefix) - 1) + [False]
 
 
 def test_options_turn_each_rule_off_and_plain_text_has_no_chat_prefix():
