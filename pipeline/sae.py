@@ -54,7 +54,10 @@ class SAEConfig:
             raise CrosscodersError(f"layer_encoding={self.layer_encoding!r} is unknown; use one of {LAYER_ENCODINGS}")
         if self.decoder not in DECODERS:
             raise CrosscodersError(f"decoder={self.decoder!r} is unknown; use one of {DECODERS}")
-        if min(self.d_model, self.n_layers, self.expansion, self.k) < 1:
+        sizes = (self.d_model, self.n_layers, self.expansion, self.k)
+        if not all(isinstance(size, int) and not isinstance(size, bool) for size in sizes):
+            raise CrosscodersError(f"d_model, n_layers, expansion and k must be whole numbers, got {self}")
+        if min(sizes) < 1:
             raise CrosscodersError(f"d_model, n_layers, expansion and k must be positive, got {self}")
         if self.k > self.n_latents:
             raise CrosscodersError(
@@ -305,7 +308,7 @@ def load(path: Path | str, device: torch.device | str = "cpu") -> TopKSAE:
     try:
         cfg = SAEConfig(**json.loads((folder / CONFIG_FILE).read_text()))
         weights = load_file(folder / WEIGHTS_FILE)
-    except (ValueError, TypeError, SafetensorError) as error:
+    except (ValueError, TypeError, SafetensorError, CrosscodersError) as error:
         raise CrosscodersError(f"SAE at {folder} is corrupt ({error}); retrain it or restore its files") from None
     sae = TopKSAE(cfg)
     expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}

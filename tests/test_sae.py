@@ -312,6 +312,10 @@ def test_load_rejects_mismatched_missing_or_corrupt_files(tmp_path):
     (tmp_path / "cfg.json").write_text("{not json")
     with pytest.raises(CrosscodersError, match="corrupt"):
         load(tmp_path)
+    for field, value in (("expansion", 4.0), ("k", 1.5), ("n_layers", True)):  # sizes that are not whole numbers
+        (tmp_path / "cfg.json").write_text(json.dumps({**cfg, field: value}))
+        with pytest.raises(CrosscodersError, match="is corrupt .*must be whole numbers"):
+            load(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     (tmp_path / "sae_weights.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(CrosscodersError, match="corrupt"):
