@@ -7,6 +7,8 @@ reduces it once at the end; W's gradient reads the rows in latent-sorted order, 
 no atomics.
 """
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -15,6 +17,11 @@ from pipeline.sparse_topk import SparseKernels, sort_by_latent
 
 BLOCK_D = 128  # columns of d_model per program
 BLOCK_M = 32  # gathered rows per loop iteration
+
+
+def on_device_of(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device and its stream: make that the tensor's (a no-op on the CPU)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else nullcontext()
 
 
 @triton.jit
@@ -79,8 +86,9 @@ def gather_sum(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor
     out = table.new_empty(batch, d)
     if batch:
         grid = (batch, triton.cdiv(d, BLOCK_D))
-        _gather_sum_kernel[grid](indices.contiguous(), weights.contiguous(), table.contiguous(), out, m, d,
-                                 table.dtype == torch.float64, BLOCK_M, BLOCK_D)
+        with on_device_of(out):
+            _gather_sum_kernel[grid](indices.contiguous(), weights.contiguous(), table.contiguous(), out, m, d,
+                                     table.dtype == torch.float64, BLOCK_M, BLOCK_D)
     return out
 
 
@@ -90,8 +98,9 @@ def gather_dot(indices: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -
     out = table.new_empty(batch, m)
     if batch and m:
         grid = (batch, triton.cdiv(m, BLOCK_M))
-        _gather_dot_kernel[grid](indices.contiguous(), table.contiguous(), rows.contiguous(), out, m, d,
-                                 table.dtype == torch.float64, BLOCK_M, BLOCK_D)
+        with on_device_of(out):
+            _gather_dot_kernel[grid](indices.contiguous(), table.contiguous(), rows.contiguous(), out, m, d,
+                                     table.dtype == torch.float64, BLOCK_M, BLOCK_D)
     return out
 
 
@@ -102,8 +111,9 @@ def segment_sum(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor
     if indices.numel():
         row_of_entry, sorted_weights, offsets = sort_by_latent(indices, weights, n_latents)
         grid = (n_latents, triton.cdiv(d, BLOCK_D))
-        _segment_sum_kernel[grid](offsets, row_of_entry, sorted_weights, rows.contiguous(), out, d,
-                                  rows.dtype == torch.float64, BLOCK_M, BLOCK_D)
+        with on_device_of(out):
+            _segment_sum_kernel[grid](offsets, row_of_entry, sorted_weights, rows.contiguous(), out, d,
+                                      rows.dtype == torch.float64, BLOCK_M, BLOCK_D)
     return out
 
 
