@@ -19,10 +19,10 @@ from pipeline.corpus import CorpusConfig, check_chat_template, is_validation, it
 from pipeline.errors import CrosscodersError, Interrupted
 from pipeline.hidden_states import capture_rows
 from pipeline.layers import parse_layers
-from pipeline.models import DEFAULT_MODEL, load_model
+from pipeline.models import DEFAULT_MODEL, decoder_layers, load_model
 from pipeline.positions import skipped_positions
 from pipeline.shard_writer import RecordedBatch, ShardWriter
-from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, create_or_open, recorded_metadata
+from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, create_or_open, layer_sum_tensors, recorded_metadata
 from pipeline.units import parse_count
 from pipeline.windows import PairLedger, Window, read_windows, window_rounds
 
@@ -99,6 +99,8 @@ def resolve_device(spec: str) -> torch.device:
                                f"cuda:{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda"):
         raise CrosscodersError(f"--device {spec}: only cpu and cuda devices are supported")
+    if device.index is not None:
+        torch.cuda.set_device(device)  # streams, events and Triton launch on the current device, so make it this one
     return device
 
 
@@ -341,8 +343,10 @@ def _record_batch(model, packed: Packed, plans: list[tuple[np.ndarray, np.ndarra
         captured = capture_rows(model, packed.input_ids.to(device), packed.attention_mask.to(device), selections)
         acts = torch.cat([captured[layer] for layer in sorted(selections)]).to(storage_dtype)
     else:
-        acts = torch.zeros((0, model.config.hidden_size), dtype=storage_dtype)
-    acts, copied = _to_host(acts)
+        acts = torch.zeros((0, model.config.hidden_size), dtype=storage_dtype, device=device)
+    layer = torch.from_numpy(columns["layer"].astype(np.int64)).to(device)
+    stats = layer_sum_tensors(acts, layer, len(decoder_layers(model)) + 1, torch.from_numpy(columns["split"] == 0).to(device))
+    (acts, *stats), copied = _to_host(acts, *stats)
     return RecordedBatch(
         acts=acts,
         layer=columns["layer"],
@@ -353,19 +357,22 @@ def _record_batch(model, packed: Packed, plans: list[tuple[np.ndarray, np.ndarra
         doc_index=np.asarray(packed.doc_index, dtype=np.int64),
         doc_split=doc_split,
         doc_tokens=packed.doc_tokens,
+        stats=tuple(stats),
         copied=copied,
     )
 
 
-def _to_host(acts: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
-    """Starts the device-to-host copy without waiting for it; the writer thread waits on the event."""
-    if acts.device.type != "cuda":
-        return acts, None
-    host = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=True)
-    host.copy_(acts, non_blocking=True)
+def _to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], "torch.cuda.Event | None"]:
+    """Starts the device-to-host copies without waiting for them; the writer thread waits on the event."""
+    device = tensors[0].device
+    if device.type != "cuda":
+        return list(tensors), None
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, tensor in zip(hosts, tensors):
+        host.copy_(tensor, non_blocking=True)
     event = torch.cuda.Event()
-    event.record()
-    return host, event
+    event.record(torch.cuda.current_stream(device))
+    return hosts, event
 
 
 def check_disk_space(store: Store, n_pairs: int, d_model: int, dtype: str) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.store import SPLITS, ShardData, SplitRows, Store, layer_sums
+from pipeline.store import SPLITS, ShardData, SplitRows, Store
 
 FLUSH, DISCARD = object(), object()  # how close() ends the writer thread
 
@@ -31,6 +31,9 @@ class RecordedBatch:
     doc_index: np.ndarray  # [n_docs]
     doc_split: np.ndarray  # [n_docs]
     doc_tokens: list[np.ndarray]  # token ids per document
+    # the training rows' count [n_layers], sum [n_layers, d_model] and sum of squared norms [n_layers] (store.layer_sums),
+    # summed where the rows were made: on a GPU, that leaves the writer thread only compression and writing
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     copied: torch.cuda.Event | None = None
     window: int = -1  # the packing window the batch belongs to
     ends_window: bool = False  # the window's last batch: a shard may end after it
@@ -71,7 +74,7 @@ class ShardWriter:
             raise self.error
 
     def _run(self) -> None:
-        pending = _Pending()
+        pending, batch = _Pending(), None
         try:
             while (batch := self.queue.get()) not in (FLUSH, DISCARD):
                 if batch.copied is not None:
@@ -85,23 +88,20 @@ class ShardWriter:
                 self.store.write_shard(self._assemble(pending.batches))
         except BaseException as error:  # handed to the producer thread, which raises it
             self.error = error
-            while self.queue.get() not in (FLUSH, DISCARD):
-                pass
+            while batch not in (FLUSH, DISCARD):  # the producer's close() ends with one; the last shard's write came after it
+                batch = self.queue.get()
 
     def _assemble(self, batches: list[RecordedBatch]) -> ShardData:
-        acts = torch.cat([b.acts for b in batches])
         columns = {name: np.concatenate([getattr(b, name) for b in batches]) for name in ("layer", "token", "doc", "pos", "split")}
         splits = {}
         for split_id, split in enumerate(SPLITS):
             mask = columns["split"] == split_id
-            splits[split] = SplitRows(
-                acts=self._bits(acts[torch.from_numpy(mask)]),
-                **{name: columns[name][mask] for name in ("layer", "token", "doc", "pos")},
-            )
+            acts = torch.cat([b.acts if (b.split == split_id).all() else b.acts[torch.from_numpy(b.split == split_id)]
+                              for b in batches])
+            splits[split] = SplitRows(acts=self._bits(acts), **{name: columns[name][mask] for name in ("layer", "token", "doc", "pos")})
         doc_tokens = [tokens for b in batches for tokens in b.doc_tokens]
         windows = list(dict.fromkeys(b.window for b in batches))
-        train_acts, train_layers = acts[torch.from_numpy(columns["split"] == 0)], torch.from_numpy(splits["train"].layer.astype(np.int64))
-        count, total, sq = layer_sums(train_acts, train_layers, self.store.n_hidden_states)
+        count, total, sq = (sum(b.stats[i] for b in batches).numpy() for i in range(3))
         return ShardData(
             splits=splits,
             doc_index=np.concatenate([b.doc_index for b in batches]),

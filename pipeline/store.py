@@ -64,13 +64,21 @@ def from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def layer_sums(acts: torch.Tensor, layers: torch.Tensor, n_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The store's exact statistics of rows (acts: [n, d_model], layers: [n]): count, sum and sum of
-    squared norms per layer, in float64 so that shards add up without rounding drift."""
-    values, index = acts.double(), layers.long()
-    count = torch.bincount(index, minlength=n_layers)
-    total = torch.zeros(n_layers, acts.shape[1], dtype=torch.float64).index_add_(0, index, values)
-    sq = torch.zeros(n_layers, dtype=torch.float64).index_add_(0, index, values.pow(2).sum(1))
-    return count.numpy(), total.numpy(), sq.numpy()
+    """The store's statistics of rows (acts: [n, d_model], layers: [n]): count, sum and sum of squared norms per
+    layer, in float64 so that shards add up without rounding drift."""
+    return tuple(t.cpu().numpy() for t in layer_sum_tensors(acts, layers, n_layers))
+
+
+def layer_sum_tensors(acts: torch.Tensor, layers: torch.Tensor, n_layers: int, kept: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """layer_sums on acts' device without reading back, of the rows kept ([n] bool; all by default): count [n_layers]
+    int64, sum [n_layers, d_model] and sum of squared norms [n_layers] float64. Products with the rows' one-hot
+    layers, so a GPU sums in a fixed order (atomic adds would not) and without a data-dependent shape."""
+    one_hot = layers[None, :] == torch.arange(n_layers, device=layers.device)[:, None]  # [n_layers, n] (F.one_hot reads back)
+    if kept is not None:
+        one_hot &= kept
+    one_hot = one_hot.double()
+    values = acts.double()
+    return one_hot.sum(1).long(), one_hot @ values, one_hot @ values.square().sum(1)
 
 
 @dataclass
@@ -148,7 +156,10 @@ def create_or_open(url: str | os.PathLike, metadata: dict, clean: bool = True) -
     if location.fs.isfile(location.root) or any(name != ".gitkeep" for name in location.entries()):
         raise CrosscodersError(f"{location} exists and is not an activation store; choose an empty or new --out")
     attributes = {"crosscoders": {"format": FORMAT_NAME, "version": FORMAT_VERSION, **metadata}}
-    zarr.create_group(store=location.zarr_store(), attributes=json.loads(json.dumps(attributes)))
+    try:
+        zarr.create_group(store=location.zarr_store(), attributes=json.loads(json.dumps(attributes)))
+    except OSError as error:  # a parent that is a file, no permission, a missing bucket
+        raise CrosscodersError(f"cannot create a store at {location}: {error.strerror or error}; choose another --out") from None
     return Store(location)
 
 

@@ -1,21 +1,25 @@
 """ShardWriter: each window's pairs counted over both splits, layer statistics of training rows only, and a
 failed write raised, not lost."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 from test_store import METADATA
 
 from pipeline.shard_writer import RecordedBatch, ShardWriter
-from pipeline.store import Store, create_or_open
+from pipeline.store import Store, create_or_open, layer_sum_tensors
 
 
 def batch(window, n, split, ends=True, seed=0):
     """A recorded batch of n rows of one window, split by split (0 train, 1 val)."""
     rng = np.random.default_rng(seed)
     acts = torch.from_numpy(rng.normal(size=(n, 16)).astype(np.float32)).bfloat16()
-    return RecordedBatch(acts, rng.integers(0, 3, n), np.zeros(n), np.full(n, window), np.arange(n), np.asarray(split),
-                         np.array([window]), np.array([int(np.asarray(split).max())]), [np.arange(n)], None, window, ends)
+    layer, split = rng.integers(0, 3, n), np.broadcast_to(split, n)
+    stats = layer_sum_tensors(acts, torch.from_numpy(layer), 3, torch.from_numpy(split == 0))
+    return RecordedBatch(acts, layer, np.zeros(n), np.full(n, window), np.arange(n), split, np.array([window]),
+                         np.array([int(split.max())]), [np.arange(n)], stats, None, window, ends)
 
 
 def test_writer_counts_both_splits_and_stats_only_training_rows(tmp_path):
@@ -32,10 +36,27 @@ def test_writer_counts_both_splits_and_stats_only_training_rows(tmp_path):
     np.testing.assert_allclose(total.sum(0), train.sum(0).numpy())
 
 
-def test_a_failed_write_is_raised_by_close(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shard_rows", [1, 1000])  # the write fails while batches arrive, or as the last shard on close
+def test_a_failed_write_is_raised_by_close(tmp_path, monkeypatch, shard_rows):
     store = create_or_open(tmp_path / "w", METADATA)
     monkeypatch.setattr(Store, "write_shard", lambda self, shard: (_ for _ in ()).throw(OSError("disk full")))
-    writer = ShardWriter(store, shard_rows=1)
+    writer = ShardWriter(store, shard_rows=shard_rows)
     writer.submit(batch(0, 5, np.zeros(5, int)))
-    with pytest.raises(OSError, match="disk full"):
-        writer.close()
+    assert close_in_a_thread(writer) == ["disk full"]
+
+
+def close_in_a_thread(writer: ShardWriter) -> list[str]:
+    """The OSErrors close() raised; run in a thread, so that a hang fails the test instead of stalling it."""
+    errors = []
+
+    def close():
+        try:
+            writer.close()
+        except OSError as error:
+            errors.append(str(error))
+
+    thread = threading.Thread(target=close, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "close() hangs after a failed write"
+    return errors

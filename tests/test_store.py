@@ -163,6 +163,8 @@ def test_opening_something_that_is_not_a_store(tmp_path):
         create_or_open(tmp_path / "other", METADATA)
     with pytest.raises(CrosscodersError, match="exists and is not an activation store"):
         create_or_open(tmp_path / "other" / "notes.txt", METADATA)
+    with pytest.raises(CrosscodersError, match=r"cannot create a store at .*notes.txt/store: Not a directory; choose another --out$"):
+        create_or_open(tmp_path / "other" / "notes.txt" / "store", METADATA)
 
 
 def test_another_models_metadata_is_refused(store):
