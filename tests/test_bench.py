@@ -50,7 +50,8 @@ def gpu_script_steps() -> dict[str, list[str]]:
 
 
 def test_gpu_script_runs_every_measure_the_performance_issue_needs():
-    assert gpu_script_steps().keys() == {"kernels", "sae_step", "cache", "train", "sae_step_profile", "train_graph", "sae_step_no_dead"}
+    assert gpu_script_steps().keys() == {"kernels", "sae_step", "cache", "writer", "train", "sae_step_profile", "train_graph",
+                                         "sae_step_no_dead"}
 
 
 @pytest.mark.parametrize("step", gpu_script_steps())
@@ -116,6 +117,17 @@ def test_seed_vs_pipeline_bench_times_both_ways(tiny_model_dir):
     seed, pipeline = float(seconds["seed", "total"]), float(seconds["pipeline", "total"])
     speed_up = float(seconds["", "speed-up"].rstrip("x"))
     assert abs(speed_up - seed / pipeline) <= speed_up * (0.05 / seed + 0.05 / pipeline) + 0.005  # totals rounded to 0.1 s
+
+
+def test_shard_writer_bench_times_the_statistics_and_the_writer_thread():
+    result = run("-m", "bench.shard_writer", "--d-model", "32", "--n-rows", "5000", "--batch-rows", "1000", "--shard-rows", "2000")
+    assert result.returncode == 0, result.stderr
+    rows = printed_rows(result.stdout, ["measure", "seconds", "rows/s"])
+    # 4,750 training rows: a shard after the third batch of 1,000 passes 2,000 of them, the rest on close
+    assert [row["measure"] for row in rows] == ["per-layer statistics on cpu", "writer thread: 2 shards gathered, compressed, written"]
+    for row in rows:  # 5,000 rows in the time shown, rounded to the millisecond
+        seconds = float(row["seconds"])
+        assert 5000 / (seconds + 0.0005) - 1 <= rate(row["rows/s"]) <= 5000 / max(seconds - 0.0005, 1e-9) + 1
 
 
 def test_store_codecs_bench_reads_a_store(tmp_path):
