@@ -213,21 +213,40 @@ def buffer_shuffle(items: Iterable, size: int, rng: random.Random) -> Iterator:
 
 def dataset_rows(config: CorpusConfig) -> Iterator[tuple[str | None, str | None, str | None]]:
     """(prompt, response, None) or (None, None, text) per row of a shuffled, streamed `datasets` source;
-    rows of empty text are skipped (they have no token to record)."""
+    rows of empty or null text, or with a null prompt or response, are skipped (they have no token to record)."""
     fields = [config.text_field] if config.text_field else [config.prompt_field, config.response_field]
     option = "--text-field" if config.text_field else "--prompt-field/--response-field"
-    for row in load_rows(config).shuffle(seed=config.seed, buffer_size=ROW_BUFFER):
+    for row in shuffled_rows(config):
         for field in fields:
             if field not in row:
                 raise CrosscodersError(
                     f"dataset {config.dataset} has no field {field!r} (columns: {', '.join(sorted(row))}); "
                     f"set {option} to the right column"
                 )
+        values = [row[field] for field in fields]
+        if any(value is None for value in values):  # null, or missing from this row of a json file
+            continue
         if config.text_field:
-            if text := str(row[config.text_field]):
+            if text := str(values[0]):
                 yield None, None, text
         else:
-            yield str(row[config.prompt_field]), str(row[config.response_field]), None
+            yield str(values[0]), str(values[1]), None
+
+
+def shuffled_rows(config: CorpusConfig) -> Iterator[dict]:
+    """load_rows' rows, shuffled; a stream parses lazily, so a file that cannot be read fails here, in one line."""
+    path = Path(config.dataset).expanduser()
+    if path.is_file() and path.stat().st_size == 0:
+        raise CrosscodersError(f"dataset file {path} is empty; give a file with rows")
+    rows = iter(load_rows(config).shuffle(seed=config.seed, buffer_size=ROW_BUFFER))
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as error:  # a malformed line, a dropped connection to the hub
+            raise CrosscodersError(f"could not read dataset {config.dataset}: {one_line(error)}; check the file") from error
+        yield row
 
 
 def load_rows(config: CorpusConfig):

@@ -109,6 +109,24 @@ def test_empty_text_rows_are_skipped(tmp_path):
     assert sorted(doc.text for doc in docs) == ["print(1)", "print(2)"] and [doc.index for doc in docs] == [0, 1]
 
 
+def test_null_fields_are_skipped_not_read_as_the_text_none(tmp_path):
+    rows = [{"content": "print(1)"}, {"content": None}, {"other": 1}]  # the last lacks the field: datasets reads null
+    docs = list(iter_documents(CorpusConfig(dataset=str(write_jsonl(tmp_path / "text.jsonl", rows)), text_field="content")))
+    assert [doc.text for doc in docs] == ["print(1)"]
+    rows = [{"prompt": "q", "response": "a"}, {"prompt": None, "response": "a"}, {"prompt": "q"}]
+    docs = list(iter_documents(CorpusConfig(dataset=str(write_jsonl(tmp_path / "pairs.jsonl", rows)))))
+    assert [(doc.messages[1]["content"], doc.messages[2]["content"]) for doc in docs] == [("q", "a")]
+
+
+def test_an_empty_or_malformed_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(CrosscodersError, match=r"empty.jsonl is empty; give a file with rows$"):
+        list(iter_documents(CorpusConfig(dataset=str(tmp_path / "empty.jsonl"))))
+    (tmp_path / "cut.jsonl").write_text('{"prompt": "q", "response": "a"}\n{"prompt": "q", "resp')
+    with pytest.raises(CrosscodersError, match=r"could not read dataset .*cut.jsonl: .*; check the file$"):
+        list(iter_documents(CorpusConfig(dataset=str(tmp_path / "cut.jsonl"))))
+
+
 def test_missing_field_names_it_and_the_columns(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"instruction": "q", "output": "a"}])
     with pytest.raises(CrosscodersError, match=r"'prompt'.*instruction, output.*--prompt-field/--response-field"):
