@@ -162,11 +162,14 @@ class Run:
         if not distributed.is_main():
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        write_json(self.dir / "train_config.json", asdict(self.cfg))
         if data is not None:
-            (self.dir / DATA_FILE).write_text(json.dumps(data, indent=2))
+            write_json(self.dir / DATA_FILE, data)
         self.keep_metrics()
-        self.wandb = start_wandb(self.cfg, self.dir) if self.cfg.wandb else None
+
+    def start_wandb(self):
+        if self.cfg.wandb and distributed.is_main():
+            self.wandb = start_wandb(self.cfg, self.dir)
 
     def keep_metrics(self):
         """Cut metrics.jsonl after the records of the steps the resumed checkpoint has done (a checkpoint waits for
@@ -217,11 +220,12 @@ class Run:
             self.last_train = record
         if not distributed.is_main():
             return
+        record = finite_or_null(record)  # plain JSON has no NaN or Infinity (an FVU over rows that do not vary)
         with self.metrics_file.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+            file.write(json.dumps(record, allow_nan=False) + "\n")
         if self.wandb is not None:
             split, step = record["split"], record["step"]
-            values = {f"{split}/{name}": value for name, value in record.items() if name not in ("split", "step")}
+            values = {f"{split}/{name}": value for name, value in record.items() if name not in ("split", "step") and value is not None}
             self.wandb.log(values, step=step)
 
     def save_checkpoint(self):
@@ -264,7 +268,7 @@ class Run:
             for key, tensor in load_file(checkpoint / "optimizer.safetensors").items():
                 index, name = key.split(".")
                 optimizer_state.setdefault(int(index), {})[name] = tensor
-        except (OSError, ValueError, KeyError, SafetensorError) as error:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
             raise CrosscodersError(f"{checkpoint} is damaged ({error!r}); restore it, or delete it to train "
                                    "from the start") from None
         if n_train_batches != self.n_train_batches:
@@ -307,14 +311,17 @@ def train(
         raise CrosscodersError("runs of a sweep share batches, so batch_size cannot be swept; train them separately")
     if source.n_train_batches() < 1:
         raise CrosscodersError(f"the cache holds less than one batch of {configs[0].batch_size} rows; lower batch_size")
-    for cfg, out_dir in zip(configs, out_dirs):  # every config and folder error before any training
+    started = [(Path(out_dir) / "train_config.json").exists() for out_dir in out_dirs]
+    # a sweep stopped while it wrote its runs' settings: under --resume, the runs it had not reached start afresh
+    resumes = [resume and (run_started or not any(started)) for run_started in started]
+    for cfg, out_dir, run_resumes in zip(configs, out_dirs, resumes):  # every config and folder error before any training
         cfg.sae_config(source.d_model, source.n_layers)
         check_device(cfg, device)
-        check_run_folder(cfg, Path(out_dir), resume, data)
+        check_run_folder(cfg, Path(out_dir), run_resumes, data)
         if cfg.wandb:
             import_wandb()
     distributed.barrier()  # every process has checked the folders before the first writes to them
-    runs = [Run(cfg, out_dir, source, device, resume) for cfg, out_dir in zip(configs, out_dirs)]
+    runs = [Run(cfg, out_dir, source, device, run_resumes) for cfg, out_dir, run_resumes in zip(configs, out_dirs, resumes)]
     try:
         return train_runs(runs, source, device, progress, data)
     except KeyboardInterrupt:
@@ -334,6 +341,8 @@ def train_runs(runs: list[Run], source: BatchSource, device: torch.device, progr
     """train's loop: write each run's settings, train them all from the same batches, finish each."""
     for run in runs:
         run.begin(data)
+    for run in runs:  # after every run's settings are written: wandb takes seconds, in which a Ctrl-C may land
+        run.start_wandb()
     start, end = min(run.step for run in runs), max(run.total_steps for run in runs)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     batch_size, world_size = runs[0].cfg.batch_size, distributed.world_size()
@@ -391,7 +400,7 @@ def evaluate(sae: TopKSAE, source: BatchSource, device: torch.device) -> dict | 
     if n_rows == 0:
         return None
     deviation = sum_sq - sum_x.pow(2).sum(1) / count.clamp(min=1)  # [n_layers]: sum ||x - mean of its layer||^2
-    fvu_by_layer = {str(i): (sum_error[i] / deviation[i]).item() for i in range(n_layers) if count[i] > 0}
+    fvu_by_layer = {str(i): (sum_error[i] / deviation[i]).item() for i in range(n_layers) if deviation[i] > 0}  # 2+ distinct rows
     return {
         "mse": (sum_error_normalized / (n_rows * d_model)).item(),
         "mse_raw": (sum_error.sum() / (n_rows * d_model)).item(),
@@ -399,7 +408,7 @@ def evaluate(sae: TopKSAE, source: BatchSource, device: torch.device) -> dict | 
         "l0": (n_fired / n_rows).item(),
         "fvu_by_layer": fvu_by_layer,
         # each layer weighs the same; the pooled fvu, in raw space, is mostly the late layers' of large norm
-        "fvu_layer_mean": sum(fvu_by_layer.values()) / len(fvu_by_layer),
+        "fvu_layer_mean": sum(fvu_by_layer.values()) / len(fvu_by_layer) if fvu_by_layer else None,
     }
 
 
@@ -463,12 +472,29 @@ def trained_layers(data: dict) -> list[int]:
     return data.get("train_layers", data.get("layers"))
 
 
-def read_json(path: Path):
-    """A JSON file the trainer wrote; a one-line error if it was cut short or altered."""
+def finite_or_null(value):
+    """value with every float that is not finite, inside dicts too, replaced by None."""
+    if isinstance(value, dict):
+        return {name: finite_or_null(item) for name, item in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object the trainer wrote; a one-line error if it was cut short or altered."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CrosscodersError(f"{path} is damaged ({error}); restore it, or train into a new folder") from None
+    if not isinstance(value, dict):
+        raise CrosscodersError(f"{path} is damaged (not a JSON object); restore it, or train into a new folder")
+    return value
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Write a JSON file whole or not at all: a crash while writing leaves the previous file, not half of one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2))
+    os.replace(temporary, path)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -485,6 +511,8 @@ def metric_lines(path: Path) -> list[tuple[dict, int]]:
         if end > start:
             try:
                 record = json.loads(content[start:end])
+                if not isinstance(record, dict) or not {"split", "step"} <= record.keys():
+                    raise ValueError("not a metrics record")
             except ValueError as error:
                 line = content.count(b"\n", 0, start) + 1
                 raise CrosscodersError(f"{path} is damaged at line {line} ({error}); restore it, or delete that line") from None
@@ -542,6 +570,10 @@ def train_on_store(
         layers = stored_layers(loader_cfg.layers, store.metadata["layers"], store.n_hidden_states)
         source = ShardLoader(store, base.batch_size, loader_cfg.shuffle_seed, device, loader_cfg.window_chunks,
                              loader_cfg.workers, loader_cfg.val_rows, rank, world_size, layers)
+        if source.n_rows < base.batch_size:  # else every step would train on the whole store, a batch smaller than asked
+            kept = "" if loader_cfg.layers.strip() == "all" else f" of hidden states {loader_cfg.layers}"
+            raise CrosscodersError(f"{store.url} holds {source.n_rows:,} training rows{kept}, fewer than one batch of "
+                                   f"{base.batch_size:,}; lower --batch-size")
         out_dirs = [out / name if name else out for name, _ in runs]
         # which store (and so which model and held-out split) made these SAEs, and in which order they read it
         data = {"shards": store.url, "model": store.metadata["model"], "layers": store.metadata["layers"],

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.errors import CrosscodersError
 from pipeline.loader import MemoryLoader
 from pipeline.sae import load
-from pipeline.train import TrainConfig, expand_sweep, latest_checkpoint, lr_at, run_data, train
+from pipeline.train import Run, TrainConfig, expand_sweep, latest_checkpoint, lr_at, run_data, train
 
 N_LAYERS = 3
 
@@ -301,6 +301,41 @@ def test_resume_needs_a_run_and_a_new_run_an_empty_folder(tmp_path):
             train([SMALL], small_source(), [tmp_path / name], resume=resume, progress=False)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["empty", "file", "notes.txt", "other"]  # nothing written
     assert train([replace(SMALL, steps=2)], small_source(), [tmp_path / "empty"], progress=False)[0]["step"] == 2
+
+
+def test_a_sweep_stopped_while_writing_its_runs_settings_resumes(tmp_path, monkeypatch):
+    runs = expand_sweep(replace(SMALL, steps=12), ["k=4,8"])
+    configs, folders = [cfg for _, cfg in runs], [tmp_path / "sweep" / name for name, _ in runs]
+    begin = Run.begin
+    monkeypatch.setattr(Run, "begin", lambda run, data: (_ for _ in ()).throw(Interrupted()) if run.cfg.k == 8 else begin(run, data))
+    with pytest.raises(Interrupted):  # the first run's settings are written, the second's not
+        train(configs, small_source(), folders, progress=False)
+    monkeypatch.setattr(Run, "begin", begin)
+    assert [(folder / "train_config.json").exists() for folder in folders] == [True, False]
+    train(configs, small_source(), folders, resume=True, progress=False)
+    train(configs, small_source(), [tmp_path / "whole" / name for name, _ in runs], progress=False)
+    for name, _ in runs:
+        assert_same_tensors(weights(tmp_path / "sweep" / name), weights(tmp_path / "whole" / name))
+
+
+@pytest.mark.parametrize("file, content", [("train_config.json", "null"), ("metrics.jsonl", "1\n"),
+                                           ("checkpoint/trainer_state.json", "[]")])
+def test_run_files_of_the_wrong_shape_are_one_line_errors(tmp_path, file, content):
+    train([replace(SMALL, steps=10)], small_source(), [tmp_path], progress=False)
+    (tmp_path / file).write_text(content)
+    with pytest.raises(CrosscodersError, match=r"is damaged .*; restore it"):
+        train([replace(SMALL, steps=10)], small_source(), [tmp_path], resume=True, progress=False)
+
+
+def test_metrics_of_rows_that_do_not_vary_are_null_not_nan_in_plain_json(tmp_path):
+    source = small_source()
+    source.val_acts, source.val_layers = source.val_acts[:1], source.val_layers[:1]  # one held-out row: no variance
+    train([replace(SMALL, steps=10)], source, [tmp_path], progress=False)
+    records = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+               for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [record for record in records if record["split"] == "val"]
+    assert val and all(r["fvu"] is None and r["fvu_by_layer"] == {} and r["fvu_layer_mean"] is None for r in val)
+    assert all(isinstance(r["mse"], float) for r in val)
 
 
 @pytest.mark.parametrize("damage", ["truncate optimizer.safetensors", "truncate trainer_state.json",
