@@ -148,8 +148,8 @@ def scan_features(
             layer_counts += torch.bincount((indices * n_layers + layer[:, None])[fired], minlength=n_latents * n_layers)
             n_rows_by_layer += torch.bincount(layer, minlength=n_layers)
             code = values.new_zeros(len(layer), n_latents).scatter_(1, indices, values)  # [batch, n_latents]
-            candidates = torch.cat([top_values, code.T], 1)  # [n_latents, top + batch]
-            top_values, best = candidates.topk(top, dim=1)  # best < top: a kept old row; otherwise batch row best - top
+            candidates = torch.cat([top_values, code.T], 1)  # [n_latents, top + batch], in the order the rows were scanned
+            top_values, best = top_earliest(candidates, top)  # best < top: a kept old row; otherwise batch row best - top
             top_rows = torch.where(best < top, top_rows.gather(1, best.clamp(max=top - 1)), best - top + seen)
             seen += len(layer)
             if task is not None:
@@ -157,6 +157,19 @@ def scan_features(
     top_values, top_rows = top_values.cpu(), top_rows.cpu().where(top_values.cpu() > 0, -1)
     provenance = _provenance(store, split, picked, top_rows)
     return FeatureScan(split, total, layer_counts.view(n_latents, n_layers).cpu(), n_rows_by_layer.cpu(), top_values, top_rows, **provenance)
+
+
+def top_earliest(candidates: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk along dim 1 (values, columns: [rows, top], largest first), but of equal values the first columns, in
+    column order: torch.topk leaves ties in any order, so which of equal activations a report shows would depend on
+    the batch size and the device."""
+    kth = candidates.topk(top, dim=1).values[:, -1:]  # [rows, 1]
+    above, tied = candidates > kth, candidates == kth
+    taken = above | (tied & (tied.cumsum(1) <= top - above.sum(1, keepdim=True)))  # exactly top per row
+    columns = taken.nonzero()[:, 1].view(len(candidates), top)  # in column order
+    values = candidates.gather(1, columns)
+    order = values.argsort(dim=1, descending=True, stable=True)
+    return values.gather(1, order), columns.gather(1, order)
 
 
 def _provenance(store: Store, split: str, picked: list[tuple[np.ndarray, np.ndarray]], top_rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -206,10 +219,15 @@ class Context:
     center: int  # index of the activating token in the window
 
 
+# control characters drawn as visible symbols: contexts stay on one line, a token such as "\r" is not blank, and a
+# stored escape sequence never reaches the terminal
+VISIBLE_CONTROLS = {**{code: chr(0x2400 + code) for code in range(32)}, 0x7F: "␡", ord("\n"): "⏎", ord("\t"): "→"}
+
+
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """Each token decoded on its own (or shown as [id] without a tokenizer); newlines drawn as ⏎ so contexts stay one line."""
+    """Each token decoded on its own (or shown as [id] without a tokenizer), its control characters made visible."""
     texts = tokenizer.batch_decode([[i] for i in ids]) if tokenizer is not None else [f"[{i}]" for i in ids]
-    return [text.replace("\r", "").replace("\n", "⏎").replace("\t", "→") for text in texts]
+    return [text.replace("\r\n", "\n").translate(VISIBLE_CONTROLS) for text in texts]
 
 
 def feature_contexts(scan: FeatureScan, store: Store, tokenizer, feature: int, context: int = 12) -> list[Context]:

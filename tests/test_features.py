@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_tokenizer
 from rich.cells import cell_len
 from rich.console import Console
 from transformers import AutoTokenizer
@@ -34,6 +35,7 @@ from pipeline.features import (
     promoted_tokens,
     scan_features,
     token_texts,
+    top_earliest,
 )
 from pipeline.loader import layer_stats_of
 from pipeline.models import load_model
@@ -131,12 +133,33 @@ def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates, layers):
         expected = code[:, feature].topk(5).values
         assert torch.equal(scan.top_values[feature], expected)
         live = expected > 0
-        rows_found = scan.top_rows[feature][live]  # repeated prefixes give equal activations, so compare values, not rows
-        assert torch.equal(code[rows_found, feature], expected[live]) and len(set(rows_found.tolist())) == int(live.sum())
+        rows_found = scan.top_rows[feature][live]  # of equal activations (repeated prefixes), the first rows scanned
+        assert torch.equal(rows_found, code[:, feature].argsort(descending=True, stable=True)[:5][live])
         assert (scan.top_rows[feature][~live] == -1).all()
         for name in ("layer", "token", "doc", "pos"):
             stored = torch.from_numpy(rows[name][rows_found.numpy()].astype(np.int64))
             assert torch.equal(getattr(scan, f"top_{name}")[feature][live], stored)
+
+
+def test_the_scan_is_the_same_whatever_its_batch_size(store, sae):
+    scans = [scan_features(sae, store, "train", None, top=5, batch_rows=batch_rows) for batch_rows in (4096, 97)]
+    for name in ("top_values", "top_rows", "top_doc", "top_pos", "counts"):
+        assert torch.equal(getattr(scans[0], name), getattr(scans[1], name)), name
+
+
+def test_top_earliest_breaks_ties_by_the_first_column_and_is_topk_without_ties():
+    candidates = torch.tensor([[1.0, 2, 2, 0, 2, 3], [0, 0, 0, 0, 0, 0], [5, 4, 3, 2, 1, 0]])
+    values, columns = top_earliest(candidates, 3)
+    assert values.tolist() == [[3, 2, 2], [0, 0, 0], [5, 4, 3]] and columns.tolist() == [[5, 1, 2], [0, 1, 2], [0, 1, 2]]
+    distinct = torch.randperm(400, generator=torch.Generator().manual_seed(0)).float().view(8, 50)
+    assert all(torch.equal(a, b) for a, b in zip(top_earliest(distinct, 7), distinct.topk(7, dim=1)))
+
+
+def test_control_characters_are_drawn_visibly():
+    tokenizer = build_tiny_tokenizer()
+    for text, shown in (("a\r\nb\tc", "a␍⏎b→c"), ("x\ry", "x␍y"), ("\x1b[2J\x7f", "␛[2J␡")):
+        texts = token_texts(tokenizer, tokenizer.encode(text))
+        assert "".join(texts) == shown and all(texts)  # no token blank
 
 
 def hand_made_scan() -> FeatureScan:
