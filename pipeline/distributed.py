@@ -5,6 +5,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import CrosscodersError
+
 
 def init_from_env(device: torch.device, backend: str | None = None) -> tuple[int, int]:
     """Join the process group torchrun describes in the environment; (rank, world_size), (0, 1) without torchrun.
@@ -21,6 +23,9 @@ def local_device(device: torch.device) -> torch.device:
     """`cuda` means this process's own GPU (cuda:LOCAL_RANK) under torchrun."""
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CrosscodersError(f"--device {device} would put every process of this torchrun job on one GPU; use --device "
+                               "cuda, and each process takes its own (cuda:LOCAL_RANK)")
     return device
 
 

@@ -7,13 +7,13 @@ def parse_layers(spec: str, n_hidden_states: int) -> list[int]:
     """'all', '0-28', '4,8,12' or '0-8,20' -> sorted layer ids, each checked against the model."""
     if spec.strip() == "all":
         return list(range(n_hidden_states))
-    layers = sorted({layer for part in spec.split(",") for layer in _layer_range(part.strip(), spec)})
-    bad = [layer for layer in layers if not 0 <= layer < n_hidden_states]
-    if bad:
-        raise CrosscodersError(
-            f"--layers {spec!r}: layer {bad[0]} is out of range; the model has {n_hidden_states} hidden states (0..{n_hidden_states - 1})"
-        )
-    return layers
+    ranges = [_layer_range(part.strip(), spec) for part in spec.split(",")]
+    for layers in ranges:  # checked before any range is listed: a typo such as 0-10000000000 would fill the memory
+        bad = next((layer for layer in (layers.start, layers.stop - 1) if not 0 <= layer < n_hidden_states), None)
+        if bad is not None:
+            raise CrosscodersError(f"--layers {spec!r}: layer {bad} is out of range; the model has {n_hidden_states} hidden "
+                                   f"states (0..{n_hidden_states - 1})")
+    return sorted({layer for layers in ranges for layer in layers})
 
 
 def _layer_range(part: str, spec: str) -> range:

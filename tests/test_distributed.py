@@ -198,6 +198,15 @@ def test_ranks_read_disjoint_chunks_and_get_their_shares_of_the_one_process_batc
         assert {rank for rank, _ in reads} == set(range(world_size))
 
 
+def test_under_torchrun_cuda_is_each_processs_own_gpu_and_one_named_gpu_is_refused(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert distributed.local_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert distributed.local_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(CrosscodersError, match=r"--device cuda:0 would put every process of this torchrun job on one GPU"):
+        distributed.local_device(torch.device("cuda", 0))
+
+
 def test_a_batch_size_not_divisible_by_the_processes_is_a_clear_error(tmp_path):
     with pytest.raises(CrosscodersError, match="batch_size=255 must be a multiple of the 2 training processes"):
         ShardLoader(write_store(tmp_path / "s", [1000]), 255, rank=0, world_size=2)
