@@ -209,14 +209,15 @@ def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Consol
 
 
 def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress: bool, device, rank: int, world_size: int) -> CacheReport:
-    model_dtype = resolve_model_dtype(config.model_dtype, device, (recorded_metadata(config.out) or {}).get("model_dtype"))
+    recorded = recorded_metadata(config.out) or {}  # of the store this run extends, if any
+    model_dtype = resolve_model_dtype(config.model_dtype, device, recorded.get("model_dtype"))
     loaded = load_model(config.model, device=device, dtype=model_dtype)
     check_chat_template(corpus, loaded.tokenizer, config.model)
     info = loaded.info
     layers = parse_layers(config.layers, info.n_hidden_states)
     per_token = parse_layers_per_token(config.layers_per_token, len(layers))
     system_prompt = corpus.system_prompt if corpus.text_field is None else None
-    skipped = skipped_positions(loaded.tokenizer, config.skip_special, config.skip_chat_prefix, system_prompt)
+    skipped = skipped_positions(loaded.tokenizer, config.skip_special, config.skip_chat_prefix, system_prompt, recorded.get("skipped"))
     metadata = {
         "model": info.to_dict(),
         "dtype": config.dtype,

@@ -40,8 +40,9 @@ class SkippedPositions:
         return mask
 
     def to_dict(self) -> dict:
-        return {"first": self.first, "special_ids": list(self.special_ids), "shared_prefix": list(self.shared_prefix),
-                "partial_prefix": self.partial_prefix}
+        """As recorded in a store; partial_prefix only where true, so that stores made before it keep their metadata."""
+        whole = {"first": self.first, "special_ids": list(self.special_ids), "shared_prefix": list(self.shared_prefix)}
+        return {**whole, "partial_prefix": True} if self.partial_prefix else whole
 
     @classmethod
     def from_dict(cls, values: dict) -> "SkippedPositions":
@@ -68,7 +69,10 @@ def shared_chat_prefix(tokenizer, system_prompt: str) -> tuple[int, ...]:
     return tuple(chats[0][:n])
 
 
-def skipped_positions(tokenizer, skip_special: bool, skip_chat_prefix: bool, system_prompt: str | None) -> SkippedPositions:
-    """The positions stage one skips; system_prompt is None for a plain-text corpus, which has no chat template."""
+def skipped_positions(tokenizer, skip_special: bool, skip_chat_prefix: bool, system_prompt: str | None,
+                      recorded: dict | None = None) -> SkippedPositions:
+    """The positions stage one skips; system_prompt is None for a plain-text corpus, which has no chat template.
+    recorded: the `skipped` of the store a run extends, whose rule for the shared prefix it keeps."""
     prefix = shared_chat_prefix(tokenizer, system_prompt) if skip_chat_prefix and system_prompt is not None else ()
-    return SkippedPositions(skip_special, special_token_ids(tokenizer) if skip_special else (), prefix)
+    partial = recorded is None or SkippedPositions.from_dict(recorded).partial_prefix
+    return SkippedPositions(skip_special, special_token_ids(tokenizer) if skip_special else (), prefix, partial)

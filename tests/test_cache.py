@@ -215,6 +215,17 @@ def test_rerun_with_more_tokens_extends_and_same_run_does_nothing(tiny_model_dir
     torch.testing.assert_close(full_acts[in_grown], grown_acts[in_full], rtol=1e-5, atol=1e-5)
 
 
+def test_a_store_made_before_partial_prefixes_is_extended_with_its_own_rule(tiny_model_dir, corpus_file, tmp_path):
+    store = run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=1200)
+    assert store.metadata["skipped"]["partial_prefix"] is True
+    root = tmp_path / "s" / "zarr.json"
+    meta = json.loads(root.read_text())
+    del meta["attributes"]["crosscoders"]["skipped"]["partial_prefix"]  # as a store of an earlier version recorded it
+    root.write_text(json.dumps(meta))
+    grown = run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=2500)
+    assert grown.n_pairs == 2500 and "partial_prefix" not in grown.metadata["skipped"]
+
+
 def cli(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "cache_activations.py"), *args], capture_output=True, text=True, cwd=REPO, **kwargs)
 
