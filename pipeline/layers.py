@@ -8,11 +8,11 @@ def parse_layers(spec: str, n_hidden_states: int) -> list[int]:
     if spec.strip() == "all":
         return list(range(n_hidden_states))
     ranges = [_layer_range(part.strip(), spec) for part in spec.split(",")]
-    for layers in ranges:  # checked before any range is listed: a typo such as 0-10000000000 would fill the memory
-        bad = next((layer for layer in (layers.start, layers.stop - 1) if not 0 <= layer < n_hidden_states), None)
-        if bad is not None:
-            raise CrosscodersError(f"--layers {spec!r}: layer {bad} is out of range; the model has {n_hidden_states} hidden "
-                                   f"states (0..{n_hidden_states - 1})")
+    # checked before any range is listed: a typo such as 0-10000000000 would fill the memory
+    out_of_range = [max(layers.start, n_hidden_states) for layers in ranges if layers.stop > n_hidden_states]
+    if out_of_range:
+        raise CrosscodersError(f"--layers {spec!r}: layer {min(out_of_range)} is out of range; the model has {n_hidden_states} "
+                               f"hidden states (0..{n_hidden_states - 1})")
     return sorted({layer for layers in ranges for layer in layers})
 
 
