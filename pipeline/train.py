@@ -547,7 +547,13 @@ def import_wandb():
 
 def start_wandb(cfg: TrainConfig, run_dir: Path):
     """A Weights & Biases run for this SAE (one per SAE of a sweep)."""
-    return import_wandb().init(project="crosscoders", name=run_dir.name, dir=run_dir, config=asdict(cfg), reinit="create_new")
+    wandb = import_wandb()
+    try:
+        return wandb.init(project="crosscoders", name=run_dir.name, dir=run_dir, config=asdict(cfg), reinit="create_new")
+    except Exception as error:  # not logged in, no network: wandb's own exception types
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise CrosscodersError(f"wandb could not start a run for {run_dir} ({message}); log in with `wandb login`, set "
+                               "WANDB_MODE=offline, or train without --wandb, then run the same command with --resume") from None
 
 
 def run_data(run_dir: Path) -> dict | None:

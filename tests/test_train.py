@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -283,7 +284,7 @@ def test_resume_refuses_other_settings_and_fresh_runs_refuse_used_folders(tmp_pa
     with pytest.raises(CrosscodersError, match=r"cannot resume .* k=4 \(now 8\)"):
         train([replace(SMALL, k=8)], small_source(), [tmp_path], resume=True, progress=False)
     relaxed = replace(SMALL, save_every=7, val_every=3)  # changes no weight
-    assert train([relaxed], small_source(), [tmp_path], resume=True, progress=False)[0]["step"] == 30
+    assert train([relaxed], small_source(), [tmp_path], resume=True, progress=False)[0]["step"] == 40
 
 
 def test_resume_needs_a_run_and_a_new_run_an_empty_folder(tmp_path):
@@ -385,6 +386,16 @@ def test_lr_warms_up_then_decays():
     linear = TrainConfig(lr=1.0, warmup_steps=10, lr_decay="linear")
     assert lr_at(linear, 79, 100) == 1.0 and lr_at(linear, 90, 100) == pytest.approx(0.5)
     assert lr_at(linear, 99, 100) == pytest.approx(0.05)
+
+
+def test_wandb_failing_to_start_is_a_one_line_error_and_resume_goes_on(tmp_path, monkeypatch):
+    def init(**options):
+        raise RuntimeError("api_key not configured\n(no-tty)")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    with pytest.raises(CrosscodersError, match=r"^wandb could not start a run for .*a \(api_key not configured \(no-tty\)\); log in"):
+        train([replace(SMALL, steps=4, wandb=True)], small_source(), [tmp_path / "a"], progress=False)
+    assert train([replace(SMALL, steps=4)], small_source(), [tmp_path / "a"], resume=True, progress=False)[0]["step"] == 4
 
 
 def test_wandb_logs_offline(tmp_path, monkeypatch):
