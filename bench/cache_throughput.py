@@ -8,6 +8,7 @@ on the weights). The bare pass is `model.model(..., output_hidden_states=True)` 
 batches cache-acts formed; the ratio of the two model-token rates is the figure.
 """
 
+import itertools
 import os
 import tempfile
 import time
@@ -20,7 +21,7 @@ from rich.table import Table
 
 import pipeline.cache as cache_module
 from bench.tables import add_row
-from pipeline.cache import CacheConfig, cache_activations, pack_batches, resolve_device, resolve_model_dtype
+from pipeline.cache import CacheConfig, Packed, cache_activations, pack_batches, resolve_device, resolve_model_dtype
 from pipeline.corpus import CorpusConfig
 from pipeline.models import LoadedModel, ModelInfo, load_model
 from pipeline.store import Store
@@ -95,9 +96,16 @@ def warm_up(loaded: LoadedModel) -> None:
         loaded.model.model(input_ids=torch.ones(2, 128, dtype=torch.long, device=device), use_cache=False)
 
 
+def cached_batches(store: Store, config: CacheConfig, pad_id: int) -> list[Packed]:
+    """The batches cache-acts formed: the store keeps the documents in the order they were packed, and each packing
+    window (document // pack_window) was packed on its own."""
+    windows = itertools.groupby(store.documents(), key=lambda doc: doc[0] // config.pack_window)
+    return [packed for _, docs in windows for packed in pack_batches(docs, config.batch_tokens, pad_id)]
+
+
 def bare_forward(loaded: LoadedModel, store: Store, config: CacheConfig) -> tuple[int, float]:
     """Times model.model(..., output_hidden_states=True) over the batches cache-acts formed from the store's documents."""
-    batches = list(pack_batches(store.documents(), config.batch_tokens, loaded.tokenizer.pad_token_id or 0))
+    batches = cached_batches(store, config, loaded.tokenizer.pad_token_id or 0)
     device = next(loaded.model.parameters()).device
     n_tokens, start = 0, time.perf_counter()
     with torch.no_grad():

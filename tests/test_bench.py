@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_loader import write_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,24 @@ def test_cache_throughput_bench_compares_stage_one_with_the_bare_forward_pass(ti
     assert shown_ratio(row["ratio"], row["cache-acts tok/s"], row["bare fwd tok/s"])
     assert rate(row["bytes/pair"]) > 64 * 2 / 1.5  # 64-wide bf16 rows compress a little, not to nothing
     assert 1 < rate(row["compression"]) < 1.5
+
+
+def test_the_bare_pass_runs_over_the_batches_cache_acts_formed(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    from bench.cache_throughput import cached_batches
+    from pipeline import cache
+    from pipeline.cache import CacheConfig, cache_activations
+    from pipeline.corpus import CorpusConfig
+    from pipeline.store import Store
+
+    formed, pack = [], cache.pack_batches
+    monkeypatch.setattr(cache, "pack_batches", lambda *args, **kwargs: (formed.append(b) or b for b in pack(*args, **kwargs)))
+    config = CacheConfig(model=str(tiny_model_dir), out=str(tmp_path / "s"), n_tokens=2000, batch_tokens=512, max_seq_len=128,
+                         pack_window=5, device="cpu")
+    cache_activations(config, CorpusConfig(dataset=str(corpus_file)), progress=False)
+    bare = cached_batches(Store(tmp_path / "s"), config, pad_id=0)
+    assert len({doc // 5 for b in formed for doc in b.doc_index}) > 2  # several packing windows
+    assert [b.doc_index for b in bare] == [b.doc_index for b in formed]
+    assert all(torch.equal(a.input_ids, b.input_ids.masked_fill(~b.attention_mask.bool(), 0)) for a, b in zip(bare, formed))
 
 
 def test_seed_vs_pipeline_bench_times_both_ways(tiny_model_dir):
