@@ -69,16 +69,22 @@ def layer_sums(acts: torch.Tensor, layers: torch.Tensor, n_layers: int) -> tuple
     return tuple(t.cpu().numpy() for t in layer_sum_tensors(acts, layers, n_layers))
 
 
-def layer_sum_tensors(acts: torch.Tensor, layers: torch.Tensor, n_layers: int, kept: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def layer_sum_tensors(acts: torch.Tensor, layers: torch.Tensor, n_layers: int, kept: torch.Tensor | None = None,
+                      block_rows: int = 16384) -> tuple[torch.Tensor, ...]:
     """layer_sums on acts' device without reading back, of the rows kept ([n] bool; all by default): count [n_layers]
     int64, sum [n_layers, d_model] and sum of squared norms [n_layers] float64. Products with the rows' one-hot
-    layers, so a GPU sums in a fixed order (atomic adds would not) and without a data-dependent shape."""
+    layers, so a GPU sums in a fixed order (atomic adds would not) and without a data-dependent shape; block_rows rows
+    at a time, so float64 copies stay small when a batch records every layer of its tokens."""
     one_hot = layers[None, :] == torch.arange(n_layers, device=layers.device)[:, None]  # [n_layers, n] (F.one_hot reads back)
     if kept is not None:
         one_hot &= kept
-    one_hot = one_hot.double()
-    values = acts.double()
-    return one_hot.sum(1).long(), one_hot @ values, one_hot @ values.square().sum(1)
+    total = torch.zeros(n_layers, acts.shape[1], dtype=torch.float64, device=acts.device)
+    sum_sq = torch.zeros(n_layers, dtype=torch.float64, device=acts.device)
+    for start in range(0, len(acts), block_rows):
+        block, values = one_hot[:, start : start + block_rows].double(), acts[start : start + block_rows].double()
+        total += block @ values
+        sum_sq += block @ values.square().sum(1)
+    return one_hot.sum(1), total, sum_sq
 
 
 @dataclass

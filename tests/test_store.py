@@ -11,7 +11,7 @@ import zarr
 from pipeline.chunk_file import ChunkFile
 from pipeline.errors import CrosscodersError
 from pipeline.storage import Location
-from pipeline.store import ShardData, SplitRows, Store, create_or_open, from_storage, to_storage
+from pipeline.store import ShardData, SplitRows, Store, create_or_open, from_storage, layer_sum_tensors, to_storage
 
 D_MODEL, N_STATES = 16, 3
 METADATA = {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": N_STATES}, "dtype": "bf16", "layers": [0, 1, 2]}
@@ -266,3 +266,17 @@ def test_a_chunk_of_another_size_is_refused(tmp_path):
     wrong = ChunkFile(good.path, (good.shape[0], good.shape[1] * 2), good.chunk_rows, len(good.index), good.dtype)
     with pytest.raises(ValueError, match="does not hold"):
         wrong.chunk(0)
+
+
+@pytest.mark.parametrize("block_rows", [16384, 7])  # one block, or many with a last short one
+def test_layer_sums_are_the_kept_rows_count_sum_and_sum_of_squared_norms_per_layer(block_rows):
+    generator = torch.Generator().manual_seed(0)
+    acts = (10 * torch.randn(50, 6, generator=generator)).bfloat16()
+    layers, kept = torch.randint(0, 4, (50,), generator=generator), torch.rand(50, generator=generator) > 0.3
+    count, total, sum_sq = layer_sum_tensors(acts, layers, 5, kept, block_rows)
+    for layer in range(5):
+        rows = acts[kept & (layers == layer)].double()
+        assert count[layer] == len(rows)
+        torch.testing.assert_close(total[layer], rows.sum(0), rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(sum_sq[layer], rows.square().sum(), rtol=1e-12, atol=1e-9)
+    assert count[4] == 0 and not total[4].any()
