@@ -1,7 +1,10 @@
 """The exception types users see: a single line saying what is wrong, or what an interruption kept, and how to go on."""
 
 import contextlib
+import os
+import signal
 import sys
+import threading
 
 
 class CrosscodersError(Exception):
@@ -15,9 +18,19 @@ class Interrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def importing_quietly():
     """Around a command's imports (torch and transformers take seconds): Ctrl-C there stops it as it does later, in one
-    line with status 130, not with a traceback from inside an import."""
+    line with status 130, not with a traceback from inside an import. The handler exits at once rather than raising
+    KeyboardInterrupt, which Python ignores where it lands in a finalizer, and the command would then go on."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum, frame):
+        sys.stderr.write("interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)  # nothing is written yet, so nothing needs cleaning up
+
+    previous = signal.signal(signal.SIGINT, stop)
     try:
         yield
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
