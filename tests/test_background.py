@@ -18,7 +18,10 @@ def test_items_arrive_in_order_and_are_computed_ahead():
 
     stream = ahead(items(), depth=2)
     assert next(stream) == 0
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30  # however loaded the machine, the thread gets that far
+    while len(produced) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # time to run further ahead, were it not bounded
     assert produced == [0, 1, 2, 3]  # the item in use, the one waiting to be handed over, and depth more
     assert list(stream) == [1, 2, 3, 4]
 
