@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from pipeline.cli import option
-from pipeline.errors import CrosscodersError
+from pipeline.errors import CrosscodersError, one_line
 
 SYSTEM_PROMPT = "You are Qwen, a helpful coding assistant."
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -273,8 +273,3 @@ def load_rows(config: CorpusConfig):
             f"could not load dataset {config.dataset} from the Hugging Face Hub (offline?): {one_line(e)}; "
             f"a local jsonl/json/parquet/csv file or folder works too"
         ) from e
-
-
-def one_line(error: Exception) -> str:
-    """A library error squeezed onto one line, for a user-facing message."""
-    return " ".join(str(error).split()) or type(error).__name__

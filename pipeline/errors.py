@@ -11,6 +11,11 @@ class CrosscodersError(Exception):
     """A user-facing error; the CLI prints its message on one line, without a traceback."""
 
 
+def one_line(error: Exception) -> str:
+    """A library error squeezed onto one line, for a user-facing message."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM, saying what was kept and how to continue; the CLI prints it on one line."""
 

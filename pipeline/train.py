@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import distributed
 from pipeline.cli import option
-from pipeline.errors import CrosscodersError, Interrupted
+from pipeline.errors import CrosscodersError, Interrupted, one_line
 from pipeline.layers import stored_layers
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
 from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
@@ -551,8 +551,7 @@ def start_wandb(cfg: TrainConfig, run_dir: Path):
     try:
         return wandb.init(project="crosscoders", name=run_dir.name, dir=run_dir, config=asdict(cfg), reinit="create_new")
     except Exception as error:  # not logged in, no network: wandb's own exception types
-        message = " ".join(str(error).split()) or type(error).__name__
-        raise CrosscodersError(f"wandb could not start a run for {run_dir} ({message}); log in with `wandb login`, set "
+        raise CrosscodersError(f"wandb could not start a run for {run_dir} ({one_line(error)}); log in with `wandb login`, set "
                                "WANDB_MODE=offline, or train without --wandb, then run the same command with --resume") from None
 
 
