@@ -6,7 +6,6 @@ Random bf16 rows at the store's default shard size, 5% of them held out, written
 Compare the writer's rows/s with the forward pass's tokens/s (bench.cache_throughput): one pair per token by default.
 """
 
-import copy
 import os
 import tempfile
 import time
@@ -68,7 +67,7 @@ def main(
     stats_seconds = sum(seconds for _, seconds in batches)
     add_row(table, f"per-layer statistics on {torch_device}", f"{stats_seconds:.3f}", f"{rows / stats_seconds:,.0f}")
     with tempfile.TemporaryDirectory() as scratch:
-        store = create_or_open(f"{scratch}/store", copy.deepcopy(metadata))
+        store = create_or_open(f"{scratch}/store", metadata)
         start = time.perf_counter()
         writer = ShardWriter(store, shard_rows)
         for batch, _ in batches:
