@@ -17,6 +17,7 @@ from pipeline.evaluate import check_model_of_store, default_output, layers_of_ru
 from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix
 from pipeline.sae import TopKSAE, load
 from pipeline.store import SPLITS, Store
+from pipeline.token_text import token_texts
 from pipeline.train import run_data
 from pipeline.units import parse_count
 
@@ -215,19 +216,8 @@ class Context:
     doc: int
     pos: int  # position of the activating token in the document
     token_ids: list[int]  # the window, clipped to the document
-    tokens: list[str]  # each token decoded on its own
+    tokens: list[str]  # each token's text, as token_texts shows it
     center: int  # index of the activating token in the window
-
-
-# control characters drawn as visible symbols: contexts stay on one line, a token such as "\r" is not blank, and a
-# stored escape sequence never reaches the terminal
-VISIBLE_CONTROLS = {**{code: chr(0x2400 + code) for code in range(32)}, 0x7F: "␡", ord("\n"): "⏎", ord("\t"): "→"}
-
-
-def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """Each token decoded on its own (or shown as [id] without a tokenizer), its control characters made visible."""
-    texts = tokenizer.batch_decode([[i] for i in ids]) if tokenizer is not None else [f"[{i}]" for i in ids]
-    return [text.replace("\r\n", "\n").translate(VISIBLE_CONTROLS) for text in texts]
 
 
 def feature_contexts(scan: FeatureScan, store: Store, tokenizer, feature: int, context: int = 12) -> list[Context]:

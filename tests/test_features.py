@@ -34,7 +34,6 @@ from pipeline.features import (
     print_feature,
     promoted_tokens,
     scan_features,
-    token_texts,
     top_earliest,
 )
 from pipeline.loader import layer_stats_of
@@ -42,6 +41,7 @@ from pipeline.models import load_model
 from pipeline.report import context_html, write_html_report
 from pipeline.sae import SAEConfig, TopKSAE
 from pipeline.store import Store, create_or_open
+from pipeline.token_text import token_texts
 from pipeline.train import CHECKPOINT, DATA_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,13 +153,6 @@ def test_top_earliest_breaks_ties_by_the_first_column_and_is_topk_without_ties()
     assert values.tolist() == [[3, 2, 2], [0, 0, 0], [5, 4, 3]] and columns.tolist() == [[5, 1, 2], [0, 1, 2], [0, 1, 2]]
     distinct = torch.randperm(400, generator=torch.Generator().manual_seed(0)).float().view(8, 50)
     assert all(torch.equal(a, b) for a, b in zip(top_earliest(distinct, 7), distinct.topk(7, dim=1)))
-
-
-def test_control_characters_are_drawn_visibly():
-    tokenizer = build_tiny_tokenizer()
-    for text, shown in (("a\r\nb\tc", "a␍⏎b→c"), ("x\ry", "x␍y"), ("\x1b[2J\x7f", "␛[2J␡")):
-        texts = token_texts(tokenizer, tokenizer.encode(text))
-        assert "".join(texts) == shown and all(texts)  # no token blank
 
 
 def hand_made_scan() -> FeatureScan:
@@ -324,8 +317,8 @@ def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
         assert len(shown) == int((scan.top_values[feature] > 0).sum()) > 0
         for j, c in enumerate(shown):
             doc, pos = int(scan.top_doc[feature, j]), int(scan.top_pos[feature, j])
-            assert c["active"] == token_texts(tokenizer, [int(documents[doc][pos])])[0]
-            assert c["text"] == "".join(token_texts(tokenizer, documents[doc][max(0, pos - 4) : pos + 5].tolist()))
+            window = token_texts(tokenizer, documents[doc][max(0, pos - 4) : pos + 5].tolist())
+            assert c["active"] == window[min(pos, 4)] and c["text"] == "".join(window)
     assert any(ch in c["text"] for c in parser.contexts for ch in "<>&")  # code tokens survived escaping
 
 

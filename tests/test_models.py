@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import models
 from pipeline.errors import CrosscodersError
 from pipeline.models import MARKER, PRESETS, ModelInfo, Preset, decoder_layers, embedding, final_norm, load_model, unembedding_matrix
+from pipeline.token_text import token_texts
 
 REAL_PRESET = "qwen2.5-coder-0.5b-instruct"
 
@@ -204,6 +205,8 @@ def test_the_real_0_5b_preset_generates_code():
     }
     assert loaded.info.fingerprint.startswith("gguf-sha256:1d96")
     assert loaded.tokenizer.chat_template
+    shown = token_texts(loaded.tokenizer, loaded.tokenizer.encode("龘 🦜 ok"))  # byte-level: characters split over tokens
+    assert shown == ["\\xe9\\xbe", "龘", " \\xf0\\x9f", "\\xa6", "🦜", " ok"], shown
     ids = loaded.tokenizer('print("Hello', return_tensors="pt").input_ids
     output = loaded.model.generate(ids, max_new_tokens=5, do_sample=False)
     text = loaded.tokenizer.decode(output[0])
