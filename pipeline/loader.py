@@ -141,7 +141,7 @@ class LoaderConfig:
     shards: str = option("./shards", "Activation store written by cache-acts: a folder or an fsspec URL.")
     window_chunks: int = option(64, "Chunks (of 1024 rows) shuffled together; more mixes better and uses more memory.")
     workers: int = option(4, "Threads reading and decompressing chunks.")
-    val_rows: int = option(65536, "Held-out rows used for validation.")
+    val_rows: int = option(65536, "Held-out rows used for validation, each layer its share.")
     shuffle_seed: int = option(0, "Seed of the row order; every run of a sweep reads the same batches.")
     layers: str = option("all", "Hidden states to train on: all (the store's), 12, 0-8 or 4,8,12; the others' rows are read "
                                 "and skipped.")
@@ -325,7 +325,7 @@ class ShardLoader:
             yield acts[start:][share], layers[start:][share]
 
     def _read_val(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `val_rows` held-out rows (of self.layers) in store order, kept in memory in the storage dtype."""
+        """`val_rows` held-out rows (of self.layers; each layer its share, Store.rows_of_layers), kept in memory in the storage dtype."""
         acts, layers = [], []
         for shard, (rows, layer_ids) in zip(self.store.shards, self.store.rows_of_layers("val", self.val_rows, self.layers)):
             if len(rows):

@@ -235,6 +235,19 @@ def _shard_arrays(shard: ShardInfo) -> dict[str, bool]:
     return arrays
 
 
+
+def proportional_quota(available: np.ndarray, n_rows: int | None) -> np.ndarray:
+    """n_rows (all when None or more than there are) apportioned over layers in proportion to their available rows,
+    [n_layers] int64, by largest remainder: the quotas sum to n_rows exactly and none exceeds what its layer has."""
+    counts = [int(count) for count in available]  # Python ints: count * n_rows may pass 2**63
+    total = sum(counts)
+    if n_rows is None or n_rows >= total:
+        return np.array(counts, np.int64)
+    quota = np.array([count * n_rows // total for count in counts], np.int64)
+    remainder = np.array([count * n_rows % total for count in counts], np.float64)  # ties go to the lower layer
+    quota[np.argsort(-remainder, kind="stable")[: n_rows - int(quota.sum())]] += 1
+    return quota
+
 class Store:
     """A readable view of a store: metadata, complete shards, statistics and rows."""
 
@@ -369,21 +382,31 @@ class Store:
         return None if layers is None or set(self.metadata["layers"]) <= set(layers) else list(layers)
 
     def rows_of_layers(self, split: str, n_rows: int | None = None, layers: list[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per shard, (offsets, layer ids) of the split's first n_rows rows (all when None) of the given layers
-        (all when None), in store order."""
-        picked, remaining, layers = [], self.n_rows(split) if n_rows is None else n_rows, self.kept_layers(layers)
+        """Per shard, (offsets, layer ids) of n_rows rows of the split (all when None) of the given layers (all when
+        None): each layer gives its first rows in store order, as many as its share of the split's rows.
+
+        Not simply the split's first n_rows rows: a forward batch's rows are sorted by layer, so those could hold
+        none of the late layers (with --layers-per-token all, whenever one batch holds more than n_rows rows).
+        """
+        layers, n_layers = self.kept_layers(layers), self.n_hidden_states
+        held_out_ids = {}  # shard name -> the held-out split's layer ids, read once for both passes
+        if split == "train":  # the shards' statistics count their training rows by layer
+            available = sum((self.read(shard, "stats/count") for shard in self.shards), np.zeros(n_layers, np.int64))
+        else:
+            held_out_ids = {shard.name: self.read(shard, f"{split}/layer") for shard in self.shards}
+            available = sum((np.bincount(ids, minlength=n_layers) for ids in held_out_ids.values()), np.zeros(n_layers, np.int64))
+        if layers is not None:
+            available = np.where(np.isin(np.arange(n_layers), layers), available, 0)
+        quota = proportional_quota(available, n_rows)  # [n_layers] rows still to take of each layer
+        picked = []
         for shard in self.shards:
-            if remaining == 0:
-                rows = layer_ids = np.zeros(0, np.int64)
-            elif layers is None:
-                layer_ids = self.read(shard, f"{split}/layer", 0, min(shard.n_rows[split], remaining))
-                rows = np.arange(len(layer_ids))
-            else:
-                layer_ids = self.read(shard, f"{split}/layer")
-                rows = np.flatnonzero(np.isin(layer_ids, layers))[:remaining]
-                layer_ids = layer_ids[rows]
+            rows = layer_ids = np.zeros(0, np.int64)
+            if quota.any() and shard.n_rows[split]:
+                ids = held_out_ids[shard.name] if held_out_ids else self.read(shard, f"{split}/layer")
+                rows = np.sort(np.concatenate([np.flatnonzero(ids == layer)[: quota[layer]] for layer in np.flatnonzero(quota)]))
+                layer_ids = ids[rows]
+                quota -= np.bincount(layer_ids, minlength=n_layers)
             picked.append((rows, layer_ids))
-            remaining -= len(rows)
         return picked
 
     def layer_stats_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

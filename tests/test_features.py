@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_tokenizer
 from rich.cells import cell_len
 from rich.console import Console
 from transformers import AutoTokenizer
@@ -40,7 +39,7 @@ from pipeline.loader import layer_stats_of
 from pipeline.models import load_model
 from pipeline.report import context_html, write_html_report
 from pipeline.sae import SAEConfig, TopKSAE
-from pipeline.store import Store, create_or_open
+from pipeline.store import Store, create_or_open, proportional_quota
 from pipeline.token_text import token_texts
 from pipeline.train import CHECKPOINT, DATA_FILE
 
@@ -109,14 +108,19 @@ def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates, layers):
     sae = sae if candidates == "all" else with_few_candidates(sae)
     scan = scan_features(sae, store, "train", n_rows, top=5, batch_rows=256, layers=layers)
     rows = all_rows(store, "train")
-    if layers is not None:  # the rows of those layers, in store order
-        picked = np.isin(rows["layer"], layers)
-        assert n_rows is None or picked[: store.shards[0].n_rows["train"]].sum() < n_rows < picked.sum()
-        rows = {name: column[torch.from_numpy(picked) if name == "acts" else picked] for name, column in rows.items()}
-    n = len(rows["layer"]) if n_rows is None else n_rows
-    layer = torch.from_numpy(rows["layer"][:n].astype(np.int64))
+    picked = np.isin(rows["layer"], layers if layers is not None else range(5))
+    if n_rows is not None:  # each layer's first rows in store order, as many as its share of n_rows
+        assert picked[: store.shards[0].n_rows["train"]].sum() < n_rows < picked.sum()
+        quota = proportional_quota(np.bincount(rows["layer"][picked], minlength=5), n_rows)
+        for l in range(5):
+            of_layer = np.flatnonzero(picked & (rows["layer"] == l))
+            picked[of_layer[quota[l] :]] = False
+    rows = {name: column[torch.from_numpy(picked) if name == "acts" else picked] for name, column in rows.items()}
+    n = len(rows["layer"])
+    assert n == (n_rows or n)
+    layer = torch.from_numpy(rows["layer"].astype(np.int64))
     with torch.no_grad():
-        values, indices = sae.encode(rows["acts"][:n], layer)
+        values, indices = sae.encode(rows["acts"], layer)
     code = torch.zeros(n, N_LATENTS).scatter_(1, indices, values)  # [rows, n_latents]
     fired = code > 0
     assert scan.n_rows == n

@@ -11,7 +11,7 @@ import zarr
 from pipeline.chunk_file import ChunkFile
 from pipeline.errors import CrosscodersError
 from pipeline.storage import Location
-from pipeline.store import ShardData, SplitRows, Store, create_or_open, from_storage, layer_sum_tensors, to_storage
+from pipeline.store import ShardData, SplitRows, Store, create_or_open, from_storage, layer_sum_tensors, proportional_quota, to_storage
 
 D_MODEL, N_STATES = 16, 3
 METADATA = {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": N_STATES}, "dtype": "bf16", "layers": [0, 1, 2]}
@@ -25,10 +25,11 @@ def make_shard(rows: int, seed: int, window: int) -> ShardData:
         return SplitRows(to_storage(acts[offset : offset + n], "bf16"), rng.integers(0, N_STATES, n), rng.integers(0, 100, n),
                          np.full(n, window), np.arange(1, n + 1))
 
+    splits = {"train": split_rows(rows - 2, 0), "val": split_rows(2, rows - 2)}
     return ShardData(
-        splits={"train": split_rows(rows - 2, 0), "val": split_rows(2, rows - 2)},
-        doc_index=np.array([window]), doc_split=np.array([0]), doc_offsets=np.array([0, rows]),
-        doc_tokens=np.arange(rows), stats_count=np.zeros(N_STATES), stats_sum=np.zeros((N_STATES, D_MODEL)),
+        splits=splits,
+        doc_index=np.array([window]), doc_split=np.array([0]), doc_offsets=np.array([0, rows]), doc_tokens=np.arange(rows),
+        stats_count=np.bincount(splits["train"].layer, minlength=N_STATES), stats_sum=np.zeros((N_STATES, D_MODEL)),
         stats_sum_sq_norm=np.zeros(N_STATES), windows=[window], window_pairs=[rows],
     )
 
@@ -280,3 +281,38 @@ def test_layer_sums_are_the_kept_rows_count_sum_and_sum_of_squared_norms_per_lay
         torch.testing.assert_close(total[layer], rows.sum(0), rtol=1e-12, atol=1e-9)
         torch.testing.assert_close(sum_sq[layer], rows.square().sum(), rtol=1e-12, atol=1e-9)
     assert count[4] == 0 and not total[4].any()
+
+
+def test_proportional_quota_sums_to_the_rows_asked_for_and_never_exceeds_a_layer():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        available = rng.integers(0, 50, rng.integers(1, 30)) * rng.integers(0, 2)  # all empty at times
+        n_rows = int(rng.integers(0, available.sum() + 5))
+        quota = proportional_quota(available, n_rows)
+        assert quota.sum() == min(n_rows, available.sum()) and (quota <= available).all() and (quota >= 0).all()
+        exact = available * min(n_rows, available.sum()) / max(available.sum(), 1)
+        assert (np.abs(quota - exact) < 1).all()  # each layer its share, rounded
+    assert proportional_quota(np.array([5, 0, 7]), None).tolist() == [5, 0, 7]
+    assert proportional_quota(np.array([10**12, 3 * 10**12]), 4 * 10**12 - 1).tolist() == [10**12, 3 * 10**12 - 1]  # no overflow
+
+
+def test_every_layer_gives_its_share_of_rows_even_when_rows_are_sorted_by_layer(tmp_path):
+    """A forward batch's rows are sorted by layer: the split's first rows would be the early layers' alone."""
+    store = create_or_open(tmp_path / "s", METADATA)
+    for window, sizes in ((0, (600, 500, 400)), (1, (30, 20, 10))):
+        shard = make_shard(sum(sizes) + 2, window, window)
+        for split in shard.splits.values():  # every layer's rows, layer by layer, as _record_batch stores them
+            split.layer[:] = np.sort(np.repeat(np.arange(N_STATES), sizes) if len(split.layer) > 2 else split.layer)
+        shard.stats_count[:] = sizes
+        store.write_shard(shard)
+    store = Store(tmp_path / "s")
+    picked = store.rows_of_layers("train", 300)
+    kept = np.concatenate([ids for _, ids in picked])
+    assert np.bincount(kept, minlength=N_STATES).tolist() == [121, 100, 79]  # 630 : 520 : 410 of 1,560: 121.2, 100.0, 78.8
+    first, ids = picked[0]
+    assert [rows.tolist() for rows, _ in picked[1:]] == [[]]  # the first shard holds enough of each layer
+    assert np.array_equal(first, np.concatenate([np.arange(121), 600 + np.arange(100), 1100 + np.arange(79)]))
+    assert np.array_equal(ids, store.read(store.shards[0], "train/layer")[first])
+    assert np.bincount(np.concatenate([ids for _, ids in store.rows_of_layers("train", 300, [1, 2])])).tolist() == [0, 168, 132]
+    every = store.rows_of_layers("train")
+    assert [len(rows) for rows, _ in every] == [1500, 60] and all(np.array_equal(rows, np.arange(len(rows))) for rows, _ in every)

@@ -1,10 +1,10 @@
 """Tokens shown on their own: visible control characters, and characters split over byte-level tokens."""
 
+from conftest import build_tiny_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from pipeline.token_text import token_bytes, token_texts
-from tests.conftest import build_tiny_tokenizer
 
 
 def test_control_characters_are_drawn_visibly():
