@@ -34,7 +34,7 @@ from pipeline.models import ModelInfo, load_model
 from pipeline.positions import RECORD_ALL, SkippedPositions
 from pipeline.sae import TopKSAE, load
 from pipeline.store import Store
-from pipeline.train import CHECKPOINT, DATA_FILE, run_data, trained_layers
+from pipeline.train import CHECKPOINT, DATA_FILE, finite_or_null, run_data, trained_layers
 
 Reconstruct = Callable[[torch.Tensor, int], torch.Tensor]  # (x: [n, d_model], layer) -> x_hat: [n, d_model]
 EVAL_FILE, PLOT_FILE = "eval.json", "recovered.png"
@@ -350,6 +350,6 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
         "average": average(results),
     }
     eval_path, plot_path = out / EVAL_FILE, out / PLOT_FILE
-    eval_path.write_text(json.dumps(report, indent=2))
+    eval_path.write_text(json.dumps(finite_or_null(report), indent=2))  # plain JSON: a 0/0 fraction is null
     plot_recovered(results, plot_path, f"{Path(config.sae).resolve().name} on {info.name}")
     return results, eval_path, plot_path

@@ -473,9 +473,11 @@ def trained_layers(data: dict) -> list[int]:
 
 
 def finite_or_null(value):
-    """value with every float that is not finite, inside dicts too, replaced by None."""
+    """value with every float that is not finite, inside dicts and lists too, replaced by None."""
     if isinstance(value, dict):
         return {name: finite_or_null(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(item) for item in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 

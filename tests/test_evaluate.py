@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from contextlib import ExitStack
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM
 
+import pipeline.evaluate
 from pipeline.cache import CacheConfig, cache_activations, pack_batches
 from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
@@ -304,3 +306,14 @@ def test_an_sae_scores_on_the_bf16_model_as_on_the_float32_one(float32_model, ti
         for name in ("ce_clean", "ce_sae", "ce_zero", "ce_mean", "kl", "mse", "fvu"):  # 2.8e-5 to 5.5e-4 apart, measured
             assert getattr(b, name) == pytest.approx(getattr(a, name), rel=2e-3), name
         assert b.ce_sae != a.ce_sae  # it did run in bf16
+
+
+def test_a_fraction_with_no_denominator_is_null_in_eval_json(store, tmp_path, monkeypatch):
+    """eval.json is plain JSON, as metrics.jsonl is: no NaN where clean and ablated losses tie."""
+    run = saved_run(tmp_path / "run", store)
+    real = pipeline.evaluate.evaluate
+    monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda *args: [replace(r, ce_zero=r.ce_clean) for r in real(*args)])
+    _, eval_path, _ = run_eval(EvalConfig(sae=str(run), layers="1", n_docs=1), QUIET, progress=False)
+    report = json.loads(eval_path.read_text(), parse_constant=lambda name: pytest.fail(f"eval.json holds {name}"))
+    assert report["layers"][0]["recovered_loss"] is None and report["average"]["recovered_loss"] is None
+    assert report["layers"][0]["recovered_loss_mean"] is not None
