@@ -278,11 +278,15 @@ class TopKSAE(nn.Module):
             )
 
     def save(self, folder: Path | str):
-        """Write cfg.json and sae_weights.safetensors (the SAELens layout) into folder."""
+        """Write sae_weights.safetensors, then cfg.json (the SAELens layout) into folder, each whole or not at all:
+        a crash while saving leaves the files before, never a torn SAE."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2))
-        save_file({name: t.detach().contiguous() for name, t in self.state_dict().items()}, folder / WEIGHTS_FILE)
+        weights, config = folder / (WEIGHTS_FILE + ".tmp"), folder / (CONFIG_FILE + ".tmp")
+        save_file({name: t.detach().contiguous() for name, t in self.state_dict().items()}, weights)
+        config.write_text(json.dumps(asdict(self.cfg), indent=2))
+        os.replace(weights, folder / WEIGHTS_FILE)
+        os.replace(config, folder / CONFIG_FILE)
 
 
 def _not_an_sae(folder: Path, missing: str) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,6 +263,25 @@ def test_save_and_load_give_identical_outputs(tmp_path, layer_encoding):
     for name, expected in sae(x, layer).__dict__.items():
         assert torch.equal(getattr(loaded(x, layer), name), expected), name
     assert {p.name for p in tmp_path.iterdir()} == {"cfg.json", "sae_weights.safetensors"}
+
+
+def test_a_save_that_fails_midway_leaves_the_sae_before_it(tmp_path, monkeypatch):
+    """The trainer's final save writes into the run's own folder: a crash there must not leave a torn SAE."""
+    first, second = make_sae(), make_sae(seed=1)
+    first.save(tmp_path)
+
+    def torn(tensors, path):
+        Path(path).write_bytes(b"\x00" * 100)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("pipeline.sae.save_file", torn)
+    with pytest.raises(OSError):
+        second.save(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(load(tmp_path).state_dict().values(), first.state_dict().values(), strict=True))
+    monkeypatch.undo()
+    second.save(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(load(tmp_path).state_dict().values(), second.state_dict().values(), strict=True))
+    assert {p.name for p in tmp_path.iterdir()} == {"cfg.json", "sae_weights.safetensors"}  # the torn file replaced
 
 
 def apply_as_format_md_says(folder, x: np.ndarray, layer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
