@@ -203,6 +203,7 @@ def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Consol
     device = distributed.local_device(resolve_device(config.device))
     rank, world_size = distributed.init_from_env(device, backend="gloo")  # stage one only exchanges a few counts
     try:
+        distributed.check_same_settings({"cache": asdict(config), "corpus": corpus.to_dict()})
         return _cache(config, corpus, console, progress and rank == 0, device, rank, world_size)
     finally:
         distributed.close()

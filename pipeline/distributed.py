@@ -1,5 +1,7 @@
 """Data parallelism under torchrun: which process this is, and sums across processes (no-ops in a single process)."""
 
+import hashlib
+import json
 import os
 
 import torch
@@ -63,6 +65,51 @@ def all_gather_ints(values: list[int]) -> list[list[int]]:
     gathered = [torch.zeros(len(values), dtype=torch.long) for _ in range(world_size())]
     dist.all_gather(gathered, torch.tensor(values, dtype=torch.long))
     return [t.tolist() for t in gathered]
+
+
+def check_same_settings(settings: dict) -> None:
+    """Refuse, in one line, settings that differ between the processes: each node of a job runs its own command, and
+    a process with other options would hang stage one or train another SAE without a word."""
+    if world_size() == 1:
+        return
+    fields = flat_fields(settings)
+    if not any(_differ([len(fields), _digest(fields)])):
+        return
+    if _differ([len(fields)])[0]:
+        raise CrosscodersError("the processes of this job were given different settings (such as --sweep); start every "
+                               "process with the same options")
+    differing = [option_name(name) for name, differs in zip(fields, _differ([_digest(value) for value in fields.values()])) if differs]
+    raise CrosscodersError(f"the processes of this job were given different {', '.join(dict.fromkeys(differing))}; start "
+                           "every process with the same options")
+
+
+def option_name(field: str) -> str:
+    """The command-line option of a flat_fields name: "runs.0.lr" -> "--lr"."""
+    return "--" + next(part for part in reversed(field.split(".")) if not part.isdigit()).replace("_", "-")
+
+
+def flat_fields(value, name: str = "") -> dict:
+    """{"a.b.0": leaf} for every leaf of nested dicts and lists."""
+    if isinstance(value, dict | list | tuple):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        return {path: leaf for key, item in items for path, leaf in flat_fields(item, f"{name}.{key}" if name else str(key)).items()}
+    return {name: value}
+
+
+def _digest(value) -> int:
+    """A 56-bit hash of a JSON-able value, the same in every process."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+
+
+def _differ(values: list[int]) -> list[bool]:
+    """For each value, whether it differs between processes (under gloo or NCCL)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    low = torch.tensor(values, dtype=torch.int64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return (low != high).tolist()
 
 
 def close():

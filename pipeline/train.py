@@ -574,6 +574,8 @@ def train_on_store(
     device = distributed.local_device(device)
     rank, world_size = distributed.init_from_env(device)
     try:
+        loader_settings = {name: value for name, value in asdict(loader_cfg).items() if name != "workers"}  # each its own
+        distributed.check_same_settings({"loader": loader_settings, "train": asdict(base), "sweep": sweep, "out": str(out), "resume": resume})
         layers = stored_layers(loader_cfg.layers, store.metadata["layers"], store.n_hidden_states)
         source = ShardLoader(store, base.batch_size, loader_cfg.shuffle_seed, device, loader_cfg.window_chunks,
                              loader_cfg.workers, loader_cfg.val_rows, rank, world_size, layers)

@@ -235,3 +235,38 @@ def test_rows_reach_their_processes_bit_exactly():
         assert dtype == torch.bfloat16 and ids == ids_from_0 + ids_from_1  # by sender, each in its order
         expected = torch.cat([sent[0][ids_from_0], sent[1][[i - 10 for i in ids_from_1]]])
         assert acts == expected.view(torch.int16).tolist()
+
+
+def compare_settings(rank: int, port: int, results):
+    """One process of test_processes_given_different_settings_are_refused_in_one_line."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    base = {"train": {"lr": 1e-3, "k": 32}, "sweep": ["k=16,32"], "out": "runs/a"}
+    cases = {
+        "same": base,
+        "lr": {**base, "train": {"lr": 1e-3 * (1 + rank), "k": 32}},
+        "two fields": {**base, "out": f"runs/{rank}", "train": {"lr": 1e-3, "k": 32 + rank}},
+        "sweep": {**base, "sweep": ["k=16,32"] + ["expansion=4,8"] * rank},
+    }
+    for case, settings in cases.items():
+        try:
+            distributed.check_same_settings(settings)
+            results[(rank, case)] = None
+        except CrosscodersError as error:
+            results[(rank, case)] = str(error)
+    dist.destroy_process_group()
+
+
+def test_processes_given_different_settings_are_refused_in_one_line():
+    """Each node of a job runs its own command: a process with another --n-tokens hung stage one's exchange, and one
+    with another --lr trained a different SAE than its record says."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(compare_settings, args=(free_port(), results), nprocs=2)
+    for rank in range(2):  # every process refuses, so none waits for the others
+        assert results[(rank, "same")] is None
+        assert results[(rank, "lr")] == "the processes of this job were given different --lr; start every process with the same options"
+        assert results[(rank, "two fields")].startswith("the processes of this job were given different --k, --out;")
+        assert results[(rank, "sweep")].startswith("the processes of this job were given different settings (such as --sweep)")
