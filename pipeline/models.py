@@ -202,16 +202,16 @@ def _canonical_config(config_json: Path) -> str:
 
 
 def _weights_files(folder: Path) -> list[Path]:
-    """The weights files from_pretrained reads: model.safetensors or the shards its index names, else the same of
-    pytorch_model.bin; other files beside them (a snapshot may hold more) do not count. Else every such file."""
+    """The weights files from_pretrained reads, in its order: model.safetensors, else the shards its index names, else
+    the same of pytorch_model.bin; other files beside them (a snapshot may hold more) do not count. Else every such file."""
     for single, index in (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return [folder / single]
         if (folder / index).is_file():
             try:
                 return sorted({folder / name for name in json.loads((folder / index).read_text())["weight_map"].values()})
             except (ValueError, LookupError, TypeError, AttributeError) as error:
                 raise CrosscodersError(f"{folder / index} is damaged ({error!r}); restore the model's weights") from None
-        if (folder / single).is_file():
-            return [folder / single]
     return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
 
 

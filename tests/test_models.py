@@ -69,6 +69,19 @@ def test_the_fingerprint_covers_the_weights(tiny, tiny_model_dir, tmp_path):
     assert load_model(str(copy)).info.fingerprint != tiny.info.fingerprint
 
 
+def test_the_fingerprint_covers_the_file_from_pretrained_loads_not_a_stale_index_beside_it(tiny, tiny_model_dir, tmp_path):
+    """from_pretrained reads model.safetensors before model.safetensors.index.json: so must the fingerprint."""
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    shard = load_file(folder / "model.safetensors")
+    shard["model.layers.2.mlp.down_proj.weight"] += 1e-2  # another model's weights, in the shard the index names
+    save_file(shard, folder / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {name: "model-00001-of-00001.safetensors" for name in shard}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert load_model(str(folder)).info.fingerprint == tiny.info.fingerprint
+    (folder / "model.safetensors").unlink()  # now from_pretrained reads the shard
+    assert load_model(str(folder)).info.fingerprint != tiny.info.fingerprint
+
+
 def test_the_fingerprint_covers_pytorch_bin_weights(tiny_model_dir, tmp_path):
     fingerprints = []
     for name in ("base", "tuned"):
