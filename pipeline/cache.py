@@ -47,7 +47,7 @@ class CacheConfig:
                                       "on a GPU with bf16 tensor cores or a CPU with bf16 instructions (AVX512-BF16, AMX), "
                                       "else float32.")
     device: str = option("auto", "Device for the forward pass: auto, cpu, cuda, cuda:1, ...")
-    shard_rows: int = option(65536, "Training rows per shard (each shard is written whole, then made visible).")
+    shard_rows: int = option(65536, "Training rows per shard, at least (a shard ends with a packing window; it is written whole, then made visible).")
 
     def __post_init__(self):
         if self.dtype not in STORAGE_DTYPES:
@@ -106,7 +106,7 @@ def resolve_device(spec: str) -> torch.device:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls beat float32 ones here: on GPUs with bf16 tensor cores (from Ampere, sm_80), and on CPUs
-    with AVX512-BF16 or AMX (2.2x measured, docs/BENCHMARKS.md); the others emulate bf16 at float32's speed or below."""
+    with AVX512-BF16 or AMX (a 2.3x faster matmul on dev-cpu, docs/BENCHMARKS.md); the others emulate bf16 at float32's speed or below."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))

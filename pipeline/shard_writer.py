@@ -46,7 +46,8 @@ class _Pending:
 
 
 class ShardWriter:
-    """Accepts RecordedBatch objects; writes a shard whenever `shard_rows` training rows are pending."""
+    """Accepts RecordedBatch objects; writes a shard at the end of the first packing window that brings the pending
+    training rows to `shard_rows`."""
 
     def __init__(self, store: Store, shard_rows: int, queue_size: int = 4):
         self.store, self.shard_rows = store, shard_rows
