@@ -115,6 +115,8 @@ def main(
     except CrosscodersError as error:
         raise typer.BadParameter(str(error)) from None
     names = decoders.split(",")
+    if profile and torch_device.type == "cuda":  # a CUDA graph captured before the profiler's first use can hang under it
+        torch.profiler._utils._init_for_cuda_graphs()  # (pytorch#75504; the workaround PyTorch provides)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, d_model, generator=generator).to(torch_device)
     layer = torch.randint(0, N_LAYERS, (batch_size,), generator=generator).to(torch_device)

@@ -27,6 +27,8 @@ def recorded_batches(n_rows: int, batch_rows: int, d_model: int, n_layers: int, 
     """(batch, seconds its statistics took on device) per batch of random rows, grouped by layer as cache-acts
     records them."""
     rng = np.random.default_rng(0)
+    warm = torch.zeros(8, d_model, device=device, dtype=torch.bfloat16)  # untimed: cuBLAS's handle and kernels
+    layer_sum_tensors(warm, torch.zeros(8, dtype=torch.int64, device=device), n_layers, torch.ones(8, dtype=torch.bool, device=device))
     for window, start in enumerate(range(0, n_rows, batch_rows)):
         n = min(batch_rows, n_rows - start)
         acts = (torch.randn(n, d_model, device=device) * 3).bfloat16()

@@ -193,6 +193,8 @@ def main(
     table = Table(title=f"stage two: d_model {store.d_model}, batch {batch_size}, {torch_device}, {loader.n_rows:,} rows")
     for column in ("measure", "expansion", "k", "step", "rows/s", "ratio", "first batch s"):
         table.add_column(column, justify="right")
+    if torch_device.type == "cuda":  # untimed: the CUDA context, the side stream and the first pinned window buffers
+        loader_rows_per_s(loaders[0], steps, torch_device)
     for count, each in zip(counts, loaders):
         rate = loader_rows_per_s(each, steps, torch_device)
         add_row(table, f"loader alone, {count} threads", "-", "-", "-", f"{rate:,.0f}", "", "")
