@@ -254,7 +254,8 @@ class Lens:
 
 @torch.no_grad()
 def promoted_tokens(sae: TopKSAE, lens: Lens, feature: int, layer: int, n_tokens: int = 10) -> list[tuple[str, float]]:
-    """Tokens the latent's decoder direction raises most through the logit lens at layer: (text, logit per unit activation)."""
+    """Tokens the latent's decoder direction raises most through the logit lens at layer: (text, logit per unit activation,
+    leaving out the final norm's division by the state's rms, as logit-lens weights do: it ranks tokens the same)."""
     direction = (sae.W_dec[feature] / sae.norm_scale[layer]).to(lens.unembedding)  # [d_model] in the layer's raw space
     if layer != lens.final_layer:  # earlier states still pass through the final norm, whose weight scales each dimension
         direction = direction * lens.norm_weight
