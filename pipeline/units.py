@@ -1,6 +1,7 @@
 """Parsing of the counts users type: `50M` tokens, `20K` steps."""
 
 import re
+from decimal import Decimal
 
 from pipeline.errors import CrosscodersError
 
@@ -15,7 +16,7 @@ def parse_count(text: str | int, option: str = "--n-tokens") -> int:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMbB]?)\s*", text)
         if not match:
             raise CrosscodersError(f"{option} {text!r} is not a count; write e.g. 20000, 20K, 50M or 1B")
-        value = float(match.group(1)) * SUFFIXES[match.group(2).upper()]
+        value = Decimal(match.group(1)) * SUFFIXES[match.group(2).upper()]  # exact: 4.1M is 4100000, not 4099999.9...
         if value != int(value):
             raise CrosscodersError(f"{option} {text!r} is not a whole number of items")
         value = int(value)
