@@ -253,6 +253,7 @@ def load_rows(config: CorpusConfig):
     """The streaming `datasets.IterableDataset` for a local file, folder or hub id."""
     import datasets  # slow to import; the mined default does without it
 
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its errors reach the user in our one line
     path = Path(config.dataset).expanduser()
     if path.is_file():
         builder = BUILDERS.get(path.suffix.lower())

@@ -297,6 +297,15 @@ def test_bad_inputs_give_one_line_errors(tiny_model_dir, corpus_file, tmp_path, 
     assert not (tmp_path / "s").exists()  # nothing is written before the inputs check out
 
 
+def test_a_malformed_dataset_file_is_one_line(tiny_model_dir, corpus_file, tmp_path):
+    """Not also datasets' own log line of the parse error before it."""
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(corpus_file.read_text().splitlines()[0] + '\n{"prompt": "q", "resp')
+    result = cli(*cli_args(tiny_model_dir, cut, tmp_path / "s", n_tokens="100"))
+    assert result.returncode == 2 and result.stderr.startswith(f"error: could not read dataset {cut}: JSON parse error")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 @pytest.mark.parametrize("options, message", [
     ({"pack_window": -3}, "--pack-window -3 must be at least 1"),
     ({"shard_rows": 0}, "--shard-rows 0 must be at least 1"),
