@@ -325,11 +325,16 @@ def train(
     try:
         return train_runs(runs, source, device, progress, data)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; last checkpoints: {last_checkpoints(runs)}; run the same command with --resume "
+        raise Interrupted(f"interrupted; last checkpoints: {last_checkpoints(runs)}; run the same command{with_resume(runs)} "
                           "to continue") from None
     except (OSError, SafetensorError) as error:  # writing the run folders: a full disk, a folder made read-only
         raise CrosscodersError(f"cannot write the run ({error}); last checkpoints: {last_checkpoints(runs)}; once it can "
-                               "be written, run the same command with --resume to continue") from None
+                               f"be written, run the same command{with_resume(runs)} to continue") from None
+
+
+def with_resume(runs: list[Run]) -> str:
+    """" with --resume" once a run of the sweep has written its settings (what --resume needs), else nothing."""
+    return " with --resume" if any((run.dir / "train_config.json").exists() for run in runs) else ""
 
 
 def last_checkpoints(runs: list[Run]) -> str:

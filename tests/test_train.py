@@ -206,11 +206,26 @@ def test_a_full_disk_is_a_one_line_error_that_keeps_the_last_checkpoint(tmp_path
     train([SMALL], small_source(), [tmp_path / "whole"], progress=False)
     monkeypatch.setattr(pipeline.train, "save_file", full_disk_at_step_20)
     with pytest.raises(CrosscodersError, match=re.escape(f"cannot write the run ([Errno 28] No space left on device); last "
-                                                         f"checkpoints: {tmp_path / 'resumed'} step 10; once it can be written")):
+                                                         f"checkpoints: {tmp_path / 'resumed'} step 10; once it can be written, "
+                                                         "run the same command with --resume to continue")):
         train([SMALL], small_source(), [tmp_path / "resumed"], progress=False)
     monkeypatch.undo()
     train([SMALL], small_source(), [tmp_path / "resumed"], resume=True, progress=False)
     assert_same_tensors(weights(tmp_path / "whole"), weights(tmp_path / "resumed"))
+
+
+def test_a_run_that_could_not_write_its_settings_is_started_again_without_resume(tmp_path, monkeypatch):
+    """--resume needs train_config.json: advising it for a run that never wrote one sent users into another error."""
+    import pipeline.train
+
+    def full_disk(path, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.train, "write_json", full_disk)
+    with pytest.raises(CrosscodersError, match=r"none yet; once it can be written, run the same command to continue$"):
+        train([SMALL], small_source(), [tmp_path / "run"], progress=False)
+    monkeypatch.undo()
+    train([SMALL], small_source(), [tmp_path / "run"], progress=False)  # the same command, as advised
 
 
 def test_a_checkpoint_is_on_disk_before_it_is_swapped_in(tmp_path, monkeypatch):
