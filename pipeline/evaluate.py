@@ -33,6 +33,7 @@ from pipeline.loader import stats_from_sums
 from pipeline.models import ModelInfo, load_model
 from pipeline.positions import RECORD_ALL, SkippedPositions
 from pipeline.sae import TopKSAE, load
+from pipeline.storage import Location
 from pipeline.store import Store
 from pipeline.train import CHECKPOINT, DATA_FILE, finite_or_null, run_data, trained_layers
 
@@ -279,6 +280,9 @@ def store_of_run(run: Path, shards: str | None, data: dict | None) -> Store:
     of the model the SAE was trained on."""
     if shards is None and data is None:
         raise CrosscodersError(f"{run} has no {DATA_FILE} saying which store it was trained on; pass --shards")
+    if shards is None and not Location(data["shards"]).entries():
+        raise CrosscodersError(f"the store {run / DATA_FILE} names, {data['shards']}, is not there; if it has moved, pass "
+                               "--shards with its new place")
     store = Store(shards or data["shards"])
     cached = store.metadata["model"]
     if data is not None and data["model"]["fingerprint"] != cached["fingerprint"]:

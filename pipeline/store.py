@@ -248,6 +248,7 @@ def proportional_quota(available: np.ndarray, n_rows: int | None) -> np.ndarray:
     quota[np.argsort(-remainder, kind="stable")[: n_rows - int(quota.sum())]] += 1
     return quota
 
+
 class Store:
     """A readable view of a store: metadata, complete shards, statistics and rows."""
 
@@ -263,6 +264,8 @@ class Store:
         except (ValueError, KeyError) as error:
             raise CrosscodersError(f"{root_meta} is damaged or not a crosscoders store ({error!r})") from None
         self.metadata = attributes.get("crosscoders", {})
+        if "n_rows" in attributes:  # a shard's commit
+            raise CrosscodersError(f"{self.location} is one shard of an activation store; pass the store, the folder above it")
         if self.metadata.get("format") != FORMAT_NAME or self.metadata.get("version") != FORMAT_VERSION:
             raise CrosscodersError(f"{root_meta} holds format {self.metadata.get('format')} v{self.metadata.get('version')}; "
                                    f"this version reads {FORMAT_NAME} v{FORMAT_VERSION}: re-cache into a new --out")

@@ -22,6 +22,7 @@ from pipeline.errors import CrosscodersError, Interrupted, one_line
 from pipeline.layers import stored_layers
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
 from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
+from pipeline.storage import Location
 from pipeline.store import Store
 from pipeline.train_step import TrainStep, autocast, check_device
 from pipeline.units import parse_count
@@ -570,12 +571,22 @@ def run_data(run_dir: Path) -> dict | None:
     return None
 
 
+def open_store(shards: str) -> Store:
+    """The store --shards names; a training run given in its place is named as such, with the store it read."""
+    folder = Path(shards)
+    if Location(shards).is_local and (folder / "train_config.json").is_file():
+        data = run_data(folder)
+        named = f", --shards {data['shards']}" if data else ""
+        raise CrosscodersError(f"{shards} is a training run, not an activation store; pass the store it was trained on{named}")
+    return Store(shards)
+
+
 def train_on_store(
     loader_cfg: LoaderConfig, base: TrainConfig, out: Path, sweep: list[str], device: torch.device, resume: bool, progress: bool = True
 ) -> dict[str, dict]:
     """`train-sae`: one SAE, or every combination of a sweep, trained in one pass over a store's shards."""
     runs = expand_sweep(base, sweep)
-    store = Store(loader_cfg.shards)
+    store = open_store(loader_cfg.shards)
     device = distributed.local_device(device)
     rank, world_size = distributed.init_from_env(device)
     try:

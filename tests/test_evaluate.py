@@ -317,3 +317,14 @@ def test_a_fraction_with_no_denominator_is_null_in_eval_json(store, tmp_path, mo
     report = json.loads(eval_path.read_text(), parse_constant=lambda name: pytest.fail(f"eval.json holds {name}"))
     assert report["layers"][0]["recovered_loss"] is None and report["average"]["recovered_loss"] is None
     assert report["layers"][0]["recovered_loss_mean"] is not None
+
+
+def test_a_moved_store_asks_for_shards_instead_of_a_new_cache(store, tmp_path):
+    run = saved_run(tmp_path / "run", store)
+    data = json.loads((run / DATA_FILE).read_text())
+    (run / DATA_FILE).write_text(json.dumps({**data, "shards": str(tmp_path / "moved-away")}))
+    with pytest.raises(CrosscodersError, match=f"^the store {run / DATA_FILE} names, {tmp_path / 'moved-away'}, is not there; "
+                                               "if it has moved, pass --shards with its new place$"):
+        run_eval(EvalConfig(sae=str(run), layers="1", n_docs=1), QUIET, progress=False)
+    _, eval_path, _ = run_eval(EvalConfig(sae=str(run), shards=store.url, layers="1", n_docs=1), QUIET, progress=False)
+    assert eval_path.exists()

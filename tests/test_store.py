@@ -316,3 +316,8 @@ def test_every_layer_gives_its_share_of_rows_even_when_rows_are_sorted_by_layer(
     assert np.bincount(np.concatenate([ids for _, ids in store.rows_of_layers("train", 300, [1, 2])])).tolist() == [0, 168, 132]
     every = store.rows_of_layers("train")
     assert [len(rows) for rows, _ in every] == [1500, 60] and all(np.array_equal(rows, np.arange(len(rows))) for rows, _ in every)
+
+
+def test_a_shard_given_as_the_store_names_the_store(store):
+    with pytest.raises(CrosscodersError, match="shard-00000002 is one shard of an activation store; pass the store, the folder above it$"):
+        Store(store.location.path("shard-00000002"))

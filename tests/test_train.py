@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.errors import CrosscodersError
 from pipeline.loader import MemoryLoader
 from pipeline.sae import load
-from pipeline.train import Run, TrainConfig, expand_sweep, latest_checkpoint, lr_at, run_data, train
+from pipeline.train import Run, TrainConfig, expand_sweep, latest_checkpoint, lr_at, open_store, run_data, train
 
 N_LAYERS = 3
 
@@ -420,3 +420,14 @@ def test_wandb_logs_offline(tmp_path, monkeypatch):
     configs = [replace(SMALL, wandb=True), replace(SMALL, k=8, wandb=True)]
     train(configs, small_source(), [tmp_path / "a", tmp_path / "b"], progress=False)
     assert list((tmp_path / "a").glob("wandb/offline-run-*")) and list((tmp_path / "b").glob("wandb/offline-run-*"))
+
+
+def test_a_training_run_given_as_shards_names_the_store_it_read(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text("{}")
+    with pytest.raises(CrosscodersError, match=f"^{run} is a training run, not an activation store; pass the store it was trained on$"):
+        open_store(str(run))
+    (run / "data.json").write_text(json.dumps({"shards": "/data/store"}))
+    with pytest.raises(CrosscodersError, match=f"^{run} is a training run, .*; pass the store it was trained on, --shards /data/store$"):
+        open_store(str(run))
