@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ LAYER_ENCODINGS = ("sinusoidal", "learned", "none")
 DECODERS = ("dense", "sparse", "triton", "auto")
 CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 CHECKPOINT = "checkpoint"  # a training run's folder of its latest checkpoint (pipeline/train.py)
+CHECKPOINT_READ_ATTEMPTS = 3  # a reader of a running trainer's checkpoint/ may meet it between two renames
 Selection = tuple[torch.Tensor, torch.Tensor]  # (values, indices) of chosen latents: [batch, m] each
 
 # decoder="auto" picks the training step by density k / n_latents. From python -m bench.sae_step on 2 CPU cores
@@ -306,12 +308,25 @@ def _not_an_sae(folder: Path, missing: str) -> str:
 def load(path: Path | str, device: torch.device | str = "cpu") -> TopKSAE:
     """The SAE saved in path: a training run folder or its checkpoint/ folder."""
     folder = Path(path)
+    attempts = CHECKPOINT_READ_ATTEMPTS if folder.name == CHECKPOINT else 1
+    for attempt in range(attempts):  # a running trainer swaps in a new checkpoint/ at each save: read it once there
+        try:
+            return _load(folder, device)
+        except CrosscodersError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2)
+
+
+def _load(folder: Path, device: torch.device | str) -> TopKSAE:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise CrosscodersError(f"no SAE at {folder}: {_not_an_sae(folder, name)}")
     try:
         cfg = SAEConfig(**json.loads((folder / CONFIG_FILE).read_text()))
         weights = load_file(folder / WEIGHTS_FILE)
+    except FileNotFoundError as error:
+        raise CrosscodersError(f"no SAE at {folder}: {error.filename} went away while it was read") from None
     except (ValueError, TypeError, SafetensorError, CrosscodersError) as error:
         raise CrosscodersError(f"SAE at {folder} is corrupt ({error}); retrain it or restore its files") from None
     sae = TopKSAE(cfg)

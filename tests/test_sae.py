@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import layer_stats_of
-from pipeline.sae import ForwardOutput, SAEConfig, TopKSAE, decode_dense, load, sinusoidal_encoding
+from pipeline.sae import (
+    ForwardOutput,
+    SAEConfig,
+    TopKSAE,
+    decode_dense,
+    load,
+    sinusoidal_encoding,
+)
 from pipeline.sparse_topk import decode, gather_pre_acts
 
 D_MODEL, N_LAYERS = 32, 4
@@ -427,3 +435,22 @@ def test_forward_and_auxk_equal_the_topk_recipe_written_out(decoder, layer_encod
     torch.testing.assert_close(out.x_hat, x_hat_n / sae.norm_scale[layer, None] + sae.norm_mean[layer])
     torch.testing.assert_close(out.x_hat_normalized.detach(), x_hat_n)
     assert out.auxk_loss.item() == pytest.approx(((e - e_aux).pow(2).sum() / e.pow(2).sum()).item(), rel=1e-5)
+
+
+def test_a_checkpoint_swapped_in_while_it_is_read_is_read_again(tmp_path, monkeypatch):
+    """eval-sae RUN/checkpoint while training runs: the trainer renames checkpoint/ away and a new one in at each save."""
+    make_sae().save(tmp_path / "checkpoint")
+    make_sae().save(tmp_path / "run")
+    real, calls = load_file, []
+
+    def swapped_once(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path)
+
+    monkeypatch.setattr("pipeline.sae.load_file", swapped_once)
+    assert load(tmp_path / "checkpoint").cfg == make_sae().cfg and len(calls) == 2
+    calls.clear()
+    with pytest.raises(CrosscodersError, match=r"^no SAE at .*run: .*sae_weights.safetensors went away while it was read$"):
+        load(tmp_path / "run")  # a finished run's folder is not swapped: no second try
