@@ -325,9 +325,15 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     device = resolve_device(config.device)
     sae = load(config.sae, device).eval()
     data = run_data(Path(config.sae))
+    model_given = config.model is not None
     config, store = resolve(config, data)
     model_dtype = resolve_model_dtype(config.model_dtype, device, store.metadata.get("model_dtype"))
-    loaded = load_model(config.model, device=device, dtype=model_dtype)
+    try:
+        loaded = load_model(config.model, device=device, dtype=model_dtype)
+    except CrosscodersError as error:
+        if model_given:
+            raise
+        raise CrosscodersError(f"{error} (the model {store.url} was cached from; if it has moved, pass --model)") from None
     info = loaded.info
     check_model_of_store(info, store)
     sae.check_compatible(info.d_model, info.n_hidden_states)

@@ -335,7 +335,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     try:
         loaded = load_model(spec)
     except (CrosscodersError, OSError) as error:
-        note = f" model {spec!r} did not load ({error}): no promoted tokens, contexts shown as token ids"
+        note = f" model {spec!r} did not load ({error}): no promoted tokens, contexts shown as token ids (--model names it)"
         console.print(Text.assemble(("note:", "yellow"), note))
         lens = None
     else:

@@ -122,6 +122,7 @@ def load_model(
     """Loads a preset name, a local HF folder, a local .gguf file or a hub id, in eval mode on device/dtype."""
     cache_dir = Path(cache_dir) if cache_dir is not None else model_cache_dir()
     path = Path(spec).expanduser()
+    name = spec if spec in PRESETS or not path.exists() else os.path.abspath(path)  # a local path, then found from anywhere
     if spec in PRESETS:
         preset = PRESETS[spec]
         source = _converted_preset(spec, preset, cache_dir)
@@ -152,7 +153,7 @@ def load_model(
 
     n_layers = len(decoder_layers(model))
     vocab_size, d_model = unembedding_matrix(model).shape
-    info = ModelInfo(spec, fingerprint, d_model, n_layers, n_layers + 1, vocab_size)
+    info = ModelInfo(name, fingerprint, d_model, n_layers, n_layers + 1, vocab_size)
     return LoadedModel(model, tokenizer, info)
 
 

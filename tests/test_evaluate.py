@@ -328,3 +328,17 @@ def test_a_moved_store_asks_for_shards_instead_of_a_new_cache(store, tmp_path):
         run_eval(EvalConfig(sae=str(run), layers="1", n_docs=1), QUIET, progress=False)
     _, eval_path, _ = run_eval(EvalConfig(sae=str(run), shards=store.url, layers="1", n_docs=1), QUIET, progress=False)
     assert eval_path.exists()
+
+
+def test_a_model_the_store_names_that_does_not_load_asks_for_model(store, tmp_path, monkeypatch):
+    run = saved_run(tmp_path / "run", store)
+
+    def gone(spec, **kwargs):
+        raise CrosscodersError(f"could not load model {spec!r}")
+
+    monkeypatch.setattr(pipeline.evaluate, "load_model", gone)
+    with pytest.raises(CrosscodersError, match=f"^could not load model .* \\(the model {store.url} was cached from; if it has "
+                                               "moved, pass --model\\)$"):
+        run_eval(EvalConfig(sae=str(run), layers="1", n_docs=1), QUIET, progress=False)
+    with pytest.raises(CrosscodersError, match="^could not load model 'elsewhere'$"):  # given: its own error
+        run_eval(EvalConfig(sae=str(run), model="elsewhere", layers="1", n_docs=1), QUIET, progress=False)

@@ -36,6 +36,13 @@ def test_a_local_folder_loads_in_eval_mode_with_its_shape(tiny, tiny_model_dir):
     assert len(hidden) == info.n_hidden_states
 
 
+def test_a_local_model_is_named_by_its_absolute_path(tiny, tiny_model_dir, monkeypatch):
+    """Stores and runs record the name: eval-sae and sae-features load it again from other folders."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    info = load_model(tiny_model_dir.name).info
+    assert (info.name, info.fingerprint) == (str(tiny_model_dir), tiny.info.fingerprint)
+
+
 def test_the_fingerprint_is_stable_across_loads_and_dtypes(tiny, tiny_model_dir):
     again = load_model(str(tiny_model_dir), dtype=torch.bfloat16)
     assert again.info.fingerprint == tiny.info.fingerprint
