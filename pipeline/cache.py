@@ -9,20 +9,42 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from pipeline import distributed
 from pipeline.background import ahead
 from pipeline.cli import option
-from pipeline.corpus import CorpusConfig, check_chat_template, is_validation, iter_documents, mined_files_fingerprint, tokenize_document
+from pipeline.corpus import (
+    CorpusConfig,
+    check_chat_template,
+    dataset_files_fingerprint,
+    is_validation,
+    iter_documents,
+    mined_files_fingerprint,
+    tokenize_document,
+)
 from pipeline.errors import CrosscodersError, Interrupted
 from pipeline.hidden_states import capture_rows
 from pipeline.layers import parse_layers
 from pipeline.models import DEFAULT_MODEL, decoder_layers, load_model
 from pipeline.positions import skipped_positions
 from pipeline.shard_writer import RecordedBatch, ShardWriter
-from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, create_or_open, layer_sum_tensors, recorded_metadata
+from pipeline.store import (
+    ROW_FIELDS,
+    STORAGE_DTYPES,
+    Store,
+    create_or_open,
+    layer_sum_tensors,
+    recorded_metadata,
+)
 from pipeline.units import parse_count
 from pipeline.windows import PairLedger, Window, read_windows, window_rounds
 
@@ -229,6 +251,7 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
         "skipped": skipped.to_dict(),
         "corpus": corpus.to_dict(),
         "mined_files": mined_files_fingerprint() if corpus.dataset is None else None,
+        "dataset_files": dataset_files_fingerprint(corpus),
     }
     if next(iter_documents(corpus), None) is None:  # a bad --dataset fails here, before any store exists
         raise CrosscodersError("the corpus yields no documents; check --dataset and its fields")

@@ -25,6 +25,7 @@ ROW_BUFFER = 10_000  # dataset rows held for shuffling
 MAX_FUNCTION_LINES = 60
 MIN_DOCSTRING_WORDS = 4
 MAX_FILE_BYTES = 1_000_000  # larger files are mostly generated tables, slow to parse
+FINGERPRINT_BYTES = 1 << 20  # of each dataset file, the first and last MiB count in its fingerprint
 # The layout of mined prompts, in a store's mined_files: a store of another layout is never extended with this one's
 # documents. 2: the docstring first (1 opened with "Write a Python function", which 8% of positions shared).
 MINED_PROMPTS = 2
@@ -142,6 +143,29 @@ def mined_files_fingerprint() -> str:
         for root in group:
             for path in sorted(python_files(Path(root))):
                 digest.update(f"{path.relative_to(root)} {_size(path)}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def dataset_files_fingerprint(config: CorpusConfig) -> str | None:
+    """For a local --dataset file or folder, sha256 of each file's path (relative to the folder), size and first and
+    last MiB; None for the mined default or a hub id. Rows added, removed or changed in size change it, as does another
+    file under the same name."""
+    path = Path(config.dataset).expanduser() if config.dataset is not None else None
+    if path is None or not path.exists():
+        return None
+    if path.is_file():
+        root, files = path.parent, [path]
+    else:  # hidden files and folders (.git, .DS_Store) are not the dataset's
+        root = path
+        files = sorted(f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts))
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            head = handle.read(FINGERPRINT_BYTES)
+            handle.seek(max(size - FINGERPRINT_BYTES, len(head)))
+            tail = handle.read()
+        digest.update(f"{file.relative_to(root)} {size} ".encode() + hashlib.sha256(head + tail).digest())
     return "sha256:" + digest.hexdigest()
 
 

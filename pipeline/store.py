@@ -32,6 +32,8 @@ RESOLVED_OPTIONS = {"model_dtype", "layers", "layers_per_token"}
 SOURCE_FIELDS = {
     "mined_files": "the default corpus changed since the store was made (packages installed, removed or upgraded, another "
                    "Python, or prompts laid out by another version of this package), so its documents would differ; choose a new --out",
+    "dataset_files": "the --dataset files changed since the store was made (rows added, removed or edited, or another file of "
+                     "the same name), so its documents would differ; restore them or choose a new --out",
 }
 
 

@@ -19,7 +19,7 @@ from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.cache import CacheConfig, cache_activations, choose_pairs, native_bf16, pack_batches, resolve_model_dtype
-from pipeline.corpus import CorpusConfig
+from pipeline.corpus import CorpusConfig, dataset_files_fingerprint
 from pipeline.errors import CrosscodersError
 from pipeline.store import Store
 
@@ -421,6 +421,41 @@ def test_a_default_corpus_store_is_not_extended_once_the_mined_files_changed(tin
     with pytest.raises(CrosscodersError, match=r"zarr.json: the default corpus changed since the store was made .*; choose a new --out"):
         cache_activations(replace(config, n_tokens=200), CorpusConfig(), console=QUIET, progress=False)
     assert Store(tmp_path / "s").n_pairs == 100
+
+
+def test_a_dataset_store_is_not_extended_once_the_dataset_files_changed(tiny_model_dir, corpus_file, tmp_path):
+    """Only the --dataset path was compared: another file under that name, or rows added, mixed two corpora in one store."""
+    dataset = tmp_path / "pairs.jsonl"
+    dataset.write_text(corpus_file.read_text())
+    run_cache(tiny_model_dir, dataset, tmp_path / "s", n_tokens=100)
+    fingerprint = Store(tmp_path / "s").metadata["dataset_files"]
+    assert fingerprint == dataset_files_fingerprint(CorpusConfig(dataset=str(dataset))) and fingerprint.startswith("sha256:")
+    assert run_cache(tiny_model_dir, dataset, tmp_path / "s", n_tokens=200).n_pairs == 200  # the same file: extended
+    dataset.write_text(corpus_file.read_text() + '{"prompt": "one more", "response": "row"}\n')
+    with pytest.raises(CrosscodersError, match=r"zarr.json: the --dataset files changed since the store was made .*; restore them or choose a new --out"):
+        run_cache(tiny_model_dir, dataset, tmp_path / "s", n_tokens=300)
+    assert Store(tmp_path / "s").n_pairs == 200
+
+
+def test_the_dataset_fingerprint_covers_each_files_name_size_and_ends(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "part").mkdir(parents=True)
+    (folder / "part" / "a.jsonl").write_bytes(b"x" * (3 << 20))
+    (folder / "b.jsonl").write_text("{}\n")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "index").write_text("not the dataset's")
+    config = CorpusConfig(dataset=str(folder))
+    before = dataset_files_fingerprint(config)
+    (folder / ".git" / "index").write_text("changed")
+    assert dataset_files_fingerprint(config) == before
+    for edit in (lambda: (folder / "part" / "a.jsonl").write_bytes(b"x" * ((3 << 20) - 1) + b"y"),  # the last byte
+                 lambda: (folder / "part" / "a.jsonl").write_bytes(b"y" + b"x" * ((3 << 20) - 1)),  # the first byte
+                 lambda: (folder / "part" / "a.jsonl").rename(folder / "part" / "c.jsonl"),
+                 lambda: (folder / "b.jsonl").write_text("{}\n{}\n")):
+        edit()
+        assert dataset_files_fingerprint(config) != before
+        before = dataset_files_fingerprint(config)
+    assert dataset_files_fingerprint(CorpusConfig()) is None and dataset_files_fingerprint(CorpusConfig(dataset="org/name")) is None
 
 
 def test_disk_preflight_refuses_a_run_that_cannot_fit(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
