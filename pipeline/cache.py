@@ -3,6 +3,7 @@
 import functools
 import itertools
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -37,6 +38,7 @@ from pipeline.layers import parse_layers
 from pipeline.models import DEFAULT_MODEL, decoder_layers, load_model
 from pipeline.positions import skipped_positions
 from pipeline.shard_writer import RecordedBatch, ShardWriter
+from pipeline.storage import Location, exclusive_lock
 from pipeline.store import (
     ROW_FIELDS,
     STORAGE_DTYPES,
@@ -226,12 +228,14 @@ def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Consol
     rank, world_size = distributed.init_from_env(device, backend="gloo")  # stage one only exchanges a few counts
     try:
         distributed.check_same_settings({"cache": asdict(config), "corpus": corpus.to_dict()})
-        return _cache(config, corpus, console, progress and rank == 0, device, rank, world_size)
+        with ExitStack() as held:
+            return _cache(config, corpus, console, progress and rank == 0, device, rank, world_size, held)
     finally:
         distributed.close()
 
 
-def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress: bool, device, rank: int, world_size: int) -> CacheReport:
+def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress: bool, device, rank: int, world_size: int,
+           held: ExitStack) -> CacheReport:
     recorded = recorded_metadata(config.out) or {}  # of the store this run extends, if any
     model_dtype = resolve_model_dtype(config.model_dtype, device, recorded.get("model_dtype"))
     loaded = load_model(config.model, device=device, dtype=model_dtype)
@@ -255,7 +259,9 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
     }
     if next(iter_documents(corpus), None) is None:  # a bad --dataset fails here, before any store exists
         raise CrosscodersError("the corpus yields no documents; check --dataset and its fields")
-    if rank == 0:  # one process creates the store and clears what a killed run left, before anyone writes
+    if rank == 0:  # one process holds the store for the job, creates it and clears what a killed run left, before anyone writes
+        busy = f"another cache-acts job is writing {config.out}; wait for it to end, or choose another --out"
+        held.enter_context(exclusive_lock(Location(config.out), busy))  # its clean-up would delete the shards this one writes
         create_or_open(config.out, metadata)
     distributed.barrier()
     store = create_or_open(config.out, metadata, clean=False)

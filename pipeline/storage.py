@@ -1,9 +1,12 @@
 """Where a store lives: a local folder or an fsspec URL (s3://, gs://, memory://), and the few file
 operations the store needs beyond zarr."""
 
+import fcntl
 import json
 import os
 import shutil
+from contextlib import contextmanager
+from typing import Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -83,3 +86,28 @@ class Location:
         while not os.path.exists(folder):
             folder = os.path.dirname(folder)
         return shutil.disk_usage(folder).free
+
+
+@contextmanager
+def exclusive_lock(location: Location, busy: str) -> Iterator[None]:
+    """Holds an exclusive flock on a local folder, made if missing; CrosscodersError(busy) while another process holds
+    it. Object stores and file systems without flock go unlocked."""
+    descriptor = None
+    if location.is_local:
+        try:
+            os.makedirs(location.root, exist_ok=True)
+            descriptor = os.open(location.root, os.O_RDONLY)
+        except OSError:  # not a folder that can be made: the caller's own checks say why
+            pass
+    try:
+        if descriptor is not None:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CrosscodersError(busy) from None
+            except OSError:  # e.g. NFS, where an exclusive flock needs a file open for writing
+                pass
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)

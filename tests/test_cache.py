@@ -18,9 +18,17 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.cache import CacheConfig, cache_activations, choose_pairs, native_bf16, pack_batches, resolve_model_dtype
+from pipeline.cache import (
+    CacheConfig,
+    cache_activations,
+    choose_pairs,
+    native_bf16,
+    pack_batches,
+    resolve_model_dtype,
+)
 from pipeline.corpus import CorpusConfig, dataset_files_fingerprint
 from pipeline.errors import CrosscodersError
+from pipeline.storage import Location, exclusive_lock
 from pipeline.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -530,3 +538,17 @@ def test_an_object_store_without_its_fsspec_driver_is_a_one_line_error(tiny_mode
     result = cli("--model", str(tiny_model_dir), "--dataset", str(corpus_file), "--out", "s3://bucket/shards", "--n-tokens", "100")
     assert result.returncode == 2 and "cannot open s3://bucket/shards" in result.stderr and "s3fs" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_job_on_the_same_store_is_refused_while_the_first_writes(tiny_model_dir, corpus_file, tmp_path):
+    """Its clean-up of unfinished shards deleted the shards the first job was writing."""
+    run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=100)
+    writing = tmp_path / "s" / "shard-00000099"  # a shard the first job is writing: no commit yet
+    writing.mkdir()
+    with exclusive_lock(Location(tmp_path / "s"), "held by the first job"):  # as that job's process holds it
+        with pytest.raises(CrosscodersError, match=f"^another cache-acts job is writing {tmp_path / 's'}; wait for it to end, "
+                                                   "or choose another --out$"):
+            run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=200)
+        assert writing.exists()
+    assert run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=200).n_pairs == 200  # once it has ended
+    assert not writing.exists()  # what a killed job left is cleared
