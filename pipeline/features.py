@@ -261,7 +261,8 @@ def promoted_tokens(sae: TopKSAE, lens: Lens, feature: int, layer: int, n_tokens
         direction = direction * lens.norm_weight
     logits = lens.unembedding @ direction  # [vocab]
     values, ids = logits.topk(n_tokens)
-    return list(zip(token_texts(lens.tokenizer, ids.tolist()), values.tolist()))
+    texts = [token_texts(lens.tokenizer, [i])[0] for i in ids.tolist()]  # each on its own: ranked tokens are no text
+    return list(zip(texts, values.tolist()))
 
 
 def highlight_rgb(fraction: float) -> tuple[int, int, int]:

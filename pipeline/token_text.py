@@ -12,7 +12,8 @@ BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}  # byte
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """Each token's text (or [id] without a tokenizer), its control characters made visible.
+    """Each token's text (or [id] without a tokenizer), ids being consecutive tokens of a text, control characters
+    made visible.
 
     A byte-level tokenizer may split one character over several tokens (most emoji, rare CJK characters). Decoded
     on its own, each part would read "�"; instead the character is shown on the token that ends it, and its first

@@ -501,8 +501,12 @@ def read_json(path: Path) -> dict:
 def write_json(path: Path, value: dict) -> None:
     """Write a JSON file whole or not at all: a crash while writing leaves the previous file, not half of one."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2))
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(value, indent=2))
+        os.replace(temporary, path)
+    except BaseException:  # a full disk, Ctrl-C: no half file left behind, which would make the folder no longer empty
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def read_metrics(path: Path) -> list[dict]:

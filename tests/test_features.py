@@ -228,8 +228,22 @@ def test_promoted_tokens_are_the_logit_lens_of_the_decoder_direction(sae, tiny_m
     for layer, logits in expected.items():
         values, ids = logits.topk(7)
         promoted = promoted_tokens(sae, lens, feature, layer, n_tokens=7)
-        assert [text for text, _ in promoted] == token_texts(loaded.tokenizer, ids.tolist())
+        assert [text for text, _ in promoted] == [token_texts(loaded.tokenizer, [i])[0] for i in ids.tolist()]
         assert [value for _, value in promoted] == pytest.approx(values.tolist(), rel=1e-5)
+
+
+def test_promoted_tokens_are_each_shown_on_their_own(sae, tiny_model_dir):
+    """Ranked tokens are no text: the bytes of 中 ranked in a row must not be drawn as the character."""
+    loaded = load_model(str(tiny_model_dir))
+    ids = loaded.tokenizer.encode("中")  # three one-byte tokens in the tiny vocabulary
+    assert len(ids) == 3
+    lens = Lens.of(loaded)
+    direction = sae.W_dec[5] / sae.norm_scale[lens.final_layer]
+    unembedding = torch.zeros_like(lens.unembedding)
+    for i, logit in zip(ids, (3.0, 2.5, 2.0)):
+        unembedding[i] = direction * logit / direction.pow(2).sum()
+    promoted = promoted_tokens(sae, replace(lens, unembedding=unembedding), 5, lens.final_layer, n_tokens=3)
+    assert [text for text, _ in promoted] == ["\\xe4", "\\xb8", "\\xad"]
 
 
 class ReportParser(HTMLParser):

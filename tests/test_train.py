@@ -218,10 +218,13 @@ def test_a_run_that_could_not_write_its_settings_is_started_again_without_resume
     """--resume needs train_config.json: advising it for a run that never wrote one sent users into another error."""
     import pipeline.train
 
-    def full_disk(path, value):
+    write_text = Path.write_text
+
+    def full_disk(self, text):
+        write_text(self, text[:10])  # the disk fills midway
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pipeline.train, "write_json", full_disk)
+    monkeypatch.setattr(Path, "write_text", full_disk)
     with pytest.raises(CrosscodersError, match=r"none yet; once it can be written, run the same command to continue$"):
         train([SMALL], small_source(), [tmp_path / "run"], progress=False)
     monkeypatch.undo()
