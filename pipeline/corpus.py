@@ -160,11 +160,14 @@ def dataset_files_fingerprint(config: CorpusConfig) -> str | None:
         files = sorted(f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts))
     digest = hashlib.sha256()
     for file in files:
-        size = file.stat().st_size
-        with file.open("rb") as handle:
-            head = handle.read(FINGERPRINT_BYTES)
-            handle.seek(max(size - FINGERPRINT_BYTES, len(head)))
-            tail = handle.read()
+        try:
+            size = file.stat().st_size
+            with file.open("rb") as handle:
+                head = handle.read(FINGERPRINT_BYTES)
+                handle.seek(max(size - FINGERPRINT_BYTES, len(head)))
+                tail = handle.read()
+        except OSError as error:
+            raise CrosscodersError(f"cannot read dataset file {file}: {error.strerror or error}; fix it or leave it out") from None
         digest.update(f"{file.relative_to(root)} {size} ".encode() + hashlib.sha256(head + tail).digest())
     return "sha256:" + digest.hexdigest()
 

@@ -552,3 +552,22 @@ def test_a_second_job_on_the_same_store_is_refused_while_the_first_writes(tiny_m
         assert writing.exists()
     assert run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=200).n_pairs == 200  # once it has ended
     assert not writing.exists()  # what a killed job left is cleared
+
+
+def test_a_dataset_file_that_cannot_be_read_is_a_one_line_error(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")  # a broken link and a folder are no files
+    (folder / "part.jsonl").mkdir()
+    (folder / "a.jsonl").write_text("{}\n")
+    assert dataset_files_fingerprint(CorpusConfig(dataset=str(folder))).startswith("sha256:")
+    real_open = Path.open
+
+    def unreadable(self, *args, **kwargs):
+        if self.name == "a.jsonl":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", unreadable)
+    with pytest.raises(CrosscodersError, match=r"^cannot read dataset file .*a.jsonl: Permission denied; fix it or leave it out$"):
+        dataset_files_fingerprint(CorpusConfig(dataset=str(folder)))
