@@ -216,7 +216,6 @@ def test_a_full_disk_is_a_one_line_error_that_keeps_the_last_checkpoint(tmp_path
 
 def test_a_run_that_could_not_write_its_settings_is_started_again_without_resume(tmp_path, monkeypatch):
     """--resume needs train_config.json: advising it for a run that never wrote one sent users into another error."""
-
     write_text = Path.write_text
 
     def full_disk(self, text):
