@@ -74,6 +74,8 @@ class CacheConfig:
     shard_rows: int = option(65536, "Training rows per shard, at least (a shard ends with a packing window; it is written whole, then made visible).")
 
     def __post_init__(self):
+        if self.n_tokens < 1:
+            raise CrosscodersError(f"--n-tokens must be positive, got {self.n_tokens}")
         if self.dtype not in STORAGE_DTYPES:
             raise CrosscodersError(f"--dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
         if self.max_seq_len < 2:

@@ -4,6 +4,7 @@ import ast
 import dataclasses
 import hashlib
 import itertools
+import logging
 import os
 import platform
 import random
@@ -280,7 +281,7 @@ def load_rows(config: CorpusConfig):
     """The streaming `datasets.IterableDataset` for a local file, folder or hub id."""
     import datasets  # slow to import; the mined default does without it
 
-    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its errors reach the user in our one line
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)  # its parse errors reach the user as ours
     path = Path(config.dataset).expanduser()
     if path.is_file():
         builder = BUILDERS.get(path.suffix.lower())

@@ -195,7 +195,7 @@ def _measured(sae: TopKSAE | Reconstruct, sums: _Sums) -> Reconstruct:
     def reconstruct(x: torch.Tensor, layer: int) -> torch.Tensor:
         if isinstance(sae, TopKSAE):
             layer_ids = torch.full((len(x),), layer, device=x.device)
-            top_values, top_indices = sae.encode(x.float(), layer_ids)
+            top_values, top_indices = sae.encode(x.to(sae.W_enc.dtype), layer_ids)
             x_hat = sae.decode(top_values, top_indices, layer_ids)
             sums.n_active += int((top_values > 0).sum())
         else:

@@ -144,7 +144,7 @@ def scan_features(
             offsets = torch.from_numpy(rows[first:last] - start).to(device)
             layer = shard_layers[first:last]  # [batch]
             x = store.read_acts(shard, split, start, min(start + batch_rows, span)).to(device)[offsets]
-            values, indices = sae.encode(x.float(), layer)  # [batch, k]
+            values, indices = sae.encode(x.to(sae.W_enc.dtype), layer)  # [batch, k]
             fired = values > 0
             layer_counts += torch.bincount((indices * n_layers + layer[:, None])[fired], minlength=n_latents * n_layers)
             n_rows_by_layer += torch.bincount(layer, minlength=n_layers)

@@ -199,11 +199,12 @@ class TopKSAE(nn.Module):
 
     def encode(self, x: torch.Tensor, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw x: [batch, d_model] -> (top_values, top_indices): [batch, k]."""
+        layer = layer.long()  # the store keeps layer ids as int16
         return self.pre_acts(self.normalize(x, layer), layer).topk(self.cfg.k, sorted=False)
 
     def decode(self, top_values: torch.Tensor, top_indices: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
         """(top_values, top_indices): [batch, k] -> raw reconstruction [batch, d_model]."""
-        return self.denormalize(self.decode_latents(top_values, top_indices) + self.b_dec, layer)
+        return self.denormalize(self.decode_latents(top_values, top_indices) + self.b_dec, layer.long())
 
     def forward(self, x: torch.Tensor, layer: torch.Tensor, dead_mask: torch.Tensor | None = None,
                 dead_capacity: int | None = None) -> ForwardOutput:
@@ -213,6 +214,7 @@ class TopKSAE(nn.Module):
         A fixed capacity gives the step fixed shapes, which a CUDA graph needs; the live latents that fill it are
         never picked over a dead one and weigh 0 when picked, so the loss and gradients are the same.
         """
+        layer = layer.long()
         x_normalized = self.normalize(x, layer)
         x_in = self.encoder_input(x_normalized, layer)
         if dead_mask is None:
@@ -285,7 +287,8 @@ class TopKSAE(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         weights, config = folder / (WEIGHTS_FILE + ".tmp"), folder / (CONFIG_FILE + ".tmp")
-        save_file({name: t.detach().contiguous() for name, t in self.state_dict().items()}, weights)
+        tensors = {name: t.detach().float() if t.is_floating_point() else t.detach() for name, t in self.state_dict().items()}
+        save_file({name: t.contiguous() for name, t in tensors.items()}, weights)  # float32 (docs/FORMAT.md), whatever the SAE's dtype
         config.write_text(json.dumps(asdict(self.cfg), indent=2))
         os.replace(weights, folder / WEIGHTS_FILE)
         os.replace(config, folder / CONFIG_FILE)
@@ -329,7 +332,8 @@ def _load(folder: Path, device: torch.device | str) -> TopKSAE:
         raise CrosscodersError(f"no SAE at {folder}: {error.filename} went away while it was read") from None
     except (ValueError, TypeError, SafetensorError, CrosscodersError) as error:
         raise CrosscodersError(f"SAE at {folder} is corrupt ({error}); retrain it or restore its files") from None
-    sae = TopKSAE(cfg)
+    with torch.random.fork_rng(devices=[]):  # the random init, overwritten below, leaves the caller's RNG as it was
+        sae = TopKSAE(cfg)
     expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in weights.items()}
     if found != expected:
@@ -339,4 +343,4 @@ def _load(folder: Path, device: torch.device | str) -> TopKSAE:
         )
     sae.load_state_dict(weights)
     sae.path = folder
-    return sae.to(device)
+    return sae.to(device).eval().requires_grad_(False)  # for analysis; a trainer that resumes it turns gradients on

@@ -146,7 +146,7 @@ class Run:
             torch.manual_seed(cfg.seed)
             self.sae = TopKSAE(sae_cfg, source.stats).to(device)
         else:
-            self.sae = load(self.resumed_from, device)
+            self.sae = load(self.resumed_from, device).train().requires_grad_(True)
             self.sae.check_compatible(source.d_model, source.n_layers)
         self.trainer = TrainStep(self.sae, cfg, device)
         self.step, self.checkpoint_step = 0, None  # checkpoint_step: step of the checkpoint on disk
@@ -322,6 +322,12 @@ def train(
         if cfg.wandb:
             import_wandb()
     distributed.barrier()  # every process has checked the folders before the first writes to them
+    with torch.random.fork_rng(devices=[]):  # seeded per run (cfg.seed); the caller's RNG is left as it was
+        return _train(configs, out_dirs, resumes, source, device, progress, data)
+
+
+def _train(configs: list[TrainConfig], out_dirs: list[Path], resumes: list[bool], source: BatchSource, device: torch.device,
+           progress: bool, data: dict | None) -> list[dict]:
     runs = [Run(cfg, out_dir, source, device, run_resumes) for cfg, out_dir, run_resumes in zip(configs, out_dirs, resumes)]
     try:
         return train_runs(runs, source, device, progress, data)

@@ -571,3 +571,9 @@ def test_a_dataset_file_that_cannot_be_read_is_a_one_line_error(tmp_path, monkey
     monkeypatch.setattr(Path, "open", unreadable)
     with pytest.raises(CrosscodersError, match=r"^cannot read dataset file .*a.jsonl: Permission denied; fix it or leave it out$"):
         dataset_files_fingerprint(CorpusConfig(dataset=str(folder)))
+
+
+@pytest.mark.parametrize("n_tokens", [0, -5])
+def test_a_config_asking_for_no_pairs_is_refused(n_tokens):
+    with pytest.raises(CrosscodersError, match=f"^--n-tokens must be positive, got {n_tokens}$"):
+        CacheConfig(n_tokens=n_tokens)

@@ -342,3 +342,14 @@ def test_a_model_the_store_names_that_does_not_load_asks_for_model(store, tmp_pa
         run_eval(EvalConfig(sae=str(run), layers="1", n_docs=1), QUIET, progress=False)
     with pytest.raises(CrosscodersError, match="^could not load model 'elsewhere'$"):  # given: its own error
         run_eval(EvalConfig(sae=str(run), model="elsewhere", layers="1", n_docs=1), QUIET, progress=False)
+
+
+def test_an_sae_in_bf16_is_evaluated_like_its_float32_copy(float32_model, store):
+    """From a notebook: the splice fed float32 states to a bf16 SAE and failed."""
+    torch.manual_seed(0)
+    half = TopKSAE(SAEConfig(d_model=64, n_layers=N_HIDDEN_STATES, expansion=2, k=8)).to(torch.bfloat16)
+    docs, means, skipped = held_out(store, 2), layer_means(store), SkippedPositions.from_dict(store.metadata["skipped"])
+    with torch.no_grad():
+        (result,) = evaluate(half, float32_model, docs, [2], means, skipped)
+        (same,) = evaluate(half.float(), float32_model, docs, [2], means, skipped)
+    assert result.ce_sae == pytest.approx(same.ce_sae, rel=0.05) and result.l0 == pytest.approx(same.l0, rel=0.1)

@@ -1,5 +1,6 @@
 """sae-features on a tiny store: scan statistics against brute force, contexts, the HTML report and the CLI."""
 
+import copy
 import io
 import json
 import os
@@ -430,3 +431,11 @@ def test_cli_prints_a_feature_and_rejects_an_unknown_one(store, sae, run_dir, ti
     result = cli("--sae", str(run_dir), "--feature", str(N_LATENTS))
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "out of range" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_sae_in_bf16_scans_as_its_float32_copy(store, sae):
+    """From a notebook: the scan fed float32 rows to a bf16 SAE and failed."""
+    half = copy.deepcopy(sae).to(torch.bfloat16)
+    scan = scan_features(half, store, "train", 500, top=3)
+    same = scan_features(copy.deepcopy(half).float(), store, "train", 500, top=3)
+    assert scan.n_rows == 500 and (scan.counts - same.counts).abs().sum() <= 0.05 * same.counts.sum()

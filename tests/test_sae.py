@@ -454,3 +454,33 @@ def test_a_checkpoint_swapped_in_while_it_is_read_is_read_again(tmp_path, monkey
     calls.clear()
     with pytest.raises(CrosscodersError, match=r"^no SAE at .*run: .*sae_weights.safetensors went away while it was read$"):
         load(tmp_path / "run")  # a finished run's folder is not swapped: no second try
+
+
+def test_a_loaded_sae_is_for_analysis_and_leaves_the_callers_rng_alone(tmp_path):
+    """From a notebook: no autograd graph held by encode's outputs, and torch.randn goes on as it would have."""
+    make_sae().save(tmp_path)
+    torch.manual_seed(123)
+    expected = torch.randn(3)
+    torch.manual_seed(123)
+    sae = load(tmp_path)
+    assert torch.equal(torch.randn(3), expected)
+    assert not sae.training and not any(p.requires_grad for p in sae.parameters())
+    x, layer = make_rows(16, seed=2)
+    values, _ = sae.encode(x, layer)
+    assert values.grad_fn is None
+
+
+def test_encode_and_decode_take_the_stores_int16_layer_ids(tmp_path):
+    sae = make_sae()
+    x, layer = make_rows(16, seed=2)
+    values, indices = sae.encode(x, layer.to(torch.int16))
+    assert all(torch.equal(a, b) for a, b in zip((values, indices), sae.encode(x, layer)))
+    assert torch.equal(sae.decode(values, indices, layer.to(torch.int16)), sae.decode(values, indices, layer))
+    assert torch.equal(sae(x, layer.to(torch.int16)).x_hat, sae(x, layer).x_hat)
+
+
+def test_an_sae_in_bf16_is_saved_in_float32_as_documented(tmp_path):
+    sae = make_sae().to(torch.bfloat16)
+    sae.save(tmp_path)
+    assert {t.dtype for t in load_numpy(str(tmp_path / "sae_weights.safetensors")).values()} == {np.dtype("float32")}
+    assert all(torch.equal(a.float(), b) for a, b in zip(sae.state_dict().values(), load(tmp_path).state_dict().values(), strict=True))

@@ -432,3 +432,11 @@ def test_a_training_run_given_as_shards_names_the_store_it_read(tmp_path):
     (run / "data.json").write_text(json.dumps({"shards": "/data/store"}))
     with pytest.raises(CrosscodersError, match=f"^{run} is a training run, .*; pass the store it was trained on, --shards /data/store$"):
         open_store(str(run))
+
+
+def test_training_leaves_the_callers_rng_alone(tmp_path):
+    torch.manual_seed(7)
+    expected = torch.randn(3)
+    torch.manual_seed(7)
+    train([SMALL], small_source(), [tmp_path / "run"], progress=False)
+    assert torch.equal(torch.randn(3), expected)
