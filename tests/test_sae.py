@@ -11,13 +11,14 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
 from pipeline.errors import CrosscodersError
-from pipeline.loader import layer_stats_of
+from pipeline.loader import LayerStats, layer_stats_of
 from pipeline.sae import (
     ForwardOutput,
     SAEConfig,
     TopKSAE,
     decode_dense,
     load,
+    normalization_of,
     sinusoidal_encoding,
 )
 from pipeline.sparse_topk import decode, gather_pre_acts
@@ -484,3 +485,15 @@ def test_an_sae_in_bf16_is_saved_in_float32_as_documented(tmp_path):
     sae.save(tmp_path)
     assert {t.dtype for t in load_numpy(str(tmp_path / "sae_weights.safetensors")).values()} == {np.dtype("float32")}
     assert all(torch.equal(a.float(), b) for a, b in zip(sae.state_dict().values(), load(tmp_path).state_dict().values(), strict=True))
+
+
+def test_a_layer_whose_rows_do_not_vary_is_left_unscaled():
+    """A hidden state of one repeated vector has no variance to scale by: 1/sqrt(0) would blow its inputs up."""
+    stats = LayerStats(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([5.0, 25.001]), torch.tensor([10, 10]))
+    mean, scale = normalization_of(stats, 2, 2)
+    assert scale[0] == 1 and mean[0].eq(0).all() and torch.isfinite(scale).all() and scale[1] > 1
+
+
+def test_statistics_of_another_shape_are_a_one_line_error():
+    with pytest.raises(CrosscodersError):
+        TopKSAE(SAEConfig(d_model=8, n_layers=3), LayerStats(torch.zeros(2, 8), torch.ones(2), torch.ones(2, dtype=torch.long)))

@@ -44,10 +44,11 @@ def silenced_half(sae, bias: float = -100.0):
 
 
 @pytest.mark.parametrize("decoder", ["dense", "sparse"])
-def test_metrics_come_back_a_step_late_and_equal_steps_read_back_at_once(decoder):
+@pytest.mark.parametrize("batches_to_die", [2, 1])  # 1: latents die in the very first step, whose capacity has no count before it
+def test_metrics_come_back_a_step_late_and_equal_steps_read_back_at_once(decoder, batches_to_die):
     """Each call returns the step before's metrics; AuxK's capacity, known before the step is queued, covers every
     latent dead when it starts; and the steps equal steps read back at once, whose capacity is the exact count."""
-    cfg = TrainConfig(expansion=4, k=8, decoder=decoder, batch_size=BATCH, dead_tokens=2 * BATCH, lr=1e-3)
+    cfg = TrainConfig(expansion=4, k=8, decoder=decoder, batch_size=BATCH, dead_tokens=batches_to_die * BATCH, lr=1e-3)
     pipelined, at_once = (TrainStep(silenced_half(make_sae(decoder=decoder), -3), cfg, torch.device("cpu"))
                           for _ in range(2))
     late, exact, dead = [], [], []
@@ -65,8 +66,9 @@ def test_metrics_come_back_a_step_late_and_equal_steps_read_back_at_once(decoder
     assert late[0] is None and pipelined.drain() is None
     for i, (got, want) in enumerate(zip(late[1:], exact)):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6), i
-    assert dead[:2] == [0, 0] and min(dead[2:]) >= 32 and all(m["auxk_loss"] > 0 for m in exact[2:])  # most of
-    # the silenced half died in step 2, before whose end step 3's capacity had to be known
+    assert dead[:batches_to_die] == [0] * batches_to_die and min(dead[batches_to_die:]) >= 32  # most of the silenced
+    assert all(m["auxk_loss"] > 0 for m in exact[batches_to_die:])  # half died in the step before whose end the next
+    # step's capacity had to be known
     torch.testing.assert_close(dict(pipelined.sae.named_parameters()), dict(at_once.sae.named_parameters()))
 
 
