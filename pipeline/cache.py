@@ -247,6 +247,9 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
     per_token = parse_layers_per_token(config.layers_per_token, len(layers))
     system_prompt = corpus.system_prompt if corpus.text_field is None else None
     skipped = skipped_positions(loaded.tokenizer, config.skip_special, config.skip_chat_prefix, system_prompt, recorded.get("skipped"))
+    if len(skipped.shared_prefix) >= config.max_seq_len:  # else every document is cut inside it: a whole corpus read for no pair
+        raise CrosscodersError(f"--max-seq-len {config.max_seq_len} ends inside the chat template's shared start "
+                               f"({len(skipped.shared_prefix)} tokens, never recorded); raise it or pass --no-skip-chat-prefix")
     metadata = {
         "model": info.to_dict(),
         "dtype": config.dtype,

@@ -294,6 +294,7 @@ def test_interrupted_and_resumed_run_stores_exactly_the_uninterrupted_rows(tiny_
         (["--prompt-field", "question"], "question"),
         (["--seed", "-1"], "--seed -1 must be from 0 to 4294967295"),
         (["--pack-window", "0"], "--pack-window 0 must be at least 1"),
+        (["--max-seq-len", "8"], "--max-seq-len 8 ends inside the chat template's shared start"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(tiny_model_dir, corpus_file, tmp_path, args, message):
