@@ -83,12 +83,12 @@ class FeatureScan:
     @property
     def frequency(self) -> torch.Tensor:
         """[n_latents] fraction of scanned rows each latent fired on."""
-        return self.counts / max(self.n_rows, 1)
+        return self.counts.double() / max(self.n_rows, 1)  # float64: exactly 10% is not above DENSE_FREQUENCY
 
     @property
     def layer_frequency(self) -> torch.Tensor:
         """[n_latents, n_layers] firing rate among each layer's rows, so layers sampled less often compare fairly."""
-        return self.layer_counts / self.n_rows_by_layer.clamp(min=1)
+        return self.layer_counts.double() / self.n_rows_by_layer.clamp(min=1)
 
     @property
     def dead(self) -> torch.Tensor:
@@ -282,8 +282,9 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: l
     kind = " [red]dead[/]" if count == 0 else " [yellow]dense[/]" if frequency > DENSE_FREQUENCY else ""
     console.print(f"[bold]feature {feature}[/]{kind}: fires on {count:,} of {scan.n_rows:,} {scan.split} rows ({frequency:.3%})")
     rates = scan.layer_frequency[feature].tolist()
-    peak = scan.peak_layer(feature)
-    console.print(f"layers 0-{len(rates) - 1} [cyan]{sparkline(rates)}[/]  peak layer {peak} ({rates[peak]:.3%} of its rows)")
+    if count:  # a dead latent has no peak layer
+        peak = scan.peak_layer(feature)
+        console.print(f"layers 0-{len(rates) - 1} [cyan]{sparkline(rates)}[/]  peak layer {peak} ({rates[peak]:.3%} of its rows)")
     if promoted is not None:
         console.print(Text("promotes " + "  ".join(f"{text!r} {value:+.3g}" for text, value in promoted)))
     top = max((c.value for c in contexts), default=1.0)

@@ -6,8 +6,11 @@ from tokenizers import decoders
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 # control characters drawn as visible symbols: contexts stay on one line, a token such as "\r" is not blank, and a
-# stored escape sequence never reaches the terminal
-VISIBLE_CONTROLS = {**{code: chr(0x2400 + code) for code in range(32)}, 0x7F: "␡", ord("\n"): "⏎", ord("\t"): "→"}
+# stored escape sequence never reaches the terminal; C1 controls, bidi overrides (which would reverse the rest of a
+# context), line separators and zero-width characters as escapes
+INVISIBLE = [*range(0x80, 0xA0), 0xAD, *range(0x200B, 0x2010), *range(0x2028, 0x202F), *range(0x2060, 0x2070), 0xFEFF]
+VISIBLE_CONTROLS = {**{code: chr(0x2400 + code) for code in range(32)}, 0x7F: "␡", ord("\n"): "⏎", ord("\t"): "→",
+                    **{code: f"\\u{code:04x}" for code in INVISIBLE}}
 BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}  # byte-level BPE's printable stand-ins
 
 

@@ -170,9 +170,21 @@ def hand_made_scan() -> FeatureScan:
 
 def test_the_peak_layer_is_the_one_with_the_highest_rate_not_the_most_rows():
     scan = hand_made_scan()
-    torch.testing.assert_close(scan.layer_frequency, torch.tensor([[0.5, 0.3], [0.0, 0.0], [0.25, 0.6]]))
+    torch.testing.assert_close(scan.layer_frequency, torch.tensor([[0.5, 0.3], [0.0, 0.0], [0.25, 0.6]], dtype=torch.float64))
     assert (scan.peak_layer(0), scan.peak_layer(2)) == (0, 1)
     assert scan.dead.tolist() == [False, True, False] and scan.dense.tolist() == [True, False, True]
+
+
+def test_a_latent_firing_on_exactly_a_tenth_of_the_rows_is_not_dense_anywhere(tmp_path):
+    """Dense is more than 10%: in float32, 100 / 1000 came out above 0.1 in the terminal and the report."""
+    counts = torch.tensor([[100], [1]])
+    scan = FeatureScan("train", 1000, counts, torch.tensor([1000]), torch.ones(2, 1), *[torch.zeros(2, 1, dtype=torch.long)] * 6)
+    assert scan.dense.tolist() == [False, False] and float(scan.frequency[0]) == 0.1
+    console = recording_console()
+    print_feature(console, scan, 0, [], None)
+    assert "dense" not in console.file.getvalue()
+    page = write_html_report(tmp_path / "r.html", scan, {0: []}, {0: None}, "exact").read_text()
+    assert 'class="dense">10.000%' not in page and "10.000%" in page
 
 
 def test_html_report_numbers_are_the_scans(tmp_path):

@@ -42,3 +42,12 @@ def test_tokenizers_that_are_not_byte_level_decode_each_token_on_its_own():
     assert token_bytes(tokenizer, [1, 2]) is None
     assert token_texts(tokenizer, [1, 3, 0]) == ["def", "é", "[UNK]"]
     assert token_texts(None, [5, 7]) == ["[5]", "[7]"]
+
+
+def test_invisible_and_terminal_active_characters_are_shown_as_escapes():
+    """A bidi override would reverse the rest of a context, a C1 CSI start a terminal escape sequence."""
+    tokenizer = build_tiny_tokenizer()
+    text = "x = 1 \u202e# note\x9b31m\u2028y\u200bz\u2066"
+    shown = "".join(token_texts(tokenizer, tokenizer.encode(text)))  # each of them one or more byte tokens
+    assert all(escape in shown for escape in ("\\u202e# note", "\\u009b31m", "\\u2028y", "\\u200bz", "\\u2066"))
+    assert all(ch.isprintable() for ch in shown)
