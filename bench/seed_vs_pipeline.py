@@ -4,7 +4,7 @@ Usage: python -m bench.seed_vs_pipeline --model qwen2.5-coder-0.5b-instruct --n-
 
 Seed: every SAE step runs the model's forward pass (`output_hidden_states=True`) on a batch of
 documents and trains on one random layer per token, so N SAEs cost N forward passes over the
-tokens plus N trainings. Pipeline: one `cache-acts` over the tokens, then one `train-sae` sweep
+tokens plus N trainings; it runs over the documents cache-acts ran, for the steps the pipeline trains. Pipeline: one `cache-acts` over the tokens, then one `train-sae` sweep
 that feeds each batch read from the shards to all N SAEs. Both train with the same trainer code.
 """
 
@@ -20,10 +20,10 @@ from rich.table import Table
 
 import pipeline.cache as cache_module
 from pipeline.cache import CacheConfig, cache_activations, choose_pairs, pack_batches, resolve_device, resolve_model_dtype
-from pipeline.corpus import CorpusConfig, iter_documents, tokenize_document
+from pipeline.corpus import CorpusConfig
 from pipeline.loader import LayerStats, LoaderConfig, ShardLoader
 from pipeline.models import load_model
-from pipeline.positions import skipped_positions
+from pipeline.positions import SkippedPositions
 from pipeline.store import Store
 from pipeline.train import Run, TrainConfig, expand_sweep, train_on_store
 from pipeline.units import parse_count
@@ -39,33 +39,32 @@ class SeedSource:
         return self.n_batches
 
 
-def seed_training(loaded, cfg: TrainConfig, n_pairs: int, stats: LayerStats, device, batch_tokens: int, max_seq_len: int) -> float:
-    """One SAE the seed's way: a forward pass per training batch; returns seconds."""
+def seed_training(loaded, cfg: TrainConfig, store: Store, stats: LayerStats, device, batch_tokens: int) -> float:
+    """One SAE the seed's way: a forward pass per training batch over the documents cache-acts ran (the store's
+    training split, packed as stage one packs them), for as many steps as the pipeline trains; returns seconds."""
     tokenizer, model = loaded.tokenizer, loaded.model
-    corpus, cache = CorpusConfig(), CacheConfig()
-    skipped = skipped_positions(tokenizer, cache.skip_special, cache.skip_chat_prefix, corpus.system_prompt)  # as stage one
-    layers = list(range(loaded.info.n_hidden_states))
-    docs = ((d.index, np.asarray(tokenize_document(d, tokenizer, max_seq_len), dtype=np.int32)) for d in iter_documents(corpus))
-    source = SeedSource(loaded.info.d_model, len(layers), stats, n_pairs // cfg.batch_size)
+    skipped = SkippedPositions.from_dict(store.metadata["skipped"])
+    layers, seed = store.metadata["layers"], store.metadata["corpus"]["seed"]
+    docs = list(store.documents(split="train"))
+    source = SeedSource(loaded.info.d_model, store.n_hidden_states, stats, cfg.steps)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         run = Run(cfg, Path(out), source, device, resume=False)
-        buffer_x, buffer_layer, seen = [], [], 0
-        for packed in pack_batches(docs, batch_tokens, tokenizer.pad_token_id or 0, window=256):
-            with torch.no_grad():
-                states = model.model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
-                                     output_hidden_states=True, use_cache=False).hidden_states
-            for b, (doc, tokens) in enumerate(zip(packed.doc_index, packed.doc_tokens)):
-                positions, chosen = choose_pairs(tokens, doc, layers, 1, skipped.mask(tokens), 0)
-                buffer_x.append(torch.stack([states[layer][b, pos] for pos, layer in zip(positions, chosen)]).float())
-                buffer_layer.append(torch.from_numpy(chosen.astype(np.int64)))
-            x, layer = torch.cat(buffer_x), torch.cat(buffer_layer).to(device)
-            while len(x) >= cfg.batch_size and seen < n_pairs:
-                run.train_step(x[: cfg.batch_size], layer[: cfg.batch_size])
-                x, layer, seen = x[cfg.batch_size :], layer[cfg.batch_size :], seen + cfg.batch_size
-            buffer_x, buffer_layer = [x], [layer]
-            if seen >= n_pairs:
-                break
+        x, layer = torch.zeros(0, loaded.info.d_model, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+        while run.step < cfg.steps:  # epochs over the same documents, as the pipeline's loader goes over its rows
+            for packed in pack_batches(iter(docs), batch_tokens, tokenizer.pad_token_id or 0, window=len(docs)):
+                with torch.no_grad():
+                    states = model.model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
+                                         output_hidden_states=True, use_cache=False).hidden_states
+                for b, (doc, tokens) in enumerate(zip(packed.doc_index, packed.doc_tokens)):
+                    positions, chosen = choose_pairs(tokens, doc, layers, 1, skipped.mask(tokens), seed)
+                    x = torch.cat([x, torch.stack([states[layer][b, pos] for pos, layer in zip(positions, chosen)]).float()])
+                    layer = torch.cat([layer, torch.from_numpy(chosen.astype(np.int64)).to(device)])
+                while len(x) >= cfg.batch_size and run.step < cfg.steps:
+                    run.train_step(x[: cfg.batch_size], layer[: cfg.batch_size])
+                    x, layer = x[cfg.batch_size :], layer[cfg.batch_size :]
+                if run.step == cfg.steps:
+                    break
         run.sync()  # the last step's metrics: all the steps are done
     return time.perf_counter() - start
 
@@ -95,7 +94,7 @@ def main(
         train_on_store(LoaderConfig(shards=str(shards)), base, Path(scratch) / "runs", sweep, torch_device, resume=False, progress=False)
         sweep_s = time.perf_counter() - start
         stats = ShardLoader(Store(shards), batch_size).stats  # the seed way gets the same normalization, for free
-    seed_s = [seed_training(loaded, cfg, n_pairs, stats, torch_device, batch_tokens, max_seq_len) for _, cfg in runs]
+        seed_s = [seed_training(loaded, cfg, Store(shards), stats, torch_device, batch_tokens) for _, cfg in runs]
     table = Table(title=f"{len(runs)} SAEs on {n_pairs:,} pairs of {loaded.info.name}, {torch_device}")
     for column in ("way", "stage", "seconds"):
         table.add_column(column, justify="right")

@@ -97,18 +97,21 @@ class Prefetched:
 
 
 class BatchClock:
-    """A batch source that notes when the trainer asks for each batch (that is, when the step before ended)."""
+    """A batch source that notes when each batch reached the trainer, and how long the first one took to come."""
 
     def __init__(self, source):
-        self.source, self.asked = source, []
+        self.source, self.asked, self.first_wait = source, [], None
         self.d_model, self.n_layers, self.stats = source.d_model, source.n_layers, source.stats
 
     def n_train_batches(self) -> int:
         return self.source.n_train_batches()
 
     def train_batches(self, epoch: int, start_batch: int = 0):
+        requested = time.perf_counter()  # the trainer asks for the first batch: its set-up is done
         for batch in self.source.train_batches(epoch, start_batch):
             self.asked.append(time.perf_counter())
+            if self.first_wait is None:
+                self.first_wait = self.asked[-1] - requested
             yield batch
 
     def val_batches(self):
@@ -116,14 +119,13 @@ class BatchClock:
 
 
 def timed_training(source, cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
-    """train() over cfg.steps steps (no validation or checkpoint inside): (seconds until the first batch,
-    rows/s from the 3rd batch to the last one asked for, the steady state)."""
+    """train() over cfg.steps steps (no validation or checkpoint inside): (seconds the trainer waited for its first
+    batch, rows/s from the 3rd batch to the last one asked for, the steady state)."""
     clock = BatchClock(source)
     with tempfile.TemporaryDirectory(dir=run_scratch()) as out:
-        start = time.perf_counter()
         train([cfg], clock, [Path(out) / "run"], device, progress=False)
     first, steady = clock.asked[2], clock.asked[-1]
-    return clock.asked[0] - start, (len(clock.asked) - 3) * cfg.batch_size / (steady - first)
+    return clock.first_wait, (len(clock.asked) - 3) * cfg.batch_size / (steady - first)
 
 
 def run_scratch() -> str | None:

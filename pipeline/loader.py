@@ -1,6 +1,6 @@
 """Batches of (activation, layer) rows for SAE training: shuffled, exact per epoch, resumable."""
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -273,11 +273,20 @@ class ShardLoader:
 
     def _host_batches(self, epoch: int, start_batch: int):
         """train_batches before they move to the device (under NCCL the traded rows are there already)."""
+        ahead = []  # window reads submitted and not yet taken
+        try:
+            yield from self._window_batches(epoch, start_batch, ahead)
+        finally:  # an epoch left before its end (a run's last, a benchmark's): no window read outlives it
+            for future in ahead:
+                future.cancel()
+            wait(ahead)
+
+    def _window_batches(self, epoch: int, start_batch: int, ahead: list):
         windows = self._windows(epoch)
         sizes = [sum(self.chunks[c].n_rows for c in w) for w in windows]
         window_end = np.cumsum(sizes)
         first = int(np.searchsorted(window_end, start_batch * self.batch_size, side="right"))
-        ahead = [self.window_pool.submit(self._read_window, epoch, w, windows[w]) for w in range(first, min(first + WINDOWS_AHEAD, len(windows)))]
+        ahead.extend(self.window_pool.submit(self._read_window, epoch, w, windows[w]) for w in range(first, min(first + WINDOWS_AHEAD, len(windows))))
         pending, batch = None, start_batch  # pending: (acts, layers) of a share that continues in the next window
         for w in range(first, len(windows)):
             acts, layers, place = ahead.pop(0).result()

@@ -1,6 +1,7 @@
 """The shard loader: every row once per epoch, shards mixed in a batch, deterministic, resumable."""
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,14 @@ from test_store import write_store as write_random_store
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import MemoryLoader, ShardLoader
-from pipeline.store import ShardData, SplitRows, Store, create_or_open, layer_sums, to_storage
+from pipeline.store import (
+    ShardData,
+    SplitRows,
+    Store,
+    create_or_open,
+    layer_sums,
+    to_storage,
+)
 
 D_MODEL, N_STATES = 8, 4
 
@@ -199,3 +207,25 @@ def test_bf16_store_batches_are_float32_values(tmp_path):
     assert sorted(map(tuple, train.tolist())) == sorted(map(tuple, expected.tolist()))
     val = torch.cat([x for x, _ in loader.val_batches()])
     assert val.dtype == torch.float32 and torch.equal(val, torch.cat([store.read_acts(s, "val").float() for s in store.shards]))
+
+
+def test_an_epoch_left_early_leaves_no_window_read_running(store):
+    """A run's last epoch, or a benchmark's loop, ends before its windows do: the reads sent ahead must not go on
+    competing for the CPU with what comes next."""
+    loader = ShardLoader(store, 300, seed=5, window_chunks=1)
+    spans, read = [], loader._read_window
+
+    def slow_read(*args):
+        start = time.perf_counter()
+        time.sleep(0.05)
+        result = read(*args)
+        spans.append((start, time.perf_counter()))
+        return result
+
+    loader._read_window = slow_read
+    batches = loader.train_batches(0)
+    next(batches)
+    batches.close()
+    closed = time.perf_counter()
+    time.sleep(0.3)
+    assert len(spans) < len(loader._windows(0)) and all(end <= closed for _, end in spans)
