@@ -10,14 +10,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
 from pipeline import distributed
@@ -39,14 +32,7 @@ from pipeline.models import DEFAULT_MODEL, decoder_layers, load_model
 from pipeline.positions import skipped_positions
 from pipeline.shard_writer import RecordedBatch, ShardWriter
 from pipeline.storage import Location, exclusive_lock
-from pipeline.store import (
-    ROW_FIELDS,
-    STORAGE_DTYPES,
-    Store,
-    create_or_open,
-    layer_sum_tensors,
-    recorded_metadata,
-)
+from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, create_or_open, layer_sum_tensors, recorded_metadata
 from pipeline.units import parse_count
 from pipeline.windows import PairLedger, Window, read_windows, window_rounds
 

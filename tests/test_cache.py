@@ -18,14 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.cache import (
-    CacheConfig,
-    cache_activations,
-    choose_pairs,
-    native_bf16,
-    pack_batches,
-    resolve_model_dtype,
-)
+from pipeline.cache import CacheConfig, cache_activations, choose_pairs, native_bf16, pack_batches, resolve_model_dtype
 from pipeline.corpus import CorpusConfig, dataset_files_fingerprint
 from pipeline.errors import CrosscodersError
 from pipeline.storage import Location, exclusive_lock

@@ -11,14 +11,7 @@ from test_store import write_store as write_random_store
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import MemoryLoader, ShardLoader
-from pipeline.store import (
-    ShardData,
-    SplitRows,
-    Store,
-    create_or_open,
-    layer_sums,
-    to_storage,
-)
+from pipeline.store import ShardData, SplitRows, Store, create_or_open, layer_sums, to_storage
 
 D_MODEL, N_STATES = 8, 4
 

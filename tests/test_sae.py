@@ -12,15 +12,7 @@ from safetensors.torch import load_file
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import LayerStats, layer_stats_of
-from pipeline.sae import (
-    ForwardOutput,
-    SAEConfig,
-    TopKSAE,
-    decode_dense,
-    load,
-    normalization_of,
-    sinusoidal_encoding,
-)
+from pipeline.sae import ForwardOutput, SAEConfig, TopKSAE, decode_dense, load, normalization_of, sinusoidal_encoding
 from pipeline.sparse_topk import decode, gather_pre_acts
 
 D_MODEL, N_LAYERS = 32, 4
