@@ -323,7 +323,7 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     """`eval-sae`: evaluates a trained SAE on the store's held-out documents; returns results, eval.json and the plot."""
     console = console or Console(stderr=True)
     device = resolve_device(config.device)
-    sae = load(config.sae, device).eval()
+    sae = load(config.sae, device)
     data = run_data(Path(config.sae))
     model_given = config.model is not None
     config, store = resolve(config, data)

@@ -324,7 +324,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
 
     device = resolve_device(cfg.device)
     sae_dir = Path(cfg.sae)
-    sae = load(sae_dir, device).eval()
+    sae = load(sae_dir, device)
     data = run_data(sae_dir)
     store = store_of_run(sae_dir, cfg.shards, data)  # first: a store of another model is named as such, whatever its shape
     sae.check_compatible(store.d_model, store.n_hidden_states)
