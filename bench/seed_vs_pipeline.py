@@ -4,8 +4,9 @@ Usage: python -m bench.seed_vs_pipeline --model qwen2.5-coder-0.5b-instruct --n-
 
 Seed: every SAE step runs the model's forward pass (`output_hidden_states=True`) on a batch of
 documents and trains on one random layer per token, so N SAEs cost N forward passes over the
-tokens plus N trainings; it runs over the documents cache-acts ran, for the steps the pipeline trains. Pipeline: one `cache-acts` over the tokens, then one `train-sae` sweep
-that feeds each batch read from the shards to all N SAEs. Both train with the same trainer code.
+tokens plus N trainings; it runs over the documents cache-acts ran, for the steps the pipeline trains.
+Pipeline: one `cache-acts` over the tokens, then one `train-sae` sweep that feeds each batch read
+from the shards to all N SAEs. Both train with the same trainer code.
 """
 
 import tempfile
@@ -50,7 +51,7 @@ def seed_training(loaded, cfg: TrainConfig, store: Store, stats: LayerStats, dev
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         run = Run(cfg, Path(out), source, device, resume=False)
-        x, layer = torch.zeros(0, loaded.info.d_model, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+        buffer_x, buffer_layer = [], []
         while run.step < cfg.steps:  # epochs over the same documents, as the pipeline's loader goes over its rows
             for packed in pack_batches(iter(docs), batch_tokens, tokenizer.pad_token_id or 0, window=len(docs)):
                 with torch.no_grad():
@@ -58,11 +59,13 @@ def seed_training(loaded, cfg: TrainConfig, store: Store, stats: LayerStats, dev
                                          output_hidden_states=True, use_cache=False).hidden_states
                 for b, (doc, tokens) in enumerate(zip(packed.doc_index, packed.doc_tokens)):
                     positions, chosen = choose_pairs(tokens, doc, layers, 1, skipped.mask(tokens), seed)
-                    x = torch.cat([x, torch.stack([states[layer][b, pos] for pos, layer in zip(positions, chosen)]).float()])
-                    layer = torch.cat([layer, torch.from_numpy(chosen.astype(np.int64)).to(device)])
+                    buffer_x.append(torch.stack([states[layer][b, pos] for pos, layer in zip(positions, chosen)]).float())
+                    buffer_layer.append(torch.from_numpy(chosen.astype(np.int64)))
+                x, layer = torch.cat(buffer_x), torch.cat(buffer_layer).to(device)
                 while len(x) >= cfg.batch_size and run.step < cfg.steps:
                     run.train_step(x[: cfg.batch_size], layer[: cfg.batch_size])
                     x, layer = x[cfg.batch_size :], layer[cfg.batch_size :]
+                buffer_x, buffer_layer = [x], [layer]
                 if run.step == cfg.steps:
                     break
         run.sync()  # the last step's metrics: all the steps are done
@@ -93,8 +96,9 @@ def main(
         start = time.perf_counter()
         train_on_store(LoaderConfig(shards=str(shards)), base, Path(scratch) / "runs", sweep, torch_device, resume=False, progress=False)
         sweep_s = time.perf_counter() - start
-        stats = ShardLoader(Store(shards), batch_size).stats  # the seed way gets the same normalization, for free
-        seed_s = [seed_training(loaded, cfg, Store(shards), stats, torch_device, batch_tokens) for _, cfg in runs]
+        store = Store(shards)
+        stats = ShardLoader(store, batch_size).stats  # the seed way gets the same normalization, for free
+        seed_s = [seed_training(loaded, cfg, store, stats, torch_device, batch_tokens) for _, cfg in runs]
     table = Table(title=f"{len(runs)} SAEs on {n_pairs:,} pairs of {loaded.info.name}, {torch_device}")
     for column in ("way", "stage", "seconds"):
         table.add_column(column, justify="right")
