@@ -237,7 +237,6 @@ def _shard_arrays(shard: ShardInfo) -> dict[str, bool]:
     return arrays
 
 
-
 def proportional_quota(available: np.ndarray, n_rows: int | None) -> np.ndarray:
     """n_rows (all when None or more than there are) apportioned over layers in proportion to their available rows,
     [n_layers] int64, by largest remainder: the quotas sum to n_rows exactly and none exceeds what its layer has."""
