@@ -5,6 +5,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -286,12 +287,22 @@ class TopKSAE(nn.Module):
         a crash while saving leaves the files before, never a torn SAE."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        weights, config = folder / (WEIGHTS_FILE + ".tmp"), folder / (CONFIG_FILE + ".tmp")
         tensors = {name: t.detach().float() if t.is_floating_point() else t.detach() for name, t in self.state_dict().items()}
-        save_file({name: t.contiguous() for name, t in tensors.items()}, weights)  # float32 (docs/FORMAT.md), whatever the SAE's dtype
-        config.write_text(json.dumps(asdict(self.cfg), indent=2))
-        os.replace(weights, folder / WEIGHTS_FILE)
-        os.replace(config, folder / CONFIG_FILE)
+        # float32 (docs/FORMAT.md), whatever the SAE's dtype
+        write_whole(folder / WEIGHTS_FILE, lambda path: save_file({name: t.contiguous() for name, t in tensors.items()}, path))
+        write_whole(folder / CONFIG_FILE, lambda path: path.write_text(json.dumps(asdict(self.cfg), indent=2)))
+
+
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """write(a temporary path beside path), then put it in path's place: a crash or a full disk leaves the file before,
+    not half of one, and no temporary file."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _not_an_sae(folder: Path, missing: str) -> str:

@@ -21,7 +21,7 @@ from pipeline.cli import option
 from pipeline.errors import CrosscodersError, Interrupted, one_line
 from pipeline.layers import stored_layers
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
-from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
+from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load, write_whole
 from pipeline.storage import Location
 from pipeline.store import Store
 from pipeline.train_step import TrainStep, autocast, check_device
@@ -505,14 +505,8 @@ def read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, value: dict) -> None:
-    """Write a JSON file whole or not at all: a crash while writing leaves the previous file, not half of one."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        temporary.write_text(json.dumps(value, indent=2))
-        os.replace(temporary, path)
-    except BaseException:  # a full disk, Ctrl-C: no half file left behind, which would make the folder no longer empty
-        temporary.unlink(missing_ok=True)
-        raise
+    """Write a JSON file whole or not at all (no half file left behind, which would make a new run's folder non-empty)."""
+    write_whole(path, lambda temporary: temporary.write_text(json.dumps(value, indent=2)))
 
 
 def read_metrics(path: Path) -> list[dict]:
