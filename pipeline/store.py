@@ -299,6 +299,8 @@ class Store:
             if "n_rows" not in attributes:
                 return None
             info = ShardInfo(name, attributes["n_rows"], tuple(attributes["windows"]), tuple(attributes["window_pairs"]))
+        except FileNotFoundError:  # listed, then removed: an unfinished shard that a starting cache-acts cleared
+            return None
         except (OSError, ValueError, KeyError, AttributeError) as error:
             raise CrosscodersError(f"shard {self.location.path(name, 'zarr.json')} is damaged ({error!r}); "
                                    f"delete {self.location.path(name)} and re-run cache-acts to rewrite it") from None

@@ -321,3 +321,18 @@ def test_every_layer_gives_its_share_of_rows_even_when_rows_are_sorted_by_layer(
 def test_a_shard_given_as_the_store_names_the_store(store):
     with pytest.raises(CrosscodersError, match="shard-00000002 is one shard of an activation store; pass the store, the folder above it$"):
         Store(store.location.path("shard-00000002"))
+
+
+def test_a_shard_removed_between_listing_and_reading_is_unfinished_not_damaged(store, monkeypatch):
+    """A reader opening the store as a starting cache-acts clears what a killed run left: that shard goes away
+    between the listing and the read of its zarr.json."""
+    read_json = Location.read_json
+
+    def cleared(self, *parts):
+        if parts == ("shard-00000004", "zarr.json"):
+            raise FileNotFoundError(2, "No such file or directory")
+        return read_json(self, *parts)
+
+    monkeypatch.setattr(Location, "read_json", cleared)
+    reopened = Store(store.url)
+    assert [s.name for s in reopened.shards] == ["shard-00000002"] and reopened.unfinished == ["shard-00000004"]
