@@ -286,7 +286,8 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: l
         peak = scan.peak_layer(feature)
         console.print(f"layers 0-{len(rates) - 1} [cyan]{sparkline(rates)}[/]  peak layer {peak} ({rates[peak]:.3%} of its rows)")
     if promoted is not None:
-        console.print(Text("promotes " + "  ".join(f"{text!r} {value:+.3g}" for text, value in promoted)))
+        # quoted as token_texts shows them: repr would double the backslash of an escape such as \xf0
+        console.print(Text("promotes " + "  ".join(f"'{text}' {value:+.3g}" for text, value in promoted)))
     top = max((c.value for c in contexts), default=1.0)
     for c in contexts:
         line = Text(f"{c.value:8.3f}  L{c.layer:<3d} doc {c.doc} pos {c.pos}  ", style="dim")

@@ -309,9 +309,9 @@ def test_tokens_that_look_like_rich_markup_print_as_text(store, sae):
     scan = scan_features(sae, store, "train", None, top=3)
     console = recording_console()
     context = Context(2.0, 3, 7, 2, [1, 2, 3], ["a[/", "[bold]", "x][/y:smile:"], 1)
-    print_feature(console, scan, 2, [context], [("[/", 1.5), ("[bold]x", 0.5), ("][/", 0.25), (":smile:", 0.125)])
+    print_feature(console, scan, 2, [context], [("[/", 1.5), ("[bold]x", 0.5), ("][/", 0.25), (":smile:", 0.125), ("\\xf0", 0.0625)])
     shown = console.file.getvalue()
-    assert "promotes '[/' +1.5  '[bold]x' +0.5  '][/' +0.25  ':smile:' +0.125" in shown
+    assert "promotes '[/' +1.5  '[bold]x' +0.5  '][/' +0.25  ':smile:' +0.125  '\\xf0' +0.0625" in shown
     assert "a[/⟦[bold]⟧x][/y:smile:" in shown
 
 
@@ -433,7 +433,7 @@ def test_cli_prints_a_feature_and_rejects_an_unknown_one(store, sae, run_dir, ti
     scan = scan_features(sae, store, "train", 200_000, top=3)
     assert "feature 0" in result.stdout and "dense" in result.stdout
     promoted = promoted_tokens(sae, Lens.of(load_model(str(tiny_model_dir))), 0, scan.peak_layer(0))
-    assert "promotes " + "  ".join(f"{text!r} {value:+.3g}" for text, value in promoted) in result.stdout
+    assert "promotes " + "  ".join(f"'{text}' {value:+.3g}" for text, value in promoted) in result.stdout
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for j in range(3):
         active = token_texts(tokenizer, [int(scan.top_token[0, j])])[0]
