@@ -35,7 +35,7 @@ Selection = tuple[torch.Tensor, torch.Tensor]  # (values, indices) of chosen lat
 #   4          1536  1/4         884 /   686
 # Dense pays for every latent in all nine products; sparse pays for the k (and AuxK's k_aux) kept, gathered from
 # memory at random. They cross near 1/4; not measured on GPUs, where matmuls gain more than gathers.
-SPARSE_BELOW_DENSITY = 1 / 8
+SPARSE_UP_TO_DENSITY = 1 / 8
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class SAEConfig:
     layer_encoding: str = "sinusoidal"  # added to the encoder input: "sinusoidal" | "learned" | "none"
     normalize: bool = True  # per-layer normalization from the loader's statistics
     # the training step: "dense" | "sparse" | "triton" (sparse, with Triton kernels on CUDA) | "auto" (by
-    # k / n_latents, see SPARSE_BELOW_DENSITY)
+    # k / n_latents, see SPARSE_UP_TO_DENSITY)
     decoder: str = "auto"
 
     def __post_init__(self):
@@ -80,7 +80,7 @@ class SAEConfig:
     def sparse_step(self) -> bool:
         """Whether everything after top-k touches only the kept latents: the decoder, and the encoder's backward."""
         if self.decoder == "auto":
-            return self.k / self.n_latents < SPARSE_BELOW_DENSITY
+            return self.k / self.n_latents <= SPARSE_UP_TO_DENSITY
         return self.decoder in ("sparse", "triton")
 
 

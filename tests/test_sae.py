@@ -186,6 +186,7 @@ def test_auto_decoder_takes_the_sparse_step_only_for_sparse_codes():
     assert SAEConfig(d_model=1536, n_layers=29, expansion=4, k=32).sparse_step
     assert SAEConfig(d_model=1536, n_layers=29, expansion=16, k=64).sparse_step
     assert SAEConfig(d_model=1536, n_layers=29, expansion=1, k=128).sparse_step
+    assert SAEConfig(d_model=1536, n_layers=29, expansion=1, k=192).sparse_step  # 1/8, where sparse still wins
     assert not SAEConfig(d_model=1536, n_layers=29, expansion=1, k=384).sparse_step
 
 
