@@ -148,29 +148,35 @@ def scan_features(
             fired = values > 0
             layer_counts += torch.bincount((indices * n_layers + layer[:, None])[fired], minlength=n_latents * n_layers)
             n_rows_by_layer += torch.bincount(layer, minlength=n_layers)
-            code = values.new_zeros(len(layer), n_latents).scatter_(1, indices, values)  # [batch, n_latents]
-            candidates = torch.cat([top_values, code.T], 1)  # [n_latents, top + batch], in the order the rows were scanned
-            top_values, best = top_earliest(candidates, top)  # best < top: a kept old row; otherwise batch row best - top
-            top_rows = torch.where(best < top, top_rows.gather(1, best.clamp(max=top - 1)), best - top + seen)
+            row, slot = fired.nonzero(as_tuple=True)  # in scan order: row by row
+            top_values, top_rows = merge_top(top_values, top_rows, indices[row, slot], values[row, slot], row + seen)
             seen += len(layer)
             if task is not None:
                 progress.update(task, advance=len(layer))
-    top_values, top_rows = top_values.cpu(), top_rows.cpu().where(top_values.cpu() > 0, -1)
+    top_values, top_rows = top_values.cpu(), top_rows.cpu()
     provenance = _provenance(store, split, picked, top_rows)
     return FeatureScan(split, total, layer_counts.view(n_latents, n_layers).cpu(), n_rows_by_layer.cpu(), top_values, top_rows, **provenance)
 
 
-def top_earliest(candidates: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """topk along dim 1 (values, columns: [rows, top], largest first), but of equal values the first columns, in
-    column order: torch.topk leaves ties in any order, so which of equal activations a report shows would depend on
-    the batch size and the device."""
-    kth = candidates.topk(top, dim=1).values[:, -1:]  # [rows, 1]
-    above, tied = candidates > kth, candidates == kth
-    taken = above | (tied & (tied.cumsum(1) <= top - above.sum(1, keepdim=True)))  # exactly top per row
-    columns = taken.nonzero()[:, 1].view(len(candidates), top)  # in column order
-    values = candidates.gather(1, columns)
-    order = values.argsort(dim=1, descending=True, stable=True)
-    return values.gather(1, order), columns.gather(1, order)
+def merge_top(top_values: torch.Tensor, top_rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor,
+              rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each latent's largest activations of its held ones (top_values, top_rows: [n_latents, top], largest first, 0 and
+    -1 where empty) and new firings (latents, values, rows: [firings], rows later than any held), as [n_latents, top].
+    Of equal values the earliest row wins, so the rows a report shows depend neither on the scan's batch size nor on
+    the device (torch.topk leaves ties in any order). It sorts the firings only, not a dense [rows, n_latents] code."""
+    held = top_values > 0
+    latents = torch.cat([held.nonzero()[:, 0], latents])
+    values, rows = torch.cat([top_values[held], values]), torch.cat([top_rows[held], rows])
+    order = rows.argsort(stable=True)  # by latent, then value (largest first), then row: stable sorts, last key first
+    order = order[values[order].argsort(descending=True, stable=True)]
+    order = order[latents[order].argsort(stable=True)]
+    latents, values, rows = latents[order], values[order], rows[order]
+    rank = torch.arange(len(latents), device=latents.device) - torch.searchsorted(latents, latents)  # place in its latent
+    kept = rank < top_values.shape[1]
+    merged_values, merged_rows = torch.zeros_like(top_values), torch.full_like(top_rows, -1)
+    merged_values[latents[kept], rank[kept]] = values[kept]
+    merged_rows[latents[kept], rank[kept]] = rows[kept]
+    return merged_values, merged_rows
 
 
 def _provenance(store: Store, split: str, picked: list[tuple[np.ndarray, np.ndarray]], top_rows: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -31,10 +31,10 @@ from pipeline.features import (
     density_histogram,
     explore_features,
     feature_contexts,
+    merge_top,
     print_feature,
     promoted_tokens,
     scan_features,
-    top_earliest,
 )
 from pipeline.loader import layer_stats_of
 from pipeline.models import load_model
@@ -134,6 +134,7 @@ def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates, layers):
         assert (fired.sum(1) < sae.cfg.k).float().mean() > 0.2 and int(fired[:, 6:].sum()) == 0
     rates = torch.stack([fired[layer == l].float().mean(0).nan_to_num() for l in range(5)], 1)  # [n_latents, layers]
     torch.testing.assert_close(scan.layer_frequency, rates.double(), check_dtype=False)
+    assert torch.equal(scan.top_values, code.T.topk(5, dim=1).values)
     for feature in [0, 2, 5, 17, 100]:
         expected = code[:, feature].topk(5).values
         assert torch.equal(scan.top_values[feature], expected)
@@ -152,12 +153,21 @@ def test_the_scan_is_the_same_whatever_its_batch_size(store, sae):
         assert torch.equal(getattr(scans[0], name), getattr(scans[1], name)), name
 
 
-def test_top_earliest_breaks_ties_by_the_first_column_and_is_topk_without_ties():
-    candidates = torch.tensor([[1.0, 2, 2, 0, 2, 3], [0, 0, 0, 0, 0, 0], [5, 4, 3, 2, 1, 0]])
-    values, columns = top_earliest(candidates, 3)
-    assert values.tolist() == [[3, 2, 2], [0, 0, 0], [5, 4, 3]] and columns.tolist() == [[5, 1, 2], [0, 1, 2], [0, 1, 2]]
-    distinct = torch.randperm(400, generator=torch.Generator().manual_seed(0)).float().view(8, 50)
-    assert all(torch.equal(a, b) for a, b in zip(top_earliest(distinct, 7), distinct.topk(7, dim=1)))
+def test_merge_top_keeps_the_largest_and_of_equal_values_the_earliest_rows():
+    empty_values, empty_rows = torch.zeros(3, 3), torch.full((3, 3), -1)
+    latents, values = torch.tensor([0, 0, 2, 0, 0, 2, 0]), torch.tensor([1.0, 2, 5, 2, 2, 4, 3])
+    held_values, held_rows = merge_top(empty_values, empty_rows, latents, values, torch.arange(7))
+    assert held_values.tolist() == [[3, 2, 2], [0, 0, 0], [5, 4, 0]]
+    assert held_rows.tolist() == [[6, 1, 3], [-1, -1, -1], [2, 5, -1]]
+    merged_values, merged_rows = merge_top(held_values, held_rows, torch.tensor([0, 2, 1]), torch.tensor([2.0, 4, 1]), torch.tensor([7, 8, 9]))
+    assert merged_values.tolist() == [[3, 2, 2], [1, 0, 0], [5, 4, 4]]  # row 7 ties rows 1 and 3, and comes later
+    assert merged_rows.tolist() == [[6, 1, 3], [9, -1, -1], [2, 5, 8]]
+    generator = torch.Generator().manual_seed(0)
+    latents, values = torch.randint(0, 8, (400,), generator=generator), torch.randperm(400, generator=generator).float() + 1
+    code = torch.zeros(400, 8).index_put_((torch.arange(400), latents), values)  # [rows, latents], one firing a row
+    expected = code.T.topk(7, dim=1)
+    found = merge_top(torch.zeros(8, 7), torch.full((8, 7), -1), latents, values, torch.arange(400))
+    assert torch.equal(found[0], expected.values) and torch.equal(found[1], expected.indices)
 
 
 def hand_made_scan() -> FeatureScan:
