@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import glob
 import hashlib
 import itertools
 import logging
@@ -21,6 +22,7 @@ from pipeline.errors import CrosscodersError, one_line
 
 SYSTEM_PROMPT = "You are Qwen, a helpful coding assistant."
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+CSV_OPTIONS = {"keep_default_na": False, "na_values": [""]}  # pandas reads "None", "NaN", "null", "N/A" as missing otherwise
 FUNCTION_BUFFER = 256  # mined functions held for shuffling; small so the first documents come fast
 ROW_BUFFER = 10_000  # dataset rows held for shuffling
 MAX_FUNCTION_LINES = 60
@@ -29,10 +31,14 @@ MAX_FILE_BYTES = 1_000_000  # larger files are mostly generated tables, slow to 
 FINGERPRINT_BYTES = 1 << 20  # of each dataset file, the first and last MiB count in its fingerprint
 # The layout of mined prompts, in a store's mined_files: a store of another layout is never extended with this one's
 # documents. 2: the docstring first (1 opened with "Write a Python function", which 8% of positions shared).
-MINED_PROMPTS = 2
+# 3: answers cut at the line breaks ast counts (2 also broke lines at form feeds and other separators, so an answer
+# after one lost its last lines).
+MINED_PROMPTS = 3
 # Tests, caches, GUI demos and Python-2-era code make poor or duplicate examples.
 SKIP_DIRS = {"__pycache__", "site-packages", "test", "tests", "idlelib", "turtledemo", "lib2to3", "pydoc_data", "ensurepip"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
+SPLIT_NAME = re.compile(r"\w+(\.\w+)*")  # as datasets names splits: "train", "test.python"
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the line breaks ast counts; str.splitlines also breaks at \f, \x1c-\x1e, \x85, \u2028-9
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,9 @@ class CorpusConfig:
             raise CrosscodersError(f"--seed {self.seed} must be from 0 to {2**32 - 1}")
         if not 0 <= self.val_fraction < 1:
             raise CrosscodersError(f"--val-fraction {self.val_fraction} must be at least 0 and below 1 (0.05 holds out 5% of documents)")
+        if not SPLIT_NAME.fullmatch(self.hf_split):
+            raise CrosscodersError(f"--hf-split {self.hf_split!r} is not a split name such as train or test; slices (train[:10%]) "
+                                   "are not supported: cap the documents with --n-tokens")
 
     def to_dict(self) -> dict:
         """The config as plain JSON values."""
@@ -198,7 +207,7 @@ def function_pairs(path: Path) -> list[tuple[str, str, None]]:
             tree = ast.parse(source)
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError, MemoryError):
         return []
-    lines = source.splitlines()
+    lines = LINE_BREAK.split(source)
     pairs = []
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
@@ -254,6 +263,12 @@ def dataset_rows(config: CorpusConfig) -> Iterator[tuple[str | None, str | None,
         values = [row[field] for field in fields]
         if any(value is None for value in values):  # null, or missing from this row of a json file
             continue
+        for field, value in zip(fields, values):
+            if not isinstance(value, (str, int, float)):  # a list of chat turns, a nested record, bytes
+                raise CrosscodersError(
+                    f"column {field!r} of dataset {config.dataset} holds {type(value).__name__} values, not text; "
+                    f"set {option} to text columns"
+                )
         if config.text_field:
             if text := str(values[0]):
                 yield None, None, text
@@ -281,16 +296,26 @@ def load_rows(config: CorpusConfig):
     """The streaming `datasets.IterableDataset` for a local file, folder or hub id."""
     import datasets  # slow to import; the mined default does without it
 
-    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)  # its parse errors reach the user as ours
+    logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)  # its read errors reach the user as ours
     path = Path(config.dataset).expanduser()
     if path.is_file():
         builder = BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise CrosscodersError(f"dataset file {path} is not jsonl/json/parquet/csv; convert it or pass a hub id")
-        return datasets.load_dataset(builder, data_files={config.hf_split: str(path)}, split=config.hf_split, streaming=True)
+        options = CSV_OPTIONS if builder == "csv" else {}
+        try:  # the datasets library reads data_files as glob patterns: escaped, a name holding [ ] * ? is this file
+            return datasets.load_dataset(builder, data_files={config.hf_split: glob.escape(str(path))}, split=config.hf_split,
+                                         streaming=True, **options)
+        except Exception as e:
+            raise CrosscodersError(f"could not read dataset file {path}: {one_line(e)}; check the file") from e
     if path.is_dir():
+        if glob.has_magic(str(path)):
+            raise CrosscodersError(f"dataset folder {path} has [ ] * or ? in its path, which the datasets library reads as a "
+                                   "pattern; rename the folder or link it under a plain name")
+        suffixes = {f.suffix.lower() for f in path.rglob("*") if f.suffix.lower() in BUILDERS}
+        options = CSV_OPTIONS if suffixes == {".csv"} else {}
         try:
-            return datasets.load_dataset(str(path), split=config.hf_split, streaming=True)
+            return datasets.load_dataset(str(path), split=config.hf_split, streaming=True, **options)
         except Exception as e:
             raise CrosscodersError(f"could not load split {config.hf_split!r} of folder {path}: {one_line(e)}") from e
     if path.suffix.lower() in BUILDERS or not HUB_ID.fullmatch(config.dataset):

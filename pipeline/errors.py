@@ -13,7 +13,7 @@ class CrosscodersError(Exception):
 
 def one_line(error: Exception) -> str:
     """A library error squeezed onto one line, for a user-facing message."""
-    return " ".join(str(error).split()) or type(error).__name__
+    return " ".join(str(error).split()).rstrip(".") or type(error).__name__  # the caller's message goes on after it
 
 
 class Interrupted(KeyboardInterrupt):

@@ -164,7 +164,48 @@ def test_missing_path_and_offline_hub_give_clear_errors(tmp_path, monkeypatch):
     assert "\n" not in str(info.value)
 
 
+def test_a_file_name_holding_glob_characters_is_that_file(tmp_path):
+    write_jsonl(tmp_path / "data1.jsonl", [{"prompt": "q", "response": "the other file"}])
+    path = write_jsonl(tmp_path / "data[1].jsonl", [{"prompt": "q", "response": "this file"}])
+    assert [doc.messages[2]["content"] for doc in first(CorpusConfig(dataset=str(path)), 5)] == ["this file"]
+    folder = tmp_path / "d[1]"
+    folder.mkdir()
+    write_jsonl(folder / "x.jsonl", [{"prompt": "q", "response": "a"}])
+    with pytest.raises(CrosscodersError, match=r"d\[1\] has \[ \] \* or \? in its path.*rename the folder"):
+        first(CorpusConfig(dataset=str(folder)), 1)
+
+
+def test_a_corrupt_parquet_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1garbage")
+    with pytest.raises(CrosscodersError, match=r"could not read dataset file .*bad.parquet: Parquet magic bytes .*; check the file$"):
+        first(CorpusConfig(dataset=str(tmp_path / "bad.parquet")), 1)
+
+
+def test_csv_text_that_pandas_would_read_as_missing_is_kept(tmp_path):
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    (folder / "train.csv").write_text("prompt,response\nq1,None\nq2,NaN\nq3,N/A\nq4,null\nq5,\n")
+    for dataset in (folder / "train.csv", folder):
+        docs = list(iter_documents(CorpusConfig(dataset=str(dataset))))
+        assert sorted(doc.messages[2]["content"] for doc in docs) == ["N/A", "NaN", "None", "null"]  # q5's is empty
+
+
+def test_a_column_of_lists_is_refused_not_stored_as_its_repr(tmp_path):
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(CrosscodersError, match=r"column 'messages' of dataset .* holds list values, not text; set --text-field"):
+        first(CorpusConfig(dataset=str(path), text_field="messages"), 1)
+
+
+def test_mined_answers_keep_their_lines_past_a_form_feed(tmp_path):
+    source = 'def a():\n    """Return one, the first number."""\n    return 1\n\x0c\ndef b():\n    """Return two, the second number."""\n    return 2\n'
+    (tmp_path / "m.py").write_text(source)
+    answers = [response for _, response, _ in corpus.function_pairs(tmp_path / "m.py")]
+    assert answers[1] == '```python\ndef b():\n    """Return two, the second number."""\n    return 2\n```'
+
+
 @pytest.mark.parametrize("options, message", [
+    ({"hf_split": "train[:10]"}, "--hf-split 'train[:10]' is not a split name such as train or test; slices"),
+    ({"hf_split": ""}, "--hf-split '' is not a split name"),
     ({"seed": -1}, "--seed -1 must be from 0 to 4294967295"),
     ({"seed": 2**32}, "--seed 4294967296 must be from 0"),
     ({"val_fraction": 2}, "--val-fraction 2 must be at least 0 and below 1"),
