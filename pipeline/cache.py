@@ -32,7 +32,7 @@ from pipeline.models import DEFAULT_MODEL, decoder_layers, load_model
 from pipeline.positions import skipped_positions
 from pipeline.shard_writer import RecordedBatch, ShardWriter
 from pipeline.storage import Location, exclusive_lock
-from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, create_or_open, layer_sum_tensors, recorded_metadata
+from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, check_same_sources, create_or_open, layer_sum_tensors, recorded_metadata
 from pipeline.units import parse_count
 from pipeline.windows import PairLedger, Window, read_windows, window_rounds
 
@@ -253,15 +253,16 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
     if rank == 0:  # one process holds the store for the job, creates it and clears what a killed run left, before anyone writes
         busy = f"another cache-acts job is writing {config.out}; wait for it to end, or choose another --out"
         held.enter_context(exclusive_lock(Location(config.out), busy))  # its clean-up would delete the shards this one writes
-        create_or_open(config.out, metadata)
+        create_or_open(config.out, metadata, sources=False)
     distributed.barrier()
-    store = create_or_open(config.out, metadata, clean=False)
+    store = create_or_open(config.out, metadata, clean=False, sources=False)
     stored = store.window_pairs()
     ledger = PairLedger(stored, config.n_tokens)
-    if ledger.budget(next(window_rounds(stored, 1))[0]) == 0:
+    if ledger.budget(next(window_rounds(stored, 1))[0]) == 0:  # a store already whole is done, whatever its corpus became
         if rank == 0:
             console.print(Text(f"{store.url} already holds {store.n_pairs:,} pairs (asked for {config.n_tokens:,}); nothing to do"), soft_wrap=True)
         return CacheReport(store.url, 0, store.n_pairs, 0, 0.0)
+    check_same_sources(store, metadata)  # documents are about to be added: they must come from the same stream
     check_disk_space(store, config.n_tokens - store.n_pairs, info.d_model, config.dtype)
 
     tokenizer = loaded.tokenizer

@@ -145,18 +145,18 @@ def shard_name(first_window: int) -> str:
     return f"{SHARD_PREFIX}{first_window:08d}"
 
 
-def create_or_open(url: str | os.PathLike, metadata: dict, clean: bool = True) -> "Store":
+def create_or_open(url: str | os.PathLike, metadata: dict, clean: bool = True, sources: bool = True) -> "Store":
     """Opens the store at url (a folder or fsspec URL) for appending, creating it with metadata if new.
 
     An existing store must have been made with the same metadata (model, layers, dtype, corpus...)
-    except FREE_FIELDS, with the cache options in RESOLVED_OPTIONS compared resolved. With `clean`,
-    shards a killed run left unfinished are deleted; only one process of a multi-process run may
-    clean, before any process writes.
+    except FREE_FIELDS, with the cache options in RESOLVED_OPTIONS compared resolved, and SOURCE_FIELDS
+    left to check_same_sources when not `sources`. With `clean`, shards a killed run left unfinished
+    are deleted; only one process of a multi-process run may clean, before any process writes.
     """
     location = Location(url)
     if location.exists("zarr.json"):
         store = Store(location)
-        _check_same_recipe(store, metadata)
+        _check_same_recipe(store, metadata if sources else {k: v for k, v in metadata.items() if k not in SOURCE_FIELDS})
         if clean:
             for name in store.unfinished:
                 location.remove(name)
@@ -178,6 +178,11 @@ def recorded_metadata(url: str | os.PathLike) -> dict | None:
         return location.read_json("zarr.json")["attributes"]["crosscoders"] if location.exists("zarr.json") else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def check_same_sources(store: "Store", metadata: dict) -> None:
+    """Refuses to extend a store whose documents came from other files than metadata's (SOURCE_FIELDS)."""
+    _check_same_recipe(store, {key: value for key, value in metadata.items() if key in SOURCE_FIELDS})
 
 
 def _check_same_recipe(store: "Store", metadata: dict) -> None:

@@ -423,6 +423,8 @@ def test_a_default_corpus_store_is_not_extended_once_the_mined_files_changed(tin
     with pytest.raises(CrosscodersError, match=r"zarr.json: the default corpus changed since the store was made .*; choose a new --out"):
         cache_activations(replace(config, n_tokens=200), CorpusConfig(), console=QUIET, progress=False)
     assert Store(tmp_path / "s").n_pairs == 100
+    report = cache_activations(config, CorpusConfig(), console=QUIET, progress=False)  # re-run as it was: whole, nothing to add
+    assert (report.n_pairs_written, report.n_pairs_total) == (0, 100)
 
 
 def test_a_dataset_store_is_not_extended_once_the_dataset_files_changed(tiny_model_dir, corpus_file, tmp_path):
