@@ -224,7 +224,7 @@ def _layer_eval(layer: int, sums: _Sums, ce_clean: float, n_scored: int, is_sae:
 
 def layer_means(store: Store) -> torch.Tensor:
     """Mean of each hidden state over the store's training rows: [n_hidden_states, d_model] float32 (0 where unseen)."""
-    return stats_from_sums(*store.layer_stats_sums()).mean
+    return stats_from_sums(*store.layer_stats_sums()).mean.float()
 
 
 def average(results: list[LayerEval]) -> dict:

@@ -19,8 +19,8 @@ WINDOWS_AHEAD = 2  # windows read and shuffled ahead of the one batches are take
 class LayerStats:
     """Per-layer statistics of the raw residual stream, for normalization."""
 
-    mean: torch.Tensor  # [n_layers, d_model] float32
-    mean_sq_norm: torch.Tensor  # [n_layers] float32: E||x||^2
+    mean: torch.Tensor  # [n_layers, d_model] float64, as are the sums, so E||x||^2 - ||mean||^2 keeps its digits
+    mean_sq_norm: torch.Tensor  # [n_layers] float64: E||x||^2
     count: torch.Tensor  # [n_layers] int64: rows seen per layer
 
 
@@ -114,8 +114,8 @@ def layer_stats_of(acts: torch.Tensor, layers: torch.Tensor, n_layers: int) -> L
 def stats_from_sums(count: np.ndarray, total: np.ndarray, sq: np.ndarray) -> LayerStats:
     denominator = np.maximum(count, 1).astype(np.float64)
     return LayerStats(
-        torch.from_numpy(total / denominator[:, None]).float(),
-        torch.from_numpy(sq / denominator).float(),
+        torch.from_numpy(total / denominator[:, None]),
+        torch.from_numpy(sq / denominator),
         torch.from_numpy(count.astype(np.int64)),
     )
 

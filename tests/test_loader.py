@@ -104,8 +104,8 @@ def test_statistics_are_the_exact_per_layer_moments(store):
     layers = torch.cat([layer for _, layer in loader.train_batches(0)])
     for layer in range(N_STATES):
         mine = rows[layers == layer].double()
-        torch.testing.assert_close(loader.stats.mean[layer], mine.mean(0).float())
-        torch.testing.assert_close(loader.stats.mean_sq_norm[layer], mine.pow(2).sum(1).mean().float())
+        torch.testing.assert_close(loader.stats.mean[layer], mine.double().mean(0))
+        torch.testing.assert_close(loader.stats.mean_sq_norm[layer], mine.double().pow(2).sum(1).mean())
 
 
 @pytest.mark.parametrize("layers", [[1], [0, 3]])

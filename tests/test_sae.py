@@ -488,6 +488,14 @@ def test_a_layer_whose_rows_do_not_vary_is_left_unscaled():
     assert scale[0] == 1 and mean[0].eq(0).all() and torch.isfinite(scale).all() and scale[1] > 1
 
 
+def test_a_layer_far_from_the_origin_is_scaled_by_its_own_spread():
+    """E||x||^2 - ||mean||^2 loses the spread's digits when the moments are rounded to float32 first."""
+    x = 3000 + torch.randn(4096, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mean, scale = normalization_of(layer_stats_of(x.float(), torch.zeros(4096, dtype=torch.long), 1), 1, 16)
+    spread = ((x - mean.double()) * scale.double()).pow(2).sum(1).mean()
+    assert abs(float(spread) - 16) < 1e-3
+
+
 def test_statistics_of_another_shape_are_a_one_line_error():
     with pytest.raises(CrosscodersError):
         TopKSAE(SAEConfig(d_model=8, n_layers=3), LayerStats(torch.zeros(2, 8), torch.ones(2), torch.ones(2, dtype=torch.long)))
