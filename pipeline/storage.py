@@ -60,11 +60,16 @@ class Location:
         prefix = self.path(*parts)
         if not self.fs.isdir(prefix):
             return []
+        if self.is_local:  # into linked folders too (a shard linked from another disk), which fsspec's find leaves out
+            return sorted(os.path.relpath(os.path.join(folder, name), self.root)
+                          for folder, _, names in os.walk(prefix, followlinks=True) for name in names)
         return [path[len(self.root) + 1 :] for path in self.fs.find(prefix)]
 
     def remove(self, *parts: str) -> None:
         """Deletes a subfolder and everything in it, if it exists."""
-        if self.is_local:
+        if self.is_local and os.path.islink(self.path(*parts)):
+            os.unlink(self.path(*parts))  # the link, not what it points to
+        elif self.is_local:
             shutil.rmtree(self.path(*parts), ignore_errors=True)
         elif self.fs.exists(self.path(*parts)):
             self.fs.rm(self.path(*parts), recursive=True)

@@ -306,7 +306,10 @@ class Store:
             info = ShardInfo(name, attributes["n_rows"], tuple(attributes["windows"]), tuple(attributes["window_pairs"]))
         except FileNotFoundError:  # listed, then removed: an unfinished shard that a starting cache-acts cleared
             return None
-        except (OSError, ValueError, KeyError, AttributeError) as error:
+        except OSError as error:  # no permission, a network file system's hiccup: perhaps intact, so not to be deleted
+            raise CrosscodersError(f"cannot read {self.location.path(name, 'zarr.json')} ({error.strerror or error}); "
+                                   "check its permissions and the disk") from None
+        except (ValueError, KeyError, AttributeError) as error:
             raise CrosscodersError(f"shard {self.location.path(name, 'zarr.json')} is damaged ({error!r}); "
                                    f"delete {self.location.path(name)} and re-run cache-acts to rewrite it") from None
         # The store's listing may predate this shard's commit (a writer runs alongside): list it again before calling it damaged.
@@ -380,9 +383,12 @@ class Store:
             if chunk_file is None:
                 return self.array(shard, name)[start:end]
             return chunk_file.read(*slice(start, end).indices(chunk_file.shape[0])[:2])
-        except (ValueError, RuntimeError, OSError, KeyError) as error:
+        except (ValueError, RuntimeError, KeyError, FileNotFoundError) as error:  # a failed checksum or decode, a lost file
             where = self.location.path(shard.name)
             raise CrosscodersError(f"{where}/{name} is damaged ({error}); delete {where} and re-run cache-acts") from None
+        except OSError as error:  # no permission, a network file system's hiccup: perhaps intact, so not to be deleted
+            raise CrosscodersError(f"cannot read {self.location.path(shard.name, name)} ({error.strerror or error}); "
+                                   "check its permissions and the disk") from None
 
     def read_acts(self, shard: ShardInfo, split: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
         """Activations [rows, d_model] in the storage dtype."""

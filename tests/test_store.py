@@ -336,3 +336,32 @@ def test_a_shard_removed_between_listing_and_reading_is_unfinished_not_damaged(s
     monkeypatch.setattr(Location, "read_json", cleared)
     reopened = Store(store.url)
     assert [s.name for s in reopened.shards] == ["shard-00000002"] and reopened.unfinished == ["shard-00000004"]
+
+
+def test_a_shard_linked_from_elsewhere_is_read_and_only_its_link_removed(tmp_path):
+    """fsspec's find does not enter linked folders: a linked shard counted as unfinished, and a run's clean-up failed."""
+    write_store(tmp_path / "s")
+    (tmp_path / "s" / "shard-00000004").rename(tmp_path / "elsewhere")
+    (tmp_path / "s" / "shard-00000004").symlink_to(tmp_path / "elsewhere")
+    linked = Store(tmp_path / "s")
+    assert [s.name for s in linked.shards] == ["shard-00000002", "shard-00000004"] and linked.n_pairs == 2400
+    assert np.array_equal(linked.read(linked.shards[1], "train/layer"), make_shard(900, 1, 4).splits["train"].layer)
+    linked.location.remove("shard-00000004")
+    assert not (tmp_path / "s" / "shard-00000004").exists() and (tmp_path / "elsewhere" / "zarr.json").exists()
+
+
+def test_a_file_that_cannot_be_read_is_not_called_damaged(store, monkeypatch):
+    """Denied or failing reads may meet intact files: the error must not advise deleting a shard."""
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    read_json = Location.read_json
+    monkeypatch.setattr(Location, "read_json", lambda self, *parts: denied() if parts[0].startswith("shard-") else read_json(self, *parts))
+    with pytest.raises(CrosscodersError, match=r"cannot read .*shard-00000002/zarr.json \(Permission denied\); check its permissions and the disk$"):
+        Store(store.url)
+    monkeypatch.undo()
+    opened = Store(store.url)
+    monkeypatch.setattr(ChunkFile, "read", denied)
+    with pytest.raises(CrosscodersError, match=r"cannot read .*shard-00000002/train/acts \(Permission denied\); check its permissions and the disk$"):
+        opened.read_acts(opened.shards[0], "train")
+
