@@ -58,6 +58,15 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
+def from_main(value):
+    """Rank 0's value (anything picklable) in every process."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)  # under NCCL through the process's own GPU, which local_device set
+    return box[0]
+
+
 def all_gather_ints(values: list[int]) -> list[list[int]]:
     """Every process's `values` (same length everywhere), by rank; needs a gloo process group."""
     if world_size() == 1:

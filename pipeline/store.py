@@ -350,6 +350,19 @@ class Store:
 
     # Reading ---------------------------------------------------------------------------------
 
+    def keep_shards(self, recorded: list[list]) -> None:
+        """Narrows the store to the shards a training run started on ([name, training rows, held-out rows] each, as
+        its data.json records them), so that a resumed run reads the rows it read, however the store grew since."""
+        here = {s.name: s for s in self.shards}
+        for name, n_train, n_val in recorded:
+            if name not in here:
+                raise CrosscodersError(f"{self.url} no longer holds {name}, which the run was trained on; resume on "
+                                       "the store it was trained on")
+            if (here[name].n_rows["train"], here[name].n_rows["val"]) != (n_train, n_val):
+                raise CrosscodersError(f"{self.location.path(name)} holds other rows than the run was trained on; resume "
+                                       "on the store it was trained on")
+        self.shards = [here[name] for name, _, _ in recorded]
+
     @property
     def n_pairs(self) -> int:
         return sum(sum(s.window_pairs) for s in self.shards)

@@ -575,6 +575,16 @@ def run_data(run_dir: Path) -> dict | None:
     return None
 
 
+def started_shards(run_dirs: list[Path]) -> list[list] | None:
+    """The store's shards when the runs started ([name, training rows, held-out rows] each), from the first data.json
+    that records them; None for runs begun before data.json did."""
+    for run_dir in run_dirs:
+        data = read_json(run_dir / DATA_FILE) if (run_dir / DATA_FILE).is_file() else {}
+        if "store_shards" in data:
+            return data["store_shards"]
+    return None
+
+
 def open_store(shards: str) -> Store:
     """The store --shards names; a training run given in its place is named as such, with the store it read."""
     folder = Path(shards)
@@ -597,16 +607,24 @@ def train_on_store(
         loader_settings = {name: value for name, value in asdict(loader_cfg).items() if name != "workers"}  # each its own
         distributed.check_same_settings({"loader": loader_settings, "train": asdict(base), "sweep": sweep, "out": str(out), "resume": resume})
         layers = stored_layers(loader_cfg.layers, store.metadata["layers"], store.n_hidden_states)
+        out_dirs = [out / name if name else out for name, _ in runs]
+        # the shards a resumed run started on, else those rank 0 lists: a store that cache-acts is adding to may have
+        # grown since, or between the processes' listings
+        listed = [[s.name, s.n_rows["train"], s.n_rows["val"]] for s in store.shards]
+        shards = distributed.from_main((started_shards(out_dirs) if resume else None) or listed)
+        if not {name for name, _, _ in shards} <= {name for name, _, _ in listed}:  # listed before rank 0 did
+            store = open_store(loader_cfg.shards)
+        store.keep_shards(shards)
         source = ShardLoader(store, base.batch_size, loader_cfg.shuffle_seed, device, loader_cfg.window_chunks,
                              loader_cfg.workers, loader_cfg.val_rows, rank, world_size, layers)
         if source.n_rows < base.batch_size:  # else every step would train on the whole store, a batch smaller than asked
             kept = "" if loader_cfg.layers.strip() == "all" else f" of hidden states {loader_cfg.layers}"
             raise CrosscodersError(f"{store.url} holds {source.n_rows:,} training rows{kept}, fewer than one batch of "
                                    f"{base.batch_size:,}; lower --batch-size")
-        out_dirs = [out / name if name else out for name, _ in runs]
         # which store (and so which model and held-out split) made these SAEs, and in which order they read it
         data = {"shards": store.url, "model": store.metadata["model"], "layers": store.metadata["layers"],
-                "train_layers": layers, "loader": asdict(loader_cfg)}
+                "train_layers": layers, "loader": asdict(loader_cfg),
+                "store_shards": shards}
         results = train([cfg for _, cfg in runs], source, out_dirs, device, resume, progress, data)
     finally:
         distributed.close()

@@ -270,3 +270,23 @@ def test_processes_given_different_settings_are_refused_in_one_line():
         assert results[(rank, "lr")] == "the processes of this job were given different --lr; start every process with the same options"
         assert results[(rank, "two fields")].startswith("the processes of this job were given different --k, --out;")
         assert results[(rank, "sweep")].startswith("the processes of this job were given different settings (such as --sweep)")
+
+
+def take_rank_0s_value(rank: int, port: int, results):
+    """One process of test_every_process_takes_rank_0s_listing."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    results[rank] = distributed.from_main([["shard-00000000", 100 + rank, 5]])
+    dist.destroy_process_group()
+
+
+def test_every_process_takes_rank_0s_listing():
+    """A store that cache-acts is adding to may hold more shards for a process that lists it later: all train on
+    the shards rank 0 listed."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(take_rank_0s_value, args=(free_port(), results), nprocs=2)
+    assert results[0] == results[1] == [["shard-00000000", 100, 5]]
+

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_loader import write_store
 
-from pipeline.errors import CrosscodersError
+from pipeline.errors import CrosscodersError, Interrupted
 from pipeline.loader import LoaderConfig, ShardLoader
 from pipeline.sae import load
 from pipeline.store import Store
@@ -78,6 +78,38 @@ def test_resume_refuses_another_row_order_and_takes_a_moved_store(store_path, tm
     relaxed = replace(loader, shards=str(moved), workers=1, val_rows=100)  # where the rows are read from, and how many are validated on
     [result] = train_on_store(relaxed, replace(base, steps=3), tmp_path / "run", [], cpu, resume=True, progress=False).values()
     assert result["step"] == 3
+
+
+def test_a_run_resumed_after_its_store_grew_reads_the_rows_it_started_on(tmp_path, monkeypatch):
+    """A grown store with as many batches per epoch passed the old check, and the epoch's order changed: of its rows,
+    some were trained on twice and others never."""
+    write_store(tmp_path / "store", [1500, 1200, 900])
+    write_store(tmp_path / "grown", [1500, 1200, 900, 20])  # 3,600 and 3,620 training rows: 15 batches of 256 either way
+    base, cpu = TrainConfig(batch_size=256, expansion=2, k=2, steps=12, save_every=4, val_every=4, warmup_steps=1), torch.device("cpu")
+    train_on_store(LoaderConfig(shards=str(tmp_path / "store")), base, tmp_path / "whole", [], cpu, resume=False, progress=False)
+    batches = ShardLoader.train_batches
+
+    def stopped_at_step_6(self, epoch, start_batch=0):
+        for number, batch in enumerate(batches(self, epoch, start_batch), start_batch):
+            if number == 6:
+                raise Interrupted
+            yield batch
+
+    monkeypatch.setattr(ShardLoader, "train_batches", stopped_at_step_6)
+    with pytest.raises(Interrupted):
+        train_on_store(LoaderConfig(shards=str(tmp_path / "store")), base, tmp_path / "run", [], cpu, resume=False, progress=False)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["store_shards"] == [
+        ["shard-00000000", 1500, 50], ["shard-00000001", 1200, 50], ["shard-00000002", 900, 50]]
+    train_on_store(LoaderConfig(shards=str(tmp_path / "grown")), base, tmp_path / "run", [], cpu, resume=True, progress=False)
+    assert torch.equal(load(tmp_path / "run").W_enc, load(tmp_path / "whole").W_enc)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+    write_store(tmp_path / "other", [1500, 1200, 800])
+    with pytest.raises(CrosscodersError, match=r"shard-00000002 holds other rows than the run was trained on; resume on the store"):
+        train_on_store(LoaderConfig(shards=str(tmp_path / "other")), base, tmp_path / "run", [], cpu, resume=True, progress=False)
+    with pytest.raises(CrosscodersError, match=r"no longer holds shard-00000002, which the run was trained on"):
+        train_on_store(LoaderConfig(shards=str(write_store(tmp_path / "less", [1500, 1200]).url)), base, tmp_path / "run", [], cpu,
+                       resume=True, progress=False)
 
 
 def test_training_on_some_layers_reads_only_their_rows_and_resumes_only_on_them(store_path, tmp_path):
