@@ -293,17 +293,20 @@ def store_of_run(run: Path, shards: str | None, data: dict | None) -> Store:
     return store
 
 
-def layers_of_run(spec: str, store: Store, data: dict | None) -> list[int]:
+def layers_of_run(spec: str, store: Store, data: dict | None, sae: TopKSAE) -> list[int]:
     """The hidden states --layers names: trained (those of the run's data.json; the store's without one), all (the
-    store's) or a layer list, each checked to be in the store."""
+    store's) or a layer list, each checked to be in the store and normalized by the SAE."""
     held = store.metadata["layers"]
     if spec.strip() == "trained" and data is not None:
         missing = [layer for layer in trained_layers(data) if layer not in held]
         if missing:
             raise CrosscodersError(f"{store.url} was not cached at hidden state {missing[0]}, which the SAE was trained on; "
                                    f"pick from {held} with --layers")
-        return trained_layers(data)
-    return stored_layers("all" if spec.strip() == "trained" else spec, held, store.n_hidden_states)
+        layers = trained_layers(data)
+    else:
+        layers = stored_layers("all" if spec.strip() == "trained" else spec, held, store.n_hidden_states)
+    sae.check_normalized(layers)
+    return layers
 
 
 def check_model_of_store(info: ModelInfo, store: Store):
@@ -337,7 +340,7 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     info = loaded.info
     check_model_of_store(info, store)
     sae.check_compatible(info.d_model, info.n_hidden_states)
-    layers = layers_of_run(config.layers, store, data)
+    layers = layers_of_run(config.layers, store, data, sae)
     docs = list(islice(store.documents(split="val"), config.n_docs))
     if not docs:
         raise CrosscodersError(f"{store.url} holds no held-out documents; cache more tokens or raise --val-fraction")

@@ -335,7 +335,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     data = run_data(sae_dir)
     store = store_of_run(sae_dir, cfg.shards, data)  # first: a store of another model is named as such, whatever its shape
     sae.check_compatible(store.d_model, store.n_hidden_states)
-    layers = layers_of_run(cfg.layers, store, data)
+    layers = layers_of_run(cfg.layers, store, data, sae)
     if cfg.feature is not None and not 0 <= cfg.feature < sae.cfg.n_latents:
         raise CrosscodersError(f"--feature {cfg.feature} is out of range: the SAE has latents 0 to {sae.cfg.n_latents - 1}")
     path = report_path(cfg, sae_dir)

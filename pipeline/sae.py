@@ -282,6 +282,20 @@ class TopKSAE(nn.Module):
                 "use an SAE trained on this model's activations"
             )
 
+    def check_normalized(self, layers: list[int]):
+        """Raise unless the SAE has normalization statistics for each of these hidden states. Its training store held no
+        rows of one without (mean 0, scale 1: normalization_of), so it would take that state's raw rows for normalized
+        ones, and its reconstructions there would mean nothing. An SAE made without statistics has none to miss."""
+        blank = ((self.norm_scale == 1) & (self.norm_mean == 0).all(1)).tolist()
+        if not self.cfg.normalize or all(blank):
+            return
+        missing = [layer for layer in layers if blank[layer]]
+        if missing:
+            normalized = [layer for layer, is_blank in enumerate(blank) if not is_blank]
+            raise CrosscodersError(f"SAE at {self.path or '(not saved)'} has no normalization statistics for hidden states "
+                                   f"{missing} (its training store held none of their rows); use --layers among {normalized}, "
+                                   "or train on a store that holds them")
+
     def save(self, folder: Path | str):
         """Write sae_weights.safetensors, then cfg.json (the SAELens layout) into folder, each whole or not at all:
         a crash while saving leaves the files before, never a torn SAE."""

@@ -21,9 +21,10 @@ from pipeline.cache import CacheConfig, cache_activations, pack_batches
 from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
 from pipeline.evaluate import EvalConfig, LayerEval, average, check_model_of_store, evaluate, layer_means, layers_of_run, run_eval, splice
+from pipeline.loader import LayerStats, stats_from_sums
 from pipeline.models import load_model
 from pipeline.positions import RECORD_ALL, SkippedPositions
-from pipeline.sae import SAEConfig, TopKSAE
+from pipeline.sae import SAEConfig, TopKSAE, load
 from pipeline.store import Store, create_or_open
 from pipeline.train import CHECKPOINT, DATA_FILE
 
@@ -252,14 +253,28 @@ def test_user_errors(store, tmp_path):
 
 def test_layers_default_to_those_the_sae_was_trained_on(store, tmp_path):
     run = saved_run(tmp_path / "run", store)
-    data = json.loads((run / DATA_FILE).read_text())
-    assert layers_of_run("trained", store, data) == layers_of_run("trained", store, None) == store.metadata["layers"]  # before --layers
+    data, sae = json.loads((run / DATA_FILE).read_text()), load(run)
+    assert layers_of_run("trained", store, data, sae) == layers_of_run("trained", store, None, sae) == store.metadata["layers"]  # before --layers
     (run / DATA_FILE).write_text(json.dumps({**data, "train_layers": [1, 3]}))  # train-sae --layers 1,3
     for layers, expected in (("trained", [1, 3]), ("all", store.metadata["layers"]), ("2", [2])):
         results, eval_path, _ = run_eval(EvalConfig(sae=str(run), layers=layers, n_docs=1), QUIET, progress=False)
         assert [r.layer for r in results] == [r["layer"] for r in json.loads(eval_path.read_text())["layers"]] == expected
     with pytest.raises(CrosscodersError, match=r"was not cached at hidden state 1, which the SAE was trained on; pick from \[0, 2\] with --layers"):
-        layers_of_run("trained", create_or_open(tmp_path / "two", {**store.metadata, "layers": [0, 2]}), {**data, "train_layers": [1, 3]})
+        layers_of_run("trained", create_or_open(tmp_path / "two", {**store.metadata, "layers": [0, 2]}), {**data, "train_layers": [1, 3]}, sae)
+
+
+def test_an_sae_is_not_evaluated_where_its_training_store_gave_it_no_statistics(store, tmp_path):
+    """Trained on a store cached with --layers 2, it would take the raw rows of another hidden state for normalized ones:
+    FVUs in the hundreds, reported as results."""
+    stats = stats_from_sums(*store.layer_stats_sums())
+    only_2 = LayerStats(stats.mean, stats.mean_sq_norm, torch.where(torch.arange(N_HIDDEN_STATES) == 2, stats.count, 0))
+    run = saved_run(tmp_path / "run", store)
+    TopKSAE(SAEConfig(d_model=64, n_layers=N_HIDDEN_STATES, expansion=2, k=8), only_2).save(run)
+    [result], _, _ = run_eval(EvalConfig(sae=str(run), layers="2", n_docs=1), QUIET, progress=False)
+    assert result.layer == 2
+    with pytest.raises(CrosscodersError, match=r"has no normalization statistics for hidden states \[0, 1, 3, 4\] \(its training store "
+                                               r"held none of their rows\); use --layers among \[2\], or train on a store that holds them$"):
+        run_eval(EvalConfig(sae=str(run), layers="all", n_docs=1), QUIET, progress=False)
 
 
 def small_store(model_dir: Path, folder: Path, val_fraction: float = 0.3) -> Store:
