@@ -255,6 +255,20 @@ def proportional_quota(available: np.ndarray, n_rows: int | None) -> np.ndarray:
     return quota
 
 
+def _metadata_problem(metadata: dict) -> str | None:
+    """What is missing or malformed among the fields every reader of a store relies on; None when all are sound."""
+    model, layers = metadata.get("model"), metadata.get("layers")
+    if metadata.get("dtype") not in STORAGE_DTYPES:
+        return f"dtype {metadata.get('dtype')!r} is none of {sorted(STORAGE_DTYPES)}"
+    if not isinstance(model, dict) or not all(isinstance(model.get(key), str) for key in ("name", "fingerprint")):
+        return "its model entry lacks a name or fingerprint"
+    if not all(isinstance(model.get(key), int) and model[key] > 0 for key in ("d_model", "n_hidden_states")):
+        return "its model entry lacks a positive d_model or n_hidden_states"
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, int) and 0 <= x < model["n_hidden_states"] for x in layers):
+        return f"its layers {layers!r} are not hidden states of the model"
+    return None
+
+
 class Store:
     """A readable view of a store: metadata, complete shards, statistics and rows."""
 
@@ -269,12 +283,16 @@ class Store:
             raise CrosscodersError(f"{self.location} is not an activation store (no zarr.json); run cache-acts --out {self.location}") from None
         except (ValueError, KeyError) as error:
             raise CrosscodersError(f"{root_meta} is damaged or not a crosscoders store ({error!r})") from None
-        self.metadata = attributes.get("crosscoders", {})
+        self.metadata = attributes.get("crosscoders", {}) if isinstance(attributes, dict) else None
+        if not isinstance(self.metadata, dict):
+            raise CrosscodersError(f"{root_meta} is damaged or not a crosscoders store (its attributes are not a record)")
         if "n_rows" in attributes:  # a shard's commit
             raise CrosscodersError(f"{self.location} is one shard of an activation store; pass the store, the folder above it")
         if self.metadata.get("format") != FORMAT_NAME or self.metadata.get("version") != FORMAT_VERSION:
             raise CrosscodersError(f"{root_meta} holds format {self.metadata.get('format')} v{self.metadata.get('version')}; "
                                    f"this version reads {FORMAT_NAME} v{FORMAT_VERSION}: re-cache into a new --out")
+        if problem := _metadata_problem(self.metadata):
+            raise CrosscodersError(f"{root_meta} is damaged ({problem}); restore it, or re-cache into a new --out")
         self.dtype: str = self.metadata["dtype"]
         self.d_model: int = self.metadata["model"]["d_model"]
         self.n_hidden_states: int = self.metadata["model"]["n_hidden_states"]

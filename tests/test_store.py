@@ -1,6 +1,7 @@
 """The store on its own: bit-exact dtypes, committed shards, damage detection, plain-zarr readability, fsspec URLs."""
 
 import json
+import re
 import uuid
 
 import numpy as np
@@ -151,6 +152,27 @@ def test_a_truncated_shard_header_is_caught_on_open(store):
         handle.write('{"attributes": {')
     with pytest.raises(CrosscodersError, match=r"shard .*shard-00000004/zarr.json is damaged"):
         Store(store.url)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda meta: meta["attributes"]["crosscoders"].pop("model"), "its model entry lacks a name or fingerprint"),
+    (lambda meta: meta["attributes"]["crosscoders"]["model"].pop("d_model"), "lacks a positive d_model or n_hidden_states"),
+    (lambda meta: meta["attributes"]["crosscoders"].pop("layers"), "its layers None are not hidden states of the model"),
+    (lambda meta: meta["attributes"]["crosscoders"].update(layers=[0, 7]), "its layers [0, 7] are not hidden states"),
+    (lambda meta: meta["attributes"]["crosscoders"].update(dtype="int8"), "dtype 'int8' is none of"),
+    (lambda meta: meta["attributes"].update(crosscoders=5), "is damaged or not a crosscoders store (its attributes are not a record)"),
+])
+def test_a_store_record_missing_a_field_is_a_one_line_error(store, damage, message):
+    """A zarr.json that parses but lacks a field gave a KeyError from deep inside train-sae."""
+    path = store.location.path("zarr.json")
+    with open(path) as handle:
+        meta = json.load(handle)
+    damage(meta)
+    with open(path, "w") as handle:
+        json.dump(meta, handle)
+    with pytest.raises(CrosscodersError, match=re.escape(message)) as error:
+        Store(store.url)
+    assert "\n" not in str(error.value)
 
 
 def test_opening_something_that_is_not_a_store(tmp_path):
