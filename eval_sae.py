@@ -37,7 +37,7 @@ def run(config: EvalConfig) -> None:
     Console(stderr=True).print(Text(f"wrote {eval_path}\nwrote {plot_path}"), soft_wrap=True)
 
 
-config_command(app, [EvalConfig], run, help=__doc__)
+config_command(app, [EvalConfig], run, help=__doc__, memory_advice="lower --batch-tokens, or use --model-dtype bf16 or another --device")
 
 
 def main() -> None:

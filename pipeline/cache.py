@@ -1,5 +1,6 @@
 """Stage one: run the model once over the corpus and store (layer, activation) pairs."""
 
+import contextlib
 import functools
 import itertools
 import time
@@ -25,7 +26,7 @@ from pipeline.corpus import (
     mined_files_fingerprint,
     tokenize_document,
 )
-from pipeline.errors import CrosscodersError, Interrupted
+from pipeline.errors import CrosscodersError, Interrupted, out_of_memory
 from pipeline.hidden_states import capture_rows
 from pipeline.layers import parse_layers
 from pipeline.models import DEFAULT_MODEL, decoder_layers, load_model
@@ -296,20 +297,36 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
                     advance = functools.partial(bar.advance, task)
                     n_model_tokens += _cache_window(loaded.model, window, plans, budget, config, corpus, pad_id, device, writer, advance)
                 bar.update(task, completed=ledger.total)  # with the other processes' windows
+            writer.close()
         except BaseException as error:  # Ctrl-C or an error: keep complete shards only, so a rerun resumes exactly
-            writer.close(flush=False)
-            if isinstance(error, KeyboardInterrupt):
-                raise Interrupted(f"interrupted; {store.url} keeps its complete shards; run the same command to continue") from None
-            raise
+            with contextlib.suppress(Exception):  # the writer's own failure, if it is the error, is raised below
+                writer.close(flush=False)
+            stopped = stopped_caching(error, store.url)
+            if stopped is error:
+                raise
+            raise stopped from None
         finally:
             planned.close()  # waits for the window being prepared: no thread outlives the run
-        writer.close()
     n_model_tokens = sum(tokens for (tokens,) in distributed.all_gather_ints([n_model_tokens]))
     distributed.barrier()  # every process's shards are committed
     seconds = time.perf_counter() - start_time
     if ledger.total < config.n_tokens and rank == 0:
         console.print(f"[yellow]the corpus ran out after {ledger.total:,} pairs (asked for {config.n_tokens:,})[/]")
     return CacheReport(store.url, ledger.n_new, ledger.total, n_model_tokens, seconds)
+
+
+def stopped_caching(error: BaseException, url: str) -> BaseException:
+    """What stopped stage one, said in one line with what the store kept and how to go on; other errors as they are."""
+    kept = f"{url} keeps its complete shards"
+    if isinstance(error, KeyboardInterrupt):
+        return Interrupted(f"interrupted; {kept}; run the same command to continue")
+    if memory := out_of_memory(error):
+        return CrosscodersError(f"out of memory ({memory}); {kept}; cache with a lower --batch-tokens into a new --out (a store "
+                                "goes on with its own), or run the same command where there is more memory")
+    if isinstance(error, OSError):  # a full disk, a store made read-only
+        return CrosscodersError(f"cannot write {url} ({error.strerror or error}); {kept}; once it can be written, run the same "
+                                "command to continue")
+    return error
 
 
 def _cache_window(model, window: Window, plans, budget: int, config: CacheConfig, corpus: CorpusConfig, pad_id: int, device, writer: ShardWriter,

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from pipeline.errors import CrosscodersError
+from pipeline.errors import CrosscodersError, out_of_memory
 
 
 def option(default: Any, help: str, parse: Callable[[str], Any] | None = None, cli_type: type | None = None):
@@ -76,8 +76,10 @@ def build_config(cls, values: dict[str, Any]):
     return cls(**kwargs)
 
 
-def config_command(app: typer.Typer, config_classes: list[type], run: Callable, extra: list[inspect.Parameter] = (), help: str = ""):
-    """Registers `run(configs..., **extra)` as the app's command with one option per config field."""
+def config_command(app: typer.Typer, config_classes: list[type], run: Callable, extra: list[inspect.Parameter] = (), help: str = "",
+                   memory_advice: str = "free memory or use another --device"):
+    """Registers `run(configs..., **extra)` as the app's command with one option per config field; memory_advice ends
+    the one line an allocation that failed gives, where the stage did not say itself what to do."""
     config_fields = [f for cls in config_classes for f in dataclasses.fields(cls) if "help" in f.metadata]
     names = [f.name for f in config_fields]
     duplicates = {n for n in names if names.count(n) > 1}
@@ -97,6 +99,11 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
             run(*configs, **{p.name: values[p.name] for p in extra})
         except CrosscodersError as error:
             print_error(error)
+            raise typer.Exit(2) from None
+        except (RuntimeError, MemoryError) as error:  # a stage that knows what it kept says so itself, as CrosscodersError
+            if (memory := out_of_memory(error)) is None:
+                raise
+            print_error(CrosscodersError(f"out of memory ({memory}); {memory_advice}"))
             raise typer.Exit(2) from None
         except KeyboardInterrupt as interrupted:  # Interrupted says what the stage kept
             Console(stderr=True).print(Text(str(interrupted) or "interrupted"), highlight=False, soft_wrap=True)

@@ -11,6 +11,17 @@ class CrosscodersError(Exception):
     """A user-facing error; the CLI prints its message on one line, without a traceback."""
 
 
+def out_of_memory(error: BaseException) -> str | None:
+    """For an allocation that failed (torch's out-of-memory error on a GPU, its allocator's RuntimeError or Python's
+    MemoryError on the host), the first line of what it said; None for any other error."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if type(error).__name__ == "OutOfMemoryError" or isinstance(error, MemoryError):
+        return text
+    if isinstance(error, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text.lower()):
+        return text
+    return None
+
+
 def one_line(error: Exception) -> str:
     """A library error squeezed onto one line, for a user-facing message."""
     return " ".join(str(error).split()).rstrip(".") or type(error).__name__  # the caller's message goes on after it

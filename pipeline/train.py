@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import distributed
 from pipeline.cli import option
-from pipeline.errors import CrosscodersError, Interrupted, one_line
+from pipeline.errors import CrosscodersError, Interrupted, one_line, out_of_memory
 from pipeline.layers import stored_layers
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
 from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load, write_whole
@@ -337,6 +337,12 @@ def _train(configs: list[TrainConfig], out_dirs: list[Path], resumes: list[bool]
     except (OSError, SafetensorError) as error:  # writing the run folders: a full disk, a folder made read-only
         raise CrosscodersError(f"cannot write the run ({error}); last checkpoints: {last_checkpoints(runs)}; once it can "
                                f"be written, run the same command{with_resume(runs)} to continue") from None
+    except (RuntimeError, MemoryError) as error:
+        if memory := out_of_memory(error):
+            raise CrosscodersError(f"out of memory ({memory}); last checkpoints: {last_checkpoints(runs)}; train with a lower "
+                                   "--batch-size or --expansion, or fewer --sweep values, into a new --out (--resume takes a "
+                                   f"run's own settings), or run the same command{with_resume(runs)} where there is more memory") from None
+        raise
 
 
 def with_resume(runs: list[Run]) -> str:

@@ -276,6 +276,45 @@ def test_interrupted_and_resumed_run_stores_exactly_the_uninterrupted_rows(tiny_
     assert torch.equal(ref_acts, acts)
 
 
+def failing_from(call: int, function, error: BaseException):
+    """function, raising error from its call-th call on."""
+    calls = []
+
+    def failing(*args):
+        calls.append(args)
+        if len(calls) >= call:
+            raise error
+        return function(*args)
+
+    return failing
+
+
+@pytest.mark.parametrize("failure", ["disk", "memory"])
+def test_a_full_disk_or_memory_stops_caching_in_one_line_and_the_same_command_goes_on(tiny_model_dir, corpus_file, tmp_path, monkeypatch, failure):
+    """Both ended in a traceback; the store kept its complete shards, which the line now says, with what to do."""
+    from pipeline import cache
+
+    reference = run_cache(tiny_model_dir, corpus_file, tmp_path / "reference")
+    out = tmp_path / "s"
+    if failure == "disk":  # in the writer thread, at the second shard
+        monkeypatch.setattr(Store, "write_shard", failing_from(2, Store.write_shard, OSError(28, "No space left on device")))
+        message = f"cannot write {out} (No space left on device); {out} keeps its complete shards; once it can be written, run the same command"
+    else:  # in the model's forward pass, at the fifth batch
+        memory = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+        monkeypatch.setattr(cache, "_record_batch", failing_from(5, cache._record_batch, memory))
+        message = f"out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); {out} keeps its complete shards; cache with a lower --batch-tokens"
+    with pytest.raises(CrosscodersError) as error:
+        run_cache(tiny_model_dir, corpus_file, out)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert 0 < len(Store(out).shards) < len(reference.shards)
+    monkeypatch.undo()
+    resumed = run_cache(tiny_model_dir, corpus_file, out)
+    ref_keys, ref_acts = sorted_rows(reference)
+    keys, acts = sorted_rows(resumed)
+    np.testing.assert_array_equal(ref_keys, keys)
+    assert torch.equal(ref_acts, acts)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -75,6 +75,28 @@ def test_ctrl_c_and_sigterm_stop_a_command_with_one_line_and_the_signal_s_status
     assert (result.exit_code, result.stderr) == (status, line + "\n")
 
 
+@dataclasses.dataclass(frozen=True)
+class FailConfig:
+    error: str = option("memory", "what the command raises")
+
+
+def failing_command(config: FailConfig):
+    import torch
+
+    if config.error == "memory":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.00 GiB free.\nOf the allocated ...")
+    raise RuntimeError("a bug, not a user's error")
+
+
+def test_out_of_memory_is_one_line_with_the_commands_advice_and_other_errors_stay_tracebacks():
+    app = typer.Typer()
+    config_command(app, [FailConfig], failing_command, memory_advice="lower --batch-tokens")
+    result = CliRunner().invoke(app, [])
+    assert (result.exit_code, result.stderr) == (2, "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+                                                    "1.00 GiB free.); lower --batch-tokens\n")
+    assert isinstance(CliRunner().invoke(app, ["--error", "bug"]).exception, RuntimeError)
+
+
 @pytest.mark.parametrize("script", COMMANDS)
 def test_ctrl_c_while_a_command_imports_its_modules_stops_it_in_one_line(script):
     """Ctrl-C 0.1 s in, while torch is still importing (it takes seconds), and not a traceback from inside it."""

@@ -61,10 +61,10 @@ class Interrupted(Exception):
 
 
 class InterruptAt:
-    """A source that crashes at global batch number `at`, or from then on serves its rows times `scale`."""
+    """A source that crashes at global batch number `at` (Interrupted, or error), or from then on serves its rows times `scale`."""
 
-    def __init__(self, source: MemoryLoader, at: int, scale: float | None = None):
-        self.source, self.at, self.scale = source, at, scale
+    def __init__(self, source: MemoryLoader, at: int, scale: float | None = None, error: BaseException | None = None):
+        self.source, self.at, self.scale, self.error = source, at, scale, error
         self.d_model, self.n_layers, self.stats = source.d_model, source.n_layers, source.stats
         self.n_train_batches, self.val_batches = source.n_train_batches, source.val_batches
 
@@ -72,7 +72,7 @@ class InterruptAt:
         for number, (x, layer) in enumerate(self.source.train_batches(epoch, start_batch), start=start_batch):
             if epoch * self.n_train_batches() + number >= self.at:
                 if self.scale is None:
-                    raise Interrupted
+                    raise self.error or Interrupted
                 x = x * self.scale
             yield x, layer
 
@@ -412,6 +412,16 @@ def test_wandb_failing_to_start_is_a_one_line_error_and_resume_goes_on(tmp_path,
     with pytest.raises(CrosscodersError, match=r"^wandb could not start a run for .*a \(api_key not configured \(no-tty\)\); log in"):
         train([replace(SMALL, steps=4, wandb=True)], small_source(), [tmp_path / "a"], progress=False)
     assert train([replace(SMALL, steps=4)], small_source(), [tmp_path / "a"], resume=True, progress=False)[0]["step"] == 4
+
+
+@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB\n(details)"),
+                                     RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")])
+def test_out_of_memory_is_one_line_naming_the_checkpoint_and_what_to_lower(tmp_path, failure):
+    with pytest.raises(CrosscodersError) as error:
+        train([SMALL], InterruptAt(small_source(), at=12, error=failure), [tmp_path / "run"], progress=False)
+    text = str(error.value)
+    assert text.startswith(f"out of memory ({str(failure).splitlines()[0]}); last checkpoints: {tmp_path / 'run'} step 10; "
+                           "train with a lower --batch-size or --expansion") and "\n" not in text
 
 
 def test_wandb_logs_offline(tmp_path, monkeypatch):
