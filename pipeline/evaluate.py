@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.cache import pack_batches, resolve_device, resolve_model_dtype
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError
+from pipeline.files import write_whole
 from pipeline.hidden_states import hidden_state_module, hooked, output_tensor
 from pipeline.layers import stored_layers
 from pipeline.loader import stats_from_sums
@@ -246,7 +247,7 @@ def plot_recovered(results: list[LayerEval], path: Path, title: str):
     axes.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
     axes.set(xlabel="hidden state (0 = embeddings)", ylabel="fraction of CE loss recovered", title=title)
     axes.legend()
-    figure.savefig(path, dpi=100)
+    write_whole(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
 
 
 def resolve(config: EvalConfig, data: dict | None) -> tuple[EvalConfig, Store]:
@@ -330,6 +331,7 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     data = run_data(Path(config.sae))
     model_given = config.model is not None
     config, store = resolve(config, data)
+    out = make_output_folder(Path(config.out), "--out")  # before the model loads: an --out that cannot be written fails at once
     model_dtype = resolve_model_dtype(config.model_dtype, device, store.metadata.get("model_dtype"))
     try:
         loaded = load_model(config.model, device=device, dtype=model_dtype)
@@ -347,7 +349,6 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     if len(docs) < config.n_docs:
         console.print(Text(f"{store.url} holds {len(docs)} held-out documents, fewer than --n-docs {config.n_docs}: scoring those"),
                       soft_wrap=True)
-    out = make_output_folder(Path(config.out), "--out")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=not progress) as bar:
         results = evaluate(sae, loaded.model, docs, layers, layer_means(store).to(device),
@@ -363,6 +364,9 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
         "average": average(results),
     }
     eval_path, plot_path = out / EVAL_FILE, out / PLOT_FILE
-    eval_path.write_text(json.dumps(finite_or_null(report), indent=2))  # plain JSON: a 0/0 fraction is null
-    plot_recovered(results, plot_path, f"{Path(config.sae).resolve().name} on {info.name}")
+    try:
+        write_whole(eval_path, lambda path: path.write_text(json.dumps(finite_or_null(report), indent=2)))  # a 0/0 fraction is null
+        plot_recovered(results, plot_path, f"{Path(config.sae).resolve().name} on {info.name}")
+    except OSError as error:  # a full disk: the files before stay whole
+        raise CrosscodersError(f"cannot write {out} ({error.strerror or error}); free space or pass another --out") from None
     return results, eval_path, plot_path

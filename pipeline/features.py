@@ -369,9 +369,10 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
         return None
     features = ([cfg.feature] if cfg.feature is not None else []) + report_features(scan, cfg.n_report_features)
     features = list(dict.fromkeys(features))
-    write_html_report(
-        path, scan, {f: feature_contexts(scan, store, tokenizer, f, cfg.context) for f in features}, {f: promoted(f) for f in features},
-        title=f"{sae_dir} on {store.url}",
-    )
+    contexts, promotions = {f: feature_contexts(scan, store, tokenizer, f, cfg.context) for f in features}, {f: promoted(f) for f in features}
+    try:
+        write_html_report(path, scan, contexts, promotions, title=f"{sae_dir} on {store.url}")
+    except OSError as error:  # a full disk: a report there before stays whole
+        raise CrosscodersError(f"cannot write {path} ({error.strerror or error}); free space or pass another --html") from None
     console.print(Text(f"wrote {path}"))
     return path

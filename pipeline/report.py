@@ -9,6 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure  # no pyplot: leaves the caller's plotting backend alone
 
 from pipeline.features import DENSE_FREQUENCY, Context, FeatureScan, density_histogram
+from pipeline.files import write_whole
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
@@ -133,5 +134,5 @@ def write_html_report(
 </body></html>
 """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    write_whole(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))
     return path

@@ -5,7 +5,6 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.errors import CrosscodersError
+from pipeline.files import write_whole
 from pipeline.loader import LayerStats
 from pipeline.sparse_topk import TORCH_KERNELS, SparseKernels, gather_pre_acts
 
@@ -305,18 +305,6 @@ class TopKSAE(nn.Module):
         # float32 (docs/FORMAT.md), whatever the SAE's dtype
         write_whole(folder / WEIGHTS_FILE, lambda path: save_file({name: t.contiguous() for name, t in tensors.items()}, path))
         write_whole(folder / CONFIG_FILE, lambda path: path.write_text(json.dumps(asdict(self.cfg), indent=2)))
-
-
-def write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """write(a temporary path beside path), then put it in path's place: a crash or a full disk leaves the file before,
-    not half of one, and no temporary file."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _not_an_sae(folder: Path, missing: str) -> str:

@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 from pipeline import distributed
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError, Interrupted, one_line, out_of_memory
+from pipeline.files import write_whole
 from pipeline.layers import stored_layers
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
-from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load, write_whole
+from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
 from pipeline.storage import Location
 from pipeline.store import Store
 from pipeline.train_step import TrainStep, autocast, check_device
@@ -551,7 +552,7 @@ def plot_losses(records: list[dict], path: Path):
             axes.plot(*zip(*points), style, label=split)
     axes.set(xlabel="step", ylabel="MSE (normalized)", yscale="log", title=path.parent.name)
     axes.legend()
-    figure.savefig(path, dpi=100)
+    write_whole(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
 
 
 def import_wandb():

@@ -5,7 +5,7 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
@@ -239,12 +239,37 @@ def test_sae_of_another_width_is_a_one_line_cli_error(store, tmp_path):
     assert "d_model=32" in result.stderr and "d_model=64" in result.stderr
 
 
+@contextmanager
+def no_model_loads():
+    """Around a command that must fail before it spends time loading the model."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline.evaluate, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded first"))
+        yield
+
+
+def half_written_then_full(self, text, *args, **kwargs):
+    """Path.write_text on a disk that fills up halfway."""
+    with open(self, "w") as handle:
+        handle.write(text[: len(text) // 2])
+    raise OSError(28, "No space left on device")
+
+
+def test_a_full_disk_leaves_the_last_eval_json_whole_and_says_so_in_one_line(store, tmp_path, monkeypatch):
+    run = saved_run(tmp_path / "run", store)
+    _, eval_path, _ = run_eval(EvalConfig(sae=str(run), n_docs=1), QUIET, progress=False)
+    before = eval_path.read_text()
+    monkeypatch.setattr(Path, "write_text", half_written_then_full)
+    with pytest.raises(CrosscodersError, match=r"^cannot write .*run/eval \(No space left on device\); free space or pass another --out$"):
+        run_eval(EvalConfig(sae=str(run), n_docs=2), QUIET, progress=False)
+    assert eval_path.read_text() == before and sorted(p.name for p in eval_path.parent.iterdir()) == ["eval.json", "recovered.png"]
+
+
 def test_user_errors(store, tmp_path):
     run = saved_run(tmp_path / "run", store)
     with pytest.raises(CrosscodersError, match="out of range"):
         run_eval(EvalConfig(sae=str(run), layers="0-7"), QUIET, progress=False)
     (tmp_path / "file").write_text("")
-    with pytest.raises(CrosscodersError, match="cannot write to .*file/eval .*; pass a writable path as --out"):
+    with pytest.raises(CrosscodersError, match="cannot write to .*file/eval .*; pass a writable path as --out"), no_model_loads():
         run_eval(EvalConfig(sae=str(run), out=str(tmp_path / "file" / "eval")), QUIET, progress=False)
     (run / DATA_FILE).unlink()
     with pytest.raises(CrosscodersError, match="--shards"):

@@ -432,6 +432,22 @@ def test_a_model_that_does_not_load_is_a_note(run_dir, tmp_path):
     assert f"note: model '{missing}' did not load" in console.file.getvalue()
 
 
+def test_a_full_disk_leaves_the_last_report_whole_and_says_so_in_one_line(store, run_dir, tmp_path, monkeypatch):
+    html = tmp_path / "report.html"
+    explore_features(FeaturesConfig(sae=str(run_dir), html=str(html), n_rows=300), QUIET)
+    before = html.read_text()
+
+    def half_written_then_full(self, text, *args, **kwargs):
+        with open(self, "w") as handle:
+            handle.write(text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_written_then_full)
+    with pytest.raises(CrosscodersError, match=r"^cannot write .*report.html \(No space left on device\); free space or pass another --html$"):
+        explore_features(FeaturesConfig(sae=str(run_dir), html=str(html), n_rows=600), QUIET)
+    assert html.read_text() == before and [p.name for p in tmp_path.glob("report*")] == ["report.html"]
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "250"}
     return subprocess.run([sys.executable, str(REPO / "sae_features.py"), *args], capture_output=True, text=True, env=env, cwd=REPO)

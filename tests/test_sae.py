@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -479,6 +480,14 @@ def test_an_sae_in_bf16_is_saved_in_float32_as_documented(tmp_path):
     sae.save(tmp_path)
     assert {t.dtype for t in load_numpy(str(tmp_path / "sae_weights.safetensors")).values()} == {np.dtype("float32")}
     assert all(torch.equal(a.float(), b) for a, b in zip(sae.state_dict().values(), load(tmp_path).state_dict().values(), strict=True))
+
+
+def test_saved_files_are_as_readable_as_any_new_file(tmp_path):
+    """safetensors writes its files for their owner alone: colleagues on a shared machine could not read an SAE."""
+    make_sae().save(tmp_path)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert {(tmp_path / name).stat().st_mode & 0o777 for name in ("sae_weights.safetensors", "cfg.json")} == {0o666 & ~mask}
 
 
 def test_a_layer_whose_rows_do_not_vary_is_left_unscaled():
