@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 model="${QWEN_MODEL:-qwen2.5-coder-0.5b-instruct}"
 n_tokens="${N_TOKENS:-30K}"
-shards="shards/demo-${model}"
-run="runs/demo-${model}"
+shards="runs/demo-${model}/shards"  # not under ./shards, the store the README's commands make
+run="runs/demo-${model}/sae"
 bin=.venv/bin
 
 $bin/cache-acts --model "$model" --n-tokens "$n_tokens" --out "$shards" --max-seq-len 512 --batch-tokens 4096
