@@ -453,6 +453,10 @@ def check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool, data: dict |
         raise CrosscodersError(f"{run_dir} cannot be a run folder: {existing} is a file; train into another one")
     saved_cfg = run_dir / "train_config.json"
     if not saved_cfg.exists():
+        sweep_runs = sorted(p.parent.name for p in run_dir.glob("*/train_config.json")) if run_dir.is_dir() else []
+        if resume and sweep_runs:  # the sweep's own folder, given without its --sweep (or with other values)
+            raise CrosscodersError(f"{run_dir} holds the runs of a sweep ({', '.join(sweep_runs)}), not one run; "
+                                   "resume them with the --sweep options they were started with")
         if resume:
             raise CrosscodersError(f"{run_dir} holds no training run to resume (no train_config.json); train without "
                                    "--resume to start one")

@@ -320,6 +320,13 @@ def test_resume_needs_a_run_and_a_new_run_an_empty_folder(tmp_path):
     assert train([replace(SMALL, steps=2)], small_source(), [tmp_path / "empty"], progress=False)[0]["step"] == 2
 
 
+def test_resuming_a_sweeps_folder_without_its_sweep_names_the_sweeps_runs(tmp_path):
+    runs = expand_sweep(replace(SMALL, steps=2), ["k=4,8"])
+    train([cfg for _, cfg in runs], small_source(), [tmp_path / "sweep" / name for name, _ in runs], progress=False)
+    with pytest.raises(CrosscodersError, match=re.escape("sweep holds the runs of a sweep (k4, k8), not one run; resume them with the --sweep options")):
+        train([replace(SMALL, steps=2)], small_source(), [tmp_path / "sweep"], resume=True, progress=False)
+
+
 def test_a_sweep_stopped_while_writing_its_runs_settings_resumes(tmp_path, monkeypatch):
     runs = expand_sweep(replace(SMALL, steps=12), ["k=4,8"])
     configs, folders = [cfg for _, cfg in runs], [tmp_path / "sweep" / name for name, _ in runs]
