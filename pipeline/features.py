@@ -276,10 +276,11 @@ def highlight_rgb(fraction: float) -> tuple[int, int, int]:
     return 255, round(235 - 115 * fraction), round(200 - 200 * fraction)
 
 
-def sparkline(values: list[float]) -> str:
-    """One block character per value, scaled to the largest; blank for zero."""
+def sparkline(values: list[float], measured: list[bool]) -> str:
+    """One block character per value, scaled to the largest; blank for zero, a dot where nothing was measured."""
     top = max(values, default=0) or 1
-    return "".join(SPARK[min(len(SPARK) - 1, int(len(SPARK) * v / top))] if v > 0 else " " for v in values)
+    return "".join("·" if not seen else SPARK[min(len(SPARK) - 1, int(len(SPARK) * v / top))] if v > 0 else " "
+                   for v, seen in zip(values, measured))
 
 
 def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: list[Context], promoted: list[tuple[str, float]] | None):
@@ -290,7 +291,8 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: l
     rates = scan.layer_frequency[feature].tolist()
     if count:  # a dead latent has no peak layer
         peak = scan.peak_layer(feature)
-        console.print(f"layers 0-{len(rates) - 1} [cyan]{sparkline(rates)}[/]  peak layer {peak} ({rates[peak]:.3%} of its rows)")
+        line = sparkline(rates, (scan.n_rows_by_layer > 0).tolist())  # a dot: a hidden state not scanned, unlike a blank
+        console.print(f"layers 0-{len(rates) - 1} [cyan]{line}[/]  peak layer {peak} ({rates[peak]:.3%} of its rows)")
     if promoted is not None:
         # quoted as token_texts shows them: repr would double the backslash of an escape such as \xf0
         console.print(Text("promotes " + "  ".join(f"'{text}' {value:+.3g}" for text, value in promoted)))

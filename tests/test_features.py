@@ -197,6 +197,17 @@ def test_a_latent_firing_on_exactly_a_tenth_of_the_rows_is_not_dense_anywhere(tm
     assert 'class="dense">10.000%' not in page and "10.000%" in page
 
 
+def test_a_hidden_state_not_scanned_is_marked_apart_from_one_where_the_latent_is_silent(tmp_path):
+    """Scanned with --layers 0,2 (or trained on them): layer 1's rate of 0 is no finding, and layer 3's is."""
+    empty = torch.full((1, 1), -1)
+    scan = FeatureScan("train", 160, torch.tensor([[10, 0, 30, 0]]), torch.tensor([20, 0, 100, 40]), torch.zeros(1, 1), empty, *[empty] * 5)
+    console = recording_console()
+    print_feature(console, scan, 0, [], None)
+    assert "layers 0-3 █·▅   peak layer 0" in console.file.getvalue()
+    page = write_html_report(tmp_path / "r.html", scan, {0: []}, {0: None}, "part").read_text()
+    assert "<title>layer 1 (not scanned): 0</title>" in page and "<title>layer 3 (%): 0</title>" in page
+
+
 def test_html_report_numbers_are_the_scans(tmp_path):
     scan = hand_made_scan()
     page = write_html_report(tmp_path / "r.html", scan, {0: [], 2: []}, {0: None, 2: None}, "hand-made").read_text()
