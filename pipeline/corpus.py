@@ -1,6 +1,7 @@
 """Documents to run the model over: code-instruction chats mined offline, or rows of a `datasets` source."""
 
 import ast
+import collections
 import dataclasses
 import glob
 import hashlib
@@ -23,6 +24,7 @@ from pipeline.errors import CrosscodersError, one_line
 SYSTEM_PROMPT = "You are Qwen, a helpful coding assistant."
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 CSV_OPTIONS = {"keep_default_na": False, "na_values": [""]}  # pandas reads "None", "NaN", "null", "N/A" as missing otherwise
+CSV_READING = 2  # in a csv store's dataset_files; 1 dropped rows whose cells read "None", "NaN"... as missing
 FUNCTION_BUFFER = 256  # mined functions held for shuffling; small so the first documents come fast
 ROW_BUFFER = 10_000  # dataset rows held for shuffling
 MAX_FUNCTION_LINES = 60
@@ -163,12 +165,9 @@ def dataset_files_fingerprint(config: CorpusConfig) -> str | None:
     path = Path(config.dataset).expanduser() if config.dataset is not None else None
     if path is None or not path.exists():
         return None
-    if path.is_file():
-        root, files = path.parent, [path]
-    else:  # hidden files and folders (.git, .DS_Store) are not the dataset's
-        root = path
-        files = sorted(f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts))
-    digest = hashlib.sha256()
+    root, files = (path.parent, [path]) if path.is_file() else (path, dataset_files(path))
+    # how csv cells are read decides which rows are documents: stores read otherwise are not extended with these
+    digest = hashlib.sha256(f"csv {CSV_READING}\n".encode() if reads_as_csv(files) else b"")
     for file in files:
         try:
             size = file.stat().st_size
@@ -180,6 +179,17 @@ def dataset_files_fingerprint(config: CorpusConfig) -> str | None:
             raise CrosscodersError(f"cannot read dataset file {file}: {error.strerror or error}; fix it or leave it out") from None
         digest.update(f"{file.relative_to(root)} {size} ".encode() + hashlib.sha256(head + tail).digest())
     return "sha256:" + digest.hexdigest()
+
+
+def dataset_files(folder: Path) -> list[Path]:
+    """A dataset folder's files, as the datasets library sees them: hidden files and folders (.git, .DS_Store) left out."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts))
+
+
+def reads_as_csv(files: list[Path]) -> bool:
+    """Whether the datasets library reads these files as csv: its format is their most common one."""
+    formats = collections.Counter(BUILDERS[f.suffix.lower()] for f in files if f.suffix.lower() in BUILDERS)
+    return bool(formats) and formats.most_common(1)[0][0] == "csv"
 
 
 def _size(path: Path) -> int:
@@ -312,8 +322,7 @@ def load_rows(config: CorpusConfig):
         if glob.has_magic(str(path)):
             raise CrosscodersError(f"dataset folder {path} has [ ] * or ? in its path, which the datasets library reads as a "
                                    "pattern; rename the folder or link it under a plain name")
-        suffixes = {f.suffix.lower() for f in path.rglob("*") if f.suffix.lower() in BUILDERS}
-        options = CSV_OPTIONS if suffixes == {".csv"} else {}
+        options = CSV_OPTIONS if reads_as_csv(dataset_files(path)) else {}
         try:
             return datasets.load_dataset(str(path), split=config.hf_split, streaming=True, **options)
         except Exception as e:

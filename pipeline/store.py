@@ -32,8 +32,9 @@ RESOLVED_OPTIONS = {"model_dtype", "layers", "layers_per_token"}
 SOURCE_FIELDS = {
     "mined_files": "the default corpus changed since the store was made (packages installed, removed or upgraded, another "
                    "Python, or prompts laid out by another version of this package), so its documents would differ; choose a new --out",
-    "dataset_files": "the --dataset files changed since the store was made (rows added, removed or edited, or another file of "
-                     "the same name), so its documents would differ; restore them or choose a new --out",
+    "dataset_files": "the --dataset files changed since the store was made (rows added, removed or edited, another file of "
+                     "the same name, or csv files that another version of this package read otherwise), so its documents "
+                     "would differ; restore them or choose a new --out",
 }
 
 
@@ -277,11 +278,13 @@ class Store:
         root_meta = self.location.path("zarr.json")
         try:
             attributes = self.location.read_json("zarr.json")["attributes"]
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             if not self.location.entries():
                 raise CrosscodersError(f"no activation store at {self.location}; run cache-acts --out {self.location} first") from None
             raise CrosscodersError(f"{self.location} is not an activation store (no zarr.json); run cache-acts --out {self.location}") from None
-        except (ValueError, KeyError) as error:
+        except OSError as error:  # no permission, a network file system's hiccup
+            raise CrosscodersError(f"cannot read {root_meta} ({error.strerror or error}); check its permissions and the disk") from None
+        except (ValueError, KeyError, TypeError) as error:  # not JSON, or JSON of another shape
             raise CrosscodersError(f"{root_meta} is damaged or not a crosscoders store ({error!r})") from None
         self.metadata = attributes.get("crosscoders", {}) if isinstance(attributes, dict) else None
         if not isinstance(self.metadata, dict):
@@ -303,6 +306,10 @@ class Store:
         self.shards: list[ShardInfo] = []
         self.unfinished: list[str] = []  # shard folders without their commit: being written, or left by a killed run
         for name in sorted(n for n in self.location.entries() if n.startswith(SHARD_PREFIX)):
+            path = self.location.path(name)
+            if self.location.is_local and os.path.islink(path) and not os.path.exists(path):  # else unfinished, and cleared
+                raise CrosscodersError(f"{path} links to {os.readlink(path)}, which is missing; mount it, or remove the link "
+                                       "and run cache-acts to cache its rows again")
             info = self._read_shard(name, files_of.get(name, set()))
             if info is None:
                 self.unfinished.append(name)

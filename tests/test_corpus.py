@@ -183,11 +183,26 @@ def test_a_corrupt_parquet_file_is_a_one_line_error(tmp_path):
 
 def test_csv_text_that_pandas_would_read_as_missing_is_kept(tmp_path):
     folder = tmp_path / "csv"
-    folder.mkdir()
+    (folder / ".vscode").mkdir(parents=True)
     (folder / "train.csv").write_text("prompt,response\nq1,None\nq2,NaN\nq3,N/A\nq4,null\nq5,\n")
+    (folder / "dataset_info.json").write_text("{}")  # beside the csv files, as hub exports have it; hidden files do not count
+    (folder / ".vscode" / "settings.json").write_text("{}")
+    (folder / "train-2.csv").write_text("prompt,response\nq6,None\n")
     for dataset in (folder / "train.csv", folder):
         docs = list(iter_documents(CorpusConfig(dataset=str(dataset))))
-        assert sorted(doc.messages[2]["content"] for doc in docs) == ["N/A", "NaN", "None", "null"]  # q5's is empty
+        expected = ["N/A", "NaN", "None", "null"] + (["None"] if dataset == folder else [])  # q5's is empty
+        assert sorted(doc.messages[2]["content"] for doc in docs) == sorted(expected)
+
+
+def test_a_csv_store_of_the_reading_before_is_not_extended(tmp_path, monkeypatch):
+    """The reading before dropped rows whose cells read None: another document at each index, in files of the same bytes."""
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,response\nq1,None\n")
+    jsonl = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "response": "a"}])
+    csv_now, jsonl_now = (corpus.dataset_files_fingerprint(CorpusConfig(dataset=str(p))) for p in (path, jsonl))
+    monkeypatch.setattr(corpus, "CSV_READING", 1)
+    assert corpus.dataset_files_fingerprint(CorpusConfig(dataset=str(path))) != csv_now
+    assert corpus.dataset_files_fingerprint(CorpusConfig(dataset=str(jsonl))) == jsonl_now  # other formats are read as before
 
 
 def test_a_column_of_lists_is_refused_not_stored_as_its_repr(tmp_path):

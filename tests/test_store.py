@@ -372,6 +372,23 @@ def test_a_shard_linked_from_elsewhere_is_read_and_only_its_link_removed(tmp_pat
     assert not (tmp_path / "s" / "shard-00000004").exists() and (tmp_path / "elsewhere" / "zarr.json").exists()
 
 
+def test_a_linked_shard_whose_target_is_missing_is_refused_not_cleared(tmp_path):
+    write_store(tmp_path / "s")
+    (tmp_path / "s" / "shard-00000004").rename(tmp_path / "disk")
+    (tmp_path / "s" / "shard-00000004").symlink_to(tmp_path / "unmounted")
+    with pytest.raises(CrosscodersError, match=r"shard-00000004 links to .*unmounted, which is missing; mount it, or remove the link"):
+        create_or_open(tmp_path / "s", METADATA)
+    assert (tmp_path / "s" / "shard-00000004").is_symlink()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"'])
+def test_a_store_record_of_another_json_shape_is_a_one_line_error(store, content):
+    with open(store.location.path("zarr.json"), "w") as handle:
+        handle.write(content)
+    with pytest.raises(CrosscodersError, match=r"zarr.json is damaged or not a crosscoders store"):
+        Store(store.url)
+
+
 def test_a_file_that_cannot_be_read_is_not_called_damaged(store, monkeypatch):
     """Denied or failing reads may meet intact files: the error must not advise deleting a shard."""
     def denied(*args, **kwargs):
@@ -380,6 +397,9 @@ def test_a_file_that_cannot_be_read_is_not_called_damaged(store, monkeypatch):
     read_json = Location.read_json
     monkeypatch.setattr(Location, "read_json", lambda self, *parts: denied() if parts[0].startswith("shard-") else read_json(self, *parts))
     with pytest.raises(CrosscodersError, match=r"cannot read .*shard-00000002/zarr.json \(Permission denied\); check its permissions and the disk$"):
+        Store(store.url)
+    monkeypatch.setattr(Location, "read_json", lambda self, *parts: denied())
+    with pytest.raises(CrosscodersError, match=r"cannot read .*s/zarr.json \(Permission denied\); check its permissions and the disk$"):
         Store(store.url)
     monkeypatch.undo()
     opened = Store(store.url)
