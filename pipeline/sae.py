@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_weights
+from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.errors import CrosscodersError
@@ -340,7 +341,9 @@ def _load(folder: Path, device: torch.device | str) -> TopKSAE:
             raise CrosscodersError(f"no SAE at {folder}: {_not_an_sae(folder, name)}")
     try:
         cfg = SAEConfig(**json.loads((folder / CONFIG_FILE).read_text()))
-        weights = load_file(folder / WEIGHTS_FILE)
+        # through one open file: load_file opens it, then torch opens it again by name, which a trainer swapping in a new
+        # checkpoint/ between the two made a RuntimeError
+        weights = load_weights((folder / WEIGHTS_FILE).read_bytes())
     except FileNotFoundError as error:
         raise CrosscodersError(f"no SAE at {folder}: {error.filename} went away while it was read") from None
     except (ValueError, TypeError, SafetensorError, CrosscodersError) as error:
