@@ -8,8 +8,10 @@ says, and the status a shell gives a process the signal killed, 130 or 143.
 
 import dataclasses
 import inspect
+import os
 import signal
 import sys
+import threading
 import types
 import typing
 from typing import Any, Callable
@@ -19,6 +21,8 @@ from rich.console import Console
 from rich.text import Text
 
 from pipeline.errors import CrosscodersError, out_of_memory
+
+FINALIZER_RETRY_S = 0.05  # a signal that lands in a finalizer is sent again this much later
 
 
 def option(default: Any, help: str, parse: Callable[[str], Any] | None = None, cli_type: type | None = None):
@@ -91,9 +95,12 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
 
         def stop(signum, frame):
             stopped_by[0] = signum
+            if in_finalizer(frame):  # Python prints and drops an exception raised there: the command would go on
+                threading.Timer(FINALIZER_RETRY_S, os.kill, (os.getpid(), signum)).start()
+                return
             raise KeyboardInterrupt
 
-        default_sigterm = signal.signal(signal.SIGTERM, stop)
+        previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             configs = [build_config(cls, values) for cls in config_classes]
             run(*configs, **{p.name: values[p.name] for p in extra})
@@ -109,12 +116,22 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
             Console(stderr=True).print(Text(str(interrupted) or "interrupted"), highlight=False, soft_wrap=True)
             raise typer.Exit(128 + stopped_by[0]) from None
         finally:
-            signal.signal(signal.SIGTERM, default_sigterm)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     command.__signature__ = inspect.Signature([_parameter(f) for f in config_fields] + list(extra))
     command.__doc__ = help
     app.command()(command)
     return command
+
+
+def in_finalizer(frame: types.FrameType | None) -> bool:
+    """Whether the code a signal interrupted runs inside a __del__ method, where an exception would be dropped."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def print_error(error: CrosscodersError) -> None:

@@ -33,8 +33,8 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def importing_quietly():
-    """Around a command's imports (torch and transformers take seconds): Ctrl-C there stops it as it does later, in one
-    line with status 130, not with a traceback from inside an import. The handler exits at once rather than raising
+    """Around a command's imports (torch and transformers take seconds): Ctrl-C or SIGTERM there stops it as it does
+    later, in one line with status 130 or 143, not with a traceback from inside an import (or, for SIGTERM, silently). The handler exits at once rather than raising
     KeyboardInterrupt, which Python ignores where it lands in a finalizer, and the command would then go on."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
@@ -43,10 +43,11 @@ def importing_quietly():
     def stop(signum, frame):
         sys.stderr.write("interrupted\n")
         sys.stderr.flush()
-        os._exit(130)  # nothing is written yet, so nothing needs cleaning up
+        os._exit(128 + signum)  # nothing is written yet, so nothing needs cleaning up
 
-    previous = signal.signal(signal.SIGINT, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
