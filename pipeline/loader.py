@@ -360,17 +360,20 @@ def sent_ahead(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: tor
             acts, layers = acts.pin_memory(), layers.pin_memory()
         with torch.cuda.stream(side):
             batch = (acts.to(device, non_blocking=True), layers.to(device, non_blocking=True))
+            copied = torch.cuda.Event()
+            copied.record(side)
         if sent is not None:
-            yield received(sent, side)
-        sent = batch
+            yield received(*sent)
+        sent = batch, copied
     if sent is not None:
-        yield received(sent, side)
+        yield received(*sent)
 
 
-def received(batch: tuple[torch.Tensor, torch.Tensor], side: torch.cuda.Stream) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch sent on the side stream, made safe to use (and to free) on the current one."""
-    current = torch.cuda.current_stream(side.device)
-    current.wait_stream(side)
+def received(batch: tuple[torch.Tensor, torch.Tensor], copied: "torch.cuda.Event") -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch sent on the side stream, made safe to use (and to free) on the current one. The current stream waits
+    for this batch's copy alone (its event), not for the next batch's, queued behind it on the side stream."""
+    current = torch.cuda.current_stream(batch[0].device)
+    current.wait_event(copied)
     for tensor in batch:
         tensor.record_stream(current)
     acts, layers = batch
