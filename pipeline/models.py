@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
-from pipeline.errors import CrosscodersError
+from pipeline.errors import CrosscodersError, one_line
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 MARKER = "crosscoders-gguf.json"
@@ -128,12 +129,13 @@ def load_model(
         source = _converted_preset(spec, preset, cache_dir)
         fingerprint = f"gguf-sha256:{preset.sha256}"
     elif path.suffix == ".gguf" and path.is_file():
+        _check_gguf_magic(path)
         sha256 = _gguf_sha256(path, cache_dir)
         source = _converted(path, sha256, cache_dir / "models" / f"gguf-{sha256[:16]}")
         fingerprint = f"gguf-sha256:{sha256}"
     elif (path / "config.json").is_file():
-        source = path
-        fingerprint = _folder_fingerprint(path)
+        source = path  # a converted preset or GGUF, passed as a folder, is the same model as its GGUF
+        fingerprint = f"gguf-sha256:{sha256}" if (sha256 := _marker_sha256(path)) else _folder_fingerprint(path)
     elif HUB_ID.fullmatch(spec) and not path.exists():
         _hub_config(spec)  # a one-line error if unreachable, rather than from_pretrained's traceback
         source = spec
@@ -284,24 +286,42 @@ def _converted(gguf: Path, sha256: str, folder: Path) -> Path:
 
 
 def _built_once(folder: Path, sha256: str, build) -> Path:
-    """folder, made by build(out) in a temporary folder and renamed into place the first time.
+    """folder, made by build(out) in a temporary folder and renamed into place the first time (or again, when a file
+    its marker lists is not whole).
 
     Under torchrun every rank loads at once: a lock beside the folder lets one build it while the others wait and
     then find its marker.
     """
     if _marker_sha256(folder) == sha256:
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if _marker_sha256(folder) == sha256:
-            return folder
-        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
-            out = Path(tmp) / folder.name
-            build(out)
-            shutil.rmtree(folder, ignore_errors=True)
-            out.rename(folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if _marker_sha256(folder) == sha256:
+                return folder
+            for stale in folder.parent.glob(f".{folder.name}.*"):  # a killed build's: only a lock holder writes these
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+            with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
+                out = Path(tmp) / folder.name
+                build(out)
+                shutil.rmtree(folder, ignore_errors=True)
+                out.rename(folder)
+    except (OSError, SafetensorError) as error:  # a full disk, a read-only cache: the temporary folder is gone
+        raise CrosscodersError(f"cannot convert the model into {folder.parent} ({error}); free a few GB there, or set "
+                               "CROSSCODERS_CACHE to a writable folder") from None
+    except ValueError as error:  # transformers' reading of a damaged or unsupported GGUF
+        raise CrosscodersError(f"could not convert the model ({one_line(error)}); check its GGUF file") from None
     return folder
+
+
+def _check_gguf_magic(path: Path):
+    """A one-line error for a .gguf file that is not one, before it is hashed and handed to transformers."""
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise CrosscodersError(f"{path} does not start with GGUF's magic bytes, so it is not a GGUF file; pass a .gguf "
+                                   "model file, or a Hugging Face folder")
 
 
 def _dequantize(gguf: Path, sha256: str, out: Path):
@@ -313,12 +333,31 @@ def _dequantize(gguf: Path, sha256: str, out: Path):
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / MARKER).write_text(json.dumps({"gguf_sha256": sha256}))
+    write_marker(out, sha256)
+
+
+def write_marker(out: Path, sha256: str):
+    """Marks a finished conversion: the GGUF's sha256 and each file's size, once the files are on disk (a crash then
+    leaves no marker over empty files)."""
+    sizes = {}
+    for file in sorted(out.iterdir()):
+        with file.open("rb") as handle:
+            os.fsync(handle.fileno())
+        sizes[file.name] = file.stat().st_size
+    (out / MARKER).write_text(json.dumps({"gguf_sha256": sha256, "sizes": sizes}))
 
 
 def _marker_sha256(folder: Path) -> str | None:
-    marker = folder / MARKER
-    return json.loads(marker.read_text())["gguf_sha256"] if marker.is_file() else None
+    """The GGUF sha256 a converted folder's marker names, if every file it lists has its recorded size (markers written
+    before sizes were recorded are taken as they are); None when there is no whole conversion there."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        sizes = marker.get("sizes", {})
+        if all((folder / name).stat().st_size == size for name, size in sizes.items()):
+            return marker["gguf_sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, cut, or not a marker
+        pass
+    return None
 
 
 def _gguf_sha256(path: Path, cache_dir: Path) -> str:
@@ -333,7 +372,7 @@ def _gguf_sha256(path: Path, cache_dir: Path) -> str:
             digest.update(chunk)
         index[key] = digest.hexdigest()
         cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = cache_dir / f".gguf-sha256.json.{os.getpid()}"
-        partial.write_text(json.dumps(index, indent=1))
-        os.replace(partial, index_path)  # whole: another process may be reading it
+        with tempfile.NamedTemporaryFile("w", dir=cache_dir, prefix=".gguf-sha256.json.", delete=False) as partial:
+            partial.write(json.dumps(index, indent=1))  # a name of its own: processes of other containers share pids
+        os.replace(partial.name, index_path)  # whole: another process may be reading it
     return index[key]

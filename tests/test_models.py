@@ -5,6 +5,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
@@ -191,7 +192,7 @@ def test_ranks_loading_a_new_model_at_once_convert_it_once(source, monkeypatch, 
         time.sleep(0.5)
         out.mkdir()
         (out / "model.safetensors").write_bytes(b"weights")
-        (out / MARKER).write_text(json.dumps({"gguf_sha256": sha256}))
+        models.write_marker(out, sha256)
 
     monkeypatch.setattr(models, "_dequantize", slow_dequantize)
     gguf = tmp_path / "m.gguf"
@@ -207,6 +208,59 @@ def test_ranks_loading_a_new_model_at_once_convert_it_once(source, monkeypatch, 
         folders = [rank.result() for rank in [pool.submit(convert) for _ in range(4)]]
     assert folders == [folder] * 4 and conversions == [b"gguf"]
     assert sorted(path.name for path in folder.iterdir()) == [MARKER, "model.safetensors"]
+
+
+def fake_conversions(monkeypatch, tmp_path, fail: BaseException | None = None) -> tuple[list, partial, Path]:
+    """(the conversions run, a function converting a 4-byte GGUF into tmp_path/cache/models/m, that folder)."""
+    conversions = []
+
+    def dequantize(gguf, sha256, out):
+        conversions.append(out)
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"weights")
+        if fail is not None:
+            raise fail
+        models.write_marker(out, sha256)
+
+    monkeypatch.setattr(models, "_dequantize", dequantize)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    folder = tmp_path / "cache" / "models" / "m"
+    return conversions, partial(models._converted, gguf, hashlib.sha256(b"GGUF").hexdigest(), folder), folder
+
+
+def test_a_conversion_on_a_full_disk_is_one_line_and_leaves_only_its_lock(monkeypatch, tmp_path):
+    _, convert, folder = fake_conversions(monkeypatch, tmp_path, OSError(28, "No space left on device"))
+    with pytest.raises(CrosscodersError, match=r"^cannot convert the model into .*models \(\[Errno 28\] No space left on device\); "
+                                               r"free a few GB there, or set CROSSCODERS_CACHE to a writable folder$"):
+        convert()
+    assert [path.name for path in folder.parent.iterdir()] == [".m.lock"]
+
+
+def test_a_killed_conversions_leftovers_are_cleared_and_a_cut_file_converted_again(monkeypatch, tmp_path):
+    conversions, convert, folder = fake_conversions(monkeypatch, tmp_path)
+    (folder.parent / ".m.k1ll3d" / "m").mkdir(parents=True)  # the temporary folder of a conversion killed with -9
+    assert convert() == folder and sorted(p.name for p in folder.parent.iterdir()) == [".m.lock", "m"]
+    assert convert() == folder and len(conversions) == 1  # whole: taken as it is
+    (folder / "model.safetensors").write_bytes(b"wei")  # cut, under a marker that lists it whole
+    assert convert() == folder and len(conversions) == 2 and (folder / "model.safetensors").read_bytes() == b"weights"
+    (folder / MARKER).write_text('{"gguf_sha')
+    assert convert() == folder and len(conversions) == 3
+
+
+def test_a_gguf_file_that_is_not_one_is_a_one_line_error(tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(b"<html>not found</html>")
+    with pytest.raises(CrosscodersError, match=r"bad.gguf does not start with GGUF's magic bytes, so it is not a GGUF file; pass"):
+        load_model(str(tmp_path / "bad.gguf"), cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_converted_folder_passed_as_a_model_is_the_same_model_as_its_gguf(tiny_model_dir, tmp_path):
+    """eval-sae --model ~/.cache/crosscoders/models/PRESET, or that folder copied elsewhere, was refused as another model."""
+    folder = tmp_path / "converted"
+    shutil.copytree(tiny_model_dir, folder)
+    models.write_marker(folder, "ab" * 32)
+    assert load_model(str(folder)).info.fingerprint == "gguf-sha256:" + "ab" * 32
 
 
 @pytest.mark.integration
