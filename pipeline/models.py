@@ -161,8 +161,10 @@ def load_model(
 
 def _not_loadable(spec: str) -> CrosscodersError:
     presets = ", ".join(PRESETS)
+    path = Path(spec).expanduser()
+    missing = "" if path.exists() else f" ({os.path.abspath(path)} does not exist)"  # a mistyped path reads as a hub id
     return CrosscodersError(
-        f"could not load model '{spec}': use a preset ({presets}), a local Hugging Face folder with "
+        f"could not load model '{spec}'{missing}: use a preset ({presets}), a local Hugging Face folder with "
         "config.json, a local .gguf file, or a hub id reachable from this machine"
     )
 

@@ -152,7 +152,7 @@ def test_an_unloadable_name_lists_the_presets(spec, monkeypatch, tmp_path):
     with pytest.raises(CrosscodersError) as raised:
         load_model(spec, cache_dir=tmp_path)
     message = str(raised.value)
-    assert f"could not load model '{spec}'" in message
+    assert f"could not load model '{spec}' ({tmp_path / spec} does not exist)" in message
     assert all(name in message for name in PRESETS)
     assert "local .gguf file" in message and "\n" not in message
 
