@@ -99,9 +99,7 @@ def expand_sweep(base: TrainConfig, sweep: list[str]) -> list[tuple[str, TrainCo
             raise CrosscodersError(
                 f"sweep {option_text!r} must be FIELD=V1,V2,..., each FIELD once, one of {list(fields)}"
             )
-        # named as typed (lr3e-4, not lr0.0003), but for booleans, whose spellings are one value: True, true, TRUE
-        axes[name] = [(str(value).lower() if isinstance(value, bool) else text.strip(), value)
-                      for text in values.split(",") for value in [parse_value(fields[name], text.strip())]]
+        axes[name] = [(text.strip(), parse_value(fields[name], text.strip())) for text in values.split(",")]
         parsed = [value for _, value in axes[name]]
         if len(set(parsed)) < len(parsed):
             raise CrosscodersError(f"sweep {option_text!r} repeats a value ({parsed}); give each value once")
