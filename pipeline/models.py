@@ -134,8 +134,8 @@ def load_model(
         source = _converted(path, sha256, cache_dir / "models" / f"gguf-{sha256[:16]}")
         fingerprint = f"gguf-sha256:{sha256}"
     elif (path / "config.json").is_file():
-        source = path  # a converted preset or GGUF, passed as a folder, is the same model as its GGUF
-        fingerprint = f"gguf-sha256:{sha256}" if (sha256 := _marker_sha256(path)) else _folder_fingerprint(path)
+        source = path
+        fingerprint = _folder_fingerprint(path)
     elif HUB_ID.fullmatch(spec) and not path.exists():
         _hub_config(spec)  # a one-line error if unreachable, rather than from_pretrained's traceback
         source = spec

@@ -255,14 +255,6 @@ def test_a_gguf_file_that_is_not_one_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_converted_folder_passed_as_a_model_is_the_same_model_as_its_gguf(tiny_model_dir, tmp_path):
-    """eval-sae --model ~/.cache/crosscoders/models/PRESET, or that folder copied elsewhere, was refused as another model."""
-    folder = tmp_path / "converted"
-    shutil.copytree(tiny_model_dir, folder)
-    models.write_marker(folder, "ab" * 32)
-    assert load_model(str(folder)).info.fingerprint == "gguf-sha256:" + "ab" * 32
-
-
 @pytest.mark.integration
 def test_the_real_0_5b_preset_generates_code():
     missing = [p for p in PRESETS[REAL_PRESET].packages if importlib.util.find_spec(p.replace("-", "_")) is None]
