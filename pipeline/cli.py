@@ -92,11 +92,12 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
 
     def command(**values):
         stopped_by = [signal.SIGINT]
+        retry = SignalRetry()
 
         def stop(signum, frame):
             stopped_by[0] = signum
             if in_finalizer(frame):  # Python prints and drops an exception raised there: the command would go on
-                threading.Timer(FINALIZER_RETRY_S, os.kill, (os.getpid(), signum)).start()
+                retry.schedule(signum)
                 return
             raise KeyboardInterrupt
 
@@ -116,6 +117,7 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
             Console(stderr=True).print(Text(str(interrupted) or "interrupted"), highlight=False, soft_wrap=True)
             raise typer.Exit(128 + stopped_by[0]) from None
         finally:
+            retry.end()  # before the handlers go back: a retry must not reach the caller's
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
@@ -123,6 +125,34 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
     command.__doc__ = help
     app.command()(command)
     return command
+
+
+class SignalRetry:
+    """Sends a signal that landed in a finalizer again, FINALIZER_RETRY_S later, while the command runs: one pending
+    retry at a time, none once the command has ended."""
+
+    def __init__(self):
+        self.lock, self.pending, self.ended = threading.Lock(), None, False
+
+    def schedule(self, signum: int):
+        with self.lock:
+            if self.pending is None and not self.ended:
+                self.pending = threading.Timer(FINALIZER_RETRY_S, self._send, (signum,))
+                self.pending.daemon = True
+                self.pending.start()
+
+    def _send(self, signum: int):
+        with self.lock:
+            self.pending = None
+            if self.ended:
+                return
+        os.kill(os.getpid(), signum)
+
+    def end(self):
+        with self.lock:
+            self.ended = True
+            if self.pending is not None:
+                self.pending.cancel()
 
 
 def in_finalizer(frame: types.FrameType | None) -> bool:

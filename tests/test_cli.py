@@ -107,6 +107,24 @@ def test_a_signal_that_lands_in_a_finalizer_still_stops_the_command(signum, stat
     assert (result.exit_code, result.stderr) == (status, "interrupted\n") and time.perf_counter() - started < 1.5
 
 
+def quick_finalizing_command(config: SignalConfig):
+    SignalledWhileFinalized(config.signum)  # the command ends within the retry's 50 ms, but for the finalizer's sleep
+
+
+def test_a_signal_retried_after_a_finalizer_never_reaches_the_caller_once_the_command_ended():
+    """The retry's timer outlived the command: 50 ms later its signal hit the caller (here pytest, which then stops)."""
+    app = typer.Typer()
+    config_command(app, [SignalConfig], quick_finalizing_command)
+    caught = []
+    callers = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        result = CliRunner().invoke(app, [])
+        time.sleep(0.3)
+    finally:
+        signal.signal(signal.SIGINT, callers)
+    assert caught == [] and result.exit_code in (0, 130)
+
+
 @dataclasses.dataclass(frozen=True)
 class FailConfig:
     error: str = option("memory", "what the command raises")
