@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTra
 from transformers.utils import cached_file
 
 from pipeline.errors import CrosscodersError, one_line
+from pipeline.files import UMASK
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 MARKER = "crosscoders-gguf.json"
@@ -376,5 +377,6 @@ def _gguf_sha256(path: Path, cache_dir: Path) -> str:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=cache_dir, prefix=".gguf-sha256.json.", delete=False) as partial:
             partial.write(json.dumps(index, indent=1))  # a name of its own: processes of other containers share pids
+        os.chmod(partial.name, 0o666 & ~UMASK)  # readable as any new file, not only by its owner, as temporary files are
         os.replace(partial.name, index_path)  # whole: another process may be reading it
     return index[key]

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load as load_weights
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -308,6 +307,13 @@ class TopKSAE(nn.Module):
         write_whole(folder / CONFIG_FILE, lambda path: path.write_text(json.dumps(asdict(self.cfg), indent=2)))
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The float32 tensors of a weights file, read through one open file. safetensors' torch loader opens it, then torch
+    opens it again by name, and a trainer swapping in a new checkpoint/ between the two made that a RuntimeError."""
+    with safe_open(path, framework="numpy") as weights:
+        return {name: torch.from_numpy(weights.get_tensor(name)) for name in weights.keys()}
+
+
 def _not_an_sae(folder: Path, missing: str) -> str:
     """What folder is instead of an SAE, and what to pass: the usual mistakes named."""
     if folder.is_file():
@@ -341,9 +347,7 @@ def _load(folder: Path, device: torch.device | str) -> TopKSAE:
             raise CrosscodersError(f"no SAE at {folder}: {_not_an_sae(folder, name)}")
     try:
         cfg = SAEConfig(**json.loads((folder / CONFIG_FILE).read_text()))
-        # through one open file: load_file opens it, then torch opens it again by name, which a trainer swapping in a new
-        # checkpoint/ between the two made a RuntimeError
-        weights = load_weights((folder / WEIGHTS_FILE).read_bytes())
+        weights = read_weights(folder / WEIGHTS_FILE)
     except FileNotFoundError as error:
         raise CrosscodersError(f"no SAE at {folder}: {error.filename} went away while it was read") from None
     except (ValueError, TypeError, SafetensorError, CrosscodersError) as error:

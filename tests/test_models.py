@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import models
+from pipeline import files, models
 from pipeline.errors import CrosscodersError
 from pipeline.models import MARKER, PRESETS, ModelInfo, Preset, decoder_layers, embedding, final_norm, load_model, unembedding_matrix
 from pipeline.token_text import token_texts
@@ -246,6 +246,13 @@ def test_a_killed_conversions_leftovers_are_cleared_and_a_cut_file_converted_aga
     assert convert() == folder and len(conversions) == 2 and (folder / "model.safetensors").read_bytes() == b"weights"
     (folder / MARKER).write_text('{"gguf_sha')
     assert convert() == folder and len(conversions) == 3
+
+
+def test_the_gguf_digest_index_is_as_readable_as_any_new_file(tmp_path):
+    """Written through a temporary file, it was its owner's alone: another user of a shared cache got a traceback."""
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert models._gguf_sha256(tmp_path / "m.gguf", tmp_path / "cache") == hashlib.sha256(b"GGUF").hexdigest()
+    assert (tmp_path / "cache" / "gguf-sha256.json").stat().st_mode & 0o777 == 0o666 & ~files.UMASK
 
 
 def test_a_gguf_file_that_is_not_one_is_a_one_line_error(tmp_path):

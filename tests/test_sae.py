@@ -15,7 +15,7 @@ from safetensors.numpy import load_file as load_numpy
 
 from pipeline.errors import CrosscodersError
 from pipeline.loader import LayerStats, layer_stats_of
-from pipeline.sae import ForwardOutput, SAEConfig, TopKSAE, decode_dense, load, normalization_of, sinusoidal_encoding
+from pipeline.sae import ForwardOutput, SAEConfig, TopKSAE, decode_dense, load, normalization_of, read_weights, sinusoidal_encoding
 from pipeline.sparse_topk import decode, gather_pre_acts
 
 D_MODEL, N_LAYERS = 32, 4
@@ -439,7 +439,7 @@ def test_a_checkpoint_swapped_in_while_it_is_read_is_read_again(tmp_path, monkey
     """eval-sae RUN/checkpoint while training runs: the trainer renames checkpoint/ away and a new one in at each save."""
     make_sae().save(tmp_path / "checkpoint")
     make_sae().save(tmp_path / "run")
-    real, calls = Path.read_bytes, []
+    real, calls = read_weights, []
 
     def swapped_once(path):
         calls.append(path)
@@ -447,7 +447,7 @@ def test_a_checkpoint_swapped_in_while_it_is_read_is_read_again(tmp_path, monkey
             raise FileNotFoundError(2, "No such file or directory", str(path))
         return real(path)
 
-    monkeypatch.setattr(Path, "read_bytes", swapped_once)
+    monkeypatch.setattr("pipeline.sae.read_weights", swapped_once)
     assert load(tmp_path / "checkpoint").cfg == make_sae().cfg and len(calls) == 2
     calls.clear()
     with pytest.raises(CrosscodersError, match=r"^no SAE at .*run: .*sae_weights.safetensors went away while it was read$"):
