@@ -75,13 +75,16 @@ class Location:
             self.fs.rm(self.path(*parts), recursive=True)
 
     def make_durable(self, *parts: str) -> None:
-        """Flushes a local subfolder's files to disk (object stores persist each write on its own)."""
+        """Flushes a local subfolder's files to disk, and the folders holding them, up to this one, whose entries name
+        them: a file flushed but not its entry may be gone after a power cut (object stores persist each write)."""
         if not self.is_local:
             return
         for folder, _, names in os.walk(self.path(*parts)):
             for name in names:
                 with open(os.path.join(folder, name), "rb") as handle:
                     os.fsync(handle.fileno())
+            sync_folder(folder)
+        sync_folder(self.root)
 
     def free_bytes(self) -> int | None:
         """Free space under a local folder (or its nearest existing parent); None for object stores."""
@@ -91,6 +94,15 @@ class Location:
         while not os.path.exists(folder):
             folder = os.path.dirname(folder)
         return shutil.disk_usage(folder).free
+
+
+def sync_folder(folder: str) -> None:
+    """Flushes a folder's entries to disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @contextmanager

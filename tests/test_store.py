@@ -1,6 +1,7 @@
 """The store on its own: bit-exact dtypes, committed shards, damage detection, plain-zarr readability, fsspec URLs."""
 
 import json
+import os
 import re
 import uuid
 
@@ -406,4 +407,22 @@ def test_a_file_that_cannot_be_read_is_not_called_damaged(store, monkeypatch):
     monkeypatch.setattr(ChunkFile, "read", denied)
     with pytest.raises(CrosscodersError, match=r"cannot read .*shard-00000002/train/acts \(Permission denied\); check its permissions and the disk$"):
         opened.read_acts(opened.shards[0], "train")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file through /proc")
+def test_a_shard_is_flushed_with_the_folders_naming_its_files_before_its_commit(tmp_path, monkeypatch):
+    """A file flushed but not the folder entry naming it may be gone after a power cut, under a commit that survived."""
+    flushed, fsync = [], os.fsync
+
+    def recording_fsync(descriptor):
+        flushed.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    store = create_or_open(tmp_path / "s", METADATA)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store.write_shard(make_shard(100, 0, 2))
+    shard = tmp_path / "s" / "shard-00000002"
+    files = {str(p) for p in shard.rglob("*") if p.is_file()}
+    folders = {str(p) for p in [tmp_path / "s", shard, *shard.rglob("*")] if p.is_dir()}
+    assert files | folders <= set(flushed)
 
