@@ -1,14 +1,18 @@
-"""Output files written whole: a crash or a full disk leaves the file before, never half of one."""
+"""Files written whole and flushed to disk: a crash, a power cut or a full disk leaves the file before, never half of one."""
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 
 def write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """write(a temporary path beside path), then put it in path's place, readable as any new file (safetensors makes
-    its files private); on failure the temporary file is removed."""
-    temporary = path.with_name(path.name + ".tmp")
+    """write(a temporary path beside path, of its own: processes writing the same file at once do not share it), then
+    put it in path's place, readable as any new file (safetensors and temporary files are their owner's alone); on
+    failure the temporary file is removed."""
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(descriptor)
+    temporary = Path(name)
     try:
         write(temporary)
         os.chmod(temporary, 0o666 & ~UMASK)
@@ -16,6 +20,25 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def sync_tree(folder: str | os.PathLike) -> None:
+    """Flushes every file below folder to disk, and every folder whose entries name them: a file flushed but not its
+    entry may be gone after a power cut."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(parent, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        sync_folder(parent)
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """Flushes a folder's entries to disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def current_umask() -> int:

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTra
 from transformers.utils import cached_file
 
 from pipeline.errors import CrosscodersError, one_line
-from pipeline.files import UMASK
+from pipeline.files import sync_tree, write_whole
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 MARKER = "crosscoders-gguf.json"
@@ -342,11 +342,8 @@ def _dequantize(gguf: Path, sha256: str, out: Path):
 def write_marker(out: Path, sha256: str):
     """Marks a finished conversion: the GGUF's sha256 and each file's size, once the files are on disk (a crash then
     leaves no marker over empty files)."""
-    sizes = {}
-    for file in sorted(out.iterdir()):
-        with file.open("rb") as handle:
-            os.fsync(handle.fileno())
-        sizes[file.name] = file.stat().st_size
+    sync_tree(out)
+    sizes = {file.name: file.stat().st_size for file in sorted(out.iterdir())}
     (out / MARKER).write_text(json.dumps({"gguf_sha256": sha256, "sizes": sizes}))
 
 
@@ -375,8 +372,5 @@ def _gguf_sha256(path: Path, cache_dir: Path) -> str:
             digest.update(chunk)
         index[key] = digest.hexdigest()
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=cache_dir, prefix=".gguf-sha256.json.", delete=False) as partial:
-            partial.write(json.dumps(index, indent=1))  # a name of its own: processes of other containers share pids
-        os.chmod(partial.name, 0o666 & ~UMASK)  # readable as any new file, not only by its owner, as temporary files are
-        os.replace(partial.name, index_path)  # whole: another process may be reading it
+        write_whole(index_path, lambda path: path.write_text(json.dumps(index, indent=1)))  # another process may read it
     return index[key]

@@ -13,6 +13,7 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
 from pipeline.errors import CrosscodersError
+from pipeline.files import sync_folder, sync_tree
 
 
 class Location:
@@ -79,11 +80,7 @@ class Location:
         them: a file flushed but not its entry may be gone after a power cut (object stores persist each write)."""
         if not self.is_local:
             return
-        for folder, _, names in os.walk(self.path(*parts)):
-            for name in names:
-                with open(os.path.join(folder, name), "rb") as handle:
-                    os.fsync(handle.fileno())
-            sync_folder(folder)
+        sync_tree(self.path(*parts))
         sync_folder(self.root)
 
     def free_bytes(self) -> int | None:
@@ -94,15 +91,6 @@ class Location:
         while not os.path.exists(folder):
             folder = os.path.dirname(folder)
         return shutil.disk_usage(folder).free
-
-
-def sync_folder(folder: str) -> None:
-    """Flushes a folder's entries to disk."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 @contextmanager

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import math
-import os
 import shutil
 import typing
 from dataclasses import asdict, dataclass, replace
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import distributed
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError, Interrupted, one_line, out_of_memory
-from pipeline.files import write_whole
+from pipeline.files import sync_tree, write_whole
 from pipeline.layers import stored_layers
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
 from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
@@ -249,9 +248,7 @@ class Run:
         epoch, batch = divmod(self.step, self.n_train_batches)
         state = {"step": self.step, "epoch": epoch, "batch": batch, "n_train_batches": self.n_train_batches}
         (temporary / "trainer_state.json").write_text(json.dumps({**state, "train_config": asdict(self.cfg)}, indent=2))
-        for file in temporary.iterdir():  # on disk before the swap: else a power cut may leave it swapped in but empty
-            with file.open("rb") as handle:
-                os.fsync(handle.fileno())
+        sync_tree(temporary)  # on disk before the swap: else a power cut may leave it swapped in but empty
         if final.exists():  # if not, the save before stopped between its renames: old is the only checkpoint
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)

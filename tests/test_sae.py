@@ -282,7 +282,7 @@ def test_a_save_that_fails_midway_leaves_the_sae_before_it(tmp_path, monkeypatch
     monkeypatch.setattr("pipeline.sae.save_file", torn)
     with pytest.raises(OSError):
         second.save(tmp_path)
-    assert not list(tmp_path.glob("*.tmp"))  # no half file left behind either
+    assert {p.name for p in tmp_path.iterdir()} == {"cfg.json", "sae_weights.safetensors"}  # no half file left behind either
     assert all(torch.equal(a, b) for a, b in zip(load(tmp_path).state_dict().values(), first.state_dict().values(), strict=True))
     monkeypatch.undo()
     second.save(tmp_path)
