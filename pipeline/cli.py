@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from pipeline.errors import CrosscodersError, out_of_memory
+from pipeline.errors import CrosscodersError, out_of_memory, stopping_signals_handled_by
 
 FINALIZER_RETRY_S = 0.05  # a signal that lands in a finalizer is sent again this much later
 
@@ -101,25 +101,23 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
                 return
             raise KeyboardInterrupt
 
-        previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            configs = [build_config(cls, values) for cls in config_classes]
-            run(*configs, **{p.name: values[p.name] for p in extra})
-        except CrosscodersError as error:
-            print_error(error)
-            raise typer.Exit(2) from None
-        except (RuntimeError, MemoryError) as error:  # a stage that knows what it kept says so itself, as CrosscodersError
-            if (memory := out_of_memory(error)) is None:
-                raise
-            print_error(CrosscodersError(f"out of memory ({memory}); {memory_advice}"))
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt as interrupted:  # Interrupted says what the stage kept
-            Console(stderr=True).print(Text(str(interrupted) or "interrupted"), highlight=False, soft_wrap=True)
-            raise typer.Exit(128 + stopped_by[0]) from None
-        finally:
-            retry.end()  # before the handlers go back: a retry must not reach the caller's
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        with stopping_signals_handled_by(stop):
+            try:
+                configs = [build_config(cls, values) for cls in config_classes]
+                run(*configs, **{p.name: values[p.name] for p in extra})
+            except CrosscodersError as error:
+                print_error(error)
+                raise typer.Exit(2) from None
+            except (RuntimeError, MemoryError) as error:  # a stage that knows what it kept says so itself, as CrosscodersError
+                if (memory := out_of_memory(error)) is None:
+                    raise
+                print_error(CrosscodersError(f"out of memory ({memory}); {memory_advice}"))
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt as interrupted:  # Interrupted says what the stage kept
+                Console(stderr=True).print(Text(str(interrupted) or "interrupted"), highlight=False, soft_wrap=True)
+                raise typer.Exit(128 + stopped_by[0]) from None
+            finally:
+                retry.end()  # before the handlers go back: a retry must not reach the caller's
 
     command.__signature__ = inspect.Signature([_parameter(f) for f in config_fields] + list(extra))
     command.__doc__ = help

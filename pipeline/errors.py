@@ -34,8 +34,9 @@ class Interrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def importing_quietly():
     """Around a command's imports (torch and transformers take seconds): Ctrl-C or SIGTERM there stops it as it does
-    later, in one line with status 130 or 143, not with a traceback from inside an import (or, for SIGTERM, silently). The handler exits at once rather than raising
-    KeyboardInterrupt, which Python ignores where it lands in a finalizer, and the command would then go on."""
+    later, in one line with status 130 or 143, not with a traceback from inside an import (or, for SIGTERM, silently).
+    The handler exits at once rather than raising KeyboardInterrupt, which Python ignores where it lands in a
+    finalizer, and the command would then go on."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
@@ -45,9 +46,16 @@ def importing_quietly():
         sys.stderr.flush()
         os._exit(128 + signum)  # nothing is written yet, so nothing needs cleaning up
 
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    with stopping_signals_handled_by(stop):
+        yield
+
+
+@contextlib.contextmanager
+def stopping_signals_handled_by(handler):
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler stopping the job) go to handler, then back to their handlers before."""
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
