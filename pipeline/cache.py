@@ -4,7 +4,6 @@ import contextlib
 import functools
 import itertools
 import time
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -217,14 +216,14 @@ def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Consol
     rank, world_size = distributed.init_from_env(device, backend="gloo")  # stage one only exchanges a few counts
     try:
         distributed.check_same_settings({"cache": asdict(config), "corpus": corpus.to_dict()})
-        with ExitStack() as held:
+        with contextlib.ExitStack() as held:
             return _cache(config, corpus, console, progress and rank == 0, device, rank, world_size, held)
     finally:
         distributed.close()
 
 
 def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress: bool, device, rank: int, world_size: int,
-           held: ExitStack) -> CacheReport:
+           held: contextlib.ExitStack) -> CacheReport:
     recorded = recorded_metadata(config.out) or {}  # of the store this run extends, if any
     model_dtype = resolve_model_dtype(config.model_dtype, device, recorded.get("model_dtype"))
     loaded = load_model(config.model, device=device, dtype=model_dtype)

@@ -91,6 +91,11 @@ class FeatureScan:
         return self.layer_counts.double() / self.n_rows_by_layer.clamp(min=1)
 
     @property
+    def scanned_layers(self) -> list[bool]:
+        """[n_layers]: whether any of a layer's rows were scanned; a layer rate of 0 means nothing where it is False."""
+        return (self.n_rows_by_layer > 0).tolist()
+
+    @property
     def dead(self) -> torch.Tensor:
         """[n_latents] bool: never fired in the scanned rows."""
         return self.counts == 0
@@ -291,7 +296,7 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: l
     rates = scan.layer_frequency[feature].tolist()
     if count:  # a dead latent has no peak layer
         peak = scan.peak_layer(feature)
-        line = sparkline(rates, (scan.n_rows_by_layer > 0).tolist())  # a dot: a hidden state not scanned, unlike a blank
+        line = sparkline(rates, scan.scanned_layers)  # a dot: a hidden state not scanned, unlike a blank
         console.print(f"layers 0-{len(rates) - 1} [cyan]{line}[/]  peak layer {peak} ({rates[peak]:.3%} of its rows)")
     if promoted is not None:
         # quoted as token_texts shows them: repr would double the backslash of an escape such as \xf0

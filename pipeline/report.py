@@ -64,7 +64,7 @@ def bar_chart_svg(values: np.ndarray, title: str, labels: list[str], axis: tuple
 def feature_charts(scan: FeatureScan, feature: int, histogram: tuple[np.ndarray, np.ndarray, int]) -> str:
     """Layer profile (firing rate among each layer's rows) and the density histogram with the latent's bin in red."""
     rates = scan.layer_frequency[feature].numpy() * 100
-    layers = [f"layer {layer} (%)" if n_rows else f"layer {layer} (not scanned)" for layer, n_rows in enumerate(scan.n_rows_by_layer.tolist())]
+    layers = [f"layer {layer} (%)" if scanned else f"layer {layer} (not scanned)" for layer, scanned in enumerate(scan.scanned_layers)]
     profile = bar_chart_svg(rates, "layer profile: % of each layer's rows", layers, ("layer 0", f"layer {len(rates) - 1}"))
     counts, edges, _ = histogram
     frequency = float(scan.frequency[feature])

@@ -375,9 +375,13 @@ class Store:
 
     # Reading ---------------------------------------------------------------------------------
 
+    def shard_rows(self) -> list[list]:
+        """[name, training rows, held-out rows] of each shard, as a training run's data.json records them."""
+        return [[s.name, s.n_rows["train"], s.n_rows["val"]] for s in self.shards]
+
     def keep_shards(self, recorded: list[list]) -> None:
-        """Narrows the store to the shards a training run started on ([name, training rows, held-out rows] each, as
-        its data.json records them), so that a resumed run reads the rows it read, however the store grew since."""
+        """Narrows the store to the shards a training run started on (shard_rows as its data.json records them), so
+        that a resumed run reads the rows it read, however the store grew since."""
         here = {s.name: s for s in self.shards}
         for name, n_train, n_val in recorded:
             if name not in here:

@@ -587,7 +587,7 @@ def started_shards(run_dirs: list[Path]) -> list[list] | None:
     """The store's shards when the runs started ([name, training rows, held-out rows] each), from the first data.json
     that records them; None for runs begun before data.json did."""
     for run_dir in run_dirs:
-        data = read_json(run_dir / DATA_FILE) if (run_dir / DATA_FILE).is_file() else {}
+        data = run_data(run_dir) or {}
         if "store_shards" in data:
             return data["store_shards"]
     return None
@@ -618,7 +618,7 @@ def train_on_store(
         out_dirs = [out / name if name else out for name, _ in runs]
         # the shards a resumed run started on, else those rank 0 lists: a store that cache-acts is adding to may have
         # grown since, or between the processes' listings
-        listed = [[s.name, s.n_rows["train"], s.n_rows["val"]] for s in store.shards]
+        listed = store.shard_rows()
         shards = distributed.from_main((started_shards(out_dirs) if resume else None) or listed)
         if not {name for name, _, _ in shards} <= {name for name, _, _ in listed}:  # listed before rank 0 did
             store = open_store(loader_cfg.shards)
