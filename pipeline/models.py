@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+from huggingface_hub.errors import HfHubHTTPError
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -125,6 +127,7 @@ def load_model(
     cache_dir = Path(cache_dir) if cache_dir is not None else model_cache_dir()
     path = Path(spec).expanduser()
     name = spec if spec in PRESETS or not path.exists() else os.path.abspath(path)  # a local path, then found from anywhere
+    cached_only = False  # a hub id's files from the Hugging Face cache alone
     if spec in PRESETS:
         preset = PRESETS[spec]
         source = _converted_preset(spec, preset, cache_dir)
@@ -138,18 +141,19 @@ def load_model(
         source = path
         fingerprint = _folder_fingerprint(path)
     elif HUB_ID.fullmatch(spec) and not path.exists():
-        _hub_config(spec)  # a one-line error if unreachable, rather than from_pretrained's traceback
+        cached_only = not _hub_answers(spec)  # without the hub's retries
+        _hub_config(spec, cached_only)  # a one-line error if neither has it, rather than from_pretrained's traceback
         source = spec
         fingerprint = None  # of the hub's snapshot folder, once from_pretrained has fetched the weights into it
     else:
         raise _not_loadable(spec)
 
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=cached_only)
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+        source, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code, local_files_only=cached_only
     )
     if fingerprint is None:
-        fingerprint = _folder_fingerprint(_hub_config(spec).parent)
+        fingerprint = _folder_fingerprint(_hub_config(spec, cached_only).parent)
     if spec in PRESETS and not tokenizer.chat_template:
         raise CrosscodersError(f"preset '{spec}' loaded without a chat template; delete {source} and load it again")
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -160,22 +164,39 @@ def load_model(
     return LoadedModel(model, tokenizer, info)
 
 
-def _not_loadable(spec: str) -> CrosscodersError:
+def _not_loadable(spec: str, hub: str = "") -> CrosscodersError:
     presets = ", ".join(PRESETS)
     path = Path(spec).expanduser()
-    missing = "" if path.exists() else f" ({os.path.abspath(path)} does not exist)"  # a mistyped path reads as a hub id
+    reasons = [] if path.exists() else [f"{os.path.abspath(path)} does not exist"]  # a mistyped path reads as a hub id
+    reasons += [hub] if hub else []
+    why = f" ({'; '.join(reasons)})" if reasons else ""
     return CrosscodersError(
-        f"could not load model '{spec}'{missing}: use a preset ({presets}), a local Hugging Face folder with "
+        f"could not load model '{spec}'{why}: use a preset ({presets}), a local Hugging Face folder with "
         "config.json, a local .gguf file, or a hub id reachable from this machine"
     )
 
 
-def _hub_config(hub_id: str) -> Path:
+def _hub_answers(hub_id: str) -> bool:
+    """Whether one request for the model's config.json gets an answer from the hub (the model may still be missing).
+
+    Without one, a download of a file not in the cache retries for about 23 s, logging each try.
+    """
+    try:
+        get_hf_file_metadata(hf_hub_url(hub_id, "config.json"))
+    except HfHubHTTPError:
+        return True  # gated, missing or failing: cached_file says which
+    except Exception:  # offline mode, or no connection, DNS or proxy: the transport's error types are its own
+        return False
+    return True
+
+
+def _hub_config(hub_id: str, cached_only: bool) -> Path:
     """The hub model's config.json, fetched (or found in the Hugging Face cache) before loading the rest."""
     try:
-        return Path(cached_file(hub_id, "config.json"))
+        return Path(cached_file(hub_id, "config.json", local_files_only=cached_only))
     except (OSError, ValueError) as e:
-        raise _not_loadable(hub_id) from e
+        hub = "offline mode is set (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} does not answer"
+        raise _not_loadable(hub_id, f"{hub} and the Hugging Face cache lacks it" if cached_only else "") from e
 
 
 def _folder_fingerprint(folder: Path) -> str:

@@ -1,6 +1,7 @@
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -102,14 +103,24 @@ def test_the_fingerprint_covers_pytorch_bin_weights(tiny_model_dir, tmp_path):
     assert fingerprints[0] != fingerprints[1]
 
 
-def test_a_hub_id_is_fingerprinted_by_its_downloaded_weights(tiny, tiny_model_dir, tmp_path, monkeypatch):
+UNANSWERED_HUB = "http://127.0.0.1:9"  # the discard port: nothing listens, so the connection is refused at once
+
+
+def hub_without_answer(monkeypatch, offline: bool):
+    """The hub as on a machine without internet: HF_HUB_OFFLINE set, or not set and no answer."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", UNANSWERED_HUB)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_hub_id_is_fingerprinted_by_its_downloaded_weights(tiny, tiny_model_dir, tmp_path, monkeypatch, offline):
     for repo in ("base", "tuned"):
         (tmp_path / f"models--someorg--{repo}" / "refs").mkdir(parents=True)
         (tmp_path / f"models--someorg--{repo}" / "refs" / "main").write_text("0" * 40)
         snapshot = shutil.copytree(tiny_model_dir, tmp_path / f"models--someorg--{repo}" / "snapshots" / ("0" * 40))
     fine_tune(snapshot)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub_without_answer(monkeypatch, offline)
     assert load_model("someorg/base").info.fingerprint == tiny.info.fingerprint
     assert load_model("someorg/tuned").info.fingerprint != tiny.info.fingerprint
 
@@ -152,9 +163,18 @@ def test_an_unloadable_name_lists_the_presets(spec, monkeypatch, tmp_path):
     with pytest.raises(CrosscodersError) as raised:
         load_model(spec, cache_dir=tmp_path)
     message = str(raised.value)
-    assert f"could not load model '{spec}' ({tmp_path / spec} does not exist)" in message
+    assert f"could not load model '{spec}' ({tmp_path / spec} does not exist" in message
     assert all(name in message for name in PRESETS)
     assert "local .gguf file" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("offline, hub", [(True, "offline mode is set (HF_HUB_OFFLINE)"), (False, f"{UNANSWERED_HUB} does not answer")])
+def test_a_hub_id_missing_from_the_cache_of_a_machine_without_the_hub_fails_at_once(monkeypatch, tmp_path, caplog, offline, hub):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    hub_without_answer(monkeypatch, offline)
+    with pytest.raises(CrosscodersError, match=re.escape(f"; {hub} and the Hugging Face cache lacks it)")):
+        load_model("someorg/absent", cache_dir=tmp_path)
+    assert "Retrying" not in caplog.text  # the hub's downloads retry a refused connection for about 23 s
 
 
 def test_a_preset_with_missing_parts_gives_the_pip_command(monkeypatch, tmp_path):
