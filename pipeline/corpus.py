@@ -306,6 +306,8 @@ def load_rows(config: CorpusConfig):
     """The streaming `datasets.IterableDataset` for a local file, folder or hub id."""
     import datasets  # slow to import; the mined default does without it
 
+    from pipeline.hub import hub_answers, hub_silence
+
     logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)  # its read errors reach the user as ours
     path = Path(config.dataset).expanduser()
     if path.is_file():
@@ -329,6 +331,9 @@ def load_rows(config: CorpusConfig):
             raise CrosscodersError(f"could not load split {config.hf_split!r} of folder {path}: {one_line(e)}") from e
     if path.suffix.lower() in BUILDERS or not HUB_ID.fullmatch(config.dataset):
         raise CrosscodersError(f"dataset {config.dataset} is neither an existing file or folder nor a hub id; check it")
+    if not hub_answers(config.dataset, "README.md", repo_type="dataset"):
+        raise CrosscodersError(f"could not load dataset {config.dataset} from the Hugging Face Hub ({hub_silence()}), from which it "
+                               "streams; a local jsonl/json/parquet/csv file or folder works too")
     try:
         return datasets.load_dataset(config.dataset, split=config.hf_split, streaming=True)
     except Exception as e:

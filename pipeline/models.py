@@ -16,8 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-from huggingface_hub.errors import HfHubHTTPError
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -25,6 +23,7 @@ from transformers.utils import cached_file
 
 from pipeline.errors import CrosscodersError, one_line
 from pipeline.files import sync_tree, write_whole
+from pipeline.hub import hub_answers, hub_silence
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 MARKER = "crosscoders-gguf.json"
@@ -141,7 +140,7 @@ def load_model(
         source = path
         fingerprint = _folder_fingerprint(path)
     elif HUB_ID.fullmatch(spec) and not path.exists():
-        cached_only = not _hub_answers(spec)  # without the hub's retries
+        cached_only = not hub_answers(spec, "config.json")
         _hub_config(spec, cached_only)  # a one-line error if neither has it, rather than from_pretrained's traceback
         source = spec
         fingerprint = None  # of the hub's snapshot folder, once from_pretrained has fetched the weights into it
@@ -176,27 +175,12 @@ def _not_loadable(spec: str, hub: str = "") -> CrosscodersError:
     )
 
 
-def _hub_answers(hub_id: str) -> bool:
-    """Whether one request for the model's config.json gets an answer from the hub (the model may still be missing).
-
-    Without one, a download of a file not in the cache retries for about 23 s, logging each try.
-    """
-    try:
-        get_hf_file_metadata(hf_hub_url(hub_id, "config.json"))
-    except HfHubHTTPError:
-        return True  # gated, missing or failing: cached_file says which
-    except Exception:  # offline mode, or no connection, DNS or proxy: the transport's error types are its own
-        return False
-    return True
-
-
 def _hub_config(hub_id: str, cached_only: bool) -> Path:
     """The hub model's config.json, fetched (or found in the Hugging Face cache) before loading the rest."""
     try:
         return Path(cached_file(hub_id, "config.json", local_files_only=cached_only))
     except (OSError, ValueError) as e:
-        hub = "offline mode is set (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} does not answer"
-        raise _not_loadable(hub_id, f"{hub} and the Hugging Face cache lacks it" if cached_only else "") from e
+        raise _not_loadable(hub_id, f"{hub_silence()} and the Hugging Face cache lacks it" if cached_only else "") from e
 
 
 def _folder_fingerprint(folder: Path) -> str:

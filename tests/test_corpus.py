@@ -7,9 +7,11 @@ import math
 import re
 
 import datasets
+import huggingface_hub.constants
 import pytest
 from transformers import AutoTokenizer
 
+import pipeline.hub
 from pipeline import corpus
 from pipeline.corpus import SYSTEM_PROMPT, CorpusConfig, Document, is_validation, iter_documents, tokenize_document
 from pipeline.errors import CrosscodersError
@@ -159,9 +161,19 @@ def test_missing_path_and_offline_hub_give_clear_errors(tmp_path, monkeypatch):
         raise ConnectionError("Couldn't reach the Hub\nno network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(pipeline.hub, "hub_answers", lambda *args, **kwargs: True)
     with pytest.raises(CrosscodersError, match=r"could not load .*\(offline\?\).*local") as info:
         first(CorpusConfig(dataset="someone/code-instructions"), 1)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("offline, hub", [(True, "offline mode is set (HF_HUB_OFFLINE)"), (False, "http://127.0.0.1:9 does not answer")])
+def test_a_hub_dataset_on_a_machine_without_the_hub_fails_at_once(monkeypatch, caplog, offline, hub):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(CrosscodersError, match=re.escape(f"from the Hugging Face Hub ({hub}), from which it streams")):
+        first(CorpusConfig(dataset="someone/code-instructions"), 1)
+    assert "Retrying" not in caplog.text  # the hub's downloads retry a refused connection for about 23 s
 
 
 def test_a_file_name_holding_glob_characters_is_that_file(tmp_path):
