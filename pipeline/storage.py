@@ -62,8 +62,7 @@ class Location:
         if not self.fs.isdir(prefix):
             return []
         if self.is_local:  # into linked folders too (a shard linked from another disk), which fsspec's find leaves out
-            return sorted(os.path.relpath(os.path.join(folder, name), self.root)
-                          for folder, _, names in os.walk(prefix, followlinks=True) for name in names)
+            return sorted(os.path.relpath(path, self.root) for path in _local_files(prefix))
         return [path[len(self.root) + 1 :] for path in self.fs.find(prefix)]
 
     def remove(self, *parts: str) -> None:
@@ -91,6 +90,19 @@ class Location:
         while not os.path.exists(folder):
             folder = os.path.dirname(folder)
         return shutil.disk_usage(folder).free
+
+
+def _local_files(folder: str) -> Iterator[str]:
+    """Every file below a local folder, through linked folders; a link that leads to a folder already listed (a loop,
+    which would never end, or a second path to the same files) is a CrosscodersError."""
+    listed = set()
+    for parent, _, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in listed:
+            raise CrosscodersError(f"{parent} leads to {real}, a folder already listed there: a link loops or doubles "
+                                   "the store's files; remove the link")
+        listed.add(real)
+        yield from (os.path.join(parent, name) for name in names)
 
 
 @contextmanager

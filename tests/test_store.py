@@ -382,6 +382,15 @@ def test_a_linked_shard_whose_target_is_missing_is_refused_not_cleared(tmp_path)
     assert (tmp_path / "s" / "shard-00000004").is_symlink()
 
 
+@pytest.mark.parametrize("target", ["..", "../shard-00000004"])
+def test_a_link_that_loops_or_doubles_a_shards_files_is_refused(tmp_path, target):
+    """os.walk follows such a loop without end, doubling its work at each level."""
+    write_store(tmp_path / "s")
+    (tmp_path / "s" / "shard-00000002" / "again").symlink_to(target)
+    with pytest.raises(CrosscodersError, match=r"shard-00000002/again.* leads to .*, a folder already listed there: a link loops"):
+        Store(tmp_path / "s")
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", '"text"'])
 def test_a_store_record_of_another_json_shape_is_a_one_line_error(store, content):
     with open(store.location.path("zarr.json"), "w") as handle:
