@@ -1,6 +1,7 @@
 """Files written whole and flushed to disk: a crash, a power cut or a full disk leaves the file before, never half of one."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -15,11 +16,26 @@ def write_whole(path: Path, write: Callable[[Path], object]) -> None:
     temporary = Path(name)
     try:
         write(temporary)
-        os.chmod(temporary, 0o666 & ~UMASK)
+        os.chmod(temporary, NEW_FILE_MODE)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def open_to_all(folder: Path) -> None:
+    """Gives every file below folder the mode of a new file: safetensors writes its own files owner-only."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            os.chmod(os.path.join(parent, name), NEW_FILE_MODE)
+
+
+def remove(path: Path) -> None:
+    """Deletes a folder tree, a file or a link (not what it points to: rmtree refuses a link), if there is one."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def sync_tree(folder: str | os.PathLike) -> None:
@@ -49,3 +65,4 @@ def current_umask() -> int:
 
 
 UMASK = current_umask()  # read once, on import, before any thread that creates files could meet the moment it is changed
+NEW_FILE_MODE = 0o666 & ~UMASK

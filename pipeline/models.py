@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTra
 from transformers.utils import cached_file
 
 from pipeline.errors import CrosscodersError, one_line
-from pipeline.files import sync_tree, write_whole
+from pipeline.files import open_to_all, sync_tree, write_whole
 from pipeline.hub import hub_answers, hub_silence
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
@@ -314,6 +314,7 @@ def _built_once(folder: Path, sha256: str, build) -> Path:
             with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
                 out = Path(tmp) / folder.name
                 build(out)
+                open_to_all(out)  # a cache shared by a team: safetensors writes its files owner-only
                 shutil.rmtree(folder, ignore_errors=True)
                 out.rename(folder)
     except (OSError, SafetensorError) as error:  # a full disk, a read-only cache: the temporary folder is gone

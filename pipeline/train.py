@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import math
-import shutil
 import typing
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import distributed
 from pipeline.cli import option
 from pipeline.errors import CrosscodersError, Interrupted, one_line, out_of_memory
-from pipeline.files import sync_tree, write_whole
+from pipeline.files import open_to_all, remove, sync_tree, write_whole
 from pipeline.layers import stored_layers
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
 from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
@@ -236,7 +235,7 @@ class Run:
             self.checkpoint_step = self.step
             return
         temporary, final, old = (self.dir / f"{CHECKPOINT}{suffix}" for suffix in (".tmp", "", ".old"))
-        shutil.rmtree(temporary, ignore_errors=True)
+        remove(temporary)  # left by a crash
         self.sae.save(temporary)
         optimizer_state = self.trainer.optimizer.state_dict()["state"]  # {param index: {"step", "exp_avg", "exp_avg_sq"}}
         tensors = {f"{i}.{name}": t.contiguous() for i, state in optimizer_state.items() for name, t in state.items()}
@@ -248,13 +247,14 @@ class Run:
         epoch, batch = divmod(self.step, self.n_train_batches)
         state = {"step": self.step, "epoch": epoch, "batch": batch, "n_train_batches": self.n_train_batches}
         (temporary / "trainer_state.json").write_text(json.dumps({**state, "train_config": asdict(self.cfg)}, indent=2))
+        open_to_all(temporary)  # a teammate resuming the run reads it too
         sync_tree(temporary)  # on disk before the swap: else a power cut may leave it swapped in but empty
         if final.exists():  # if not, the save before stopped between its renames: old is the only checkpoint
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
             final.rename(old)
         temporary.rename(final)
         self.checkpoint_step = self.step
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
 
     def load_trainer_state(self, checkpoint: Path):
         """Restore the optimizer, step, dead-latent counter and RNG saved by save_checkpoint."""

@@ -230,7 +230,7 @@ def test_ranks_loading_a_new_model_at_once_convert_it_once(source, monkeypatch, 
     assert sorted(path.name for path in folder.iterdir()) == [MARKER, "model.safetensors"]
 
 
-def fake_conversions(monkeypatch, tmp_path, fail: BaseException | None = None) -> tuple[list, partial, Path]:
+def fake_conversions(monkeypatch, tmp_path, fail: BaseException | None = None, owner_only: bool = False) -> tuple[list, partial, Path]:
     """(the conversions run, a function converting a 4-byte GGUF into tmp_path/cache/models/m, that folder)."""
     conversions = []
 
@@ -238,6 +238,8 @@ def fake_conversions(monkeypatch, tmp_path, fail: BaseException | None = None) -
         conversions.append(out)
         out.mkdir()
         (out / "model.safetensors").write_bytes(b"weights")
+        if owner_only:  # as safetensors writes it
+            (out / "model.safetensors").chmod(0o600)
         if fail is not None:
             raise fail
         models.write_marker(out, sha256)
@@ -268,11 +270,17 @@ def test_a_killed_conversions_leftovers_are_cleared_and_a_cut_file_converted_aga
     assert convert() == folder and len(conversions) == 3
 
 
+def test_a_converted_model_is_as_readable_as_any_new_file(monkeypatch, tmp_path):
+    """safetensors writes its files owner-only: another user of a shared cache got a traceback."""
+    conversions, convert, folder = fake_conversions(monkeypatch, tmp_path, owner_only=True)
+    assert {path.stat().st_mode & 0o777 for path in convert().iterdir()} == {files.NEW_FILE_MODE}
+
+
 def test_the_gguf_digest_index_is_as_readable_as_any_new_file(tmp_path):
     """Written through a temporary file, it was its owner's alone: another user of a shared cache got a traceback."""
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     assert models._gguf_sha256(tmp_path / "m.gguf", tmp_path / "cache") == hashlib.sha256(b"GGUF").hexdigest()
-    assert (tmp_path / "cache" / "gguf-sha256.json").stat().st_mode & 0o777 == 0o666 & ~files.UMASK
+    assert (tmp_path / "cache" / "gguf-sha256.json").stat().st_mode & 0o777 == files.NEW_FILE_MODE
 
 
 def test_a_gguf_file_that_is_not_one_is_a_one_line_error(tmp_path):

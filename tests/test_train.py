@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CrosscodersError
+from pipeline.files import NEW_FILE_MODE
 from pipeline.loader import MemoryLoader
 from pipeline.sae import load
 from pipeline.train import Run, TrainConfig, expand_sweep, latest_checkpoint, lr_at, open_store, run_data, train
@@ -243,8 +244,24 @@ def test_a_checkpoint_is_on_disk_before_it_is_swapped_in(tmp_path, monkeypatch):
     assert swapped == [True, True]
 
 
+@pytest.mark.parametrize("leftover", ["link", "file"])
+def test_a_save_replaces_what_holds_the_temporary_checkpoints_name_and_writes_nothing_through_it(tmp_path, leftover):
+    """rmtree refuses a link or a file, silently with ignore_errors: the save wrote through the link, or failed."""
+    with pytest.raises(Interrupted):
+        train([SMALL], InterruptAt(small_source(), at=23), [tmp_path / "run"], progress=False)
+    (tmp_path / "elsewhere").mkdir()
+    if leftover == "link":
+        (tmp_path / "run/checkpoint.tmp").symlink_to(tmp_path / "elsewhere")
+    else:
+        (tmp_path / "run/checkpoint.tmp").write_text("not a folder")
+    train([SMALL], small_source(), [tmp_path / "run"], resume=True, progress=False)
+    assert json.loads((tmp_path / "run/checkpoint/trainer_state.json").read_text())["step"] == 30
+    assert not any((tmp_path / "elsewhere").iterdir()) and not (tmp_path / "run/checkpoint.tmp").exists()
+
+
 def test_checkpoint_round_trips_through_load(tmp_path):
     train([SMALL], small_source(), [tmp_path], progress=False)
+    assert {path.stat().st_mode & 0o777 for path in (tmp_path / "checkpoint").iterdir()} == {NEW_FILE_MODE}  # shared runs
     state = json.loads((tmp_path / "checkpoint/trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["batch"]) == (30, 3, 3)
     assert state["train_config"] == json.loads((tmp_path / "train_config.json").read_text())
