@@ -8,6 +8,7 @@ with importing_quietly():
     import typer
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from pipeline.cache import resolve_device
     from pipeline.cli import config_command, extra_option, run_app
@@ -23,12 +24,12 @@ def run(loader: LoaderConfig, train: TrainConfig, out: str, sweep: list[str], re
     if not results:  # another process of a torchrun run reports
         return
     title = f"final metrics of the runs in {out}" if sweep else "final metrics"
-    table = Table(title=f"{title} (validation when held-out rows exist)")
+    table = Table(title=Text(f"{title} (validation when held-out rows exist)"))  # text: a path may hold brackets
     table.add_column("run", overflow="fold")
     for name in METRICS:
         table.add_column(name, justify="right", min_width=len(name))
     for run_dir, metrics in results.items():
-        table.add_row(Path(run_dir).name if sweep else run_dir, *(f"{metrics[m]:.4g}" if isinstance(metrics.get(m), (int, float)) else "-" for m in METRICS))
+        table.add_row(Text(Path(run_dir).name if sweep else run_dir), *(f"{metrics[m]:.4g}" if isinstance(metrics.get(m), (int, float)) else "-" for m in METRICS))
     Console().print(table)
 
 

@@ -114,7 +114,7 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
                 print_error(CrosscodersError(f"out of memory ({memory}); {memory_advice}"))
                 raise typer.Exit(2) from None
             except KeyboardInterrupt as interrupted:  # Interrupted says what the stage kept
-                Console(stderr=True).print(Text(str(interrupted) or "interrupted"), highlight=False, soft_wrap=True)
+                Console(stderr=True).print(Text(printable(str(interrupted)) or "interrupted"), highlight=False, soft_wrap=True)
                 raise typer.Exit(128 + stopped_by[0]) from None
             finally:
                 retry.end()  # before the handlers go back: a retry must not reach the caller's
@@ -164,7 +164,13 @@ def in_finalizer(frame: types.FrameType | None) -> bool:
 
 def print_error(error: CrosscodersError) -> None:
     """One red line on stderr; the message is text: its brackets are no markup, its :codes: no emoji."""
-    Console(stderr=True).print(Text("error:", style="bold red"), Text(str(error)), highlight=False, soft_wrap=True)
+    Console(stderr=True).print(Text("error:", style="bold red"), Text(printable(str(error))), highlight=False, soft_wrap=True)
+
+
+def printable(text: str) -> str:
+    """text with control and invisible characters as escapes (\\x1b, \\u202e): from a shared store, run or dataset,
+    they could move the cursor, recolour or hide what the terminal shows."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 def run_app(app: typer.Typer) -> None:

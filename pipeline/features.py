@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from pipeline.cache import resolve_device
-from pipeline.cli import option
+from pipeline.cli import option, printable
 from pipeline.errors import CrosscodersError
 from pipeline.evaluate import check_model_of_store, default_output, layers_of_run, make_output_folder, store_of_run
 from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix
@@ -352,7 +352,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
         loaded = load_model(spec)
     except (CrosscodersError, OSError) as error:
         note = f" model {spec!r} did not load ({error}): no promoted tokens, contexts shown as token ids (--model names it)"
-        console.print(Text.assemble(("note:", "yellow"), note))
+        console.print(Text.assemble(("note:", "yellow"), printable(note)))
         lens = None
     else:
         check_model_of_store(loaded.info, store)

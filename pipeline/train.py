@@ -360,7 +360,7 @@ def train_runs(runs: list[Run], source: BatchSource, device: torch.device, progr
     for run in runs:  # after every run's settings are written: wandb takes seconds, in which a Ctrl-C may land
         run.start_wandb()
     start, end = min(run.step for run in runs), max(run.total_steps for run in runs)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())  # a name
     batch_size, world_size = runs[0].cfg.batch_size, distributed.world_size()
     per_process = " per process" if world_size > 1 else ""
     with Progress(*columns, disable=not progress or not distributed.is_main()) as bar:

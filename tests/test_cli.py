@@ -14,9 +14,9 @@ import typer.main
 from typer.testing import CliRunner
 
 from pipeline.cache import CacheConfig
-from pipeline.cli import config_command, option
+from pipeline.cli import config_command, option, print_error
 from pipeline.corpus import CorpusConfig
-from pipeline.errors import Interrupted
+from pipeline.errors import CrosscodersError, Interrupted
 from pipeline.evaluate import EvalConfig
 from pipeline.features import FeaturesConfig
 from pipeline.loader import LoaderConfig
@@ -136,6 +136,12 @@ def failing_command(config: FailConfig):
     if config.error == "memory":
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.00 GiB free.\nOf the allocated ...")
     raise RuntimeError("a bug, not a user's error")
+
+
+def test_an_error_shows_control_and_invisible_characters_as_escapes(capsys):
+    """A shared store's model name holding ESC sequences moved the cursor and drew a fake success line over the error."""
+    print_error(CrosscodersError("could not load model '\x1b[1A\x1b[2Kdone\u202e' (a, b)"))
+    assert capsys.readouterr().err == "error: could not load model '\\x1b[1A\\x1b[2Kdone\\u202e' (a, b)\n"
 
 
 def test_out_of_memory_is_one_line_with_the_commands_advice_and_other_errors_stay_tracebacks():

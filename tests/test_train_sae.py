@@ -147,14 +147,16 @@ def test_cli_sweep_table_names_each_run_and_shows_its_validation_metrics(store_p
 
 
 def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
-    result = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "12",
+    run = tmp_path / "[red]run[/]"  # no markup: it hid itself, and [/] alone ended the command in a traceback
+    result = cli("--shards", str(store_path), "--out", str(run), "--batch-size", "256", "--steps", "12",
                  "--expansion", "2", "--k", "2", "--val-every", "4", "--save-every", "6")
     assert result.returncode == 0, result.stderr
     assert "final metrics" in result.stdout and "fvu" in result.stdout
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "".join(line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")) == str(run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"] for r in records if r.get("split") == "val"} >= {4, 8, 12}
-    assert (tmp_path / "run" / "checkpoint" / "sae_weights.safetensors").exists()
-    longer = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "16",
+    assert (run / "checkpoint" / "sae_weights.safetensors").exists()
+    longer = cli("--shards", str(store_path), "--out", str(run), "--batch-size", "256", "--steps", "16",
                  "--expansion", "2", "--k", "2", "--resume")
     assert longer.returncode == 2 and "steps=12 (now 16)" in longer.stderr  # the LR schedule depends on the length
 
