@@ -10,8 +10,8 @@ with importing_quietly():
     from rich.table import Table
     from rich.text import Text
 
-    from pipeline.cache import resolve_device
     from pipeline.cli import config_command, extra_option, run_app
+    from pipeline.devices import resolve_device
     from pipeline.loader import LoaderConfig
     from pipeline.train import TrainConfig, train_on_store
 

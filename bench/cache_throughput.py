@@ -21,8 +21,9 @@ from rich.table import Table
 
 import pipeline.cache as cache_module
 from bench.tables import add_row
-from pipeline.cache import CacheConfig, Packed, cache_activations, pack_batches, resolve_device, resolve_model_dtype
+from pipeline.cache import CacheConfig, Packed, cache_activations, pack_batches
 from pipeline.corpus import CorpusConfig
+from pipeline.devices import resolve_device, resolve_model_dtype
 from pipeline.models import LoadedModel, ModelInfo, load_model
 from pipeline.store import Store
 from pipeline.units import parse_count

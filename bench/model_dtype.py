@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.tables import add_row
-from pipeline.cache import resolve_device
 from pipeline.corpus import CorpusConfig, iter_documents, tokenize_document
+from pipeline.devices import resolve_device
 from pipeline.models import load_model
 from pipeline.positions import skipped_positions
 

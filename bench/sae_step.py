@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bench.tables import add_row
-from pipeline.cache import resolve_device
+from pipeline.devices import resolve_device
 from pipeline.errors import CrosscodersError
 from pipeline.sae import SAEConfig, TopKSAE
 from pipeline.sparse_topk import TORCH_KERNELS

@@ -20,8 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 import pipeline.cache as cache_module
-from pipeline.cache import CacheConfig, cache_activations, choose_pairs, pack_batches, resolve_device, resolve_model_dtype
+from pipeline.cache import CacheConfig, cache_activations, choose_pairs, pack_batches
 from pipeline.corpus import CorpusConfig
+from pipeline.devices import resolve_device, resolve_model_dtype
 from pipeline.loader import LayerStats, LoaderConfig, ShardLoader
 from pipeline.models import load_model
 from pipeline.positions import SkippedPositions

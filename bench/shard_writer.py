@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.tables import add_row
-from pipeline.cache import resolve_device
+from pipeline.devices import resolve_device
 from pipeline.shard_writer import RecordedBatch, ShardWriter
 from pipeline.store import create_or_open, layer_sum_tensors
 from pipeline.units import parse_count

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.tables import add_row
-from pipeline.cache import resolve_device
+from pipeline.devices import resolve_device
 from pipeline.errors import CrosscodersError
 from pipeline.layers import stored_layers
 from pipeline.loader import ShardLoader

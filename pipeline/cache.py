@@ -25,6 +25,7 @@ from pipeline.corpus import (
     mined_files_fingerprint,
     tokenize_document,
 )
+from pipeline.devices import resolve_device, resolve_model_dtype
 from pipeline.errors import CrosscodersError, Interrupted, out_of_memory
 from pipeline.hidden_states import capture_rows
 from pipeline.layers import parse_layers
@@ -94,49 +95,6 @@ def parse_layers_per_token(spec: str, n_layers: int) -> int:
     if not spec.isdigit() or not 1 <= int(spec) <= n_layers:
         raise CrosscodersError(f"--layers-per-token {spec!r} must be 'all' or a number from 1 to {n_layers} (the chosen layers)")
     return int(spec)
-
-
-def resolve_device(spec: str) -> torch.device:
-    """auto (a GPU when there is one), cpu, cuda, cuda:1, ...; refused in one line when this machine lacks it."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise CrosscodersError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CrosscodersError(f"--device {spec}: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CrosscodersError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use cuda:0 to "
-                               f"cuda:{torch.cuda.device_count() - 1}")
-    if device.type not in ("cpu", "cuda"):
-        raise CrosscodersError(f"--device {spec}: only cpu and cuda devices are supported")
-    if device.index is not None:
-        torch.cuda.set_device(device)  # streams, events and Triton launch on the current device, so make it this one
-    return device
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls beat float32 ones here: on GPUs with bf16 tensor cores (from Ampere, sm_80), and on CPUs
-    with AVX512-BF16 or AMX (a 2.3x faster matmul on dev-cpu, docs/BENCHMARKS.md); the others emulate bf16 at float32's speed or below."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def resolve_model_dtype(spec: str, device: torch.device, stored: str | None = None) -> torch.dtype:
-    """The dtype asked for; auto is `stored` (an existing store's, so its rows never mix two), else bf16 where it is native.
-
-    `stored` is read before the store is validated: a value that is no model dtype is left for that check to report."""
-    if spec == "auto":
-        recorded = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # by torch's name
-        if isinstance(stored, str) and stored in recorded:
-            return recorded[stored]
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    names = {"bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if spec not in names:
-        raise CrosscodersError(f"--model-dtype {spec!r} is not one of auto, {', '.join(names)}")
-    return names[spec]
 
 
 @dataclass

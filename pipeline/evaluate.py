@@ -24,8 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 from torch import nn
 
-from pipeline.cache import pack_batches, resolve_device, resolve_model_dtype
+from pipeline.cache import pack_batches
 from pipeline.cli import option
+from pipeline.devices import resolve_device, resolve_model_dtype
 from pipeline.errors import CrosscodersError
 from pipeline.files import write_whole
 from pipeline.hidden_states import hidden_state_module, hooked, output_tensor

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from pipeline.cache import resolve_device
 from pipeline.cli import option, printable
+from pipeline.devices import resolve_device
 from pipeline.errors import CrosscodersError
 from pipeline.evaluate import check_model_of_store, default_output, layers_of_run, make_output_folder, store_of_run
 from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix

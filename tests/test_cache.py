@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.cache import CacheConfig, cache_activations, choose_pairs, native_bf16, pack_batches, resolve_model_dtype
+from pipeline import devices
+from pipeline.cache import CacheConfig, cache_activations, choose_pairs, pack_batches
 from pipeline.corpus import CorpusConfig, dataset_files_fingerprint
 from pipeline.errors import CrosscodersError
 from pipeline.storage import Location, exclusive_lock
@@ -405,29 +406,6 @@ def test_changed_options_on_an_existing_store_are_refused(tiny_model_dir, corpus
     assert grown.n_pairs == 400
 
 
-@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
-def test_bf16_is_native_on_cpus_with_bf16_instructions():
-    flags = set(Path("/proc/cpuinfo").read_text().split())
-    assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_tile"})
-
-
-@pytest.mark.parametrize("capability, native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
-def test_bf16_is_native_on_gpus_with_bf16_tensor_cores(monkeypatch, capability, native):
-    """V100 (7.0) and T4 (7.5) emulate it; A100 (8.0) and H100 (9.0) have it."""
-    asked = []
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability)
-    assert native_bf16(torch.device("cuda:1")) == native
-    assert asked == [torch.device("cuda:1")]
-
-
-@pytest.mark.parametrize("stored", ["bf16", "int8", ["float32"], None])
-def test_model_dtype_auto_ignores_a_recorded_value_that_is_no_model_dtype(stored, monkeypatch):
-    """Read before the store is checked: the check reports it, in one line, rather than torch failing on it."""
-    monkeypatch.setattr("pipeline.cache.native_bf16", lambda device: False)
-    assert resolve_model_dtype("auto", torch.device("cpu"), stored) == torch.float32
-    assert resolve_model_dtype("auto", torch.device("cpu"), "float16") == torch.float16
-
-
 def test_a_store_recording_an_unknown_model_dtype_is_a_one_line_error(tiny_model_dir, corpus_file, tmp_path):
     run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=100)
     metadata_file = tmp_path / "s" / "zarr.json"
@@ -440,9 +418,7 @@ def test_a_store_recording_an_unknown_model_dtype_is_a_one_line_error(tiny_model
 
 @pytest.mark.parametrize("native", [True, False])
 def test_model_dtype_auto_is_bf16_where_native_and_an_existing_stores_own(tiny_model_dir, corpus_file, tmp_path, monkeypatch, native):
-    from pipeline import cache
-
-    monkeypatch.setattr(cache, "native_bf16", lambda device: native)
+    monkeypatch.setattr(devices, "native_bf16", lambda device: native)
     run_cache(tiny_model_dir, corpus_file, tmp_path / "auto", n_tokens=100)
     assert Store(tmp_path / "auto").metadata["model_dtype"] == ("bfloat16" if native else "float32")
     other = "float32" if native else "bf16"

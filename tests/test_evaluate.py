@@ -215,7 +215,7 @@ def test_the_model_runs_in_the_dtype_the_store_was_cached_in(store, tmp_path, mo
     """Not in what this machine runs fastest: the SAE is scored on the hidden states it was trained on."""
     run = saved_run(tmp_path / "run", store)
     cached_in = store.metadata["model_dtype"]
-    monkeypatch.setattr("pipeline.cache.native_bf16", lambda device: cached_in != "bfloat16")  # auto would pick the other
+    monkeypatch.setattr("pipeline.devices.native_bf16", lambda device: cached_in != "bfloat16")  # auto would pick the other
     for model_dtype, expected in (("auto", cached_in), ("float32", "float32"), ("bf16", "bfloat16")):
         _, eval_path, _ = run_eval(EvalConfig(sae=str(run), layers="1", n_docs=1, model_dtype=model_dtype), QUIET, progress=False)
         report = json.loads(eval_path.read_text())
