@@ -59,7 +59,7 @@ def seed_training(loaded, cfg: TrainConfig, store: Store, stats: LayerStats, dev
                     states = model.model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
                                          output_hidden_states=True, use_cache=False).hidden_states
                 for b, (doc, tokens) in enumerate(zip(packed.doc_index, packed.doc_tokens)):
-                    positions, chosen = choose_pairs(tokens, doc, layers, 1, skipped.mask(tokens), seed)
+                    positions, chosen = choose_pairs(doc, layers, 1, skipped.mask(tokens), seed)
                     buffer_x.append(torch.stack([states[layer][b, pos] for pos, layer in zip(positions, chosen)]).float())
                     buffer_layer.append(torch.from_numpy(chosen.astype(np.int64)))
                 x, layer = torch.cat(buffer_x), torch.cat(buffer_layer).to(device)

@@ -145,9 +145,7 @@ def _pad(group: list[tuple[int, np.ndarray]], pad_id: int) -> Packed:
     return Packed([d for d, _ in group], [t for _, t in group], input_ids, attention_mask)
 
 
-def choose_pairs(
-    tokens: np.ndarray, doc_index: int, layers: list[int], per_token: int, skip: np.ndarray, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def choose_pairs(doc_index: int, layers: list[int], per_token: int, skip: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(positions, layers) recorded for one document, ordered by position then layer.
 
     The layer draw depends only on (seed, document), not on batching, so resumed runs match.
@@ -232,7 +230,7 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
         (windows[rank] for windows in window_rounds(stored, world_size)),
     )
     planned = ahead(  # the next window is read, tokenized and planned while the model runs on this one
-        (window, [choose_pairs(tokens, doc, layers, per_token, skipped.mask(tokens), corpus.seed)
+        (window, [choose_pairs(doc, layers, per_token, skipped.mask(tokens), corpus.seed)
                   for doc, tokens in window.docs])
         for window in my_windows
     )

@@ -147,11 +147,11 @@ class LoaderConfig:
                                 "and skipped.")
 
     def __post_init__(self):
-        if self.window_chunks < 1 or self.workers < 1 or self.val_rows < 0:
-            raise CrosscodersError(f"window_chunks and workers must be at least 1 and val_rows at least 0; got "
-                                   f"window_chunks={self.window_chunks}, workers={self.workers}, val_rows={self.val_rows}")
+        for name, value, least in (("window-chunks", self.window_chunks, 1), ("workers", self.workers, 1), ("val-rows", self.val_rows, 0)):
+            if value < least:
+                raise CrosscodersError(f"--{name} {value} must be at least {least}")
         if not 0 <= self.shuffle_seed < 2**32:
-            raise CrosscodersError(f"shuffle_seed={self.shuffle_seed} must be in 0..2**32-1")
+            raise CrosscodersError(f"--shuffle-seed {self.shuffle_seed} must be in 0..2**32-1")
 
 
 class ShardLoader:

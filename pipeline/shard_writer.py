@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.store import SPLITS, ShardData, SplitRows, Store
+from pipeline.store import SPLITS, ShardData, SplitRows, Store, storage_bits
 
 FLUSH, DISCARD = object(), object()  # how close() ends the writer thread
 
@@ -99,7 +99,7 @@ class ShardWriter:
             mask = columns["split"] == split_id
             acts = torch.cat([b.acts if (b.split == split_id).all() else b.acts[torch.from_numpy(b.split == split_id)]
                               for b in batches])
-            splits[split] = SplitRows(acts=self._bits(acts), **{name: columns[name][mask] for name in ("layer", "token", "doc", "pos")})
+            splits[split] = SplitRows(acts=storage_bits(acts), **{name: columns[name][mask] for name in ("layer", "token", "doc", "pos")})
         doc_tokens = [tokens for b in batches for tokens in b.doc_tokens]
         windows = list(dict.fromkeys(b.window for b in batches))
         count, total, sq = (sum(b.stats[i] for b in batches).numpy() for i in range(3))
@@ -115,8 +115,3 @@ class ShardWriter:
             windows=windows,
             window_pairs=[sum(len(b.layer) for b in batches if b.window == w) for w in windows],
         )
-
-    def _bits(self, acts: torch.Tensor) -> np.ndarray:
-        if acts.dtype == torch.bfloat16:
-            return acts.view(torch.int16).numpy().view(np.uint16)
-        return acts.numpy()

@@ -18,8 +18,6 @@ FORMAT_NAME = "crosscoders-activations"
 SHARD_PREFIX = "shard-"
 CHUNK_ROWS = 1024  # rows per compressed chunk: the loader's unit of random access (docs/FORMAT.md)
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# bfloat16 has no numpy type: its bits are stored as uint16 and reinterpreted on read.
-NUMPY_BITS = {"bf16": np.uint16, "float16": np.float16, "float32": np.float32}
 ROW_FIELDS = {"layer": np.int16, "token": np.int32, "doc": np.int64, "pos": np.int32}
 SPLITS = ("train", "val")
 # Fields that may change between runs into one store: how the model is named (its fingerprint

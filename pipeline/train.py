@@ -209,7 +209,7 @@ class Run:
     def validate(self, source: BatchSource):
         """Metrics on the held-out rows, logged and kept as last_val; nothing when there are none."""
         self.sync()
-        metrics = evaluate(self.sae, source, self.device)
+        metrics = validation_metrics(self.sae, source, self.device)
         if metrics is not None:
             self.last_val = {"split": "val", "step": self.step, **metrics}
             self.log(self.last_val)
@@ -392,7 +392,7 @@ def batches_from(source: BatchSource, step: int):
 
 
 @torch.no_grad()
-def evaluate(sae: TopKSAE, source: BatchSource, device: torch.device) -> dict | None:
+def validation_metrics(sae: TopKSAE, source: BatchSource, device: torch.device) -> dict | None:
     """MSE (normalized and raw), FVU (pooled, per layer and their mean) and L0 over the validation rows; None if there are none."""
     n_layers, d_model = sae.cfg.n_layers, sae.cfg.d_model
     count = torch.zeros(n_layers, dtype=torch.float64, device=device)

@@ -197,8 +197,9 @@ def test_ctrl_c_or_sigterm_says_what_it_kept_in_one_line_and_resume_goes_on_from
         (["--device", "cuda:99"], "--device cuda:99: this machine has"),  # no CUDA GPU, or fewer than 100
         (["--lr", "nan"], "lr=nan must be a finite number >= 0"),
         (["--weight-decay", "-1"], "weight_decay=-1.0 must be a finite number >= 0"),
-        (["--window-chunks", "0"], "window_chunks and workers must be at least 1 and val_rows at least 0"),
-        (["--shuffle-seed", "20000000000000"], "shuffle_seed=20000000000000 must be in 0..2**32-1"),
+        (["--window-chunks", "0"], "--window-chunks 0 must be at least 1"),
+        (["--val-rows", "-1"], "--val-rows -1 must be at least 0"),
+        (["--shuffle-seed", "20000000000000"], "--shuffle-seed 20000000000000 must be in 0..2**32-1"),
         (["--batch-size", "5000"], "training rows, fewer than one batch of 5,000; lower --batch-size"),
         (["--batch-size", "2048", "--layers", "1"], "training rows of hidden states 1, fewer than one batch of 2,048"),
     ],
