@@ -1,6 +1,6 @@
 """What the SAE's latents mean: density, layer profile, top-activating contexts and promoted tokens, from one pass over stored rows."""
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -378,7 +378,8 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     features = list(dict.fromkeys(features))
     contexts, promotions = {f: feature_contexts(scan, store, tokenizer, f, cfg.context) for f in features}, {f: promoted(f) for f in features}
     try:
-        write_html_report(path, scan, contexts, promotions, title=f"{sae_dir} on {store.url}")
+        settings = {**asdict(cfg), "sae": str(sae_dir), "shards": store.url, "html": str(path), "layers": layers}
+        write_html_report(path, scan, contexts, promotions, title=f"{sae_dir} on {store.url}", settings=settings)
     except OSError as error:  # a full disk: a report there before stays whole
         raise CrosscodersError(f"cannot write {path} ({error.strerror or error}); free space or pass another --html") from None
     console.print(Text(f"wrote {path}"))

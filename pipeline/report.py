@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 from html import escape
 from pathlib import Path
 
@@ -99,8 +100,10 @@ def write_html_report(
     contexts: dict[int, list[Context]],
     promoted: dict[int, list[tuple[str, float]] | None],
     title: str,
+    settings: dict,
 ) -> Path:
-    """Writes the report: summary and density histogram, an index of the latents in contexts, then a section per latent."""
+    """Writes the report: summary, the settings that made it (`sae-features`' options, resolved), density histogram, an
+    index of the latents in contexts, then a section per latent."""
     path = Path(path)
     histogram = density_histogram(scan)
     n_latents = len(scan.counts)
@@ -126,6 +129,7 @@ def write_html_report(
 <body><h1>SAE features</h1>
 <p>{escape(title)}: {scan.n_rows:,} {scan.split} rows scanned; {n_latents:,} latents, {int((~scan.dead).sum()):,} alive,
 {int(scan.dead.sum()):,} dead (never fired), {int(scan.dense.sum()):,} dense (fire on more than {DENSE_FREQUENCY:.0%} of rows).</p>
+<details><summary>settings</summary><pre id="settings">{escape(json.dumps(settings, indent=2))}</pre></details>
 <img src="{density_figure(histogram)}" alt="density histogram">
 <h2 id="index">Reported latents</h2>
 <table class="index"><tr><th>feature</th><th>density</th><th>rows</th><th>peak layer</th><th>promoted tokens</th></tr>

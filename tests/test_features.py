@@ -1,6 +1,7 @@
 """sae-features on a tiny store: scan statistics against brute force, contexts, the HTML report and the CLI."""
 
 import copy
+import html as html_module
 import io
 import json
 import os
@@ -8,7 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def test_a_latent_firing_on_exactly_a_tenth_of_the_rows_is_not_dense_anywhere(tm
     console = recording_console()
     print_feature(console, scan, 0, [], None)
     assert "dense" not in console.file.getvalue()
-    page = write_html_report(tmp_path / "r.html", scan, {0: []}, {0: None}, "exact").read_text()
+    page = write_html_report(tmp_path / "r.html", scan, {0: []}, {0: None}, "exact", {}).read_text()
     assert 'class="dense">10.000%' not in page and "10.000%" in page
 
 
@@ -204,13 +205,13 @@ def test_a_hidden_state_not_scanned_is_marked_apart_from_one_where_the_latent_is
     console = recording_console()
     print_feature(console, scan, 0, [], None)
     assert "layers 0-3 █·▅   peak layer 0" in console.file.getvalue()
-    page = write_html_report(tmp_path / "r.html", scan, {0: []}, {0: None}, "part").read_text()
+    page = write_html_report(tmp_path / "r.html", scan, {0: []}, {0: None}, "part", {}).read_text()
     assert "<title>layer 1 (not scanned): 0</title>" in page and "<title>layer 3 (%): 0</title>" in page
 
 
 def test_html_report_numbers_are_the_scans(tmp_path):
     scan = hand_made_scan()
-    page = write_html_report(tmp_path / "r.html", scan, {0: [], 2: []}, {0: None, 2: None}, "hand-made").read_text()
+    page = write_html_report(tmp_path / "r.html", scan, {0: [], 2: []}, {0: None, 2: None}, "hand-made", {}).read_text()
     for feature, density, count, peak, rate in ((0, "33.333%", 40, 0, "50.000%"), (2, "54.167%", 65, 1, "60.000%")):
         assert f'<td><a href="#f{feature}">{feature}</a></td><td><span class="dense">{density}</span></td><td>{count}</td><td>{peak}</td>' in page
         section = page[page.index(f'<section class="feature" id="f{feature}">') :].split("</section>")[0]
@@ -360,6 +361,9 @@ def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
     features = [int(s[1:]) for s in parser.sections]
     assert len(features) == 6 and parser.links == parser.sections and 0 in features and not scan.dead[features].any()
     assert "http://" not in page and "https://" not in page
+    settings = json.loads(html_module.unescape(page.split('<pre id="settings">')[1].split("</pre>")[0]))
+    assert settings == {**asdict(FeaturesConfig(sae=str(run_dir), html=str(html), n_report_features=6, top=4, context=4)),
+                        "shards": store.url, "layers": [0, 1, 2, 3, 4]}  # what made the report, resolved
     assert len(parser.images) == 1 and parser.images[0].startswith("data:image/png;base64,")  # the density histogram
     assert parser.charts == [section for section in parser.sections for _ in range(2)]  # layer profile and density
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
