@@ -28,7 +28,7 @@ from pipeline.units import parse_count
 
 LR_DECAYS = ("cosine", "linear")
 RESUMABLE_CHANGES = ("val_every", "save_every", "wandb", "cuda_graph")  # settings a resumed run may change: not the math
-RESUMABLE_LOADER_CHANGES = ("shards", "workers", "val_rows")  # the store may move; not the row order
+RESUMABLE_LOADER_CHANGES = ("shards", "workers")  # the store may move; not the rows read or validated on
 DATA_FILE = "data.json"  # the store a run was trained on; eval-sae and sae-features default to it
 
 

@@ -59,13 +59,14 @@ def test_a_sweep_over_seed_equals_separate_runs_of_each_seed(store_path, tmp_pat
     assert not torch.equal(load(tmp_path / "sweep" / "seed0").W_enc, load(tmp_path / "alone").W_enc)
 
 
-def test_resume_refuses_another_row_order_and_takes_a_moved_store(store_path, tmp_path):
+def test_resume_refuses_another_row_order_or_validation_and_takes_a_moved_store(store_path, tmp_path):
     base = TrainConfig(batch_size=256, expansion=2, k=2, steps=6, save_every=3, warmup_steps=1)
     loader, cpu = LoaderConfig(shards=str(store_path), window_chunks=2), torch.device("cpu")
     train_on_store(loader, replace(base, steps=3), tmp_path / "run", [], cpu, resume=False, progress=False)
     saved = json.loads((tmp_path / "run" / "data.json").read_text())
     assert saved["loader"]["window_chunks"] == 2 and saved["model"]["d_model"] == D_MODEL
-    for changed, message in ((dict(window_chunks=3), "window_chunks=2 (now 3)"), (dict(shuffle_seed=1), "shuffle_seed=0 (now 1)")):
+    for changed, message in ((dict(window_chunks=3), "window_chunks=2 (now 3)"), (dict(shuffle_seed=1), "shuffle_seed=0 (now 1)"),
+                             (dict(val_rows=100), "val_rows=65536 (now 100)")):  # the validation records would change
         with pytest.raises(CrosscodersError, match=re.escape(message)):
             train_on_store(replace(loader, **changed), replace(base, steps=3), tmp_path / "run", [], cpu, resume=True,
                            progress=False)
@@ -75,7 +76,7 @@ def test_resume_refuses_another_row_order_and_takes_a_moved_store(store_path, tm
     data_file.write_text(json.dumps(data))
     moved = tmp_path / "moved"
     store_path.rename(moved)
-    relaxed = replace(loader, shards=str(moved), workers=1, val_rows=100)  # where the rows are read from, and how many are validated on
+    relaxed = replace(loader, shards=str(moved), workers=1)  # where the rows are read from, and how
     [result] = train_on_store(relaxed, replace(base, steps=3), tmp_path / "run", [], cpu, resume=True, progress=False).values()
     assert result["step"] == 3
 
