@@ -62,7 +62,8 @@ def epoch_permutation(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class MemoryLoader:
-    """Rows held in memory; the reference the shard loader is measured and tested against."""
+    """Rows held in memory (a notebook's tensors, a planted dictionary), as `train` takes them: ShardLoader's batches
+    without a store."""
 
     def __init__(
         self,
