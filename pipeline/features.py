@@ -188,18 +188,21 @@ def _provenance(store: Store, split: str, picked: list[tuple[np.ndarray, np.ndar
     """Shard, layer, token, doc and pos of the scanned rows top_rows: [n_latents, top], -1 where a row is -1;
     picked: each shard's scanned (offsets, layer ids), from Store.rows_of_layers."""
     names = ("layer", "token", "doc", "pos")
-    found = {name: torch.full_like(top_rows, -1) for name in ("shard", *names)}
-    start = 0
-    for index, (rows, _) in enumerate(picked):
-        inside = (top_rows >= start) & (top_rows < start + len(rows))
-        if inside.any():
-            offsets = rows[(top_rows[inside] - start).numpy()]
-            found["shard"][inside] = index
-            for name in names:
-                values = store.read(store.shards[index], f"{split}/{name}", 0, int(rows[-1]) + 1)[offsets]
-                found[name][inside] = torch.from_numpy(values.astype(np.int64))
-        start += len(rows)
-    return {f"top_{name}": value for name, value in found.items()}
+    valid = top_rows >= 0
+    scanned = top_rows[valid].numpy()  # indices into the scan's rows, shard after shard
+    starts = np.cumsum([0, *(len(rows) for rows, _ in picked)])
+    shard_of = np.searchsorted(starts, scanned, side="right") - 1
+    found = {"shard": shard_of, **{name: np.zeros(len(scanned), np.int64) for name in names}}
+    for index in np.unique(shard_of):  # only the shards holding a top row: a mask per shard cost shards x latents x top
+        mine, rows = shard_of == index, picked[index][0]
+        offsets = rows[scanned[mine] - starts[index]]
+        for name in names:
+            found[name][mine] = store.read(store.shards[index], f"{split}/{name}", 0, int(offsets.max()) + 1)[offsets]
+    provenance = {}
+    for name, values in found.items():
+        provenance[f"top_{name}"] = torch.full_like(top_rows, -1)
+        provenance[f"top_{name}"][valid] = torch.from_numpy(values.astype(np.int64))
+    return provenance
 
 
 def density_histogram(scan: FeatureScan, n_bins: int = 40) -> tuple[np.ndarray, np.ndarray, int]:
