@@ -209,9 +209,10 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
     if rank == 0:  # one process holds the store for the job, creates it and clears what a killed run left, before anyone writes
         busy = f"another cache-acts job is writing {config.out}; wait for it to end, or choose another --out"
         held.enter_context(exclusive_lock(Location(config.out), busy))  # its clean-up would delete the shards this one writes
-        create_or_open(config.out, metadata, sources=False)
+        store = create_or_open(config.out, metadata, sources=False)
     distributed.barrier()
-    store = create_or_open(config.out, metadata, clean=False, sources=False)
+    if rank != 0:  # opened once rank 0 has cleaned it (each opening reads every shard's record)
+        store = create_or_open(config.out, metadata, clean=False, sources=False)
     stored = store.window_pairs()
     ledger = PairLedger(stored, config.n_tokens)
     if ledger.budget(next(window_rounds(stored, 1))[0]) == 0:  # a store already whole is done, whatever its corpus became

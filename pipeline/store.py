@@ -159,6 +159,7 @@ def create_or_open(url: str | os.PathLike, metadata: dict, clean: bool = True, s
         if clean:
             for name in store.unfinished:
                 location.remove(name)
+            store.unfinished = []
         return store
     if location.fs.isfile(location.root) or any(name != ".gitkeep" for name in location.entries()):
         raise CrosscodersError(f"{location} exists and is not an activation store; choose an empty or new --out")
