@@ -10,7 +10,7 @@ with importing_quietly():
     from rich.table import Table
     from rich.text import Text
 
-    from pipeline.cli import config_command, extra_option, run_app
+    from pipeline.cli import config_command, extra_option, local_path, run_app
     from pipeline.devices import resolve_device
     from pipeline.loader import LoaderConfig
     from pipeline.train import TrainConfig, train_on_store
@@ -20,7 +20,7 @@ METRICS = ("fvu", "fvu_layer_mean", "mse", "l0", "dead_fraction")  # all of them
 
 
 def run(loader: LoaderConfig, train: TrainConfig, out: str, sweep: list[str], resume: bool, device: str) -> None:
-    results = train_on_store(loader, train, Path(out), sweep or [], resolve_device(device), resume)
+    results = train_on_store(loader, train, local_path(out, "--out"), sweep or [], resolve_device(device), resume)
     if not results:  # another process of a torchrun run reports
         return
     title = f"final metrics of the runs in {out}" if sweep else "final metrics"

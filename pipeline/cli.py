@@ -14,6 +14,7 @@ import sys
 import threading
 import types
 import typing
+from pathlib import Path
 from typing import Any, Callable
 
 import typer
@@ -160,6 +161,14 @@ def in_finalizer(frame: types.FrameType | None) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def local_path(text: str, option: str) -> Path:
+    """A file or folder option as an absolute local path, ~ expanded (a run records it, to be found from any folder);
+    a URL is refused in one line, as only stores may live on other file systems."""
+    if "://" in text:
+        raise CrosscodersError(f"{option} {text} must be a local path; only stores (--shards, cache-acts --out) may be URLs")
+    return Path(os.path.abspath(os.path.expanduser(text)))
 
 
 def print_error(error: CrosscodersError) -> None:

@@ -10,7 +10,7 @@ of a document predicts nothing and padding is never scored.
 
 import json
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -25,7 +25,7 @@ from rich.text import Text
 from torch import nn
 
 from pipeline.cache import pack_batches
-from pipeline.cli import option
+from pipeline.cli import local_path, option
 from pipeline.devices import resolve_device, resolve_model_dtype
 from pipeline.errors import CrosscodersError
 from pipeline.files import write_whole
@@ -252,12 +252,13 @@ def plot_recovered(results: list[LayerEval], path: Path, title: str):
 
 
 def resolve(config: EvalConfig, data: dict | None) -> tuple[EvalConfig, Store]:
-    """The store, opened, and the config with it, the model and the output folder filled in from the run's data.json (data)."""
-    run = Path(config.sae)
+    """The store, opened, and the config with it, the model and the output folder filled in from the run's data.json
+    (data), every path absolute: eval.json records them, to be found from any folder."""
+    run = local_path(config.sae, "--sae")
     store = store_of_run(run, config.shards, data)
     model = config.model or store.metadata["model"]["name"]
-    shards = str(config.shards or data["shards"])
-    return replace(config, shards=shards, model=model, out=config.out or str(default_output(run, "eval"))), store
+    out = local_path(config.out, "--out") if config.out else default_output(run, "eval")
+    return replace(config, sae=str(run), shards=store.url, model=model, out=str(out)), store
 
 
 def default_output(sae_dir: Path, name: str) -> Path:
@@ -267,14 +268,19 @@ def default_output(sae_dir: Path, name: str) -> Path:
     return sae_dir.parent / f"{Path(name).stem}-{CHECKPOINT}{Path(name).suffix}"
 
 
-def make_output_folder(folder: Path, option: str) -> Path:
-    """Creates folder and a scratch file in it, so that an output that cannot be written fails before the long computation."""
+def check_output_folder(folder: Path, option: str) -> None:
+    """Fails now, in one line, where folder cannot be made or written, rather than after the long computation; leaves
+    no folder behind (the outputs make theirs when written), so a run that fails later leaves none either."""
+    missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
         raise CrosscodersError(f"cannot write to {folder} ({error.strerror}); pass a writable path as {option}") from None
-    return folder
+    finally:
+        for made in missing:
+            with suppress(OSError):  # another process may have written there meanwhile
+                made.rmdir()
 
 
 def store_of_run(run: Path, shards: str | None, data: dict | None) -> Store:
@@ -328,11 +334,12 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     """`eval-sae`: evaluates a trained SAE on the store's held-out documents; returns results, eval.json and the plot."""
     console = console or Console(stderr=True)
     device = resolve_device(config.device)
-    sae = load(config.sae, device)
-    data = run_data(Path(config.sae))
+    sae = load(local_path(config.sae, "--sae"), device)
+    data = run_data(local_path(config.sae, "--sae"))
     model_given = config.model is not None
     config, store = resolve(config, data)
-    out = make_output_folder(Path(config.out), "--out")  # before the model loads: an --out that cannot be written fails at once
+    out = Path(config.out)
+    check_output_folder(out, "--out")  # before the model loads: an --out that cannot be written fails at once
     model_dtype = resolve_model_dtype(config.model_dtype, device, store.metadata.get("model_dtype"))
     try:
         loaded = load_model(config.model, device=device, dtype=model_dtype)
@@ -366,6 +373,7 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     }
     eval_path, plot_path = out / EVAL_FILE, out / PLOT_FILE
     try:
+        out.mkdir(parents=True, exist_ok=True)
         write_whole(eval_path, lambda path: path.write_text(json.dumps(finite_or_null(report), indent=2)))  # a 0/0 fraction is null
         plot_recovered(results, plot_path, f"{Path(config.sae).resolve().name} on {info.name}")
     except OSError as error:  # a full disk: the files before stay whole

@@ -10,10 +10,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from pipeline.cli import option, printable
+from pipeline.cli import local_path, option, printable
 from pipeline.devices import resolve_device
 from pipeline.errors import CrosscodersError
-from pipeline.evaluate import check_model_of_store, default_output, layers_of_run, make_output_folder, store_of_run
+from pipeline.evaluate import check_model_of_store, check_output_folder, default_output, layers_of_run, store_of_run
 from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix
 from pipeline.sae import TopKSAE, load
 from pipeline.store import SPLITS, Store
@@ -328,10 +328,12 @@ def report_path(cfg: FeaturesConfig, sae_dir: Path) -> Path | None:
     """Where the HTML report goes (None when --feature alone is printed), its folder made and checked before the scan."""
     if cfg.feature is not None and cfg.html is None:
         return None
-    path = Path(cfg.html or default_output(sae_dir, "features.html"))
-    make_output_folder(path.parent, "--html")
+    if cfg.html is not None and cfg.html.endswith("/"):
+        raise CrosscodersError(f"--html {cfg.html} names a folder; pass a file path such as {cfg.html}features.html")
+    path = local_path(cfg.html, "--html") if cfg.html is not None else default_output(sae_dir, "features.html")
     if path.is_dir():
         raise CrosscodersError(f"--html {path} is a folder; pass a file path such as {path / 'features.html'}")
+    check_output_folder(path.parent, "--html")
     return path
 
 
@@ -340,7 +342,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     from pipeline.report import write_html_report  # here, not at the top: report.py builds on this module
 
     device = resolve_device(cfg.device)
-    sae_dir = Path(cfg.sae)
+    sae_dir = local_path(cfg.sae, "--sae")
     sae = load(sae_dir, device)
     data = run_data(sae_dir)
     store = store_of_run(sae_dir, cfg.shards, data)  # first: a store of another model is named as such, whatever its shape
@@ -381,7 +383,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     features = list(dict.fromkeys(features))
     contexts, promotions = {f: feature_contexts(scan, store, tokenizer, f, cfg.context) for f in features}, {f: promoted(f) for f in features}
     try:
-        settings = {**asdict(cfg), "sae": str(sae_dir), "shards": store.url, "html": str(path), "layers": layers}
+        settings = {**asdict(cfg), "sae": str(sae_dir), "shards": store.url, "html": str(path), "layers": layers}  # absolute
         write_html_report(path, scan, contexts, promotions, title=f"{sae_dir} on {store.url}", settings=settings)
     except OSError as error:  # a full disk: a report there before stays whole
         raise CrosscodersError(f"cannot write {path} ({error.strerror or error}); free space or pass another --html") from None

@@ -204,11 +204,40 @@ def test_cli_writes_eval_json_and_plot(store, tmp_path):
     assert "recovered vs mean" in result.stdout and str(run / "eval" / "eval.json") in result.stderr
 
 
-def test_outputs_of_a_checkpoint_go_beside_it(store, tmp_path):
+@pytest.mark.parametrize("typed", ["absolute", "."])  # `eval-sae --sae .` run inside the checkpoint: "." has no name
+def test_outputs_of_a_checkpoint_go_beside_it(store, tmp_path, monkeypatch, typed):
     run = saved_run(tmp_path / "run", store)
     TopKSAE(SAEConfig(d_model=64, n_layers=N_HIDDEN_STATES, expansion=2, k=8)).save(run / CHECKPOINT)
-    _, eval_path, plot_path = run_eval(EvalConfig(sae=str(run / CHECKPOINT), layers="1", n_docs=1), QUIET, progress=False)
+    monkeypatch.chdir(run / CHECKPOINT)
+    sae = str(run / CHECKPOINT) if typed == "absolute" else "."
+    _, eval_path, plot_path = run_eval(EvalConfig(sae=sae, layers="1", n_docs=1), QUIET, progress=False)
     assert (eval_path, plot_path) == (run / "eval-checkpoint" / "eval.json", run / "eval-checkpoint" / "recovered.png")  # the trainer replaces checkpoint/
+
+
+def test_eval_json_records_paths_that_work_from_any_folder(store, tmp_path, monkeypatch):
+    saved_run(tmp_path / "run", store)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    _, eval_path, _ = run_eval(EvalConfig(sae="run", out="~/x/../ev", layers="1", n_docs=1), QUIET, progress=False)
+    assert eval_path == tmp_path / "ev" / "eval.json" and not (tmp_path / "x").exists()
+    config = json.loads(eval_path.read_text())["config"]
+    assert (config["sae"], config["shards"], config["out"]) == (str(tmp_path / "run"), store.url, str(tmp_path / "ev"))
+
+
+@pytest.mark.parametrize("option", ["sae", "out"])
+def test_a_url_as_a_run_or_output_path_is_refused_in_one_line(store, tmp_path, option):
+    """It became a local folder named s3:"""
+    paths = {"sae": str(saved_run(tmp_path / "run", store)), "out": None, option: "s3://bucket/runs/k32"}
+    with pytest.raises(CrosscodersError, match=f"--{option} s3://bucket/runs/k32 must be a local path; only stores"):
+        run_eval(EvalConfig(**paths), QUIET, progress=False)
+
+
+def test_a_failed_evaluation_leaves_no_output_folder(store, tmp_path):
+    """The folder is checked early, by making it, and made again when the outputs are written."""
+    run = saved_run(tmp_path / "run", store)
+    with pytest.raises(CrosscodersError, match="could not load model"):
+        run_eval(EvalConfig(sae=str(run), model=str(tmp_path / "moved-model"), out=str(tmp_path / "new" / "eval")), QUIET, progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 def test_the_model_runs_in_the_dtype_the_store_was_cached_in(store, tmp_path, monkeypatch):

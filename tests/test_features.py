@@ -440,6 +440,16 @@ def test_report_of_a_checkpoint_goes_beside_it(sae, run_dir, tmp_path):
     assert path == run / "features-checkpoint.html" and path.exists()  # the trainer replaces checkpoint/
 
 
+@pytest.mark.parametrize("html, message", [("newdir/", r"--html newdir/ names a folder; pass a file path such as newdir/features.html"),
+                                           ("s3://b/f.html", r"--html s3://b/f.html must be a local path")])
+def test_an_html_path_that_is_no_local_file_is_refused_before_the_scan(run_dir, tmp_path, monkeypatch, html, message):
+    """newdir/ was written as a file named newdir; s3://b/f.html as a local folder named s3:"""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CrosscodersError, match=message):
+        explore_features(FeaturesConfig(sae=str(run_dir), html=html, n_rows=300), QUIET)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_that_does_not_load_is_a_note(run_dir, tmp_path):
     console = recording_console()
     missing = tmp_path / "[b]:smile:model"

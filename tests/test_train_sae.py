@@ -134,8 +134,9 @@ def test_training_on_some_layers_reads_only_their_rows_and_resumes_only_on_them(
     assert not (tmp_path / "new").exists()
 
 
-def test_cli_sweep_table_names_each_run_and_shows_its_validation_metrics(store_path, tmp_path):
-    result = cli("--shards", str(store_path), "--out", str(tmp_path / "sweep"), "--sweep", "k=2,4", "--batch-size", "256",
+def test_cli_sweep_table_names_each_run_and_shows_its_validation_metrics(store_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # --out=~/sweep: the shell leaves ~ after = to the command
+    result = cli("--shards", str(store_path), "--out=~/sweep", "--sweep", "k=2,4", "--batch-size", "256",
                  "--steps", "2", "--expansion", "2", "--val-every", "2")
     assert result.returncode == 0, result.stderr
     rows = {line.split("│")[1].strip(): line.split("│")[2:-1] for line in result.stdout.splitlines() if line.startswith("│")}
@@ -199,6 +200,7 @@ def test_ctrl_c_or_sigterm_says_what_it_kept_in_one_line_and_resume_goes_on_from
         (["--lr", "nan"], "lr=nan must be a finite number >= 0"),
         (["--weight-decay", "-1"], "weight_decay=-1.0 must be a finite number >= 0"),
         (["--window-chunks", "0"], "--window-chunks 0 must be at least 1"),
+        (["--out", "s3://bucket/runs/k32"], "--out s3://bucket/runs/k32 must be a local path; only stores"),  # was ./s3:/bucket/...
         (["--val-rows", "-1"], "--val-rows -1 must be at least 0"),
         (["--shuffle-seed", "20000000000000"], "--shuffle-seed 20000000000000 must be in 0..2**32-1"),
         (["--batch-size", "5000"], "training rows, fewer than one batch of 5,000; lower --batch-size"),
