@@ -104,6 +104,11 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
 
         with stopping_signals_handled_by(stop):
             try:
+                for name, value in values.items():
+                    if isinstance(value, str) and value.startswith("memory://"):
+                        raise CrosscodersError(f"--{name.replace('_', '-')} {value}: a memory:// store ends with the command "
+                                               "that made it, so no other command finds it; pass a folder (memory:// is "
+                                               "for the Python API)")
                 configs = [build_config(cls, values) for cls in config_classes]
                 run(*configs, **{p.name: values[p.name] for p in extra})
             except CrosscodersError as error:

@@ -21,10 +21,13 @@ class Location:
 
     def __init__(self, url: str | os.PathLike):
         text = os.fspath(url)
-        try:
-            self.fs, root = fsspec.core.url_to_fs(text)
-        except (ImportError, ValueError) as error:  # e.g. s3:// without s3fs installed
-            raise CrosscodersError(f"cannot open {text}: {error}") from None
+        if "://" in text:
+            try:
+                self.fs, root = fsspec.core.url_to_fs(text)
+            except (ImportError, ValueError, OSError) as error:  # s3:// without s3fs, an FTP server that refuses, no JVM for hdfs
+                raise CrosscodersError(f"cannot open {text}: {error}") from None
+        else:  # a local path, whatever it holds: fsspec reads "a::b" as a chain of file systems
+            self.fs, root = LocalFileSystem(), os.path.expanduser(text)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
         self.url = self.root if self.is_local else text.rstrip("/")

@@ -138,6 +138,15 @@ def failing_command(config: FailConfig):
     raise RuntimeError("a bug, not a user's error")
 
 
+def test_a_memory_store_is_refused_by_the_commands_in_one_line():
+    """It is empty for the next command, which then advised running the first again."""
+    app = typer.Typer()
+    config_command(app, [FailConfig], failing_command)
+    result = CliRunner().invoke(app, ["--error", "memory://m"])
+    assert (result.exit_code, result.stderr) == (2, "error: --error memory://m: a memory:// store ends with the command that made "
+                                                    "it, so no other command finds it; pass a folder (memory:// is for the Python API)\n")
+
+
 def test_an_error_shows_control_and_invisible_characters_as_escapes(capsys):
     """A shared store's model name holding ESC sequences moved the cursor and drew a fake success line over the error."""
     print_error(CrosscodersError("could not load model '\x1b[1A\x1b[2Kdone\u202e' (a, b)"))

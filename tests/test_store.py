@@ -382,6 +382,17 @@ def test_a_linked_shard_whose_target_is_missing_is_refused_not_cleared(tmp_path)
     assert (tmp_path / "s" / "shard-00000004").is_symlink()
 
 
+def test_a_local_path_holding_double_colons_is_that_folder(tmp_path):
+    """fsspec reads a::b as a chain of file systems: the store went to ./a."""
+    store = create_or_open(tmp_path / "a::b" / "s", METADATA)
+    assert store.url == str(tmp_path / "a::b" / "s") and (tmp_path / "a::b" / "s" / "zarr.json").exists()
+
+
+def test_a_file_system_that_fails_to_start_is_a_one_line_error():
+    with pytest.raises(CrosscodersError, match=r"cannot open ftp://127.0.0.1:9/x: .*refused"):
+        Store("ftp://127.0.0.1:9/x")  # the discard port: nothing listens
+
+
 @pytest.mark.parametrize("target", ["..", "../shard-00000004"])
 def test_a_link_that_loops_or_doubles_a_shards_files_is_refused(tmp_path, target):
     """os.walk follows such a loop without end, doubling its work at each level."""
