@@ -193,6 +193,8 @@ def _check_same_recipe(store: "Store", metadata: dict) -> None:
         old, new = existing.get(key), json.loads(json.dumps(value))
         if isinstance(old, dict) and isinstance(new, dict):
             free = FREE_FIELDS | RESOLVED_OPTIONS if key == "cache" else FREE_FIELDS
+            if key == "corpus" and existing.get("dataset_files"):  # a local --dataset: not its path as typed, from some folder,
+                free = free | {"dataset"}  # but its files' fingerprint tells (check_same_sources)
             old, new = ({k: v for k, v in d.items() if k not in free} for d in (old, new))
         if old == new:
             continue

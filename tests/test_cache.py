@@ -442,7 +442,7 @@ def test_a_default_corpus_store_is_not_extended_once_the_mined_files_changed(tin
     assert (report.n_pairs_written, report.n_pairs_total) == (0, 100)
 
 
-def test_a_dataset_store_is_not_extended_once_the_dataset_files_changed(tiny_model_dir, corpus_file, tmp_path):
+def test_a_dataset_store_is_not_extended_once_the_dataset_files_changed(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     """Only the --dataset path was compared: another file under that name, or rows added, mixed two corpora in one store."""
     dataset = tmp_path / "pairs.jsonl"
     dataset.write_text(corpus_file.read_text())
@@ -450,10 +450,12 @@ def test_a_dataset_store_is_not_extended_once_the_dataset_files_changed(tiny_mod
     fingerprint = Store(tmp_path / "s").metadata["dataset_files"]
     assert fingerprint == dataset_files_fingerprint(CorpusConfig(dataset=str(dataset))) and fingerprint.startswith("sha256:")
     assert run_cache(tiny_model_dir, dataset, tmp_path / "s", n_tokens=200).n_pairs == 200  # the same file: extended
+    monkeypatch.chdir(tmp_path)
+    assert run_cache(tiny_model_dir, "./pairs.jsonl", tmp_path / "s", n_tokens=250).n_pairs == 250  # typed otherwise
     dataset.write_text(corpus_file.read_text() + '{"prompt": "one more", "response": "row"}\n')
     with pytest.raises(CrosscodersError, match=r"zarr.json: the --dataset files changed since the store was made .*; restore them or choose a new --out"):
         run_cache(tiny_model_dir, dataset, tmp_path / "s", n_tokens=300)
-    assert Store(tmp_path / "s").n_pairs == 200
+    assert Store(tmp_path / "s").n_pairs == 250
 
 
 def test_the_dataset_fingerprint_covers_each_files_name_size_and_ends(tmp_path):
