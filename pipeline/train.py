@@ -10,7 +10,9 @@ from itertools import product
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -619,7 +621,12 @@ def train_on_store(
         # the shards a resumed run started on, else those rank 0 lists: a store that cache-acts is adding to may have
         # grown since, or between the processes' listings
         listed = store.shard_rows()
-        shards = distributed.from_main((started_shards(out_dirs) if resume else None) or listed)
+        started = started_shards(out_dirs) if resume else None
+        if resume and started is None and distributed.is_main():
+            Console(stderr=True).print(Text(f"note: {out} began before runs recorded their store's shards, so it reads all "
+                                            f"{len(listed)} the store holds now: rows cache-acts added since it began change "
+                                            "its batches"), soft_wrap=True)
+        shards = distributed.from_main(started or listed)
         if not {name for name, _, _ in shards} <= {name for name, _, _ in listed}:  # listed before rank 0 did
             store = open_store(loader_cfg.shards)
         store.keep_shards(shards)

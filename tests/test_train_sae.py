@@ -113,6 +113,18 @@ def test_a_run_resumed_after_its_store_grew_reads_the_rows_it_started_on(tmp_pat
                        resume=True, progress=False)
 
 
+def test_resuming_a_run_begun_before_runs_recorded_their_shards_says_it_reads_them_all(tmp_path, capsys):
+    write_store(tmp_path / "store", [1500, 1200])
+    base, cpu = TrainConfig(batch_size=256, expansion=2, k=2, steps=4, save_every=2, val_every=2, warmup_steps=1), torch.device("cpu")
+    train_on_store(LoaderConfig(shards=str(tmp_path / "store")), base, tmp_path / "run", [], cpu, resume=False, progress=False)
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    del data["store_shards"]
+    (tmp_path / "run" / "data.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    train_on_store(LoaderConfig(shards=str(tmp_path / "store")), base, tmp_path / "run", [], cpu, resume=True, progress=False)
+    assert "began before runs recorded their store's shards, so it reads all 2 the store holds now" in capsys.readouterr().err
+
+
 def test_training_on_some_layers_reads_only_their_rows_and_resumes_only_on_them(store_path, tmp_path):
     base = TrainConfig(batch_size=128, expansion=2, k=2, steps=8, save_every=4, val_every=4, warmup_steps=1)
     loader, cpu = LoaderConfig(shards=str(store_path), layers="1-2"), torch.device("cpu")
