@@ -32,6 +32,8 @@ LR_DECAYS = ("cosine", "linear")
 RESUMABLE_CHANGES = ("val_every", "save_every", "wandb", "cuda_graph")  # settings a resumed run may change: not the math
 RESUMABLE_LOADER_CHANGES = ("shards", "workers")  # the store may move; not the rows read or validated on
 DATA_FILE = "data.json"  # the store a run was trained on; eval-sae and sae-features default to it
+TRAIN_CONFIG_FILE = "train_config.json"  # the run's TrainConfig, written when it starts
+TRAINER_STATE_FILE = "trainer_state.json"  # in a checkpoint: its step, and the TrainConfig that made it
 
 
 def counts(flag: str):
@@ -164,7 +166,7 @@ class Run:
         if not distributed.is_main():
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / "train_config.json", asdict(self.cfg))
+        write_json(self.dir / TRAIN_CONFIG_FILE, asdict(self.cfg))
         if data is not None:
             write_json(self.dir / DATA_FILE, data)
         self.keep_metrics()
@@ -248,7 +250,7 @@ class Run:
         )
         epoch, batch = divmod(self.step, self.n_train_batches)
         state = {"step": self.step, "epoch": epoch, "batch": batch, "n_train_batches": self.n_train_batches}
-        (temporary / "trainer_state.json").write_text(json.dumps({**state, "train_config": asdict(self.cfg)}, indent=2))
+        (temporary / TRAINER_STATE_FILE).write_text(json.dumps({**state, "train_config": asdict(self.cfg)}, indent=2))
         open_to_all(temporary)  # a teammate resuming the run reads it too
         sync_tree(temporary)  # on disk before the swap: else a power cut may leave it swapped in but empty
         if final.exists():  # if not, the save before stopped between its renames: old is the only checkpoint
@@ -261,7 +263,7 @@ class Run:
     def load_trainer_state(self, checkpoint: Path):
         """Restore the optimizer, step, dead-latent counter and RNG saved by save_checkpoint."""
         try:
-            state = json.loads((checkpoint / "trainer_state.json").read_text())
+            state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
             step, n_train_batches = state["step"], state["n_train_batches"]
             tensors = load_file(checkpoint / "trainer_state.safetensors")
             tokens_since_fired, rng_state = tensors["tokens_since_fired"], tensors["cpu_rng_state"]
@@ -312,7 +314,7 @@ def train(
         raise CrosscodersError("runs of a sweep share batches, so batch_size cannot be swept; train them separately")
     if source.n_train_batches() < 1:
         raise CrosscodersError(f"the cache holds less than one batch of {configs[0].batch_size} rows; lower batch_size")
-    started = [(Path(out_dir) / "train_config.json").exists() for out_dir in out_dirs]
+    started = [(Path(out_dir) / TRAIN_CONFIG_FILE).exists() for out_dir in out_dirs]
     # a sweep stopped while it wrote its runs' settings: under --resume, the runs it had not reached start afresh
     resumes = [resume and (run_started or not any(started)) for run_started in started]
     for cfg, out_dir, run_resumes in zip(configs, out_dirs, resumes):  # every config and folder error before any training
@@ -347,7 +349,7 @@ def _train(configs: list[TrainConfig], out_dirs: list[Path], resumes: list[bool]
 
 def with_resume(runs: list[Run]) -> str:
     """" with --resume" once a run of the sweep has written its settings (what --resume needs), else nothing."""
-    return " with --resume" if any((run.dir / "train_config.json").exists() for run in runs) else ""
+    return " with --resume" if any((run.dir / TRAIN_CONFIG_FILE).exists() for run in runs) else ""
 
 
 def last_checkpoints(runs: list[Run]) -> str:
@@ -439,7 +441,7 @@ def describe(run: Run) -> str:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The run's checkpoint folder; the previous one if a crash hit between the two renames of a save."""
     for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
-        if (run_dir / name / "trainer_state.json").exists():
+        if (run_dir / name / TRAINER_STATE_FILE).exists():
             return run_dir / name
     return None
 
@@ -450,7 +452,7 @@ def check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool, data: dict |
     existing = next(folder for folder in (run_dir, *run_dir.resolve().parents) if folder.exists())
     if not existing.is_dir():
         raise CrosscodersError(f"{run_dir} cannot be a run folder: {existing} is a file; train into another one")
-    saved_cfg = run_dir / "train_config.json"
+    saved_cfg = run_dir / TRAIN_CONFIG_FILE
     if not saved_cfg.exists():
         sweep_runs = sorted(p.parent.name for p in run_dir.glob("*/train_config.json")) if run_dir.is_dir() else []
         if resume and sweep_runs:  # the sweep's own folder, given without its --sweep (or with other values)
@@ -598,7 +600,7 @@ def started_shards(run_dirs: list[Path]) -> list[list] | None:
 def open_store(shards: str) -> Store:
     """The store --shards names; a training run given in its place is named as such, with the store it read."""
     folder = Path(shards)
-    if Location(shards).is_local and (folder / "train_config.json").is_file():
+    if Location(shards).is_local and (folder / TRAIN_CONFIG_FILE).is_file():
         data = run_data(folder)
         named = f", --shards {data['shards']}" if data else ""
         raise CrosscodersError(f"{shards} is a training run, not an activation store; pass the store it was trained on{named}")
