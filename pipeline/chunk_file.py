@@ -10,10 +10,10 @@ import os
 
 import google_crc32c
 import numpy as np
-import zarr
 from numcodecs import blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.core.metadata import ArrayV3Metadata
 
 MISSING = 2**64 - 1  # the index's offset and length of a chunk that was never written
 CHECKSUM_BYTES = 4
@@ -33,22 +33,24 @@ class ChunkFile:
                                                  "the chunk index"), "<u8").reshape(n_chunks, 2)
 
     @classmethod
-    def of(cls, array: zarr.Array, folder: str) -> "ChunkFile | None":
-        """A reader for array, stored in folder, or None unless it has exactly the layout this module reads."""
-        codecs = array.metadata.codecs
-        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not array.shape or not array.shape[0]:
+    def of(cls, metadata: ArrayV3Metadata, folder: str) -> "ChunkFile | None":
+        """A reader for the array metadata describes (its zarr.json, parsed: zarr.open_array takes a millisecond, most of
+        it waiting on zarr's event loop, which every shard of a large store paid three times to sum its statistics),
+        stored in folder, or None unless it has exactly the layout this module reads."""
+        codecs, shape = metadata.codecs, metadata.shape
+        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not shape or not shape[0]:
             return None
-        sharding, shard_shape = codecs[0], array.shards
+        sharding, shard_shape = codecs[0], metadata.shards
         inner, index = [type(codec) for codec in sharding.codecs], [type(codec) for codec in sharding.index_codecs]
         if (inner != [BytesCodec, BloscCodec, Crc32cCodec] or index != [BytesCodec, Crc32cCodec]
                 or not all(little_endian(codec) for codec in (sharding.codecs[0], sharding.index_codecs[0]))
                 or sharding.index_location != ShardingCodecIndexLocation.end
-                or shard_shape[0] < array.shape[0] or tuple(shard_shape[1:]) != tuple(array.shape[1:])
-                or tuple(sharding.chunk_shape[1:]) != tuple(array.shape[1:])):
+                or shard_shape[0] < shape[0] or tuple(shard_shape[1:]) != tuple(shape[1:])
+                or tuple(sharding.chunk_shape[1:]) != tuple(shape[1:])):
             return None
         chunk_rows = sharding.chunk_shape[0]
-        path = os.path.join(folder, array.metadata.encode_chunk_key((0,) * array.ndim))
-        return cls(path, array.shape, chunk_rows, shard_shape[0] // chunk_rows, np.dtype(array.dtype))
+        path = os.path.join(folder, metadata.encode_chunk_key((0,) * len(shape)))
+        return cls(path, shape, chunk_rows, shard_shape[0] // chunk_rows, np.dtype(metadata.data_type.to_native_dtype()))
 
     def read(self, start: int, end: int) -> np.ndarray:
         """Rows [start, end): a view of the chunk when they lie in one, else a copy of the pieces."""

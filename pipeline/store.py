@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.metadata import ArrayV3Metadata
 
 from pipeline.chunk_file import ChunkFile
 from pipeline.errors import CrosscodersError
@@ -416,7 +417,8 @@ class Store:
         key = f"{shard.name}/{name}"
         if key not in self._chunk_files:
             local = self.location.is_local
-            self._chunk_files[key] = ChunkFile.of(self.array(shard, name), self.location.path(key)) if local else None
+            metadata = ArrayV3Metadata.from_dict(self.location.read_json(key, "zarr.json")) if local else None
+            self._chunk_files[key] = ChunkFile.of(metadata, self.location.path(key)) if local else None
         return self._chunk_files[key]
 
     def read(self, shard: ShardInfo, name: str, start: int | None = None, end: int | None = None) -> np.ndarray:
@@ -426,7 +428,8 @@ class Store:
             if chunk_file is None:
                 return self.array(shard, name)[start:end]
             return chunk_file.read(*slice(start, end).indices(chunk_file.shape[0])[:2])
-        except (ValueError, RuntimeError, KeyError, FileNotFoundError) as error:  # a failed checksum or decode, a lost file
+        # a failed checksum or decode, a lost file, an array's zarr.json of another shape
+        except (ValueError, RuntimeError, KeyError, TypeError, FileNotFoundError) as error:
             where = self.location.path(shard.name)
             raise CrosscodersError(f"{where}/{name} is damaged ({error}); delete {where} and re-run cache-acts") from None
         except OSError as error:  # no permission, a network file system's hiccup: perhaps intact, so not to be deleted

@@ -25,7 +25,7 @@ def test_direct_reads_equal_zarr_reads_for_any_range(store, name):
     rng = np.random.default_rng(0)
     for shard in store.shards:
         array = store.array(shard, name)
-        reader = ChunkFile.of(array, store.location.path(shard.name, name))
+        reader = ChunkFile.of(array.metadata, store.location.path(shard.name, name))
         assert reader is not None and store.chunk_file(shard, name) is not None
         n = array.shape[0]
         ranges = [(0, n), (0, 1), (n - 1, n), (1020, 1030), (1024, 2048), (5, 5), (0, n + 10)]
@@ -46,13 +46,13 @@ def test_stores_on_object_storage_read_through_zarr(tmp_path):
 
 def test_other_layouts_are_left_to_zarr(tmp_path):
     plain = zarr.create_array(tmp_path / "plain", shape=(4096, 8), chunks=(1024, 8), dtype="float32")
-    assert ChunkFile.of(plain, str(tmp_path / "plain")) is None  # not sharded
+    assert ChunkFile.of(plain.metadata, str(tmp_path / "plain")) is None  # not sharded
     other_codec = zarr.create_array(tmp_path / "zstd", shape=(4096, 8), chunks=(1024, 8), shards=(4096, 8),
                                     dtype="float32", compressors=zarr.codecs.ZstdCodec())
-    assert ChunkFile.of(other_codec, str(tmp_path / "zstd")) is None  # no blosc, no checksum
+    assert ChunkFile.of(other_codec.metadata, str(tmp_path / "zstd")) is None  # no blosc, no checksum
     many_shards = zarr.create_array(tmp_path / "shards", shape=(4096, 8), chunks=(1024, 8), shards=(2048, 8),
                                     dtype="float32", compressors=(zarr.codecs.BloscCodec(), zarr.codecs.Crc32cCodec()))
-    assert ChunkFile.of(many_shards, str(tmp_path / "shards")) is None  # two shard files
+    assert ChunkFile.of(many_shards.metadata, str(tmp_path / "shards")) is None  # two shard files
 
 
 def damage(path: str, position: int):

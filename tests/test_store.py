@@ -106,6 +106,14 @@ def test_a_shard_killed_before_its_commit_is_invisible_and_removed_by_the_next_r
     assert Store(any_store.url).n_pairs == 3100
 
 
+@pytest.mark.parametrize("content", ["[1, 2]", '{"zarr_format": 3}', "{broken"])
+def test_an_arrays_damaged_record_is_a_one_line_error_naming_it(tmp_path, content):
+    store = write_store(tmp_path / "s")
+    (tmp_path / "s" / "shard-00000002" / "stats" / "count" / "zarr.json").write_text(content)
+    with pytest.raises(CrosscodersError, match=r"shard-00000002/stats/count is damaged \(.*\); delete .*shard-00000002 and re-run"):
+        Store(store.url).layer_stats_sums()
+
+
 def test_a_damaged_chunk_is_a_one_line_error_naming_the_file(store):
     data_file = store.location.fs.find(store.location.path("shard-00000002", "train", "acts", "c"))[0]
     with open(data_file, "r+b") as handle:
