@@ -171,3 +171,14 @@ def test_model_dtype_bench_compares_bf16_hidden_states_and_predictions_with_floa
     assert abs(float(models[0]["next-token loss"]) - float(models[1]["next-token loss"])) < 0.05
     [kl] = [float(line.split()[1]) for line in lines if line.startswith("KL ")]
     assert 0 < kl < 0.01
+
+
+def test_store_startup_bench_times_each_measure_for_each_store_size():
+    result = run("-m", "bench.store_startup", "--n-shards", "2,5")
+    assert result.returncode == 0, result.stderr
+    rows = printed_rows(result.stdout, ["shards", "rows", "measure", "seconds", "ms per shard"])
+    assert [(row["shards"], row["rows"]) for row in rows] == [("2", "4,096")] * 5 + [("5", "10,240")] * 5
+    assert [row["measure"] for row in rows[:5]] == ["open the store", "sum its statistics", "set up the loader (statistics included)",
+                                                   "the same, one hidden state kept", "pick 65,536 held-out rows"]
+    for row in rows:  # the time shown, per shard
+        assert float(row["ms per shard"]) == pytest.approx(float(row["seconds"]) * 1e3 / int(row["shards"]), abs=0.01 + 5 / int(row["shards"]))
