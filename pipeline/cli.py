@@ -14,6 +14,7 @@ import sys
 import threading
 import types
 import typing
+import unicodedata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -173,7 +174,9 @@ def local_path(text: str, option: str) -> Path:
     a URL is refused in one line, as only stores may live on other file systems."""
     if "://" in text:
         raise CrosscodersError(f"{option} {text} must be a local path; only stores (--shards, cache-acts --out) may be URLs")
-    return Path(os.path.abspath(os.path.expanduser(text)))
+    path = Path(text).expanduser().absolute()
+    # ".." as the file system reads it, after the links before it (os.path.abspath, which tempfile uses, cuts it as text)
+    return path.resolve() if ".." in path.parts else path
 
 
 def print_error(error: CrosscodersError) -> None:
@@ -184,7 +187,8 @@ def print_error(error: CrosscodersError) -> None:
 def printable(text: str) -> str:
     """text with control and invisible characters as escapes (\\x1b, \\u202e): from a shared store, run or dataset,
     they could move the cursor, recolour or hide what the terminal shows."""
-    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+    return "".join(char if char.isprintable() or unicodedata.category(char) == "Zs" else char.encode("unicode_escape").decode("ascii")
+                   for char in text)  # spaces of every width stay, to be copied: a folder may be named with U+3000
 
 
 def run_app(app: typer.Typer) -> None:

@@ -9,8 +9,9 @@ of a document predicts nothing and padding is never scored.
 """
 
 import json
+import os
 import tempfile
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -269,18 +270,20 @@ def default_output(sae_dir: Path, name: str) -> Path:
 
 
 def check_output_folder(folder: Path, option: str) -> None:
-    """Fails now, in one line, where folder cannot be made or written, rather than after the long computation; leaves
-    no folder behind (the outputs make theirs when written), so a run that fails later leaves none either."""
-    missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]  # deepest first
+    """Fails now, in one line, where folder cannot be written (or made), rather than after the long computation. Makes
+    nothing: the outputs make their folder when written, so a run that fails leaves none."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        existing = folder
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        if existing == folder:
+            tempfile.TemporaryFile(dir=folder).close()
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(13, f"Permission denied in {existing}")
     except OSError as error:
         raise CrosscodersError(f"cannot write to {folder} ({error.strerror}); pass a writable path as {option}") from None
-    finally:
-        for made in missing:
-            with suppress(OSError):  # another process may have written there meanwhile
-                made.rmdir()
 
 
 def store_of_run(run: Path, shards: str | None, data: dict | None) -> Store:

@@ -331,9 +331,9 @@ def report_path(cfg: FeaturesConfig, sae_dir: Path) -> Path | None:
     if cfg.html is not None and cfg.html.endswith("/"):
         raise CrosscodersError(f"--html {cfg.html} names a folder; pass a file path such as {cfg.html}features.html")
     path = local_path(cfg.html, "--html") if cfg.html is not None else default_output(sae_dir, "features.html")
-    if path.is_dir():
-        raise CrosscodersError(f"--html {path} is a folder; pass a file path such as {path / 'features.html'}")
     check_output_folder(path.parent, "--html")
+    if path.is_dir():  # its folder is readable: checked above
+        raise CrosscodersError(f"--html {path} is a folder; pass a file path such as {path / 'features.html'}")
     return path
 
 

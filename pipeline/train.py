@@ -624,7 +624,7 @@ def train_on_store(
         # grown since, or between the processes' listings
         listed = store.shard_rows()
         started = started_shards(out_dirs) if resume else None
-        if resume and started is None and distributed.is_main():
+        if resume and started is None and any(run_data(run_dir) for run_dir in out_dirs) and distributed.is_main():
             Console(stderr=True).print(Text(f"note: {out} began before runs recorded their store's shards, so it reads all "
                                             f"{len(listed)} the store holds now: rows cache-acts added since it began change "
                                             "its batches"), soft_wrap=True)

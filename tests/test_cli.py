@@ -148,9 +148,10 @@ def test_a_memory_store_is_refused_by_the_commands_in_one_line():
 
 
 def test_an_error_shows_control_and_invisible_characters_as_escapes(capsys):
-    """A shared store's model name holding ESC sequences moved the cursor and drew a fake success line over the error."""
-    print_error(CrosscodersError("could not load model '\x1b[1A\x1b[2Kdone\u202e' (a, b)"))
-    assert capsys.readouterr().err == "error: could not load model '\\x1b[1A\\x1b[2Kdone\\u202e' (a, b)\n"
+    """A shared store's model name holding ESC sequences moved the cursor and drew a fake success line over the error;
+    spaces of every width stay, to be copied (a folder named with U+3000)."""
+    print_error(CrosscodersError("could not load model '\x1b[1A\x1b[2Kdone\u202e' (a, b) from my\u3000store\u00a0x"))
+    assert capsys.readouterr().err == "error: could not load model '\\x1b[1A\\x1b[2Kdone\\u202e' (a, b) from my\u3000store\u00a0x\n"
 
 
 def test_out_of_memory_is_one_line_with_the_commands_advice_and_other_errors_stay_tracebacks():

@@ -218,8 +218,8 @@ def test_eval_json_records_paths_that_work_from_any_folder(store, tmp_path, monk
     saved_run(tmp_path / "run", store)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    _, eval_path, _ = run_eval(EvalConfig(sae="run", out="~/x/../ev", layers="1", n_docs=1), QUIET, progress=False)
-    assert eval_path == tmp_path / "ev" / "eval.json" and not (tmp_path / "x").exists()
+    _, eval_path, _ = run_eval(EvalConfig(sae="run", out="~/ev", layers="1", n_docs=1), QUIET, progress=False)
+    assert eval_path == tmp_path / "ev" / "eval.json"
     config = json.loads(eval_path.read_text())["config"]
     assert (config["sae"], config["shards"], config["out"]) == (str(tmp_path / "run"), store.url, str(tmp_path / "ev"))
 
@@ -230,6 +230,25 @@ def test_a_url_as_a_run_or_output_path_is_refused_in_one_line(store, tmp_path, o
     paths = {"sae": str(saved_run(tmp_path / "run", store)), "out": None, option: "s3://bucket/runs/k32"}
     with pytest.raises(CrosscodersError, match=f"--{option} s3://bucket/runs/k32 must be a local path; only stores"):
         run_eval(EvalConfig(**paths), QUIET, progress=False)
+
+
+@pytest.mark.parametrize("out", ["x" * 300 + "/eval", "file/eval"])
+def test_an_output_folder_that_cannot_be_made_is_a_one_line_error_before_the_model_loads(store, tmp_path, monkeypatch, out):
+    saved_run(tmp_path / "run", store)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CrosscodersError, match=r"cannot write to .* \((File name too long|Not a directory)\); pass a writable path as --out"):
+        run_eval(EvalConfig(sae="run", out=out, model="not-loaded"), QUIET, progress=False)
+
+
+def test_a_link_then_dotdot_in_a_path_is_the_file_systems_not_the_texts(store, tmp_path, monkeypatch):
+    """link/../run is real/run once the link is followed, as ls reads it; collapsed as text, it named another run."""
+    saved_run(tmp_path / "real" / "run", store)
+    (tmp_path / "real" / "deep").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "deep")
+    monkeypatch.chdir(tmp_path)
+    _, eval_path, _ = run_eval(EvalConfig(sae="link/../run", layers="1", n_docs=1), QUIET, progress=False)
+    assert eval_path.resolve() == tmp_path / "real" / "run" / "eval" / "eval.json"
 
 
 def test_a_failed_evaluation_leaves_no_output_folder(store, tmp_path):

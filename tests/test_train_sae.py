@@ -123,6 +123,9 @@ def test_resuming_a_run_begun_before_runs_recorded_their_shards_says_it_reads_th
     capsys.readouterr()
     train_on_store(LoaderConfig(shards=str(tmp_path / "store")), base, tmp_path / "run", [], cpu, resume=True, progress=False)
     assert "began before runs recorded their store's shards, so it reads all 2 the store holds now" in capsys.readouterr().err
+    with pytest.raises(CrosscodersError, match="holds no training run to resume"):  # a mistyped --out is no older run
+        train_on_store(LoaderConfig(shards=str(tmp_path / "store")), base, tmp_path / "typo", [], cpu, resume=True, progress=False)
+    assert "began before" not in capsys.readouterr().err
 
 
 def test_training_on_some_layers_reads_only_their_rows_and_resumes_only_on_them(store_path, tmp_path):
