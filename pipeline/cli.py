@@ -175,8 +175,15 @@ def local_path(text: str, option: str) -> Path:
     if "://" in text:
         raise CrosscodersError(f"{option} {text} must be a local path; only stores (--shards, cache-acts --out) may be URLs")
     path = Path(text).expanduser().absolute()
+    if ".." not in path.parts:
+        return path
     # ".." as the file system reads it, after the links before it (os.path.abspath, which tempfile uses, cuts it as text)
-    return path.resolve() if ".." in path.parts else path
+    followed = len(path.parts) - path.parts[::-1].index("..")
+    try:
+        return Path(*path.parts[:followed]).resolve(strict=True).joinpath(*path.parts[followed:])
+    except OSError as error:
+        raise CrosscodersError(f"{option} {text}: {Path(*path.parts[:followed])} cannot be followed ({error.strerror}); "
+                               "pass a path that exists up to its last ..") from None
 
 
 def print_error(error: CrosscodersError) -> None:

@@ -274,8 +274,14 @@ def check_output_folder(folder: Path, option: str) -> None:
     nothing: the outputs make their folder when written, so a run that fails leaves none."""
     try:
         existing = folder
-        while not existing.exists():
-            existing = existing.parent
+        while True:  # up to what is there: lstat says why a name cannot be (too long, under a file), exists() does not
+            try:
+                os.lstat(existing)
+                break
+            except FileNotFoundError:
+                existing = existing.parent
+        if existing.is_symlink() and not existing.exists():
+            raise FileNotFoundError(2, f"{existing} is a link that leads nowhere")
         if not existing.is_dir():
             raise NotADirectoryError(20, "Not a directory")
         if existing == folder:

@@ -98,13 +98,16 @@ class Location:
 def _local_files(folder: str) -> Iterator[str]:
     """Every file below a local folder, through linked folders; a link that leads to a folder already listed (a loop,
     which would never end, or a second path to the same files) is a CrosscodersError."""
-    listed = set()  # (device, inode) of each folder: a stat, where realpath took a third of a large store's opening
+    listed = {}  # (device, inode) -> the folder listed: a stat, where realpath took a third of a large store's opening
     for parent, _, names in os.walk(folder, followlinks=True):
-        where = os.stat(parent)
-        if (where.st_dev, where.st_ino) in listed:
+        try:
+            where = os.stat(parent)
+        except FileNotFoundError:  # removed since it was listed: an unfinished shard that a starting cache-acts cleared
+            continue
+        seen = listed.setdefault((where.st_dev, where.st_ino), parent)
+        if seen != parent and os.path.realpath(seen) == os.path.realpath(parent):  # not a removed folder's inode reused
             raise CrosscodersError(f"{parent} leads to {os.path.realpath(parent)}, a folder already listed there: a link "
                                    "loops or doubles the store's files; remove the link")
-        listed.add((where.st_dev, where.st_ino))
         yield from (os.path.join(parent, name) for name in names)
 
 

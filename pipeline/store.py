@@ -417,9 +417,16 @@ class Store:
         key = f"{shard.name}/{name}"
         if key not in self._chunk_files:
             local = self.location.is_local
-            metadata = ArrayV3Metadata.from_dict(self.location.read_json(key, "zarr.json")) if local else None
-            self._chunk_files[key] = ChunkFile.of(metadata, self.location.path(key)) if local else None
+            self._chunk_files[key] = ChunkFile.of(self._array_metadata(key), self.location.path(key)) if local else None
         return self._chunk_files[key]
+
+    def _array_metadata(self, key: str) -> ArrayV3Metadata:
+        """An array's zarr.json, parsed; ValueError if it is not an array's."""
+        record = self.location.read_json(key, "zarr.json")
+        try:
+            return ArrayV3Metadata.from_dict(record)
+        except Exception as error:  # zarr's parsing raises what it meets: KeyError, TypeError, AttributeError, ZeroDivisionError
+            raise ValueError(f"zarr.json is not an array's: {error!r}") from None
 
     def read(self, shard: ShardInfo, name: str, start: int | None = None, end: int | None = None) -> np.ndarray:
         """Rows [start, end) of a shard's array; a damaged chunk is a one-line error naming the file."""
@@ -428,8 +435,7 @@ class Store:
             if chunk_file is None:
                 return self.array(shard, name)[start:end]
             return chunk_file.read(*slice(start, end).indices(chunk_file.shape[0])[:2])
-        # a failed checksum or decode, a lost file, an array's zarr.json of another shape
-        except (ValueError, RuntimeError, KeyError, TypeError, FileNotFoundError) as error:
+        except (ValueError, RuntimeError, KeyError, FileNotFoundError) as error:  # a failed checksum or decode, a lost file
             where = self.location.path(shard.name)
             raise CrosscodersError(f"{where}/{name} is damaged ({error}); delete {where} and re-run cache-acts") from None
         except OSError as error:  # no permission, a network file system's hiccup: perhaps intact, so not to be deleted

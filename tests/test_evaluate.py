@@ -232,12 +232,14 @@ def test_a_url_as_a_run_or_output_path_is_refused_in_one_line(store, tmp_path, o
         run_eval(EvalConfig(**paths), QUIET, progress=False)
 
 
-@pytest.mark.parametrize("out", ["x" * 300 + "/eval", "file/eval"])
+@pytest.mark.parametrize("out", ["x" * 300 + "/eval", "file/eval", "dangling/eval"])
 def test_an_output_folder_that_cannot_be_made_is_a_one_line_error_before_the_model_loads(store, tmp_path, monkeypatch, out):
     saved_run(tmp_path / "run", store)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(CrosscodersError, match=r"cannot write to .* \((File name too long|Not a directory)\); pass a writable path as --out"):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # passed the check, and failed once every document was scored
+    with pytest.raises(CrosscodersError, match=r"cannot write to .* \((File name too long|Not a directory|.*dangling is a link that leads "
+                                               r"nowhere)\); pass a writable path as --out"):
         run_eval(EvalConfig(sae="run", out=out, model="not-loaded"), QUIET, progress=False)
 
 
@@ -249,6 +251,15 @@ def test_a_link_then_dotdot_in_a_path_is_the_file_systems_not_the_texts(store, t
     monkeypatch.chdir(tmp_path)
     _, eval_path, _ = run_eval(EvalConfig(sae="link/../run", layers="1", n_docs=1), QUIET, progress=False)
     assert eval_path.resolve() == tmp_path / "real" / "run" / "eval" / "eval.json"
+
+
+def test_dotdot_after_a_link_that_leads_nowhere_is_a_one_line_error(store, tmp_path, monkeypatch):
+    """resolve() followed the dangling link's text: the outputs went to /evx."""
+    saved_run(tmp_path / "run", store)
+    (tmp_path / "dangling").symlink_to("/nonexistent-target")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CrosscodersError, match=r"--out dangling/../evx: .*dangling/.. cannot be followed \(No such file or directory\)"):
+        run_eval(EvalConfig(sae="run", out="dangling/../evx", model="not-loaded"), QUIET, progress=False)
 
 
 def test_a_failed_evaluation_leaves_no_output_folder(store, tmp_path):

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import uuid
 
 import numpy as np
@@ -106,7 +107,7 @@ def test_a_shard_killed_before_its_commit_is_invisible_and_removed_by_the_next_r
     assert Store(any_store.url).n_pairs == 3100
 
 
-@pytest.mark.parametrize("content", ["[1, 2]", '{"zarr_format": 3}', "{broken"])
+@pytest.mark.parametrize("content", ["[1, 2]", '{"zarr_format": 3}', "{broken", "null"])
 def test_an_arrays_damaged_record_is_a_one_line_error_naming_it(tmp_path, content):
     store = write_store(tmp_path / "s")
     (tmp_path / "s" / "shard-00000002" / "stats" / "count" / "zarr.json").write_text(content)
@@ -394,6 +395,23 @@ def test_a_local_path_holding_double_colons_is_that_folder(tmp_path):
     """fsspec reads a::b as a chain of file systems: the store went to ./a."""
     store = create_or_open(tmp_path / "a::b" / "s", METADATA)
     assert store.url == str(tmp_path / "a::b" / "s") and (tmp_path / "a::b" / "s" / "zarr.json").exists()
+
+
+def test_a_folder_removed_while_the_store_is_listed_is_left_out(tmp_path, monkeypatch):
+    """An unfinished shard that a starting cache-acts clears: its folders vanish between listing and reading."""
+    write_store(tmp_path / "s")
+    (tmp_path / "s" / "shard-00000009" / "train" / "acts").mkdir(parents=True)
+    walk = os.walk
+
+    def cleared_once_listed(top, **options):
+        for parent, folders, names in walk(top, **options):
+            if parent.endswith("shard-00000009"):
+                shutil.rmtree(parent)
+            yield parent, folders, names
+
+    monkeypatch.setattr(os, "walk", cleared_once_listed)
+    store = Store(tmp_path / "s")
+    assert [s.name for s in store.shards] == ["shard-00000002", "shard-00000004"] and store.unfinished == []  # gone
 
 
 def test_a_file_system_that_fails_to_start_is_a_one_line_error():
