@@ -501,6 +501,17 @@ class Store:
         for shard in self.shards:
             yield from self.shard_documents(shard, split).items()
 
+    def first_documents(self, split: str, n: int) -> list[tuple[int, np.ndarray]]:
+        """(doc_index, token_ids) of the split's n documents that come first in the corpus. Not the store's first: a
+        packing window's documents are stored sorted by length, so those would be its shortest."""
+        wanted = SPLITS.index(split)
+        held = [(index, shard_number) for shard_number, shard in enumerate(self.shards)
+                for index, doc_split in zip(self.read(shard, "docs/index").tolist(), self.read(shard, "docs/split").tolist())
+                if doc_split == wanted]
+        first = sorted(held)[:n]
+        documents = {number: self.shard_documents(self.shards[number], split) for number in sorted({number for _, number in first})}
+        return [(index, documents[number][index]) for index, number in first]
+
     def document_tokens(self) -> dict[int, np.ndarray]:
         """All stored documents' token ids by document index."""
         return dict(self.documents())

@@ -11,6 +11,7 @@ from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -72,6 +73,18 @@ def saved_run(folder: Path, store: Store, d_model: int = 64) -> Path:
 
 def held_out(store: Store, n: int = 6) -> list:
     return list(islice(store.documents(split="val"), n))
+
+
+def test_the_documents_scored_are_the_first_held_out_ones_in_corpus_order(store, tmp_path, monkeypatch):
+    """The store's first were a packing window's shortest: it stores them sorted by length."""
+    in_corpus_order = sorted(store.documents(split="val"), key=lambda doc: doc[0])[:3]
+    assert [index for index, _ in islice(store.documents(split="val"), 3)] != [index for index, _ in in_corpus_order]
+    scored = []
+    monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda sae, model, docs, *rest: scored.extend(docs) or [])
+    with pytest.raises(IndexError):  # no results to report: the documents are what is checked
+        run_eval(EvalConfig(sae=str(saved_run(tmp_path / "run", store)), n_docs=3), QUIET, progress=False)
+    assert [index for index, _ in scored] == [index for index, _ in in_corpus_order]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(scored, in_corpus_order))
 
 
 def test_identity_splice_at_every_hidden_state_leaves_the_logits_bit_identical(model, store):
