@@ -368,8 +368,8 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
         scan = scan_features(sae, store, cfg.split, cfg.n_rows, cfg.top, device, progress=bar, layers=layers)
     tokenizer = lens.tokenizer if lens is not None else None
 
-    def promoted(feature: int) -> list[tuple[str, float]] | None:
-        return None if lens is None else promoted_tokens(sae, lens, feature, scan.peak_layer(feature))
+    def promoted(feature: int) -> list[tuple[str, float]] | None:  # none for a dead latent, which has no peak layer
+        return None if lens is None or scan.dead[feature] else promoted_tokens(sae, lens, feature, scan.peak_layer(feature))
 
     if cfg.feature is not None:
         print_feature(console, scan, cfg.feature, feature_contexts(scan, store, tokenizer, cfg.feature, cfg.context), promoted(cfg.feature))

@@ -109,6 +109,11 @@ def write_html_report(
     n_latents = len(scan.counts)
     rows, sections = [], []
     for feature, feature_contexts in contexts.items():
+        if scan.dead[feature]:  # --feature may name one: no peak layer (argmax of zeros), no promoted tokens, no contexts
+            rows.append(f'<tr><td><a href="#f{feature}">{feature}</a></td><td>dead</td><td>0</td><td>-</td><td></td></tr>')
+            sections.append(f'<section class="feature" id="f{feature}"><h2>Feature {feature}</h2><p>dead: fires on none of '
+                            f'the {scan.n_rows:,} {scan.split} rows scanned. <a href="#index">index</a></p></section>')
+            continue
         frequency, layer = float(scan.frequency[feature]), scan.peak_layer(feature)
         density = f'<span class="dense">{frequency:.3%}</span>' if frequency > DENSE_FREQUENCY else f"{frequency:.3%}"
         rows.append(

@@ -209,6 +209,15 @@ def test_a_hidden_state_not_scanned_is_marked_apart_from_one_where_the_latent_is
     assert "<title>layer 1 (not scanned): 0</title>" in page and "<title>layer 3 (%): 0</title>" in page
 
 
+def test_a_dead_latents_report_says_so_and_shows_no_peak_layer(tmp_path):
+    """Its section read "most often on layer 0 (0.000% of its rows)" under promoted tokens at layer 0: argmax of zeros."""
+    page = write_html_report(tmp_path / "r.html", hand_made_scan(), {1: []}, {1: None}, "hand-made", {}).read_text()
+    section = page[page.index('<section class="feature" id="f1">') :].split("</section>")[0]
+    assert "dead: fires on none of the 120 train rows scanned" in section
+    assert "layer" not in section and "Promoted" not in section and "Top activations" not in section
+    assert '<td><a href="#f1">1</a></td><td>dead</td><td>0</td><td>-</td>' in page
+
+
 def test_html_report_numbers_are_the_scans(tmp_path):
     scan = hand_made_scan()
     page = write_html_report(tmp_path / "r.html", scan, {0: [], 2: []}, {0: None, 2: None}, "hand-made", {}).read_text()
