@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -140,6 +141,12 @@ def sparse_kernels(decoder: str, device: torch.device) -> SparseKernels:
     return triton_topk.KERNELS
 
 
+def layer_ids(layer: torch.Tensor | np.ndarray | int, rows: torch.Tensor) -> torch.Tensor:
+    """layer as int64 ids [batch] on rows' device: the store keeps them as int16; a notebook passes one int, or numpy."""
+    layer = torch.as_tensor(layer, device=rows.device).long()
+    return layer.expand(len(rows)) if layer.ndim == 0 else layer
+
+
 class TopKSAE(nn.Module):
     """TopK SAE (Gao et al. 2024) on per-layer normalized activations, with the layer encoded in the encoder input."""
 
@@ -198,14 +205,14 @@ class TopKSAE(nn.Module):
         """pre_acts from the encoder input x_in: [batch, d_model] -> [batch, n_latents]."""
         return F.relu(x_in @ self.W_enc + self.b_enc)
 
-    def encode(self, x: torch.Tensor, layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw x: [batch, d_model] -> (top_values, top_indices): [batch, k]."""
-        layer = layer.long()  # the store keeps layer ids as int16
+    def encode(self, x: torch.Tensor, layer: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw x: [batch, d_model] of layer: [batch] (or one int for all rows) -> (top_values, top_indices): [batch, k]."""
+        layer = layer_ids(layer, x)
         return self.pre_acts(self.normalize(x, layer), layer).topk(self.cfg.k, sorted=False)
 
-    def decode(self, top_values: torch.Tensor, top_indices: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
-        """(top_values, top_indices): [batch, k] -> raw reconstruction [batch, d_model]."""
-        return self.denormalize(self.decode_latents(top_values, top_indices) + self.b_dec, layer.long())
+    def decode(self, top_values: torch.Tensor, top_indices: torch.Tensor, layer: torch.Tensor | int) -> torch.Tensor:
+        """(top_values, top_indices): [batch, k] of layer: [batch] (or one int) -> raw reconstruction [batch, d_model]."""
+        return self.denormalize(self.decode_latents(top_values, top_indices) + self.b_dec, layer_ids(layer, top_values))
 
     def forward(self, x: torch.Tensor, layer: torch.Tensor, dead_mask: torch.Tensor | None = None,
                 dead_capacity: int | None = None) -> ForwardOutput:

@@ -505,6 +505,17 @@ def test_encode_and_decode_take_the_stores_int16_layer_ids(tmp_path):
     assert torch.equal(sae(x, layer.to(torch.int16)).x_hat, sae(x, layer).x_hat)
 
 
+def test_encode_and_decode_take_one_layer_for_every_row_or_numpy_ids():
+    """sae.encode(x, 12), a notebook's most common call, raised AttributeError."""
+    sae = make_sae()
+    x, _ = make_rows(16, seed=3)
+    every = torch.full((16,), 2)
+    for layer in (2, np.full(16, 2, np.int16)):
+        values, indices = sae.encode(x, layer)
+        assert all(torch.equal(a, b) for a, b in zip((values, indices), sae.encode(x, every)))
+        assert torch.equal(sae.decode(values, indices, layer), sae.decode(values, indices, every))
+
+
 def test_an_sae_in_bf16_is_saved_in_float32_as_documented(tmp_path):
     sae = make_sae().to(torch.bfloat16)
     sae.save(tmp_path)
