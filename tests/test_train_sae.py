@@ -169,6 +169,7 @@ def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
                  "--expansion", "2", "--k", "2", "--val-every", "4", "--save-every", "6")
     assert result.returncode == 0, result.stderr
     assert "final metrics" in result.stdout and "fvu" in result.stdout
+    assert "--dead-tokens 10,000,000 is more than the 3,072 rows trained on, so no latent can count as dead" in result.stderr
     assert "".join(line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")) == str(run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"] for r in records if r.get("split") == "val"} >= {4, 8, 12}
@@ -182,7 +183,7 @@ def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
 def test_ctrl_c_or_sigterm_says_what_it_kept_in_one_line_and_resume_goes_on_from_there(store_path, tmp_path, stop, status):
     run = tmp_path / "run"
     args = ["--shards", str(store_path), "--out", str(run), "--batch-size", "256", "--steps", "300", "--expansion", "2",
-            "--k", "2", "--save-every", "5", "--val-every", "50"]
+            "--k", "2", "--save-every", "5", "--val-every", "50", "--dead-tokens", "5K"]
     process = subprocess.Popen([sys.executable, str(REPO / "train_sae.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
