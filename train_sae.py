@@ -29,7 +29,7 @@ def run(loader: LoaderConfig, train: TrainConfig, out: str, sweep: list[str], re
     for name in METRICS:
         table.add_column(name, justify="right", min_width=len(name))
     for run_dir, metrics in results.items():
-        table.add_row(Text(Path(run_dir).name if sweep else run_dir), *(f"{metrics[m]:.4g}" if isinstance(metrics.get(m), (int, float)) else "-" for m in METRICS))
+        table.add_row(Text(Path(run_dir).name if sweep else out), *(f"{metrics[m]:.4g}" if isinstance(metrics.get(m), (int, float)) else "-" for m in METRICS))
     Console().print(table)
 
 

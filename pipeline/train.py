@@ -363,7 +363,7 @@ def train_runs(runs: list[Run], source: BatchSource, device: torch.device, progr
         run.begin(data)
     for run in runs:  # after every run's settings are written: wandb takes seconds, in which a Ctrl-C may land
         run.start_wandb()
-    never_dead = [run for run in runs if run.total_steps * run.cfg.batch_size < run.cfg.dead_tokens]
+    never_dead = [run for run in runs if run.step < run.total_steps and run.total_steps * run.cfg.batch_size < run.cfg.dead_tokens]
     if never_dead and distributed.is_main():  # else its dead_fraction of 0 reads as "no dead latents"
         names, run = ", ".join(run.dir.name for run in never_dead), never_dead[0]
         Console(stderr=True).print(Text(f"note: {names}: --dead-tokens {run.cfg.dead_tokens:,} is more than the "
