@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import fsspec
@@ -13,7 +14,7 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
 from pipeline.errors import CrosscodersError
-from pipeline.files import sync_folder, sync_tree
+from pipeline.files import remove, sync_folder, sync_tree
 
 
 class Location:
@@ -69,11 +70,9 @@ class Location:
         return [path[len(self.root) + 1 :] for path in self.fs.find(prefix)]
 
     def remove(self, *parts: str) -> None:
-        """Deletes a subfolder and everything in it, if it exists."""
-        if self.is_local and os.path.islink(self.path(*parts)):
-            os.unlink(self.path(*parts))  # the link, not what it points to
-        elif self.is_local:
-            shutil.rmtree(self.path(*parts), ignore_errors=True)
+        """Deletes a subfolder and everything in it, if it exists (a linked one: the link, not what it points to)."""
+        if self.is_local:
+            remove(Path(self.path(*parts)))
         elif self.fs.exists(self.path(*parts)):
             self.fs.rm(self.path(*parts), recursive=True)
 
