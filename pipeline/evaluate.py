@@ -253,12 +253,12 @@ def plot_recovered(results: list[LayerEval], path: Path, title: str):
 
 def resolve(config: EvalConfig, data: dict | None) -> tuple[EvalConfig, Store]:
     """The store, opened, and the config with it, the model and the output folder filled in from the run's data.json
-    (data), every path absolute: eval.json records them, to be found from any folder."""
-    run = local_path(config.sae, "--sae")
+    (data), every path absolute (config.sae already is): eval.json records them, to be found from any folder."""
+    run = Path(config.sae)
     store = store_of_run(run, config.shards, data)
     model = config.model or store.metadata["model"]["name"]
     out = local_path(config.out, "--out") if config.out else default_output(run, "eval")
-    return replace(config, sae=str(run), shards=store.url, model=model, out=str(out)), store
+    return replace(config, shards=store.url, model=model, out=str(out)), store
 
 
 def default_output(sae_dir: Path, name: str) -> Path:
@@ -342,8 +342,9 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     """`eval-sae`: evaluates a trained SAE on the store's held-out documents; returns results, eval.json and the plot."""
     console = console or Console(stderr=True)
     device = resolve_device(config.device)
-    sae = load(local_path(config.sae, "--sae"), device)
-    data = run_data(local_path(config.sae, "--sae"))
+    config = replace(config, sae=str(local_path(config.sae, "--sae")))
+    sae = load(config.sae, device)
+    data = run_data(Path(config.sae))
     model_given = config.model is not None
     config, store = resolve(config, data)
     out = Path(config.out)
