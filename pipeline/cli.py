@@ -191,6 +191,12 @@ def print_error(error: CrosscodersError) -> None:
     Console(stderr=True).print(Text("error:", style="bold red"), Text(printable(str(error))), highlight=False, soft_wrap=True)
 
 
+def print_note(message: str, console: Console | None = None) -> None:
+    """"note: message" in one line (stderr, unless another console is given), as text, as print_error prints errors."""
+    console = console or Console(stderr=True)
+    console.print(Text.assemble(("note:", "yellow"), " ", printable(message)), highlight=False, soft_wrap=True)
+
+
 def printable(text: str) -> str:
     """text with control and invisible characters as escapes (\\x1b, \\u202e): from a shared store, run or dataset,
     they could move the cursor, recolour or hide what the terminal shows."""

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from pipeline.cli import local_path, option, printable
+from pipeline.cli import local_path, option, print_note
 from pipeline.devices import resolve_device
 from pipeline.errors import CrosscodersError
 from pipeline.evaluate import check_model_of_store, check_output_folder, default_output, layers_of_run, store_of_run
@@ -356,8 +356,8 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     try:
         loaded = load_model(spec)
     except (CrosscodersError, OSError) as error:
-        note = f" model {spec!r} did not load ({error}): no promoted tokens, contexts shown as token ids (--model names it)"
-        console.print(Text.assemble(("note:", "yellow"), printable(note)))
+        print_note(f"model {spec!r} did not load ({error}): no promoted tokens, contexts shown as token ids (--model names it)",
+                   console)
         lens = None
     else:
         check_model_of_store(loaded.info, store)

@@ -10,14 +10,12 @@ from itertools import product
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.text import Text
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline import distributed
-from pipeline.cli import option
+from pipeline.cli import option, print_note
 from pipeline.errors import CrosscodersError, Interrupted, one_line, out_of_memory
 from pipeline.files import open_to_all, remove, sync_tree, write_whole
 from pipeline.layers import stored_layers
@@ -366,9 +364,8 @@ def train_runs(runs: list[Run], source: BatchSource, device: torch.device, progr
     never_dead = [run for run in runs if run.step < run.total_steps and run.total_steps * run.cfg.batch_size < run.cfg.dead_tokens]
     if never_dead and distributed.is_main():  # else its dead_fraction of 0 reads as "no dead latents"
         names, run = ", ".join(run.dir.name for run in never_dead), never_dead[0]
-        Console(stderr=True).print(Text(f"note: {names}: --dead-tokens {run.cfg.dead_tokens:,} is more than the "
-                                        f"{run.total_steps * run.cfg.batch_size:,} rows trained on, so no latent can count as "
-                                        "dead and AuxK never runs; lower --dead-tokens to see them"), soft_wrap=True)
+        print_note(f"{names}: --dead-tokens {run.cfg.dead_tokens:,} is more than the {run.total_steps * run.cfg.batch_size:,} "
+                   "rows trained on, so no latent can count as dead and AuxK never runs; lower --dead-tokens to see them")
     start, end = min(run.step for run in runs), max(run.total_steps for run in runs)
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())  # a name
     batch_size, world_size = runs[0].cfg.batch_size, distributed.world_size()
@@ -460,7 +457,7 @@ def check_run_folder(cfg: TrainConfig, run_dir: Path, resume: bool, data: dict |
         raise CrosscodersError(f"{run_dir} cannot be a run folder: {existing} is a file; train into another one")
     saved_cfg = run_dir / TRAIN_CONFIG_FILE
     if not saved_cfg.exists():
-        sweep_runs = sorted(p.parent.name for p in run_dir.glob("*/train_config.json")) if run_dir.is_dir() else []
+        sweep_runs = sorted(p.parent.name for p in run_dir.glob(f"*/{TRAIN_CONFIG_FILE}")) if run_dir.is_dir() else []
         if resume and sweep_runs:  # the sweep's own folder, given without its --sweep (or with other values)
             raise CrosscodersError(f"{run_dir} holds the runs of a sweep ({', '.join(sweep_runs)}), not one run; "
                                    "resume them with the --sweep options they were started with")
@@ -631,9 +628,8 @@ def train_on_store(
         listed = store.shard_rows()
         started = started_shards(out_dirs) if resume else None
         if resume and started is None and any(run_data(run_dir) for run_dir in out_dirs) and distributed.is_main():
-            Console(stderr=True).print(Text(f"note: {out} began before runs recorded their store's shards, so it reads all "
-                                            f"{len(listed)} the store holds now: rows cache-acts added since it began change "
-                                            "its batches"), soft_wrap=True)
+            print_note(f"{out} began before runs recorded their store's shards, so it reads all {len(listed)} the store "
+                       "holds now: rows cache-acts added since it began change its batches")
         shards = distributed.from_main(started or listed)
         if not {name for name, _, _ in shards} <= {name for name, _, _ in listed}:  # listed before rank 0 did
             store = open_store(loader_cfg.shards)
