@@ -1,16 +1,20 @@
-"""Rows of a local store array read straight from its shard file: one pread, checksum and blosc call per chunk.
+"""A store array's shard file without zarr: its rows read with one pread, checksum and blosc call per chunk, and
+its bytes made with one blosc call per chunk on a pool of threads.
 
 zarr's synchronous API runs every read on its one event-loop thread, so the loader's reader threads do not
-add up there (docs/BENCHMARKS.md). For the layout the store writes (docs/FORMAT.md: each array one shard file,
-its chunk index at the end, chunks bytes -> blosc -> crc32c) this reads the index once, then each chunk with
-calls that release the GIL. Store.read falls back to zarr for anything else, and the tests compare the two.
+add up there, and it compresses a shard's chunks one after another (docs/BENCHMARKS.md). For the layout the store
+writes (docs/FORMAT.md: each array one shard file, its chunk index at the end, chunks bytes -> blosc -> crc32c) this
+reads the index once, then each chunk with calls that release the GIL. Store.read falls back to zarr for anything
+else; the tests compare the two, and the bytes encode_file makes with those zarr writes.
 """
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 import google_crc32c
 import numpy as np
-from numcodecs import blosc
+from numcodecs import Blosc, blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.metadata import ArrayV3Metadata
@@ -95,3 +99,33 @@ class ChunkFile:
         if google_crc32c.value(data) != int.from_bytes(checksum, "little"):
             raise ValueError(f"{what} fails its checksum")
         return data
+
+
+def encode_file(rows: np.ndarray, chunk_rows: int, codec: BloscCodec) -> list[bytes]:
+    """The pieces of the shard file zarr writes for rows stored in chunks of chunk_rows (the last one padded with zeros,
+    every chunk written) through codec then crc32c, with its checksummed index at the end; the chunks compressed in
+    parallel."""
+    compressor = Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=_SHUFFLES[codec.shuffle.value],
+                       blocksize=codec.blocksize, typesize=rows.dtype.itemsize)
+
+    def encoded(start: int) -> bytes:
+        chunk = rows[start : start + chunk_rows]
+        if len(chunk) < chunk_rows:
+            chunk = np.concatenate([chunk, np.zeros((chunk_rows - len(chunk), *rows.shape[1:]), rows.dtype)])
+        compressed = compressor.encode(chunk)
+        return compressed + google_crc32c.value(compressed).to_bytes(CHECKSUM_BYTES, "little")
+
+    chunks = list(compression_pool().map(encoded, range(0, len(rows), chunk_rows)))
+    lengths = np.array([len(chunk) for chunk in chunks], np.uint64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.uint64)
+    index = np.stack([offsets, lengths], axis=1).astype("<u8").tobytes()
+    return [*chunks, index, google_crc32c.value(index).to_bytes(CHECKSUM_BYTES, "little")]
+
+
+_SHUFFLES = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+
+
+@cache
+def compression_pool() -> ThreadPoolExecutor:
+    """One thread per CPU this process may use, shared by every shard it writes (blosc releases the GIL)."""
+    return ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="compress")

@@ -97,9 +97,8 @@ class ShardWriter:
         splits = {}
         for split_id, split in enumerate(SPLITS):
             mask = columns["split"] == split_id
-            acts = torch.cat([b.acts if (b.split == split_id).all() else b.acts[torch.from_numpy(b.split == split_id)]
-                              for b in batches])
-            splits[split] = SplitRows(acts=storage_bits(acts), **{name: columns[name][mask] for name in ("layer", "token", "doc", "pos")})
+            splits[split] = SplitRows(acts=_gathered(batches, split_id, int(mask.sum())),
+                                      **{name: columns[name][mask] for name in ("layer", "token", "doc", "pos")})
         doc_tokens = [tokens for b in batches for tokens in b.doc_tokens]
         windows = list(dict.fromkeys(b.window for b in batches))
         count, total, sq = (sum(b.stats[i] for b in batches).numpy() for i in range(3))
@@ -115,3 +114,18 @@ class ShardWriter:
             windows=windows,
             window_pairs=[sum(len(b.layer) for b in batches if b.window == w) for w in windows],
         )
+
+
+def _gathered(batches: list[RecordedBatch], split_id: int, n_rows: int) -> np.ndarray:
+    """The stored bits of the batches' rows of one split, copied once into one array."""
+    first = storage_bits(batches[0].acts)
+    rows, start = np.empty((n_rows, *first.shape[1:]), first.dtype), 0
+    for batch in batches:
+        kept = batch.split == split_id
+        end = start + int(kept.sum())
+        if end - start == len(kept):
+            rows[start:end] = storage_bits(batch.acts)
+        elif end > start:
+            np.compress(kept, storage_bits(batch.acts), axis=0, out=rows[start:end])
+        start = end
+    return rows

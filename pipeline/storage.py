@@ -54,6 +54,15 @@ class Location:
         with self.fs.open(self.path(*parts), "rb") as handle:
             return json.loads(handle.read())
 
+    def write_file(self, pieces: list[bytes], *parts: str) -> None:
+        """Writes a file inside this folder from its pieces, making the local folders that hold it."""
+        path = self.path(*parts)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with self.fs.open(path, "wb") as file:
+            for piece in pieces:
+                file.write(piece)
+
     def entries(self) -> list[str]:
         """Names of the files and folders directly inside this folder (empty if it does not exist)."""
         if not self.fs.isdir(self.root):

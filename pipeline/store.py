@@ -10,7 +10,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.metadata import ArrayV3Metadata
 
-from pipeline.chunk_file import ChunkFile
+from pipeline.chunk_file import ChunkFile, encode_file
 from pipeline.errors import CrosscodersError
 from pipeline.storage import Location
 
@@ -127,8 +127,9 @@ class ShardInfo:
     window_pairs: tuple[int, ...]
 
 
-def _create(group, name: str, data: np.ndarray, codecs: tuple, chunk_rows: int = CHUNK_ROWS):
-    """One array stored as a single sharded file of checksummed chunks."""
+def _create(group, name: str, data: np.ndarray, codecs: tuple, chunk_rows: int = CHUNK_ROWS, location: Location | None = None):
+    """One array stored as a single sharded file of checksummed chunks. With the store's location, its file's bytes are
+    made here, the chunks compressed in parallel (chunk_file.encode_file, the bytes zarr writes), and written whole."""
     rows = max(len(data), 1)
     chunks = (min(chunk_rows, rows),) + data.shape[1:]
     shard_rows = -(-rows // chunks[0]) * chunks[0]
@@ -136,8 +137,12 @@ def _create(group, name: str, data: np.ndarray, codecs: tuple, chunk_rows: int =
         name, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=(shard_rows,) + data.shape[1:], compressors=codecs,
         config={"write_empty_chunks": True},  # an all-zero chunk still gets its file, so a lost file is detectable
     )
-    if len(data):
+    if not len(data):
+        return
+    if location is None:
         array[...] = data
+    else:
+        location.write_file(encode_file(data, chunks[0], codecs[0]), array.path, array.metadata.encode_chunk_key((0,) * data.ndim))
 
 
 def shard_name(first_window: int) -> str:
@@ -355,7 +360,7 @@ class Store:
         group = zarr.open_group(store=self.zarr_store, path=name, mode="w")
         for split, rows in shard.splits.items():
             sub = group.create_group(split)
-            _create(sub, "acts", rows.acts, acts_codecs())
+            _create(sub, "acts", rows.acts, acts_codecs(), location=self.location)
             for field, dtype in ROW_FIELDS.items():
                 _create(sub, field, getattr(rows, field).astype(dtype), small_codecs(), chunk_rows=65536)
         docs = group.create_group("docs")

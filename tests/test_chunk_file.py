@@ -1,12 +1,14 @@
-"""Direct reads of a local array's shard file against zarr's own reads, and the damage they must catch."""
+"""Direct reads of a local array's shard file against zarr's own reads, the damage they must catch, and the bytes
+encode_file makes against those zarr writes."""
 
 import numpy as np
 import pytest
 import zarr
 from test_store import write_store
 
-from pipeline.chunk_file import ChunkFile
+from pipeline.chunk_file import ChunkFile, encode_file
 from pipeline.errors import CrosscodersError
+from pipeline.store import _create, acts_codecs, small_codecs
 
 ARRAYS = ["train/acts", "train/layer", "train/doc", "val/acts", "docs/tokens", "stats/sum"]
 
@@ -34,6 +36,18 @@ def test_direct_reads_equal_zarr_reads_for_any_range(store, name):
             expected = array[start:end]
             got = reader.read(start, end)
             assert got.dtype == expected.dtype and np.array_equal(got, expected), (name, start, end)
+
+
+@pytest.mark.parametrize("rows", [1, 1023, 1024, 3000, 4096])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.int64])
+def test_encoded_files_are_the_bytes_zarr_writes(tmp_path, rows, dtype):
+    data = (np.random.default_rng(rows).standard_normal((rows, 24)) * 1000).astype(dtype)
+    data[:7] = 0  # an all-zero stretch, as padding makes
+    for codecs in (acts_codecs(), small_codecs()):
+        group = zarr.open_group(tmp_path / f"{rows}-{np.dtype(dtype).name}-{codecs[0].cname.value}", mode="w")
+        _create(group, "array", data, codecs)  # zarr compresses and writes
+        with open(f"{group.store.root}/array/c/0/0", "rb") as handle:
+            assert b"".join(encode_file(data, min(1024, rows), codecs[0])) == handle.read()
 
 
 def test_stores_on_object_storage_read_through_zarr(tmp_path):
