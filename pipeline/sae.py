@@ -25,8 +25,8 @@ CHECKPOINT = "checkpoint"  # a training run's folder of its latest checkpoint (p
 CHECKPOINT_READ_ATTEMPTS = 3  # a reader of a running trainer's checkpoint/ may meet it between two renames
 Selection = tuple[torch.Tensor, torch.Tensor]  # (values, indices) of chosen latents: [batch, m] each
 
-# decoder="auto" picks the training step by density k / n_latents. From python -m bench.sae_step on 2 CPU cores
-# (torch 2.13, d_model 1536, batch 1024, 5% of the latents dead), rows/s of train-sae's whole step:
+# decoder="auto" picks the training step. On the CPU by density k / n_latents: from python -m bench.sae_step on 2 CPU
+# cores (torch 2.13, d_model 1536, batch 1024, 5% of the latents dead), rows/s of train-sae's whole step:
 #   expansion  k     density   dense / sparse
 #   4          32    1/192       926 / 2,749
 #   16         64    1/384       201 /   607
@@ -35,7 +35,9 @@ Selection = tuple[torch.Tensor, torch.Tensor]  # (values, indices) of chosen lat
 #   1          384   1/4       3,846 / 4,268
 #   4          1536  1/4         884 /   686
 # Dense pays for every latent in all nine products; sparse pays for the k (and AuxK's k_aux) kept, gathered from
-# memory at random. They cross near 1/4; not measured on GPUs, where matmuls gain more than gathers.
+# memory at random. They cross near 1/4. On CUDA the dense step: on one H200 (torch 2.11, d_model 1536, batch 4096,
+# bf16 autocast, 5% dead) it ran 955K and 347K rows/s at 4x/k32 and 16x/k64, against 191K and 75K for the sparse step
+# and 602K and 236K with its Triton kernels (docs/BENCHMARKS.md), as the tensor cores make the products cheap.
 SPARSE_UP_TO_DENSITY = 1 / 8
 
 
@@ -49,8 +51,8 @@ class SAEConfig:
     k: int = 32  # latents kept per row
     layer_encoding: str = "sinusoidal"  # added to the encoder input: "sinusoidal" | "learned" | "none"
     normalize: bool = True  # per-layer normalization from the loader's statistics
-    # the training step: "dense" | "sparse" | "triton" (sparse, with Triton kernels on CUDA) | "auto" (by
-    # k / n_latents, see SPARSE_UP_TO_DENSITY)
+    # the training step: "dense" | "sparse" | "triton" (sparse, with Triton kernels on CUDA) | "auto" (dense on
+    # CUDA, else by k / n_latents: see SPARSE_UP_TO_DENSITY)
     decoder: str = "auto"
 
     def __post_init__(self):
@@ -77,11 +79,11 @@ class SAEConfig:
         """Latents AuxK reconstructs from, of n_dead dead ones (or candidates): the top d_model/2, 0 when none."""
         return min(self.d_model // 2 or 1, n_dead)
 
-    @property
-    def sparse_step(self) -> bool:
-        """Whether everything after top-k touches only the kept latents: the decoder, and the encoder's backward."""
+    def sparse_step(self, device: torch.device) -> bool:
+        """Whether, on device, everything after top-k touches only the kept latents: the decoder, and the encoder's
+        backward."""
         if self.decoder == "auto":
-            return self.k / self.n_latents <= SPARSE_UP_TO_DENSITY
+            return device.type != "cuda" and self.k / self.n_latents <= SPARSE_UP_TO_DENSITY
         return self.decoder in ("sparse", "triton")
 
 
@@ -174,13 +176,18 @@ class TopKSAE(nn.Module):
         self.register_buffer("norm_scale", scale)  # [n_layers]
 
     @property
+    def sparse_step(self) -> bool:
+        """Whether this SAE's training step is the sparse one where its weights are now (SAEConfig.sparse_step)."""
+        return self.cfg.sparse_step(self.W_dec.device)
+
+    @property
     def kernels(self) -> SparseKernels:
         """The sparse step's products for where the weights are now."""
         return sparse_kernels(self.cfg.decoder, self.W_dec.device)
 
     def decode_latents(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """(values, indices): [batch, m] -> values times their rows of W_dec, summed: [batch, d_model]."""
-        if self.cfg.sparse_step:
+        if self.sparse_step:
             return self.kernels.decode(values, indices, self.W_dec)
         return decode_dense(values, indices, self.W_dec)
 
@@ -241,7 +248,7 @@ class TopKSAE(nn.Module):
         candidates: [batch, k_aux] (None when the capacity is 0). The sparse step differentiates only these
         entries, not the dense pre-acts."""
         k_aux = self.cfg.k_aux(dead_capacity)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.sparse_step):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse_step):
             pre_acts = self.pre_acts_of(x_in)  # [batch, n_latents]: the one dense product
             selections = [pre_acts.topk(self.cfg.k, sorted=False)]
             if k_aux:  # top-k among the dead columns alone: a few percent of the latents, usually
@@ -251,7 +258,7 @@ class TopKSAE(nn.Module):
                 # -1 ranks a live candidate below every ReLU'd dead one; clamped to 0, it adds nothing
                 values, positions = pre_acts[:, candidates].masked_fill(live, -1).topk(k_aux, sorted=False)
                 selections.append((values.clamp(min=0), candidates[positions]))
-        if self.cfg.sparse_step:  # one backward over both selections
+        if self.sparse_step:  # one backward over both selections
             sizes = [indices.shape[1] for _, indices in selections]
             values, indices = (torch.cat(parts, 1) for parts in zip(*selections))
             values = gather_pre_acts(x_in, self.W_enc, self.b_enc, indices, values, self.kernels)

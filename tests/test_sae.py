@@ -99,7 +99,7 @@ def test_sparse_step_matches_dense_loss_and_gradients(dtype, layer_encoding, sha
     results = []
     for decoder in ("dense", "sparse"):
         sae = perturbed_sae(d_model, expansion, k, layer_encoding, decoder, dtype)
-        assert sae.cfg.sparse_step == (decoder == "sparse")
+        assert sae.sparse_step == (decoder == "sparse")
         x, layer = rows_with_weak_codes(sae, 64, seed=1)
         dead_mask = torch.arange(sae.cfg.n_latents) % 3 == 0
         dead_mask &= dead_mask.cumsum(0) <= n_dead
@@ -185,12 +185,13 @@ def test_sparse_step_under_bf16_autocast_gives_parameter_dtype_gradients():
         torch.testing.assert_close(results[1][name].grad, dense.grad, rtol=0.05, atol=0.05 * scale, msg=name)
 
 
-def test_auto_decoder_takes_the_sparse_step_only_for_sparse_codes():
-    assert SAEConfig(d_model=1536, n_layers=29, expansion=4, k=32).sparse_step
-    assert SAEConfig(d_model=1536, n_layers=29, expansion=16, k=64).sparse_step
-    assert SAEConfig(d_model=1536, n_layers=29, expansion=1, k=128).sparse_step
-    assert SAEConfig(d_model=1536, n_layers=29, expansion=1, k=192).sparse_step  # 1/8, where sparse still wins
-    assert not SAEConfig(d_model=1536, n_layers=29, expansion=1, k=384).sparse_step
+def test_auto_decoder_takes_the_sparse_step_only_for_sparse_codes_off_cuda():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    for expansion, k in [(4, 32), (16, 64), (1, 128), (1, 192)]:  # 1/192 to 1/8, where sparse still wins on the CPU
+        assert SAEConfig(d_model=1536, n_layers=29, expansion=expansion, k=k).sparse_step(cpu)
+        assert not SAEConfig(d_model=1536, n_layers=29, expansion=expansion, k=k).sparse_step(cuda)  # dense is faster there
+    assert not SAEConfig(d_model=1536, n_layers=29, expansion=1, k=384).sparse_step(cpu)
+    assert SAEConfig(d_model=1536, n_layers=29, expansion=4, k=32, decoder="triton").sparse_step(cuda)
 
 
 def test_encoder_starts_as_decoder_transpose_with_unit_norm_rows():
