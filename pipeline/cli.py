@@ -50,7 +50,7 @@ def _parameter(field: dataclasses.Field) -> inspect.Parameter:
         default = list(default)
     flag = "--" + field.name.replace("_", "-")
     annotation = _cli_annotation(field)
-    if annotation is bool:
+    if annotation in (bool, typing.Optional[bool]):  # a flag pair; an Optional one is None unless given
         flag = f"{flag}/--no-{field.name.replace('_', '-')}"
     return inspect.Parameter(
         field.name,

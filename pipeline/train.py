@@ -47,7 +47,7 @@ class TrainConfig:
     k: int = option(32, "Latents kept per row (TopK).")
     layer_encoding: str = option("sinusoidal", "How the encoder is told the layer: sinusoidal, learned (trained, starting as sinusoidal) or none.")
     normalize: bool = option(True, "Normalize each layer to zero mean and E||x||^2 = d_model, from the cache's stats.")
-    decoder: str = option("auto", "Training step: dense (reference), sparse (decoder and encoder gradient touch only the kept latents), triton (sparse, with Triton kernels on CUDA), or auto (sparse when k / n_latents <= 1/8).")
+    decoder: str = option("auto", "Training step: dense (reference), sparse (decoder and encoder gradient touch only the kept latents), triton (sparse, with Triton kernels on CUDA), or auto (dense on CUDA; elsewhere sparse when k / n_latents <= 1/8).")
     lr: float = option(3e-4, "Adam learning rate after warm-up.")
     weight_decay: float = option(0.0, "Decoupled weight decay (AdamW) of the encoder weights; 0: none.")
     warmup_steps: int = option(100, "Steps of linear learning-rate warm-up from 0.")
@@ -61,7 +61,7 @@ class TrainConfig:
     auxk_alpha: float = option(1 / 32, "Weight of the AuxK loss (0 turns it off).")
     seed: int = option(0, "Seed of the SAE's initialization (the row order has its own, --shuffle-seed).")
     wandb: bool = option(False, "Also log to Weights & Biases (WANDB_MODE=offline works).")
-    cuda_graph: bool = option(False, "Replay each step from a CUDA graph (one process on a CUDA device): one launch per step instead of hundreds.")
+    cuda_graph: bool | None = option(None, "Replay each step from a CUDA graph: one launch per step instead of hundreds. Default: on for one process on a CUDA device, off elsewhere.")
 
     def __post_init__(self):
         for name, choices in (("layer_encoding", LAYER_ENCODINGS), ("decoder", DECODERS), ("lr_decay", LR_DECAYS)):
@@ -116,11 +116,11 @@ def parse_value(field: dataclasses.Field, text: str):
     try:
         if field.metadata.get("parse") is not None:
             return field.metadata["parse"](text)
-        if kind is bool:
+        if kind in (bool, bool | None):
             return {"true": True, "false": False}[text.lower()]
         return kind(text)
     except (KeyError, ValueError):
-        raise CrosscodersError(f"sweep value {field.name}={text!r} is not a valid {kind.__name__}") from None
+        raise CrosscodersError(f"sweep value {field.name}={text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:

@@ -35,6 +35,13 @@ def parameter_groups(sae: TopKSAE, weight_decay: float) -> list[dict]:
     return [{"params": [sae.W_enc], "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def uses_cuda_graph(cfg: "TrainConfig", device: torch.device) -> bool:
+    """cfg.cuda_graph, or where the run left it unset, whether one process trains on a CUDA device."""
+    if cfg.cuda_graph is None:
+        return device.type == "cuda" and distributed.world_size() == 1
+    return cfg.cuda_graph
+
+
 def check_device(cfg: "TrainConfig", device: torch.device):
     """Raise unless this process can take cfg's step on device: CUDA graphs need one process on a CUDA device."""
     if cfg.cuda_graph and device.type != "cuda":
@@ -57,11 +64,11 @@ class TrainStep:
         check_device(cfg, device)
         # fused: one pass over each parameter, its gradient and moments, where the multi-tensor update makes about
         # ten; capturable: the step count and learning rate stay on the GPU, where a graph's replays update them
-        lr = torch.tensor(cfg.lr, device=device) if cfg.cuda_graph else cfg.lr
-        self.optimizer = torch.optim.AdamW(parameter_groups(sae, cfg.weight_decay), lr=lr, fused=True,
-                                           capturable=cfg.cuda_graph)
+        graphs = uses_cuda_graph(cfg, device)
+        lr = torch.tensor(cfg.lr, device=device) if graphs else cfg.lr
+        self.optimizer = torch.optim.AdamW(parameter_groups(sae, cfg.weight_decay), lr=lr, fused=True, capturable=graphs)
         self.tokens_since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
-        self.graphs = StepGraphs(self.on_device, list(sae.parameters())) if cfg.cuda_graph else None
+        self.graphs = StepGraphs(self.on_device, list(sae.parameters())) if graphs else None
         self.in_flight: InFlight | None = None  # the last step queued, not read back yet
         # how many latents AuxK looks among in the next step queued: at least as many as are dead when it starts;
         # and, while no step is in flight, the same for the step after it

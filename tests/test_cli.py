@@ -44,6 +44,19 @@ def test_options_are_the_config_fields_with_their_names_help_and_defaults(script
 
 
 @dataclasses.dataclass(frozen=True)
+class SwitchConfig:
+    switch: bool | None = option(None, "on, off, or left to the command")
+
+
+@pytest.mark.parametrize("args, value", [([], None), (["--switch"], True), (["--no-switch"], False)])
+def test_an_optional_bool_option_is_a_flag_pair_that_stays_unset_unless_given(args, value):
+    app, seen = typer.Typer(), []
+    config_command(app, [SwitchConfig], lambda config: seen.append(config.switch))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and seen == [value]
+
+
+@dataclasses.dataclass(frozen=True)
 class StopConfig:
     how: str = option("sigterm", "how the command stops")
 

@@ -13,7 +13,7 @@ from pipeline import train_step
 from pipeline.errors import CrosscodersError
 from pipeline.sae import TopKSAE
 from pipeline.train import TrainConfig
-from pipeline.train_step import TrainStep, graph_dead_capacity
+from pipeline.train_step import TrainStep, graph_dead_capacity, uses_cuda_graph
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BATCH = 64
@@ -33,6 +33,15 @@ def test_graph_dead_capacity_adds_at_most_an_eighth_and_takes_eight_sizes_per_oc
 def test_cuda_graph_is_refused_off_cuda_in_one_line():
     with pytest.raises(CrosscodersError, match=r"^cuda_graph needs a CUDA device, not cpu; train without --cuda-graph$"):
         TrainStep(make_sae(), TrainConfig(cuda_graph=True), torch.device("cpu"))
+
+
+def test_cuda_graphs_are_the_default_for_one_process_on_cuda_alone(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert uses_cuda_graph(TrainConfig(), cuda) and not uses_cuda_graph(TrainConfig(), cpu)
+    assert not uses_cuda_graph(TrainConfig(cuda_graph=False), cuda) and uses_cuda_graph(TrainConfig(cuda_graph=True), cuda)
+    monkeypatch.setattr(train_step.distributed, "world_size", lambda: 2)  # under torchrun
+    assert not uses_cuda_graph(TrainConfig(), cuda)
+    assert TrainStep(make_sae(), TrainConfig(), cpu).graphs is None
 
 
 def silenced_half(sae, bias: float = -100.0):
