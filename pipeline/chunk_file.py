@@ -19,6 +19,8 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.metadata import ArrayV3Metadata
 
+from pipeline.devices import usable_cpus
+
 MISSING = 2**64 - 1  # the index's offset and length of a chunk that was never written
 CHECKSUM_BYTES = 4
 
@@ -128,4 +130,4 @@ _SHUFFLES = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle
 @cache
 def compression_pool() -> ThreadPoolExecutor:
     """One thread per CPU this process may use, shared by every shard it writes (blosc releases the GIL)."""
-    return ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="compress")
+    return ThreadPoolExecutor(usable_cpus(), thread_name_prefix="compress")

@@ -1,4 +1,7 @@
-"""Where and in what dtype the model and the SAE run: decided once, from the command's options, and passed down."""
+"""Where and in what dtype the model and the SAE run, decided once from the command's options and passed down; and
+the CPUs a process may use."""
+
+import os
 
 import torch
 
@@ -23,6 +26,13 @@ def resolve_device(spec: str) -> torch.device:
     if device.index is not None:
         torch.cuda.set_device(device)  # streams, events and Triton launch on the current device, so make it this one
     return device
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity where the system keeps one (taskset, a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def native_bf16(device: torch.device) -> bool:

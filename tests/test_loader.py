@@ -9,8 +9,9 @@ import pytest
 import torch
 from test_store import write_store as write_random_store
 
+from pipeline import loader as loader_module
 from pipeline.errors import CrosscodersError
-from pipeline.loader import MemoryLoader, ShardLoader
+from pipeline.loader import MemoryLoader, ShardLoader, reader_threads
 from pipeline.store import ShardData, SplitRows, Store, create_or_open, layer_sums, to_storage
 
 D_MODEL, N_STATES = 8, 4
@@ -222,3 +223,9 @@ def test_an_epoch_left_early_leaves_no_window_read_running(store):
     closed = time.perf_counter()
     time.sleep(0.3)
     assert len(spans) < len(loader._windows(0)) and all(end <= closed for _, end in spans)
+
+
+@pytest.mark.parametrize("cpus, threads", [(1, 4), (2, 4), (6, 6), (16, 8), (128, 8)])
+def test_the_loader_reads_with_one_thread_per_cpu_from_4_to_8_unless_told(monkeypatch, cpus, threads):
+    monkeypatch.setattr(loader_module, "usable_cpus", lambda: cpus)
+    assert reader_threads(None) == threads and reader_threads(3) == 3
