@@ -182,3 +182,14 @@ def test_store_startup_bench_times_each_measure_for_each_store_size():
                                                    "the same, one hidden state kept", "pick 65,536 held-out rows"]
     for row in rows:  # the time shown, per shard
         assert float(row["ms per shard"]) == pytest.approx(float(row["seconds"]) * 1e3 / int(row["shards"]), abs=0.01 + 5 / int(row["shards"]))
+
+
+def test_host_contention_bench_times_the_main_thread_beside_each_setting():
+    result = run("-m", "bench.host_contention", "--ops", "50", "--seconds", "0.3", "--rest", "0.01", "--warm-up", "0.2",
+                 "--pack-window", "8", "--writer-rows", "2048", "--d-model", "16")
+    assert result.returncode == 0, result.stderr
+    rows = printed_rows(result.stdout, ["beside", "batches", "median ms", "p90 ms"])
+    assert [row["beside"] for row in rows] == ["alone", "corpus and writer threads, another process", "corpus and writer threads",
+                                               "corpus thread", "writer thread"]
+    for row in rows:
+        assert int(row["batches"]) >= 1 and 0 < float(row["median ms"]) <= float(row["p90 ms"])
