@@ -3,8 +3,8 @@
 # also written to OUT_DIR/<step>.txt: the GPU-only tests (Triton kernels, CUDA graph replays, batches sent on a
 # side stream), the SAE step (dense, sparse, Triton, each also replayed from CUDA graphs; Triton also with each
 # step's metrics read before the next is queued; with and without dead latents; a profile), stage two from
-# shards against memory (also with CUDA graphs), and stage one against the bare forward pass of a 1.5B-shaped
-# random-weight model.
+# shards against memory (also with train-sae's default step on a GPU: dense, from CUDA graphs), and stage one
+# against the bare forward pass of a 1.5B-shaped random-weight model.
 # Usage: bash bench/gpu.sh OUT_DIR   (PYTHON picks the interpreter; default python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,8 +45,8 @@ step cache 120 "$python" -m bench.cache_throughput --model random:qwen2.5-coder-
 step writer 40 "$python" -m bench.shard_writer --d-model 1536 --n-rows 512K --device cuda
 step train 100 "$python" -m bench.train_throughput --synthetic-rows 2M --d-model 1536 --batch-size 4096 --steps 200 \
     --workers 4,8,14
-step sae_step_profile 40 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders sparse,triton,triton+graph \
+step sae_step_profile 40 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders dense,dense+graph,triton+graph \
     --repeats 1 --profile
 step train_graph 70 "$python" -m bench.train_throughput --synthetic-rows 1M --d-model 1536 --batch-size 4096 --steps 200 \
-    --workers 8 --decoder triton --cuda-graph --repeats 2
+    --workers 8,14 --cuda-graph --repeats 2
 step sae_step_no_dead 50 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths --dead-fraction 0 --steps 20
