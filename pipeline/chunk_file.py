@@ -38,22 +38,29 @@ class ChunkFile:
         self.index = np.frombuffer(self._checked(os.path.getsize(path) - index_bytes - CHECKSUM_BYTES, index_bytes,
                                                  "the chunk index"), "<u8").reshape(n_chunks, 2)
 
-    @classmethod
-    def of(cls, metadata: ArrayV3Metadata, folder: str) -> "ChunkFile | None":
-        """A reader for the array metadata describes (its zarr.json, parsed: zarr.open_array takes a millisecond, most of
-        it waiting on zarr's event loop, which every shard of a large store paid three times to sum its statistics),
-        stored in folder, or None unless it has exactly the layout this module reads."""
+    @staticmethod
+    def handles(metadata: ArrayV3Metadata) -> bool:
+        """Whether the array metadata describes (its zarr.json, parsed) has exactly the layout this module reads and
+        encode_file writes."""
         codecs, shape = metadata.codecs, metadata.shape
         if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or not shape or not shape[0]:
-            return None
+            return False
         sharding, shard_shape = codecs[0], metadata.shards
         inner, index = [type(codec) for codec in sharding.codecs], [type(codec) for codec in sharding.index_codecs]
-        if (inner != [BytesCodec, BloscCodec, Crc32cCodec] or index != [BytesCodec, Crc32cCodec]
-                or not all(little_endian(codec) for codec in (sharding.codecs[0], sharding.index_codecs[0]))
-                or sharding.index_location != ShardingCodecIndexLocation.end
-                or shard_shape[0] < shape[0] or tuple(shard_shape[1:]) != tuple(shape[1:])
-                or tuple(sharding.chunk_shape[1:]) != tuple(shape[1:])):
+        return (inner == [BytesCodec, BloscCodec, Crc32cCodec] and index == [BytesCodec, Crc32cCodec]
+                and all(little_endian(codec) for codec in (sharding.codecs[0], sharding.index_codecs[0]))
+                and sharding.index_location == ShardingCodecIndexLocation.end
+                and shard_shape[0] >= shape[0] and tuple(shard_shape[1:]) == tuple(shape[1:])
+                and tuple(sharding.chunk_shape[1:]) == tuple(shape[1:]))
+
+    @classmethod
+    def of(cls, metadata: ArrayV3Metadata, folder: str) -> "ChunkFile | None":
+        """A reader for the array metadata describes (zarr.open_array takes a millisecond, most of it waiting on zarr's
+        event loop, which every shard of a large store paid three times to sum its statistics), stored in folder, or
+        None unless ChunkFile handles its layout."""
+        if not cls.handles(metadata):
             return None
+        shape, sharding, shard_shape = metadata.shape, metadata.codecs[0], metadata.shards
         chunk_rows = sharding.chunk_shape[0]
         path = os.path.join(folder, metadata.encode_chunk_key((0,) * len(shape)))
         return cls(path, shape, chunk_rows, shard_shape[0] // chunk_rows, np.dtype(metadata.data_type.to_native_dtype()))
@@ -103,12 +110,15 @@ class ChunkFile:
         return data
 
 
-def encode_file(rows: np.ndarray, chunk_rows: int, codec: BloscCodec) -> list[bytes]:
-    """The pieces of the shard file zarr writes for rows stored in chunks of chunk_rows (the last one padded with zeros,
-    every chunk written) through codec then crc32c, with its checksummed index at the end; the chunks compressed in
-    parallel."""
-    compressor = Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=_SHUFFLES[codec.shuffle.value],
-                       blocksize=codec.blocksize, typesize=rows.dtype.itemsize)
+def encode_file(rows: np.ndarray, metadata: ArrayV3Metadata) -> list[bytes]:
+    """The pieces of the shard file zarr writes for an array of these rows laid out as metadata says (a layout
+    ChunkFile handles, its shard holding just the chunks the rows fill): each chunk (the last one padded with zeros)
+    through blosc then crc32c, then the checksummed index; the chunks compressed in parallel."""
+    sharding = metadata.codecs[0]
+    chunk_rows, blosc_config = sharding.chunk_shape[0], sharding.codecs[1].to_dict()["configuration"]  # as zarr.json has it
+    compressor = Blosc(cname=blosc_config["cname"], clevel=blosc_config["clevel"], shuffle=_SHUFFLES[blosc_config["shuffle"]],
+                       blocksize=blosc_config["blocksize"], typesize=blosc_config["typesize"])
+    rows = np.ascontiguousarray(rows)  # blosc takes whole buffers
 
     def encoded(start: int) -> bytes:
         chunk = rows[start : start + chunk_rows]

@@ -129,7 +129,8 @@ class ShardInfo:
 
 def _create(group, name: str, data: np.ndarray, codecs: tuple, chunk_rows: int = CHUNK_ROWS, location: Location | None = None):
     """One array stored as a single sharded file of checksummed chunks. With the store's location, its file's bytes are
-    made here, the chunks compressed in parallel (chunk_file.encode_file, the bytes zarr writes), and written whole."""
+    made here, the chunks compressed in parallel (chunk_file.encode_file, the bytes zarr writes), and written whole;
+    zarr writes it where its layout is not one ChunkFile handles."""
     rows = max(len(data), 1)
     chunks = (min(chunk_rows, rows),) + data.shape[1:]
     shard_rows = -(-rows // chunks[0]) * chunks[0]
@@ -139,10 +140,10 @@ def _create(group, name: str, data: np.ndarray, codecs: tuple, chunk_rows: int =
     )
     if not len(data):
         return
-    if location is None:
+    if location is None or not ChunkFile.handles(array.metadata):
         array[...] = data
     else:
-        location.write_file(encode_file(data, chunks[0], codecs[0]), array.path, array.metadata.encode_chunk_key((0,) * data.ndim))
+        location.write_file(encode_file(data, array.metadata), array.path, array.metadata.encode_chunk_key((0,) * data.ndim))
 
 
 def shard_name(first_window: int) -> str:

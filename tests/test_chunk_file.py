@@ -46,8 +46,12 @@ def test_encoded_files_are_the_bytes_zarr_writes(tmp_path, rows, dtype):
     for codecs in (acts_codecs(), small_codecs()):
         group = zarr.open_group(tmp_path / f"{rows}-{np.dtype(dtype).name}-{codecs[0].cname.value}", mode="w")
         _create(group, "array", data, codecs)  # zarr compresses and writes
+        metadata = group["array"].metadata
         with open(f"{group.store.root}/array/c/0/0", "rb") as handle:
-            assert b"".join(encode_file(data, min(1024, rows), codecs[0])) == handle.read()
+            written = handle.read()
+        assert ChunkFile.handles(metadata)
+        assert b"".join(encode_file(data, metadata)) == written
+        assert b"".join(encode_file(np.asfortranarray(data), metadata)) == written  # rows in any memory order
 
 
 def test_stores_on_object_storage_read_through_zarr(tmp_path):
