@@ -158,8 +158,8 @@ class LoaderConfig:
 
 def reader_threads(workers: int | None) -> int:
     """`workers`, or one thread per CPU this process may use, 4 at least and 8 at most. On an H200's host of 16 CPUs
-    (d_model 1536, docs/BENCHMARKS.md) the loader alone read 0.98M rows/s with 4 threads, 1.75-1.95M with 8 and no
-    more with 14; the SAE step there takes 1.1-1.65M rows/s at 4x/k32."""
+    (d_model 1536, docs/BENCHMARKS.md) the loader alone read 0.98M rows/s with 4 threads, 1.75-1.95M with 8 and
+    1.87-1.92M with 14 (6-7% more than 8 in the same run); the SAE step there takes 1.1-1.65M rows/s at 4x/k32."""
     return workers if workers is not None else min(max(usable_cpus(), 4), 8)
 
 
