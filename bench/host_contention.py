@@ -1,11 +1,12 @@
 """How much stage one's other threads slow its main thread, which queues the forward pass's kernels one by one.
 
-Usage: python -m bench.host_contention [--ops 600 --seconds 6]
+Usage: python -m bench.host_contention [--ops 600 --seconds 6 --switch-interval 0.005]
 The main thread times batches of --ops small torch ops (on a GPU, each op a kernel launch that needs the GIL),
 resting between batches as it would while the GPU runs: alone; beside the corpus thread (reading and tokenizing the
 next packing window of the default mined corpus, over and over) and the writer thread (writing shards of random
 bf16 rows, over and over), each alone and both; and beside both run in another process, which loads the CPUs the
-same way without sharing the GIL.
+same way without sharing the GIL. --switch-interval sets how long a thread may hold the GIL while another waits
+(sys.setswitchinterval; Python's default is 5 ms).
 """
 
 import multiprocessing
@@ -98,9 +99,12 @@ def main(
     pack_window: int = typer.Option(256, help="Documents per packing window (cache-acts' default)."),
     writer_rows: int = typer.Option(131072, help="Rows the writer thread writes per round, in two shards."),
     d_model: int = typer.Option(1536, help="Width of the writer's rows (1536: Qwen2.5-Coder-1.5B)."),
+    switch_interval: float = typer.Option(0.005, help="Seconds a thread may hold the GIL while another waits for it."),
 ):
     torch.set_num_threads(1)
-    table = Table(title=f"the main thread's batches of {ops} small torch ops, beside stage one's other threads")
+    sys.setswitchinterval(switch_interval)
+    table = Table(title=f"the main thread's batches of {ops} small torch ops, beside stage one's other threads "
+                        f"(GIL switch interval {switch_interval * 1e3:g} ms)")
     for column in ("beside", "batches", "median ms", "p90 ms"):
         table.add_column(column, justify="right")
     for name, (threads, elsewhere) in SETTINGS.items():

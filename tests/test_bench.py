@@ -186,8 +186,9 @@ def test_store_startup_bench_times_each_measure_for_each_store_size():
 
 def test_host_contention_bench_times_the_main_thread_beside_each_setting():
     result = run("-m", "bench.host_contention", "--ops", "50", "--seconds", "0.3", "--rest", "0.01", "--warm-up", "0.2",
-                 "--pack-window", "8", "--writer-rows", "2048", "--d-model", "16")
+                 "--pack-window", "8", "--writer-rows", "2048", "--d-model", "16", "--switch-interval", "0.001")
     assert result.returncode == 0, result.stderr
+    assert "GIL switch interval 1 ms" in result.stdout
     rows = printed_rows(result.stdout, ["beside", "batches", "median ms", "p90 ms"])
     assert [row["beside"] for row in rows] == ["alone", "corpus and writer threads, another process", "corpus and writer threads",
                                                "corpus thread", "writer thread"]
