@@ -25,7 +25,7 @@ from pipeline.corpus import (
     mined_files_fingerprint,
     tokenize_document,
 )
-from pipeline.devices import resolve_device, resolve_model_dtype
+from pipeline.devices import resolve_device, resolve_model_dtype, to_device
 from pipeline.errors import CrosscodersError, Interrupted, out_of_memory
 from pipeline.hidden_states import capture_rows
 from pipeline.layers import parse_layers
@@ -328,18 +328,19 @@ def _record_batch(model, packed: Packed, plans: list[tuple[np.ndarray, np.ndarra
     order = np.argsort(columns["layer"], kind="stable")  # rows grouped by layer, as the hooks gather them
     columns = {name: values[order] for name, values in columns.items()}
 
-    batch_index, position = (_to_device(torch.from_numpy(columns[name].astype(np.int64)), device) for name in ("batch", "pos"))
+    # sent without waiting: the GPU would idle while the next batch is formed (devices.to_device)
+    batch_index, position = (to_device(torch.from_numpy(columns[name].astype(np.int64)), device) for name in ("batch", "pos"))
     selections = {}
     for layer in np.unique(columns["layer"]):
         where = np.flatnonzero(columns["layer"] == layer)
         selections[int(layer)] = (batch_index[where[0] : where[-1] + 1], position[where[0] : where[-1] + 1])
     storage_dtype = STORAGE_DTYPES[config.dtype]
     if selections:
-        captured = capture_rows(model, _to_device(packed.input_ids, device), _to_device(packed.attention_mask, device), selections)
+        captured = capture_rows(model, to_device(packed.input_ids, device), to_device(packed.attention_mask, device), selections)
         acts = torch.cat([captured[layer] for layer in sorted(selections)]).to(storage_dtype)
     else:
         acts = torch.zeros((0, model.config.hidden_size), dtype=storage_dtype, device=device)
-    layer, kept = (_to_device(torch.from_numpy(values), device) for values in (columns["layer"].astype(np.int64), columns["split"] == 0))
+    layer, kept = (to_device(torch.from_numpy(values), device) for values in (columns["layer"].astype(np.int64), columns["split"] == 0))
     stats = layer_sum_tensors(acts, layer, len(decoder_layers(model)) + 1, kept)
     (acts, *stats), copied = _to_host(acts, *stats)
     return RecordedBatch(
@@ -355,14 +356,6 @@ def _record_batch(model, packed: Packed, plans: list[tuple[np.ndarray, np.ndarra
         stats=tuple(stats),
         copied=copied,
     )
-
-
-def _to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on device; to a GPU through pinned memory without waiting, where a plain copy from pageable
-    memory would wait for the GPU to finish the work queued before it, leaving it idle while the next batch is formed."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], "torch.cuda.Event | None"]:

@@ -28,6 +28,14 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on device; to a GPU through pinned memory without waiting, where a plain copy from pageable
+    memory would wait for the GPU to finish the work queued before it."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity where the system keeps one (taskset, a container's cpuset)."""
     if hasattr(os, "sched_getaffinity"):

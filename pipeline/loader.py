@@ -9,7 +9,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.cli import option
-from pipeline.devices import usable_cpus
+from pipeline.devices import to_device, usable_cpus
 from pipeline.errors import CrosscodersError
 from pipeline.store import CHUNK_ROWS, STORAGE_DTYPES, ShardInfo, Store, layer_sums, storage_bits
 
@@ -329,8 +329,7 @@ class ShardLoader:
 
     def _exchange(self, acts: torch.Tensor, layers: torch.Tensor, position: torch.Tensor):
         """Rows to the processes that train on them (on the GPU under NCCL, whose collectives need it)."""
-        if self.device.type == "cuda":
-            acts, layers, position = (t.pin_memory().to(self.device, non_blocking=True) for t in (acts, layers, position))
+        acts, layers, position = (to_device(t, self.device) for t in (acts, layers, position))
         owner = self._owner(position)
         return distributed.all_to_all_rows([acts, layers, position], owner)
 
