@@ -9,6 +9,7 @@ same way without sharing the GIL. --switch-interval sets how long a thread may h
 (sys.setswitchinterval; Python's default is 5 ms).
 """
 
+import itertools
 import multiprocessing
 import sys
 import tempfile
@@ -47,7 +48,7 @@ def corpus_thread(stop: threading.Event, pack_window: int) -> None:
     while not stop.is_set():
         windows = read_windows(lambda start: iter_documents(CorpusConfig(), start=start),
                                lambda doc: np.asarray(tokenize_document(doc, tokenizer, 1024), dtype=np.int32),
-                               pack_window, iter(range(10**9)))
+                               pack_window, itertools.count())
         for _ in windows:
             if stop.is_set():
                 return
@@ -59,7 +60,7 @@ def writer_thread(stop: threading.Event, rows: int, d_model: int) -> None:
     metadata = {"model": {"name": "random", "fingerprint": "-", "d_model": d_model, "n_hidden_states": 29},
                 "dtype": "bf16", "layers": list(range(29))}
     with tempfile.TemporaryDirectory() as scratch:
-        for attempt in range(10**9):
+        for attempt in itertools.count():
             if stop.is_set():
                 return
             writer = ShardWriter(create_or_open(f"{scratch}/store-{attempt}", metadata), rows // 2)
