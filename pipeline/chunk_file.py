@@ -110,28 +110,70 @@ class ChunkFile:
         return data
 
 
-def encode_file(rows: np.ndarray, metadata: ArrayV3Metadata) -> list[bytes]:
+class GatheredRows:
+    """Rows of several arrays, the kept ones of each in order, gathered only as slices of them are read: stage one's
+    writer hands a split's rows of several batches to encode_file this way, so that each chunk is gathered by the
+    thread that compresses it, where gathering the whole split first took a serial copy into fresh memory."""
+
+    def __init__(self, pieces: list[tuple[np.ndarray, np.ndarray | None]]):
+        self.pieces = pieces  # (rows, the indices of those kept, or None for all)
+        lengths = [len(rows) if kept is None else len(kept) for rows, kept in pieces]
+        self.starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        self.shape = (int(self.starts[-1]), *pieces[0][0].shape[1:])
+        self.dtype = pieces[0][0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        """Rows [start, stop) as one contiguous array: a view where they lie in one batch kept whole, else a copy."""
+        start, stop, _ = index.indices(len(self))
+        stop = max(stop, start)
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        if first < len(self.pieces) and self.pieces[first][1] is None and stop <= self.starts[first + 1]:
+            return self.pieces[first][0][start - self.starts[first] : stop - self.starts[first]]
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        for piece in range(first, len(self.pieces)):
+            lo, hi = max(start, self.starts[piece]), min(stop, self.starts[piece + 1])
+            if lo >= hi:
+                break
+            rows, kept = self.pieces[piece]
+            where, at = slice(lo - start, hi - start), self.starts[piece]
+            if kept is None:
+                out[where] = rows[lo - at : hi - at]
+            else:
+                np.take(rows, kept[lo - at : hi - at], axis=0, out=out[where], mode="clip")  # "raise" would copy twice
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def encode_file(rows: "np.ndarray | GatheredRows", metadata: ArrayV3Metadata) -> list[bytes]:
     """The pieces of the shard file zarr writes for an array of these rows laid out as metadata says (a layout
     ChunkFile handles, its shard holding just the chunks the rows fill): each chunk (the last one padded with zeros)
-    through blosc then crc32c, then the checksummed index; the chunks compressed in parallel."""
+    through blosc then crc32c, then the checksummed index; the chunks compressed in parallel. rows: an array, or
+    GatheredRows, each chunk gathered by the thread that compresses it."""
     sharding = metadata.codecs[0]
     chunk_rows, blosc_config = sharding.chunk_shape[0], sharding.codecs[1].to_dict()["configuration"]  # as zarr.json has it
     compressor = Blosc(cname=blosc_config["cname"], clevel=blosc_config["clevel"], shuffle=_SHUFFLES[blosc_config["shuffle"]],
                        blocksize=blosc_config["blocksize"], typesize=blosc_config["typesize"])
-    rows = np.ascontiguousarray(rows)  # blosc takes whole buffers
+    if isinstance(rows, np.ndarray):
+        rows = np.ascontiguousarray(rows)  # blosc takes whole buffers
 
-    def encoded(start: int) -> bytes:
-        chunk = rows[start : start + chunk_rows]
+    def encoded(start: int) -> tuple[bytes, bytes]:
+        chunk = np.ascontiguousarray(rows[start : start + chunk_rows])
         if len(chunk) < chunk_rows:
             chunk = np.concatenate([chunk, np.zeros((chunk_rows - len(chunk), *rows.shape[1:]), rows.dtype)])
         compressed = compressor.encode(chunk)
-        return compressed + google_crc32c.value(compressed).to_bytes(CHECKSUM_BYTES, "little")
+        return compressed, google_crc32c.value(compressed).to_bytes(CHECKSUM_BYTES, "little")
 
     chunks = list(compression_pool().map(encoded, range(0, len(rows), chunk_rows)))
-    lengths = np.array([len(chunk) for chunk in chunks], np.uint64)
+    lengths = np.array([len(compressed) + CHECKSUM_BYTES for compressed, _ in chunks], np.uint64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.uint64)
     index = np.stack([offsets, lengths], axis=1).astype("<u8").tobytes()
-    return [*chunks, index, google_crc32c.value(index).to_bytes(CHECKSUM_BYTES, "little")]
+    return [*(piece for chunk in chunks for piece in chunk), index, google_crc32c.value(index).to_bytes(CHECKSUM_BYTES, "little")]
 
 
 _SHUFFLES = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}

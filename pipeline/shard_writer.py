@@ -1,21 +1,26 @@
-"""A background thread that gathers recorded batches into shards, compresses and writes them.
+"""A background thread that groups recorded batches into shards, and threads that gather, compress and write them.
 
 The model keeps running while earlier batches are copied, compressed and written; the bounded
 queue stops the producer from running ahead of the disk. Shards end where a packing window ends,
 so a resumed run, which redoes the windows no shard completed, forms exactly the batches that an
-uninterrupted run would have.
+uninterrupted run would have. Two shards are written at once, so that one's compression overlaps the
+other's writing and flushing; each commits when it is whole, in whatever order, as the shards of several
+processes do.
 """
 
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from pipeline.chunk_file import GatheredRows
 from pipeline.store import SPLITS, ShardData, SplitRows, Store, storage_bits
 
 FLUSH, DISCARD = object(), object()  # how close() ends the writer thread
+SHARDS_AT_ONCE = 2  # shards being written at a time, each holding its rows in memory
 
 
 @dataclass
@@ -53,6 +58,9 @@ class ShardWriter:
         self.store, self.shard_rows = store, shard_rows
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.error: BaseException | None = None
+        self.writes = ThreadPoolExecutor(SHARDS_AT_ONCE, thread_name_prefix="shard-write")
+        self.free_writers = threading.Semaphore(SHARDS_AT_ONCE)  # a shard waits for a free writer: memory stays bounded
+        self.in_flight: list[Future] = []
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
@@ -83,21 +91,46 @@ class ShardWriter:
                 pending.batches.append(batch)
                 pending.train_rows += int((batch.split == 0).sum())
                 if pending.train_rows >= self.shard_rows and batch.ends_window:
-                    self.store.write_shard(self._assemble(pending.batches))
+                    self._write(pending.batches)
                     pending = _Pending()
             if batch is FLUSH and pending.batches:
-                self.store.write_shard(self._assemble(pending.batches))
+                self._write(pending.batches)
+            self._wait_for_writes()
         except BaseException as error:  # handed to the producer thread, which raises it
             self.error = error
             while batch not in (FLUSH, DISCARD):  # the producer's close() ends with one; the last shard's write came after it
                 batch = self.queue.get()
+        finally:
+            self._wait_for_writes(raise_error=False)  # no write outlives close(): an interrupted run keeps whole shards only
+            self.writes.shutdown()
+
+    def _write(self, batches: list[RecordedBatch]) -> None:
+        """Hands a shard's batches to a free writer thread, once one is free; raises an earlier write's error."""
+        self.free_writers.acquire()
+        self._raise_failed_write()
+        write = self.writes.submit(lambda: self.store.write_shard(self._assemble(batches)))
+        write.add_done_callback(lambda _: self.free_writers.release())
+        self.in_flight.append(write)
+
+    def _raise_failed_write(self) -> None:
+        for write in [w for w in self.in_flight if w.done()]:
+            self.in_flight.remove(write)
+            write.result()
+
+    def _wait_for_writes(self, raise_error: bool = True) -> None:
+        while self.in_flight:
+            write = self.in_flight.pop(0)
+            if raise_error:
+                write.result()
+            else:
+                write.exception()
 
     def _assemble(self, batches: list[RecordedBatch]) -> ShardData:
         columns = {name: np.concatenate([getattr(b, name) for b in batches]) for name in ("layer", "token", "doc", "pos", "split")}
         splits = {}
         for split_id, split in enumerate(SPLITS):
             mask = columns["split"] == split_id
-            splits[split] = SplitRows(acts=_gathered(batches, split_id, int(mask.sum())),
+            splits[split] = SplitRows(acts=_gathered(batches, split_id),
                                       **{name: columns[name][mask] for name in ("layer", "token", "doc", "pos")})
         doc_tokens = [tokens for b in batches for tokens in b.doc_tokens]
         windows = list(dict.fromkeys(b.window for b in batches))
@@ -116,16 +149,13 @@ class ShardWriter:
         )
 
 
-def _gathered(batches: list[RecordedBatch], split_id: int, n_rows: int) -> np.ndarray:
-    """The stored bits of the batches' rows of one split, copied once into one array."""
-    first = storage_bits(batches[0].acts)
-    rows, start = np.empty((n_rows, *first.shape[1:]), first.dtype), 0
+def _gathered(batches: list[RecordedBatch], split_id: int) -> GatheredRows:
+    """The stored bits of the batches' rows of one split, to be gathered chunk by chunk."""
+    pieces = []
     for batch in batches:
         kept = batch.split == split_id
-        end = start + int(kept.sum())
-        if end - start == len(kept):
-            rows[start:end] = storage_bits(batch.acts)
-        elif end > start:
-            np.compress(kept, storage_bits(batch.acts), axis=0, out=rows[start:end])
-        start = end
-    return rows
+        if kept.any():
+            pieces.append((storage_bits(batch.acts), None if kept.all() else np.flatnonzero(kept)))
+    if not pieces:
+        return GatheredRows([(storage_bits(batches[0].acts)[:0], None)])
+    return GatheredRows(pieces)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.metadata import ArrayV3Metadata
 
-from pipeline.chunk_file import ChunkFile, encode_file
+from pipeline.chunk_file import ChunkFile, GatheredRows, encode_file
 from pipeline.errors import CrosscodersError
 from pipeline.storage import Location
 
@@ -93,7 +94,7 @@ def layer_sum_tensors(acts: torch.Tensor, layers: torch.Tensor, n_layers: int, k
 class SplitRows:
     """Rows of one split in one shard: activations and their provenance."""
 
-    acts: np.ndarray  # [rows, d_model] storage bits
+    acts: np.ndarray | GatheredRows  # [rows, d_model] storage bits
     layer: np.ndarray  # [rows]
     token: np.ndarray  # [rows] token id
     doc: np.ndarray  # [rows] document index in the corpus stream
@@ -127,7 +128,7 @@ class ShardInfo:
     window_pairs: tuple[int, ...]
 
 
-def _create(group, name: str, data: np.ndarray, codecs: tuple, chunk_rows: int = CHUNK_ROWS, location: Location | None = None):
+def _create(group, name: str, data: np.ndarray | GatheredRows, codecs: tuple, chunk_rows: int = CHUNK_ROWS, location: Location | None = None):
     """One array stored as a single sharded file of checksummed chunks. With the store's location, its file's bytes are
     made here, the chunks compressed in parallel (chunk_file.encode_file, the bytes zarr writes), and written whole;
     zarr writes it where its layout is not one ChunkFile handles."""
@@ -141,9 +142,9 @@ def _create(group, name: str, data: np.ndarray, codecs: tuple, chunk_rows: int =
     if not len(data):
         return
     if location is None or not ChunkFile.handles(array.metadata):
-        array[...] = data
+        array[...] = np.asarray(data)
     else:
-        location.write_file(encode_file(data, array.metadata), array.path, array.metadata.encode_chunk_key((0,) * data.ndim))
+        location.write_file(encode_file(data, array.metadata), array.path, array.metadata.encode_chunk_key((0,) * len(data.shape)))
 
 
 def shard_name(first_window: int) -> str:
@@ -312,6 +313,7 @@ class Store:
         self._chunk_files: dict[str, ChunkFile | None] = {}  # local arrays' shard files, read without zarr
         files_of = _files_by_folder(self.location.files())
         self.shards: list[ShardInfo] = []
+        self._shards_lock = threading.Lock()
         self.unfinished: list[str] = []  # shard folders without their commit: being written, or left by a killed run
         for name in sorted(n for n in self.location.entries() if n.startswith(SHARD_PREFIX)):
             path = self.location.path(name)
@@ -377,8 +379,8 @@ class Store:
         info = ShardInfo(name, {split: len(rows) for split, rows in shard.splits.items()},
                          tuple(int(w) for w in shard.windows), tuple(int(p) for p in shard.window_pairs))
         group.update_attributes({"n_rows": info.n_rows, "windows": list(info.windows), "window_pairs": list(info.window_pairs)})
-        self.shards.append(info)
-        self.shards.sort(key=lambda s: s.name)
+        with self._shards_lock:  # shards are written from several threads (shard_writer)
+            self.shards = sorted([*self.shards, info], key=lambda s: s.name)
         return info
 
     # Reading ---------------------------------------------------------------------------------

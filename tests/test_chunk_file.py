@@ -6,7 +6,7 @@ import pytest
 import zarr
 from test_store import write_store
 
-from pipeline.chunk_file import ChunkFile, encode_file
+from pipeline.chunk_file import ChunkFile, GatheredRows, encode_file
 from pipeline.errors import CrosscodersError
 from pipeline.store import _create, acts_codecs, small_codecs
 
@@ -52,6 +52,42 @@ def test_encoded_files_are_the_bytes_zarr_writes(tmp_path, rows, dtype):
         assert ChunkFile.handles(metadata)
         assert b"".join(encode_file(data, metadata)) == written
         assert b"".join(encode_file(np.asfortranarray(data), metadata)) == written  # rows in any memory order
+
+
+def gathered_pieces(seed: int) -> tuple[GatheredRows, np.ndarray]:
+    """Rows of batches of several sizes, some kept whole, some through a mask (one keeping nothing), and the same rows
+    gathered by numpy."""
+    rng = np.random.default_rng(seed)
+    pieces, expected = [], []
+    for size, keep in ((700, 1.0), (1500, 0.9), (3, 0.0), (1024, 1.0), (900, 0.5), (1, 1.0)):
+        rows = rng.integers(0, 2**16, (size, 24)).astype(np.uint16)
+        kept = rng.random(size) < keep
+        if kept.any():
+            pieces.append((rows, None if kept.all() else np.flatnonzero(kept)))
+        expected.append(rows[kept])
+    return GatheredRows(pieces), np.concatenate(expected)
+
+
+def test_gathered_rows_read_as_the_rows_they_stand_for():
+    gathered, expected = gathered_pieces(0)
+    n = len(expected)
+    assert gathered.shape == expected.shape and gathered.dtype == expected.dtype and len(gathered) == n
+    assert np.array_equal(np.asarray(gathered), expected)
+    rng = np.random.default_rng(1)
+    bounds = [0, 700, 699, 701, 1024, 2048, n - 1, n]  # about the first batch, kept whole, and the ends
+    ranges = [(a, b) for a in bounds for b in bounds] + [tuple(sorted(rng.integers(0, n + 1, 2))) for _ in range(50)]
+    for start, stop in ranges + [(0, n + 100), (n, n + 5)]:
+        got = gathered[start:stop]
+        assert got.flags.c_contiguous and np.array_equal(got, expected[start:stop]), (start, stop)
+    assert np.shares_memory(gathered[10:600], gathered.pieces[0][0])  # inside one batch kept whole: no copy
+
+
+def test_encoded_gathered_rows_are_the_bytes_zarr_writes(tmp_path):
+    gathered, expected = gathered_pieces(2)
+    group = zarr.open_group(tmp_path / "g", mode="w")
+    _create(group, "array", expected, acts_codecs())
+    with open(f"{group.store.root}/array/c/0/0", "rb") as handle:
+        assert b"".join(encode_file(gathered, group["array"].metadata)) == handle.read()
 
 
 def test_stores_on_object_storage_read_through_zarr(tmp_path):

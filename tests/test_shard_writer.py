@@ -1,5 +1,5 @@
-"""ShardWriter: each window's pairs counted over both splits, layer statistics of training rows only, and a
-failed write raised, not lost."""
+"""ShardWriter: each window's pairs counted over both splits, layer statistics of training rows only, two shards
+written at once, and a failed write raised, not lost."""
 
 import threading
 
@@ -60,3 +60,24 @@ def close_in_a_thread(writer: ShardWriter) -> list[str]:
     thread.join(timeout=30)
     assert not thread.is_alive(), "close() hangs after a failed write"
     return errors
+
+
+def test_two_shards_are_written_at_once_and_both_commit(tmp_path, monkeypatch):
+    store = create_or_open(tmp_path / "w", METADATA)
+    both, write = threading.Barrier(2, timeout=20), Store.write_shard
+
+    def meeting(self, shard):
+        both.wait()  # broken, and the write failed, unless the other shard's write runs meanwhile
+        return write(self, shard)
+
+    monkeypatch.setattr(Store, "write_shard", meeting)
+    writer = ShardWriter(store, shard_rows=30)
+    batches = [batch(window, 40, np.array([0] * 35 + [1] * 5), seed=window) for window in (0, 1)]
+    for recorded in batches:
+        writer.submit(recorded)
+    writer.close()
+    store = Store(tmp_path / "w")
+    assert store.window_pairs() == {0: 40, 1: 40}
+    for shard, recorded in zip(store.shards, batches):
+        assert torch.equal(store.read_acts(shard, "train"), recorded.acts[:35])
+        assert torch.equal(store.read_acts(shard, "val"), recorded.acts[35:])
