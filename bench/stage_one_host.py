@@ -1,0 +1,106 @@
+"""Stage one's host work alone: how many pairs/s the host lets `cache-acts` store, whatever the model's speed.
+
+Usage: python -m bench.stage_one_host --n-tokens 300K [--tokenizer qwen2.5-coder-0.5b-instruct]
+`cache-acts` runs as it does (the corpus thread mining, tokenizing and planning the next packing window, the main
+thread forming batches, the writer thread gathering, compressing and writing shards), except that the device's
+work is replaced: the forward pass hands back copies of rows from a pool of random bf16 activations, and the
+per-layer statistics (milliseconds of a GPU) are zeros. The model is a Qwen2 of --d-model and --n-layers on the
+meta device, never run. Stage one can reach the bare forward pass's rate (bench.cache_throughput) only where this
+rate is higher. CPU s: the process's CPU time (user and system) over the run, every thread's; page faults: the
+minor ones, each a fresh page of memory touched.
+"""
+
+import os
+import resource
+import tempfile
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import pipeline.cache as cache_module
+from bench.tables import add_row
+from pipeline.cache import CacheConfig, cache_activations
+from pipeline.corpus import CorpusConfig
+from pipeline.models import LoadedModel, ModelInfo, load_model
+from pipeline.units import parse_count
+
+
+def stand_in_model(tokenizer_spec: str, d_model: int, n_layers: int) -> LoadedModel:
+    """A Qwen2 of that shape on the meta device (never run) with the tiny test tokenizer or a model's tokenizer."""
+    import sys
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if tokenizer_spec == "tiny":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from conftest import build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
+    else:
+        tokenizer = load_model(tokenizer_spec).tokenizer
+    config = Qwen2Config(hidden_size=d_model, intermediate_size=8, num_hidden_layers=n_layers, num_attention_heads=1,
+                         num_key_value_heads=1, vocab_size=len(tokenizer))
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config).eval().requires_grad_(False)
+    info = ModelInfo(f"stand-in:{d_model}x{n_layers}", "stand-in", d_model, n_layers, n_layers + 1, len(tokenizer))
+    return LoadedModel(model, tokenizer, info)
+
+
+class PoolRows:
+    """The forward pass's stand-in: each selected row a copy of the next row of a pool of random activations."""
+
+    def __init__(self, d_model: int, n_rows: int = 65536):
+        self.pool, self.next = (torch.randn(n_rows, d_model) * 3).bfloat16(), 0
+
+    def capture_rows(self, model, input_ids, attention_mask, selections: dict) -> dict[int, torch.Tensor]:
+        captured = {}
+        for layer, (batch_index, _) in selections.items():
+            rows = (self.next + torch.arange(len(batch_index))) % len(self.pool)
+            captured[layer], self.next = self.pool[rows], int(rows[-1]) + 1
+        return captured
+
+
+def zero_sums(acts: torch.Tensor, layers: torch.Tensor, n_layers: int, kept: torch.Tensor | None = None):
+    return (torch.zeros(n_layers, dtype=torch.int64), torch.zeros(n_layers, acts.shape[1], dtype=torch.float64),
+            torch.zeros(n_layers, dtype=torch.float64))
+
+
+def main(
+    n_tokens: str = typer.Option("300K", help="Pairs each repeat stores (one per token by default)."),
+    tokenizer: str = typer.Option("tiny", help="tiny (the test tokenizer, as bench.cache_throughput's random: models "
+                                               "use), or a preset or folder whose tokenizer to use."),
+    d_model: int = typer.Option(1536, help="Width of the rows (1536: Qwen2.5-Coder-1.5B)."),
+    n_layers: int = typer.Option(28, help="Decoder layers (28: Qwen2.5-Coder-1.5B)."),
+    batch_tokens: int = typer.Option(16384, help="cache-acts --batch-tokens."),
+    max_seq_len: int = typer.Option(1024, help="cache-acts --max-seq-len."),
+    repeats: int = 2,
+):
+    torch.set_num_threads(1)  # the main thread's torch work stands for a GPU's: it should not take every CPU
+    loaded, pool = stand_in_model(tokenizer, d_model, n_layers), PoolRows(d_model)
+    cache_module.load_model = lambda *args, **kwargs: loaded
+    cache_module.capture_rows, cache_module.layer_sum_tensors = pool.capture_rows, zero_sums
+    n_pairs = parse_count(n_tokens)
+    table = Table(title=f"stage one without the model's work: {loaded.info.name}, tokenizer {tokenizer}, batch_tokens "
+                        f"{batch_tokens}, {os.cpu_count()} CPUs")
+    for column in ("repeat", "seconds", "pairs/s", "model tokens/s", "CPU s", "CPU us/pair", "page faults/pair"):
+        table.add_column(column, justify="right")
+    with tempfile.TemporaryDirectory() as scratch:
+        for repeat in range(repeats):
+            config = CacheConfig(model=loaded.info.name, out=f"{scratch}/store{repeat}", n_tokens=n_pairs, batch_tokens=batch_tokens,
+                                 max_seq_len=max_seq_len, device="cpu", model_dtype="bf16")
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            report = cache_activations(config, CorpusConfig(), progress=False)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            pairs = report.n_pairs_written
+            add_row(table, str(repeat), f"{report.seconds:.2f}", f"{pairs / report.seconds:,.0f}", f"{report.model_tokens_per_s:,.0f}",
+                    f"{cpu:.2f}", f"{cpu / pairs * 1e6:.1f}", f"{(after.ru_minflt - before.ru_minflt) / pairs:.2f}")
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    typer.run(main)
