@@ -4,14 +4,23 @@
 # side stream), the SAE step (dense, sparse, Triton, each also replayed from CUDA graphs; Triton also with each
 # step's metrics read before the next is queued; with and without dead latents; a profile), stage two from
 # shards against memory (also with train-sae's default step on a GPU: dense, from CUDA graphs), and stage one
-# against the bare forward pass of a 1.5B-shaped random-weight model.
+# against the bare forward pass of a 1.5B-shaped random-weight model, stage one's host work alone, and where its
+# threads hold the GIL (py-spy). The step files end up in OUT_DIR/figures.tar.gz (a lent machine sends back 8 files).
 # Usage: bash bench/gpu.sh OUT_DIR   (PYTHON picks the interpreter; default python3)
+# Wheels in .whl (bench/gpu_wheels.sh fetches those a lent machine lacks) are installed first into a scratch folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: bash bench/gpu.sh OUT_DIR}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package, installed or not
+if compgen -G ".whl/*.whl" >/dev/null; then
+    site=$(mktemp -d)
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
+        || { echo "cannot install the wheels in .whl" | tee "$out/machine.txt"; exit 1; }
+    export PYTHONPATH="$PYTHONPATH:$site" PATH="$site/bin:$PATH"
+fi
+trap 'tar -czf "$out/figures.tar.gz" -C "$out" --remove-files $(cd "$out" && ls *.txt *.raw 2>/dev/null)' EXIT
 
 deadline=${DEADLINE:-560}  # seconds from the start by which every step has ended: the device call's limit is 600
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, so that one hang leaves time for the rest
@@ -38,11 +47,22 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', 
 step kernels 90 "$python" -m pytest -q -p no:cacheprovider tests/test_triton_topk.py tests/test_train_step.py \
     tests/test_loader.py::test_batches_sent_ahead_to_a_gpu_equal_the_cpu_batches \
     --deselect tests/test_triton_topk.py::test_kernels_compile_for_hopper_gpus
+step cache 120 "$python" -m bench.cache_throughput --model random:qwen2.5-coder-1.5b --n-tokens 1M --batch-tokens 16384 \
+    --max-seq-len 1024
+step host 60 "$python" -m bench.stage_one_host --n-tokens 1M
+step writer 40 "$python" -m bench.shard_writer --d-model 1536 --n-rows 512K --device cuda
+if command -v py-spy >/dev/null; then  # which of stage one's threads holds the GIL, and what the main thread waits on
+    step cache_gil 90 py-spy record --gil --threads --format raw -r 200 -o "$out/cache_gil.raw" -- "$python" -m bench.cache_throughput \
+        --model random:qwen2.5-coder-1.5b --n-tokens 1M --batch-tokens 16384 --max-seq-len 1024 --repeats 1
+    step cache_gil_threads 15 "$python" -m bench.thread_profile "$out/cache_gil.raw" --within _cache --top 15
+    step cache_idle 90 py-spy record --idle --threads --format raw -r 100 -o "$out/cache_idle.raw" -- "$python" -m bench.cache_throughput \
+        --model random:qwen2.5-coder-1.5b --n-tokens 1M --batch-tokens 16384 --max-seq-len 1024 --repeats 1
+    step cache_idle_threads 15 "$python" -m bench.thread_profile "$out/cache_idle.raw" --within _cache --top 15
+else
+    echo "== no py-spy (bench/gpu_wheels.sh fetches its wheel): stage one's threads not profiled" | tee "$out/cache_gil_threads.txt"
+fi
 paths=dense,sparse,triton,dense+graph,sparse+graph,triton+graph,triton+sync,triton+graph+sync
 step sae_step 100 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths --steps 20
-step cache 120 "$python" -m bench.cache_throughput --model random:qwen2.5-coder-1.5b --n-tokens 1M \
-    --batch-tokens 16384 --max-seq-len 1024
-step writer 40 "$python" -m bench.shard_writer --d-model 1536 --n-rows 512K --device cuda
 step train 100 "$python" -m bench.train_throughput --synthetic-rows 2M --d-model 1536 --batch-size 4096 --steps 200 \
     --workers 4,8,14
 step sae_step_profile 40 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders dense,dense+graph,triton+graph \

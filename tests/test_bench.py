@@ -44,14 +44,17 @@ def gpu_script_steps() -> dict[str, list[str]]:
     variables = {**dict(re.findall(r"^(\w+)=(\S+)$", script, re.MULTILINE)), "python": sys.executable}
     steps = {}
     for line in script.splitlines():
-        if line.startswith("step "):
+        if line.strip().startswith("step "):
             name, _, *command = shlex.split(line)[1:]
+            if command[0] == "py-spy":  # the command it profiles
+                command = command[command.index("--") + 1 :]
             steps[name] = [variables.get(word[1:], word) if word.startswith("$") else word for word in command]
     return steps
 
 
 def test_gpu_script_runs_every_measure_the_performance_issue_needs():
-    assert gpu_script_steps().keys() == {"kernels", "sae_step", "cache", "writer", "train", "sae_step_profile", "train_graph",
+    assert gpu_script_steps().keys() == {"kernels", "sae_step", "cache", "host", "writer", "cache_gil", "cache_gil_threads",
+                                         "cache_idle", "cache_idle_threads", "train", "sae_step_profile", "train_graph",
                                          "sae_step_no_dead"}
 
 
@@ -194,3 +197,33 @@ def test_host_contention_bench_times_the_main_thread_beside_each_setting():
                                                "corpus thread", "writer thread"]
     for row in rows:
         assert int(row["batches"]) >= 1 and 0 < float(row["median ms"]) <= float(row["p90 ms"])
+
+
+def test_stage_one_host_bench_runs_cache_acts_with_a_stand_in_for_the_model():
+    result = run("-m", "bench.stage_one_host", "--n-tokens", "3000", "--d-model", "16", "--n-layers", "3", "--batch-tokens", "512",
+                 "--max-seq-len", "128", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    [row] = printed_rows(result.stdout, ["repeat", "seconds", "pairs/s", "model tokens/s", "CPU s", "CPU us/pair", "page faults/pair"])
+    seconds = float(row["seconds"])
+    assert 3000 / (seconds + 0.005) - 1 <= rate(row["pairs/s"]) <= 3000 / max(seconds - 0.005, 1e-9) + 1  # every pair stored
+    assert rate(row["model tokens/s"]) >= rate(row["pairs/s"])  # skipped positions are run, not stored
+    assert float(row["CPU us/pair"]) == pytest.approx(float(row["CPU s"]) / 3000 * 1e6, abs=0.05 + 0.005 / 3000 * 1e6)
+
+
+def test_thread_profile_sums_each_threads_samples_by_function(tmp_path):
+    profile = tmp_path / "profile.txt"
+    profile.write_text(
+        "thread (0x1): MainThread;<module> (x.py:1);main (x.py:2);_cache (c.py:3);step (c.py:9) 6\n"
+        "thread (0x1): MainThread;<module> (x.py:1);main (x.py:2);_cache (c.py:3) 2\n"
+        "thread (0x1): MainThread;<module> (x.py:1);import_torch (x.py:5) 50\n"  # outside _cache: left out
+        "thread (0x2): compress_0;Thread.run (t.py:1);encoded (f.py:4) 3\n"
+        "thread (0x3): compress_1;Thread.run (t.py:1);encoded (f.py:4);take (n.py:2) 1\n"
+        "thread (0x3): compress_1;Thread.run (t.py:1);wait (t.py:7) 4\n"
+    )
+    result = run("-m", "bench.thread_profile", str(profile), "--within", "_cache")
+    assert result.returncode == 0, result.stderr
+    rows = printed_rows(result.stdout, ["thread", "samples", "share", "function", "function samples", "of thread"])
+    assert [(row["thread"], row["samples"], row["share"]) for row in rows if "samples" in row] == [
+        ("MainThread", "8", "50.0%"), ("compress", "8", "50.0%")]
+    assert [(row["thread"], row["function"], row["function samples"]) for row in rows if "function" in row] == [
+        ("MainThread", "step", "6"), ("compress", "encoded", "4"), ("compress", "wait", "4"), ("compress", "take", "1")]
