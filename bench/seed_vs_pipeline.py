@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 import pipeline.cache as cache_module
-from pipeline.cache import CacheConfig, cache_activations, choose_pairs, pack_batches
+from pipeline.cache import CacheConfig, cache_activations, pack_batches
 from pipeline.corpus import CorpusConfig
 from pipeline.devices import resolve_device, resolve_model_dtype
 from pipeline.loader import LayerStats, LoaderConfig, ShardLoader
@@ -29,6 +29,7 @@ from pipeline.positions import SkippedPositions
 from pipeline.store import Store
 from pipeline.train import Run, TrainConfig, expand_sweep, train_on_store
 from pipeline.units import parse_count
+from pipeline.windows import choose_pairs
 
 
 class SeedSource:

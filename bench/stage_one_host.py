@@ -1,15 +1,16 @@
 """Stage one's host work alone: how many pairs/s the host lets `cache-acts` store, whatever the model's speed.
 
 Usage: python -m bench.stage_one_host --n-tokens 300K [--tokenizer qwen2.5-coder-0.5b-instruct]
-`cache-acts` runs as it does (the corpus thread mining, tokenizing and planning the next packing window, the main
-thread forming batches, the writer thread gathering, compressing and writing shards), except that the device's
-work is replaced: the forward pass hands back copies of rows from a pool of random bf16 activations, and the
+`cache-acts` runs as it does (the next packing window mined, tokenized and planned ahead, the main thread forming
+batches, the writer's threads gathering, compressing and writing shards), except that the device's work is replaced: the forward pass hands back copies of rows from a pool of random bf16 activations, and the
 per-layer statistics (milliseconds of a GPU) are zeros. The model is a Qwen2 of --d-model and --n-layers on the
 meta device, never run. Stage one can reach the bare forward pass's rate (bench.cache_throughput) only where this
-rate is higher. CPU s: the process's CPU time (user and system) over the run, every thread's; page faults: the
-minor ones, each a fresh page of memory touched.
+rate is higher. The windows are planned in a process of their own, as on a GPU, and in a thread, as on a CPU
+(--plan-in). CPU s: CPU time (user and system) over the run, of every thread and of the planning process; page
+faults: the minor ones, each a fresh page of memory touched.
 """
 
+import itertools
 import os
 import resource
 import tempfile
@@ -68,6 +69,12 @@ def zero_sums(acts: torch.Tensor, layers: torch.Tensor, n_layers: int, kept: tor
             torch.zeros(n_layers, dtype=torch.float64))
 
 
+def usage() -> tuple[float, int]:
+    """CPU seconds (user and system) and minor page faults so far, of this process and of its children that ended."""
+    this, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (sum(u.ru_utime + u.ru_stime for u in (this, children)), this.ru_minflt + children.ru_minflt)
+
+
 def main(
     n_tokens: str = typer.Option("300K", help="Pairs each repeat stores (one per token by default)."),
     tokenizer: str = typer.Option("tiny", help="tiny (the test tokenizer, as bench.cache_throughput's random: models "
@@ -76,6 +83,8 @@ def main(
     n_layers: int = typer.Option(28, help="Decoder layers (28: Qwen2.5-Coder-1.5B)."),
     batch_tokens: int = typer.Option(16384, help="cache-acts --batch-tokens."),
     max_seq_len: int = typer.Option(1024, help="cache-acts --max-seq-len."),
+    plan_in: str = typer.Option("process,thread", help="Where the windows are planned (read, tokenized, their pairs "
+                                                      "chosen), each measured in turn: process (as on a GPU), thread."),
     repeats: int = 2,
 ):
     torch.set_num_threads(1)  # the main thread's torch work stands for a GPU's: it should not take every CPU
@@ -85,19 +94,19 @@ def main(
     n_pairs = parse_count(n_tokens)
     table = Table(title=f"stage one without the model's work: {loaded.info.name}, tokenizer {tokenizer}, batch_tokens "
                         f"{batch_tokens}, {os.cpu_count()} CPUs")
-    for column in ("repeat", "seconds", "pairs/s", "model tokens/s", "CPU s", "CPU us/pair", "page faults/pair"):
+    for column in ("planned in", "repeat", "seconds", "pairs/s", "model tokens/s", "CPU s", "CPU us/pair", "page faults/pair"):
         table.add_column(column, justify="right")
     with tempfile.TemporaryDirectory() as scratch:
-        for repeat in range(repeats):
-            config = CacheConfig(model=loaded.info.name, out=f"{scratch}/store{repeat}", n_tokens=n_pairs, batch_tokens=batch_tokens,
+        for repeat, place in itertools.product(range(repeats), plan_in.split(",")):
+            cache_module.PLANNED_IN_A_PROCESS = {"cpu"} if place == "process" else set()
+            config = CacheConfig(model=loaded.info.name, out=f"{scratch}/{place}{repeat}", n_tokens=n_pairs, batch_tokens=batch_tokens,
                                  max_seq_len=max_seq_len, device="cpu", model_dtype="bf16")
-            before = resource.getrusage(resource.RUSAGE_SELF)
+            before = usage()
             report = cache_activations(config, CorpusConfig(), progress=False)
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            cpu, faults = (b - a for a, b in zip(before, usage()))
             pairs = report.n_pairs_written
-            add_row(table, str(repeat), f"{report.seconds:.2f}", f"{pairs / report.seconds:,.0f}", f"{report.model_tokens_per_s:,.0f}",
-                    f"{cpu:.2f}", f"{cpu / pairs * 1e6:.1f}", f"{(after.ru_minflt - before.ru_minflt) / pairs:.2f}")
+            add_row(table, place, str(repeat), f"{report.seconds:.2f}", f"{pairs / report.seconds:,.0f}", f"{report.model_tokens_per_s:,.0f}",
+                    f"{cpu:.2f}", f"{cpu / pairs * 1e6:.1f}", f"{faults / pairs:.2f}")
     Console(width=160).print(table)
 
 

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.text import Text
 
 from pipeline import distributed
-from pipeline.background import ahead
+from pipeline.background import ahead_in_process, ahead_in_thread
 from pipeline.cli import option
 from pipeline.corpus import (
     CorpusConfig,
@@ -23,7 +23,6 @@ from pipeline.corpus import (
     is_validation,
     iter_documents,
     mined_files_fingerprint,
-    tokenize_document,
 )
 from pipeline.devices import resolve_device, resolve_model_dtype, to_device
 from pipeline.errors import CrosscodersError, Interrupted, out_of_memory
@@ -35,7 +34,9 @@ from pipeline.shard_writer import RecordedBatch, ShardWriter
 from pipeline.storage import Location, exclusive_lock
 from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, check_same_sources, create_or_open, layer_sum_tensors, recorded_metadata
 from pipeline.units import parse_count
-from pipeline.windows import PairLedger, Window, read_windows, window_rounds
+from pipeline.windows import PairLedger, Window, WindowRecipe, planned_windows, window_rounds
+
+PLANNED_IN_A_PROCESS = {"cuda"}  # device types whose runs plan their windows in another process
 
 
 @dataclass(frozen=True)
@@ -145,22 +146,6 @@ def _pad(group: list[tuple[int, np.ndarray]], pad_id: int) -> Packed:
     return Packed([d for d, _ in group], [t for _, t in group], input_ids, attention_mask)
 
 
-def choose_pairs(doc_index: int, layers: list[int], per_token: int, skip: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions, layers) recorded for one document, ordered by position then layer.
-
-    The layer draw depends only on (seed, document), not on batching, so resumed runs match.
-    `skip` marks positions never recorded (pipeline/positions.py).
-    """
-    rng = np.random.default_rng([seed, doc_index])
-    positions = np.flatnonzero(~skip)
-    if per_token == 1:
-        choice = rng.integers(0, len(layers), size=(len(positions), 1))
-    else:
-        choice = np.argsort(rng.random((len(positions), len(layers))), axis=1)[:, :per_token]
-    chosen = np.sort(np.asarray(layers)[choice], axis=1)
-    return np.repeat(positions, per_token), chosen.reshape(-1)
-
-
 def cache_activations(config: CacheConfig, corpus: CorpusConfig, console: Console | None = None, progress: bool = True) -> CacheReport:
     """Caches activations into config.out until it holds config.n_tokens pairs; resumes a partial store.
 
@@ -224,17 +209,9 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
 
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    my_windows = read_windows(
-        lambda start: iter_documents(corpus, start=start),
-        lambda doc: np.asarray(tokenize_document(doc, tokenizer, config.max_seq_len), dtype=np.int32),
-        config.pack_window,
-        (windows[rank] for windows in window_rounds(stored, world_size)),
-    )
-    planned = ahead(  # the next window is read, tokenized and planned while the model runs on this one
-        (window, [choose_pairs(doc, layers, per_token, skipped.mask(tokens), corpus.seed)
-                  for doc, tokens in window.docs])
-        for window in my_windows
-    )
+    recipe = WindowRecipe(corpus, tokenizer, config.max_seq_len, config.pack_window, layers, per_token, skipped,
+                          frozenset(stored), rank, world_size)
+    planned = _planned_ahead(recipe, device)
     rounds = window_rounds(stored, world_size)
     writer = ShardWriter(store, config.shard_rows)
     n_model_tokens, corpus_ended, start_time = 0, False, time.perf_counter()
@@ -245,6 +222,8 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
                 if corpus_ended or ledger.budget(windows[0]) == 0:
                     break
                 window, plans = next(planned)
+                if window.index != windows[rank]:  # a window lost on its way from the process that planned it
+                    raise RuntimeError(f"planned window {window.index} arrived in place of window {windows[rank]}")
                 counts = distributed.all_gather_ints([len(window.docs), sum(len(p[0]) for p in plans)])
                 ledger.record(windows, [count for _, count in counts])
                 corpus_ended = any(n_docs == 0 for n_docs, _ in counts)
@@ -269,6 +248,16 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
     if ledger.total < config.n_tokens and rank == 0:
         console.print(f"[yellow]the corpus ran out after {ledger.total:,} pairs (asked for {config.n_tokens:,})[/]")
     return CacheReport(store.url, ledger.n_new, ledger.total, n_model_tokens, seconds)
+
+
+def _planned_ahead(recipe: WindowRecipe, device: torch.device):
+    """The windows, each read, tokenized and planned while the model runs on the one before: on a GPU in a process of
+    its own, since in a thread this Python work holds the GIL that the main thread needs to queue the model's kernels
+    (docs/BENCHMARKS.md); on a CPU, whose forward pass is the bound by far, in a thread, which starts in no time
+    (a process takes seconds to start and to receive the tokenizer)."""
+    if device.type in PLANNED_IN_A_PROCESS:
+        return ahead_in_process(planned_windows, recipe, name="corpus")
+    return ahead_in_thread(planned_windows(recipe))
 
 
 def stopped_caching(error: BaseException, url: str) -> BaseException:

@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from pipeline.corpus import Document
+from pipeline.corpus import CorpusConfig, Document, iter_documents, tokenize_document
+from pipeline.positions import SkippedPositions
 
 
 @dataclass
@@ -51,6 +52,51 @@ def read_windows(
             docs.append((pending.index, tokenize(pending)))
             pending = next(stream, None)
         yield Window(index, docs)
+
+
+@dataclass(frozen=True)
+class WindowRecipe:
+    """What planned_windows needs, sent to the process that runs it."""
+
+    corpus: CorpusConfig
+    tokenizer: object
+    max_seq_len: int
+    pack_window: int
+    layers: list[int]
+    per_token: int
+    skipped: SkippedPositions
+    completed: frozenset[int]  # windows the store holds
+    rank: int
+    world_size: int
+
+
+def planned_windows(recipe: WindowRecipe) -> Iterator[tuple[Window, list[tuple[np.ndarray, np.ndarray]]]]:
+    """This rank's windows not yet stored, each read, tokenized, and with each document's pairs chosen (choose_pairs)."""
+    windows = read_windows(
+        lambda start: iter_documents(recipe.corpus, start=start),
+        lambda doc: np.asarray(tokenize_document(doc, recipe.tokenizer, recipe.max_seq_len), dtype=np.int32),
+        recipe.pack_window,
+        (windows[recipe.rank] for windows in window_rounds(recipe.completed, recipe.world_size)),
+    )
+    for window in windows:
+        yield window, [choose_pairs(doc, recipe.layers, recipe.per_token, recipe.skipped.mask(tokens), recipe.corpus.seed)
+                       for doc, tokens in window.docs]
+
+
+def choose_pairs(doc_index: int, layers: list[int], per_token: int, skip: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, layers) recorded for one document, ordered by position then layer.
+
+    The layer draw depends only on (seed, document), not on batching, so resumed runs match.
+    `skip` marks positions never recorded (pipeline/positions.py).
+    """
+    rng = np.random.default_rng([seed, doc_index])
+    positions = np.flatnonzero(~skip)
+    if per_token == 1:
+        choice = rng.integers(0, len(layers), size=(len(positions), 1))
+    else:
+        choice = np.argsort(rng.random((len(positions), len(layers))), axis=1)[:, :per_token]
+    chosen = np.sort(np.asarray(layers)[choice], axis=1)
+    return np.repeat(positions, per_token), chosen.reshape(-1)
 
 
 class PairLedger:

@@ -1,14 +1,92 @@
-"""Computing an iterator ahead in a background thread changes nothing but when the work happens."""
+"""Computing an iterator ahead, in a thread or in another process, changes nothing but when and where the work happens."""
 
+import multiprocessing
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from pipeline.background import ahead
+from pipeline.background import ahead_in_process, ahead_in_thread
+from pipeline.errors import CrosscodersError
 
 
-def test_items_arrive_in_order_and_are_computed_ahead():
+def counted(folder: str):
+    """0, 1, 2, ... 4, each noted as a file in folder when it is made."""
+    for i in range(5):
+        Path(folder, str(i)).touch()
+        yield i
+
+
+def failing(message: str):
+    yield 1
+    raise ValueError(message)
+
+
+def endless(_):
+    i = 0
+    while True:
+        time.sleep(0.2)  # the next item is still being computed when the caller stops
+        yield i, os.getpid()
+        i += 1
+
+
+def dying(_):
+    yield 1
+    os._exit(3)
+
+
+class Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("cannot pickle")
+
+
+def failing_unpicklably(_):
+    yield 1
+    raise Unpicklable("held a lock")
+
+
+def test_items_arrive_in_order_and_are_computed_ahead_in_process(tmp_path):
+    stream = ahead_in_process(counted, str(tmp_path), depth=2)
+    assert next(stream) == 0
+    deadline = time.monotonic() + 60  # however loaded the machine, the process gets that far
+    while len(list(tmp_path.iterdir())) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # time to run further ahead, were it not bounded
+    assert sorted(int(p.name) for p in tmp_path.iterdir()) == [0, 1, 2, 3]  # in use, queued (depth 2), and in hand
+    assert list(stream) == [1, 2, 3, 4]
+
+
+def test_an_error_in_the_process_is_raised_in_place_of_its_item():
+    stream = ahead_in_process(failing, "bad document")
+    assert next(stream) == 1
+    with pytest.raises(ValueError, match="bad document"):
+        next(stream)
+
+
+def test_an_error_that_cannot_travel_is_named():
+    stream = ahead_in_process(failing_unpicklably, None)
+    assert next(stream) == 1
+    with pytest.raises(CrosscodersError, match="Unpicklable: held a lock"):
+        next(stream)
+
+
+def test_a_process_that_dies_is_an_error_not_a_hang():
+    with pytest.raises(CrosscodersError, match="the corpus process ended before its work was done .exit code 3"):
+        list(ahead_in_process(dying, None, name="corpus"))  # its last item may die with it
+
+
+def test_stopping_early_ends_the_process():
+    stream = ahead_in_process(endless, None)
+    _, pid = next(stream)
+    stream.close()
+    assert not any(child.pid == pid for child in multiprocessing.active_children())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_items_arrive_in_order_and_are_computed_ahead_in_thread():
     produced = []
 
     def items():
@@ -16,7 +94,7 @@ def test_items_arrive_in_order_and_are_computed_ahead():
             produced.append(i)
             yield i
 
-    stream = ahead(items(), depth=2)
+    stream = ahead_in_thread(items(), depth=2)
     assert next(stream) == 0
     deadline = time.monotonic() + 30  # however loaded the machine, the thread gets that far
     while len(produced) < 4 and time.monotonic() < deadline:
@@ -26,18 +104,18 @@ def test_items_arrive_in_order_and_are_computed_ahead():
     assert list(stream) == [1, 2, 3, 4]
 
 
-def test_an_error_in_the_background_is_raised_in_place_of_its_item():
+def test_an_error_in_the_thread_is_raised_in_place_of_its_item():
     def items():
         yield 1
         raise ValueError("bad document")
 
-    stream = ahead(items())
+    stream = ahead_in_thread(items())
     assert next(stream) == 1
     with pytest.raises(ValueError, match="bad document"):
         next(stream)
 
 
-def test_stopping_early_waits_for_the_item_in_progress():
+def test_stopping_early_waits_for_the_threads_item_in_progress():
     """A producer left running inside native code at interpreter exit can abort the process."""
 
     def slow():
@@ -47,7 +125,7 @@ def test_stopping_early_waits_for_the_item_in_progress():
             yield i
             i += 1
 
-    stream = ahead(slow())
+    stream = ahead_in_thread(slow())
     assert next(stream) == 0
     stream.close()
     assert not any(thread.name == "ahead" and thread.is_alive() for thread in threading.enumerate())

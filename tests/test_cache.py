@@ -18,12 +18,14 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import devices
-from pipeline.cache import CacheConfig, cache_activations, choose_pairs, pack_batches
+from pipeline import cache, devices
+from pipeline.background import ahead_in_process
+from pipeline.cache import CacheConfig, cache_activations, pack_batches
 from pipeline.corpus import CorpusConfig, dataset_files_fingerprint
 from pipeline.errors import CrosscodersError
 from pipeline.storage import Location, exclusive_lock
 from pipeline.store import Store
+from pipeline.windows import choose_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(file=open(os.devnull, "w"))
@@ -171,6 +173,19 @@ def test_n_tokens_ending_inside_a_window_keeps_a_corpus_order_prefix(tiny_model_
     assert store.n_pairs == 800 and docs == list(range(len(docs))) and len(docs) < 60
     keys, _ = sorted_rows(store)
     assert sorted(set(keys[:, 0].tolist())) == docs
+
+
+def test_windows_planned_in_a_process_store_what_a_thread_plans(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    """On a GPU each window is read, tokenized and planned in a process of its own; here forced on the CPU."""
+    threaded = run_cache(tiny_model_dir, corpus_file, tmp_path / "thread")
+    processes = []
+    monkeypatch.setattr(cache, "PLANNED_IN_A_PROCESS", {"cpu"})
+    monkeypatch.setattr(cache, "ahead_in_process", lambda *args, **kwargs: processes.append(args) or ahead_in_process(*args, **kwargs))
+    spawned = run_cache(tiny_model_dir, corpus_file, tmp_path / "process")
+    assert len(processes) == 1
+    assert spawned.window_pairs() == threaded.window_pairs() and len(spawned.shards) == len(threaded.shards) > 1
+    (keys, acts), (threaded_keys, threaded_acts) = sorted_rows(spawned), sorted_rows(threaded)
+    assert np.array_equal(keys, threaded_keys) and torch.equal(acts, threaded_acts)
 
 
 def test_progress_advances_batch_by_batch_within_a_window(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
