@@ -49,7 +49,7 @@ step kernels 90 "$python" -m pytest -q -p no:cacheprovider tests/test_triton_top
     --deselect tests/test_triton_topk.py::test_kernels_compile_for_hopper_gpus
 step cache 120 "$python" -m bench.cache_throughput --model random:qwen2.5-coder-1.5b --n-tokens 1M --batch-tokens 16384 \
     --max-seq-len 1024
-step host 60 "$python" -m bench.stage_one_host --n-tokens 1M
+step host 60 "$python" -m bench.stage_one_host --n-tokens 1M --repeats 1
 step writer 40 "$python" -m bench.shard_writer --d-model 1536 --n-rows 512K --device cuda
 if command -v py-spy >/dev/null; then  # which of stage one's threads holds the GIL, and what the main thread waits on
     step cache_gil 90 py-spy record --gil --threads --format raw -r 200 -o "$out/cache_gil.raw" -- "$python" -m bench.cache_throughput \
