@@ -1,7 +1,9 @@
 """Where and in what dtype the model and the SAE run, decided once from the command's options and passed down; and
 the CPUs a process may use."""
 
+import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -36,11 +38,29 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity where the system keeps one (taskset, a container's cpuset)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may use: those it may run on (its affinity where the system keeps one: taskset, a
+    container's cpuset), fewer where a container's CPU quota allows less time than that (rounded up)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota(Path(cgroup_root))
+    return min(cpus, max(math.ceil(quota), 1)) if quota is not None else cpus
+
+
+def cpu_quota(root: Path) -> float | None:
+    """CPUs' worth of time a cgroup quota grants (cgroup v2's cpu.max, v1's cpu.cfs_quota_us), None without one."""
+    try:
+        if (root / "cpu.max").exists():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+        else:
+            folder = next((root / name for name in ("cpu", "cpu,cpuacct") if (root / name / "cpu.cfs_quota_us").exists()), None)
+            if folder is None:
+                return None
+            quota, period = ((folder / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        if quota in ("max", "-1") or int(period) <= 0:
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):  # unreadable or of another form: no quota known
+        return None
 
 
 def native_bf16(device: torch.device) -> bool:

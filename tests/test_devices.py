@@ -28,3 +28,29 @@ def test_model_dtype_auto_ignores_a_recorded_value_that_is_no_model_dtype(stored
     monkeypatch.setattr(devices, "native_bf16", lambda device: False)
     assert resolve_model_dtype("auto", torch.device("cpu"), stored) == torch.float32
     assert resolve_model_dtype("auto", torch.device("cpu"), "float16") == torch.float16
+
+
+@pytest.mark.parametrize("files, quota", [
+    ({}, None),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 0.5),
+    ({"cpu.max": "garbled"}, None),
+])
+def test_a_containers_cpu_quota_is_read_from_either_cgroup_version(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert devices.cpu_quota(tmp_path) == quota
+
+
+def test_usable_cpus_are_the_affinitys_lowered_to_the_quota_rounded_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert devices.usable_cpus(str(tmp_path)) == 16  # no quota
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert devices.usable_cpus(str(tmp_path)) == 3
+    (tmp_path / "cpu.max").write_text("20000 100000\n")
+    assert devices.usable_cpus(str(tmp_path)) == 1
+    (tmp_path / "cpu.max").write_text("3200000 100000\n")
+    assert devices.usable_cpus(str(tmp_path)) == 16  # a quota above the CPUs it may run on
