@@ -2,7 +2,8 @@
 
 Usage: python -m bench.stage_one_host --n-tokens 300K [--tokenizer qwen2.5-coder-0.5b-instruct]
 `cache-acts` runs as it does (the next packing window mined, tokenized and planned ahead, the main thread forming
-batches, the writer's threads gathering, compressing and writing shards), except that the device's work is replaced: the forward pass hands back copies of rows from a pool of random bf16 activations, and the
+batches, the writer's threads gathering, compressing and writing shards), except that the device's work is
+replaced: the forward pass hands back copies of rows from a pool of random bf16 activations, and the
 per-layer statistics (milliseconds of a GPU) are zeros. The model is a Qwen2 of --d-model and --n-layers on the
 meta device, never run. Stage one can reach the bare forward pass's rate (bench.cache_throughput) only where this
 rate is higher. The windows are planned in a process of their own, as on a GPU, and in a thread, as on a CPU

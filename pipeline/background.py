@@ -2,12 +2,14 @@
 Python work does not hold the caller's GIL (docs/BENCHMARKS.md: stage one's corpus work, in a thread, held it for
 40% of the time)."""
 
+import contextlib
 import multiprocessing
 import os
 import pickle
 import queue
 import signal
 import threading
+import traceback
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from pipeline.errors import CrosscodersError
@@ -15,6 +17,7 @@ from pipeline.errors import CrosscodersError
 A, T = TypeVar("A"), TypeVar("T")
 _END = object()
 POLL_SECONDS = 0.1  # how often a blocked side looks whether the other has stopped
+STOP_SECONDS = 2  # how long a process that computes ahead may take to stop before it is killed
 
 
 def ahead_in_thread(items: Iterable[T], depth: int = 1) -> Iterator[T]:
@@ -63,20 +66,35 @@ def ahead_in_thread(items: Iterable[T], depth: int = 1) -> Iterator[T]:
 
 
 def ahead_in_process(produce: Callable[[A], Iterable[T]], argument: A, depth: int = 1, name: str = "ahead") -> Iterator[T]:
-    """Yields what produce(argument) yields, computed up to `depth` items beyond the one in use in a process of its own.
+    """Yields what produce(argument) yields, computed up to `depth` items beyond the one in use in a process of its own,
+    started at once.
 
     produce must be a module's function and argument picklable (the process is spawned: forking a process that
-    holds CUDA or threads is unsafe). An exception there is raised here, in place of the item it replaced; when the
-    caller stops early (or drops this iterator), the process stops at its next item, and closing waits for it.
-    name: the process's, in the error that says it died.
+    holds CUDA or threads is unsafe). An exception there is raised here, in place of the item it replaced, and a
+    process that dies is an error naming it. When the caller stops early (or drops this iterator), the process
+    stops at its next item, or is killed within seconds: it must write nothing another run relies on.
     """
     context = multiprocessing.get_context("spawn")
-    ready, stop = context.Queue(maxsize=depth), context.Event()
-    process = context.Process(target=_produce, args=(produce, argument, ready, stop, os.getpid()), name=name, daemon=True)
-    process.start()
+    received, sent = context.Pipe(duplex=False)  # a pipe, not a Queue: a process dying mid-message leaves end-of-file
+    room, stop = context.Semaphore(depth), context.Event()
+    with _ignored(signal.SIGINT):  # inherited through the process's start-up, whose imports take seconds
+        process = context.Process(target=_produce, args=(produce, argument, sent, room, stop, os.getpid()), name=name,
+                                  daemon=True)
+        process.start()
+    sent.close()  # this process's copy of the sending end, else its reads never see the other's end
+    return _received_items(process, received, room, stop)
+
+
+def _received_items(process, received, room, stop) -> Iterator:
     try:
         while True:
-            kind, value = _next_entry(ready, process)
+            try:
+                kind, value = received.recv()
+            except (EOFError, OSError):  # OSError: "got end of file during message"
+                process.join()
+                raise CrosscodersError(f"the {process.name} process ended before its work was done (exit code "
+                                       f"{process.exitcode}); out of memory? run the same command again to continue") from None
+            room.release()
             if kind == "error":
                 raise value
             if kind == "end":
@@ -84,41 +102,46 @@ def ahead_in_process(produce: Callable[[A], Iterable[T]], argument: A, depth: in
             yield value
     finally:
         stop.set()
-        process.join(timeout=30)
-        if process.is_alive():  # stuck in native code: it holds nothing the caller needs
+        received.close()  # a process blocked sending gets a broken pipe
+        process.join(timeout=STOP_SECONDS)
+        if process.is_alive():  # inside an item's work
             process.kill()
             process.join()
-        ready.close()
 
 
-def _next_entry(ready, process) -> tuple[str, object]:
-    while True:
-        try:
-            return ready.get(timeout=POLL_SECONDS)
-        except queue.Empty:
-            if not process.is_alive() and ready.empty():
-                raise CrosscodersError(f"the {process.name} process ended before its work was done (exit code {process.exitcode}"
-                                       "); out of memory? run the same command again to continue") from None
+@contextlib.contextmanager
+def _ignored(signal_number: int):
+    """The signal ignored for the block, where this thread may set handlers (the main thread's only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal_number, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal_number, previous)
 
 
-def _produce(produce: Callable[[A], Iterable[T]], argument: A, ready, stop, parent: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle: it stops this process
+def _produce(produce: Callable[[A], Iterable[T]], argument: A, sent, room, stop, parent: int) -> None:
+    for number in (signal.SIGINT, signal.SIGTERM):  # the caller's to handle: it stops this process
+        signal.signal(number, signal.SIG_IGN)
 
     def hand_over(entry) -> bool:
-        while not stop.is_set() and os.getppid() == parent:  # a parent killed outright leaves this process to end
-            try:
-                ready.put(entry, timeout=POLL_SECONDS)
-                return True
-            except queue.Full:
-                pass
-        ready.cancel_join_thread()  # what is still queued is never read: exit without flushing it
-        return False
+        while not room.acquire(timeout=POLL_SECONDS):
+            if stop.is_set() or os.getppid() != parent:  # a parent killed outright leaves this process to end
+                return False
+        try:
+            sent.send(entry)
+            return True
+        except (BrokenPipeError, ConnectionResetError):  # the caller stopped reading
+            return False
 
     try:
         for item in produce(argument):
             if not hand_over(("item", item)):
                 return
     except BaseException as error:  # handed to the caller, which raises it
+        error.add_note("".join(traceback.format_exception(error)).rstrip())  # where in this process it came from
         hand_over(("error", _picklable(error)))
         return
     hand_over(("end", None))

@@ -127,7 +127,9 @@ class GatheredRows:
 
     def __getitem__(self, index: slice) -> np.ndarray:
         """Rows [start, stop) as one contiguous array: a view where they lie in one batch kept whole, else a copy."""
-        start, stop, _ = index.indices(len(self))
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("GatheredRows are read in runs of consecutive rows")
         stop = max(stop, start)
         first = int(np.searchsorted(self.starts, start, side="right")) - 1
         if first < len(self.pieces) and self.pieces[first][1] is None and stop <= self.starts[first + 1]:

@@ -60,7 +60,6 @@ class ShardWriter:
         self.error: BaseException | None = None
         self.writes = ThreadPoolExecutor(SHARDS_AT_ONCE, thread_name_prefix="shard-write")
         self.free_writers = threading.Semaphore(SHARDS_AT_ONCE)  # a shard waits for a free writer: memory stays bounded
-        self.in_flight: list[Future] = []
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
@@ -95,35 +94,24 @@ class ShardWriter:
                     pending = _Pending()
             if batch is FLUSH and pending.batches:
                 self._write(pending.batches)
-            self._wait_for_writes()
         except BaseException as error:  # handed to the producer thread, which raises it
             self.error = error
             while batch not in (FLUSH, DISCARD):  # the producer's close() ends with one; the last shard's write came after it
                 batch = self.queue.get()
         finally:
-            self._wait_for_writes(raise_error=False)  # no write outlives close(): an interrupted run keeps whole shards only
-            self.writes.shutdown()
+            self.writes.shutdown()  # waits for the writes in flight: an interrupted run keeps whole shards only
 
     def _write(self, batches: list[RecordedBatch]) -> None:
-        """Hands a shard's batches to a free writer thread, once one is free; raises an earlier write's error."""
+        """Hands a shard's batches to a writer thread once one is free; raises an earlier write's error instead."""
         self.free_writers.acquire()
-        self._raise_failed_write()
+        self._raise_if_failed()
         write = self.writes.submit(lambda: self.store.write_shard(self._assemble(batches)))
-        write.add_done_callback(lambda _: self.free_writers.release())
-        self.in_flight.append(write)
+        write.add_done_callback(self._written)
 
-    def _raise_failed_write(self) -> None:
-        for write in [w for w in self.in_flight if w.done()]:
-            self.in_flight.remove(write)
-            write.result()
-
-    def _wait_for_writes(self, raise_error: bool = True) -> None:
-        while self.in_flight:
-            write = self.in_flight.pop(0)
-            if raise_error:
-                write.result()
-            else:
-                write.exception()
+    def _written(self, write: Future) -> None:
+        if write.exception() is not None and self.error is None:  # the producer raises it at its next batch
+            self.error = write.exception()
+        self.free_writers.release()
 
     def _assemble(self, batches: list[RecordedBatch]) -> ShardData:
         columns = {name: np.concatenate([getattr(b, name) for b in batches]) for name in ("layer", "token", "doc", "pos", "split")}

@@ -59,7 +59,7 @@ class WindowRecipe:
     """What planned_windows needs, sent to the process that runs it."""
 
     corpus: CorpusConfig
-    tokenizer: object
+    tokenizer: object  # a transformers tokenizer
     max_seq_len: int
     pack_window: int
     layers: list[int]

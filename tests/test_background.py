@@ -2,10 +2,12 @@
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.background import ahead_in_process, ahead_in_thread
@@ -37,6 +39,18 @@ def dying(_):
     os._exit(3)
 
 
+def killed_while_sending(_):
+    yield "first"
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    yield np.zeros(10_000_000, np.uint8)  # the pipe holds a part of it when the process is killed
+
+
+def small_then_large(_):
+    yield 0
+    yield np.zeros(10_000_000, np.uint8)
+    yield 2
+
+
 class Unpicklable(Exception):
     def __reduce__(self):
         raise TypeError("cannot pickle")
@@ -65,6 +79,14 @@ def test_an_error_in_the_process_is_raised_in_place_of_its_item():
         next(stream)
 
 
+def test_a_forwarded_error_says_where_in_the_process_it_came_from():
+    stream = ahead_in_process(failing, "bad document")
+    next(stream)
+    with pytest.raises(ValueError) as raised:
+        next(stream)
+    assert any("in failing" in note and "bad document" in note for note in raised.value.__notes__)
+
+
 def test_an_error_that_cannot_travel_is_named():
     stream = ahead_in_process(failing_unpicklably, None)
     assert next(stream) == 1
@@ -75,6 +97,23 @@ def test_an_error_that_cannot_travel_is_named():
 def test_a_process_that_dies_is_an_error_not_a_hang():
     with pytest.raises(CrosscodersError, match="the corpus process ended before its work was done .exit code 3"):
         list(ahead_in_process(dying, None, name="corpus"))  # its last item may die with it
+
+
+def test_a_process_killed_while_sending_is_an_error_not_a_hang():
+    stream = ahead_in_process(killed_while_sending, None, name="corpus")
+    assert next(stream) == "first"
+    time.sleep(3)  # killed meanwhile, a part of the large item in the pipe
+    with pytest.raises(CrosscodersError, match="the corpus process ended before its work was done .exit code -9"):
+        next(stream)
+
+
+def test_stopping_early_is_quick_with_large_items_queued():
+    stream = ahead_in_process(small_then_large, None, depth=2)
+    assert next(stream) == 0
+    time.sleep(3)  # the large item waits in the pipe, the last one for room
+    start = time.monotonic()
+    stream.close()
+    assert time.monotonic() - start < 5
 
 
 def test_stopping_early_ends_the_process():

@@ -2,6 +2,7 @@
 written at once, and a failed write raised, not lost."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -81,3 +82,16 @@ def test_two_shards_are_written_at_once_and_both_commit(tmp_path, monkeypatch):
     for shard, recorded in zip(store.shards, batches):
         assert torch.equal(store.read_acts(shard, "train"), recorded.acts[:35])
         assert torch.equal(store.read_acts(shard, "val"), recorded.acts[35:])
+
+
+def test_a_failed_write_stops_the_next_batch_without_waiting_for_another_shard(tmp_path, monkeypatch):
+    store = create_or_open(tmp_path / "w", METADATA)
+    monkeypatch.setattr(Store, "write_shard", lambda self, shard: (_ for _ in ()).throw(OSError("disk full")))
+    writer = ShardWriter(store, shard_rows=5)
+    writer.submit(batch(0, 5, np.zeros(5, int)))  # a whole shard, whose write fails
+    deadline = time.monotonic() + 30
+    while writer.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(OSError, match="disk full"):
+        writer.submit(batch(1, 2, np.zeros(2, int), ends=False))  # not a shard's end: no write of its own to fail
+    assert close_in_a_thread(writer) == ["disk full"]
