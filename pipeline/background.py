@@ -92,8 +92,7 @@ def _received_items(process, received, room, stop) -> Iterator:
                 kind, value = received.recv()
             except (EOFError, OSError):  # OSError: "got end of file during message"
                 process.join()
-                raise CrosscodersError(f"the {process.name} process ended before its work was done (exit code "
-                                       f"{process.exitcode}); out of memory? run the same command again to continue") from None
+                raise _ended_early(process) from None
             room.release()
             if kind == "error":
                 raise value
@@ -107,6 +106,13 @@ def _received_items(process, received, room, stop) -> Iterator:
         if process.is_alive():  # inside an item's work
             process.kill()
             process.join()
+
+
+def _ended_early(process) -> CrosscodersError:
+    code = process.exitcode
+    why = "killed: out of memory?" if code == -signal.SIGKILL else "its own error, if it printed one, is above"
+    return CrosscodersError(f"the {process.name} process ended before its work was done (exit code {code}; {why}); "
+                            "run the same command again to continue")
 
 
 @contextlib.contextmanager
