@@ -55,7 +55,7 @@ if command -v py-spy >/dev/null; then  # which of stage one's threads holds the 
     step cache_gil 90 py-spy record --gil --threads --format raw -r 200 -o "$out/cache_gil.raw" -- "$python" -m bench.cache_throughput \
         --model random:qwen2.5-coder-1.5b --n-tokens 1M --batch-tokens 16384 --max-seq-len 1024 --repeats 1
     step cache_gil_threads 15 "$python" -m bench.thread_profile "$out/cache_gil.raw" --within _cache --top 15
-    step cache_idle 90 py-spy record --idle --threads --format raw -r 100 -o "$out/cache_idle.raw" -- "$python" -m bench.cache_throughput \
+    step cache_idle 90 py-spy record --idle --subprocesses --threads --format raw -r 100 -o "$out/cache_idle.raw" -- "$python" -m bench.cache_throughput \
         --model random:qwen2.5-coder-1.5b --n-tokens 1M --batch-tokens 16384 --max-seq-len 1024 --repeats 1
     step cache_idle_threads 15 "$python" -m bench.thread_profile "$out/cache_idle.raw" --within _cache --top 15
 else

@@ -1,10 +1,12 @@
 """Where each thread's samples went, from a py-spy profile in raw (collapsed stacks) form, recorded with --threads.
 
-Usage: py-spy record --threads --format raw -o PROFILE [--gil | --idle] -- python -m bench.cache_throughput ...
+Usage: py-spy record --threads --format raw -o PROFILE [--gil | --idle --subprocesses] -- python -m bench.cache_throughput ...
        python -m bench.thread_profile PROFILE [--top 12] [--within _cache]
 With --gil py-spy samples only the thread holding the GIL, so each thread's share is its share of the GIL; with
 --idle it samples waiting threads too, so a thread's waits (Queue.get, Event.wait) show as functions. Threads of a
-pool are summed under its name without the number (compress_0 and compress_1 as compress); a function counts each
+pool are summed under its name without the number (compress_0 and compress_1 as compress), and with --subprocesses
+the threads of the processes it started as "subprocess PID NAME" (cache-acts' corpus process on a GPU, and
+multiprocessing's resource tracker); a function counts each
 sample whose stack it is in (inclusive), and those in every sample of a thread (its entry calls) are left out. --within keeps the
 samples whose stack passes through that function, or that come from a thread other than the main one (the import
 of the libraries and the model's loading left out).
@@ -31,10 +33,16 @@ def read_profile(path: str, within: str | None) -> tuple[collections.Counter, di
         for line in lines:
             stack, count = line.rstrip("\n").rsplit(" ", 1)
             frames = stack.split(";")
-            match = THREAD.fullmatch(frames[0])
-            if match is None:
+            at = next((i for i, frame in enumerate(frames) if THREAD.fullmatch(frame)), None)
+            if at is None:
                 continue
+            match = THREAD.fullmatch(frames[at])
+            # with --subprocesses a stack starts with its process's ancestry ("process PID:COMMAND", a command may hold ";")
+            processes = [frame.split(":")[0].removeprefix("process ") for frame in frames[:at] if frame.startswith("process ")]
+            frames = frames[at:]
             thread = re.sub(r"_\d+$", "", match["name"] or "(unnamed)")
+            if len(processes) > 1:  # a thread of a process the profiled one started
+                thread = f"subprocess {processes[-1]} {thread}"
             names = list(dict.fromkeys(frame.split(" (")[0] for frame in frames[1:]))
             if within and thread == "MainThread" and within not in names:
                 continue

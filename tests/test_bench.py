@@ -222,11 +222,12 @@ def test_thread_profile_sums_each_threads_samples_by_function(tmp_path):
         "thread (0x2): compress_0;Thread.run (t.py:1);encoded (f.py:4) 3\n"
         "thread (0x3): compress_1;Thread.run (t.py:1);encoded (f.py:4);take (n.py:2) 1\n"
         "thread (0x3): compress_1;Thread.run (t.py:1);wait (t.py:7) 4\n"
+        'process 9:"python -m bench";process 12:"python -c import a; a.main()";thread (12): MainThread;produce (b.py:3) 5\n'
     )
     result = run("-m", "bench.thread_profile", str(profile), "--within", "_cache")
     assert result.returncode == 0, result.stderr
     rows = printed_rows(result.stdout, ["thread", "samples", "share", "function", "function samples", "of thread"])
     assert [(row["thread"], row["samples"], row["share"]) for row in rows if "samples" in row] == [
-        ("MainThread", "8", "50.0%"), ("compress", "8", "50.0%")]
+        ("MainThread", "8", "38.1%"), ("compress", "8", "38.1%"), ("subprocess 12 MainThread", "5", "23.8%")]
     assert [(row["thread"], row["function"], row["function samples"]) for row in rows if "function" in row] == [
         ("MainThread", "step", "6"), ("compress", "encoded", "4"), ("compress", "wait", "4"), ("compress", "take", "1")]
