@@ -161,11 +161,9 @@ def encode_file(rows: "np.ndarray | GatheredRows", metadata: ArrayV3Metadata) ->
     chunk_rows, blosc_config = sharding.chunk_shape[0], sharding.codecs[1].to_dict()["configuration"]  # as zarr.json has it
     compressor = Blosc(cname=blosc_config["cname"], clevel=blosc_config["clevel"], shuffle=_SHUFFLES[blosc_config["shuffle"]],
                        blocksize=blosc_config["blocksize"], typesize=blosc_config["typesize"])
-    if isinstance(rows, np.ndarray):
-        rows = np.ascontiguousarray(rows)  # blosc takes whole buffers
 
     def encoded(start: int) -> tuple[bytes, bytes]:
-        chunk = np.ascontiguousarray(rows[start : start + chunk_rows])
+        chunk = np.ascontiguousarray(rows[start : start + chunk_rows])  # blosc takes whole buffers
         if len(chunk) < chunk_rows:
             chunk = np.concatenate([chunk, np.zeros((chunk_rows - len(chunk), *rows.shape[1:]), rows.dtype)])
         compressed = compressor.encode(chunk)
