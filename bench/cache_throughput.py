@@ -36,21 +36,26 @@ RANDOM_SHAPES = {  # Qwen2.5-Coder shapes, for speed figures without the weights
 }
 
 
-def random_model(shape: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """A Qwen2 of a real model's shape with random weights, plus the tiny test tokenizer (ids stay in range)."""
+def tiny_tokenizer():
+    """The tests' tiny byte-level tokenizer with Qwen's special tokens and chat template (tests/conftest.py)."""
     import sys
-
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """A Qwen2 of a real model's shape with random weights, plus the tiny test tokenizer (ids stay in range)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(**RANDOM_SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype).eval().requires_grad_(False)
     info = ModelInfo(f"random:{shape}", f"random:{shape}", config.hidden_size, config.num_hidden_layers,
                      config.num_hidden_layers + 1, config.vocab_size)
-    return LoadedModel(model, build_tiny_tokenizer(), info)
+    return LoadedModel(model, tiny_tokenizer(), info)
 
 
 def main(

@@ -15,7 +15,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench.cache_throughput import tiny_tokenizer
 from bench.shard_writer import recorded_batches
 from bench.tables import add_row
 from pipeline.corpus import CorpusConfig, iter_documents, tokenize_document
@@ -41,10 +41,7 @@ SETTINGS = {  # name -> (threads beside the main thread, whether they run in ano
 
 def corpus_thread(stop: threading.Event, pack_window: int) -> None:
     """Reads and tokenizes packing windows of the default corpus, as cache-acts prepares the next one, until stopped."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     while not stop.is_set():
         windows = read_windows(lambda start: iter_documents(CorpusConfig(), start=start),
                                lambda doc: np.asarray(tokenize_document(doc, tokenizer, 1024), dtype=np.int32),

@@ -15,7 +15,6 @@ import itertools
 import os
 import resource
 import tempfile
-from pathlib import Path
 
 import torch
 import typer
@@ -23,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 import pipeline.cache as cache_module
+from bench.cache_throughput import tiny_tokenizer
 from bench.tables import add_row
 from pipeline.cache import CacheConfig, cache_activations
 from pipeline.corpus import CorpusConfig
@@ -32,17 +32,9 @@ from pipeline.units import parse_count
 
 def stand_in_model(tokenizer_spec: str, d_model: int, n_layers: int) -> LoadedModel:
     """A Qwen2 of that shape on the meta device (never run) with the tiny test tokenizer or a model's tokenizer."""
-    import sys
-
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    if tokenizer_spec == "tiny":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import build_tiny_tokenizer
-
-        tokenizer = build_tiny_tokenizer()
-    else:
-        tokenizer = load_model(tokenizer_spec).tokenizer
+    tokenizer = tiny_tokenizer() if tokenizer_spec == "tiny" else load_model(tokenizer_spec).tokenizer
     config = Qwen2Config(hidden_size=d_model, intermediate_size=8, num_hidden_layers=n_layers, num_attention_heads=1,
                          num_key_value_heads=1, vocab_size=len(tokenizer))
     with torch.device("meta"):
