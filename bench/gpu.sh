@@ -3,7 +3,8 @@
 # also written to OUT_DIR/<step>.txt: the GPU-only tests (Triton kernels, CUDA graph replays, batches sent on a
 # side stream), the SAE step (dense, sparse, Triton, each also replayed from CUDA graphs; Triton also with each
 # step's metrics read before the next is queued; with and without dead latents; a profile), stage two from
-# shards against memory (also with train-sae's default step on a GPU: dense, from CUDA graphs), and stage one
+# shards against memory (also with train-sae's default step on a GPU: dense, from CUDA graphs), stage two's host work
+# alone (a stand-in step of a given time), and stage one
 # against the bare forward pass of a 1.5B-shaped random-weight model, stage one's host work alone, and where its
 # threads hold the GIL (py-spy). The step files end up in OUT_DIR/figures.tar.gz (a lent machine sends back 8 files).
 # Usage: bash bench/gpu.sh OUT_DIR   (PYTHON picks the interpreter; default python3)
@@ -51,6 +52,10 @@ step cache 120 "$python" -m bench.cache_throughput --model random:qwen2.5-coder-
     --max-seq-len 1024
 step host 60 "$python" -m bench.stage_one_host --n-tokens 1M --repeats 1
 step writer 40 "$python" -m bench.shard_writer --d-model 1536 --n-rows 512K --device cuda
+# stage two's host alone: the loader feeding a stand-in step of the dense 4x/k32 step's time (graphs, no dead latent) and
+# of the 3M rows/s target's
+step train_host 60 "$python" -m bench.stage_two_host --synthetic-rows 1M --d-model 1536 --batch-size 4096 --steps 200 \
+    --step-ms 2.5,1.37 --device cuda
 if command -v py-spy >/dev/null; then  # which of stage one's threads holds the GIL, and what the main thread waits on
     step cache_gil 90 py-spy record --gil --threads --format raw -r 200 -o "$out/cache_gil.raw" -- "$python" -m bench.cache_throughput \
         --model random:qwen2.5-coder-1.5b --n-tokens 1M --batch-tokens 16384 --max-seq-len 1024 --repeats 1

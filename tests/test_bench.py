@@ -5,6 +5,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def gpu_script_steps() -> dict[str, list[str]]:
 
 def test_gpu_script_runs_every_measure_the_performance_issue_needs():
     assert gpu_script_steps().keys() == {"kernels", "sae_step", "cache", "host", "writer", "cache_gil", "cache_gil_threads",
-                                         "cache_idle", "cache_idle_threads", "train", "sae_step_profile", "train_graph",
+                                         "cache_idle", "cache_idle_threads", "train", "train_host", "sae_step_profile", "train_graph",
                                          "sae_step_no_dead"}
 
 
@@ -231,3 +232,54 @@ def test_thread_profile_sums_each_threads_samples_by_function(tmp_path):
         ("MainThread", "8", "38.1%"), ("compress", "8", "38.1%"), ("subprocess 12 MainThread", "5", "23.8%")]
     assert [(row["thread"], row["function"], row["function samples"]) for row in rows if "function" in row] == [
         ("MainThread", "step", "6"), ("compress", "encoded", "4"), ("compress", "wait", "4"), ("compress", "take", "1")]
+
+
+def test_stage_two_host_bench_trains_at_most_at_the_stand_in_steps_rate():
+    steps, step_ms, batch = 24, 20, 256
+    result = run("-m", "bench.stage_two_host", "--synthetic-rows", "12K", "--d-model", "32", "--batch-size", str(batch),
+                 "--steps", str(steps), "--step-ms", str(step_ms), "--repeats", "1", "--workers", "2", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    rows = printed_rows(result.stdout, ["step ms", "measure", "rows/s", "ratio", "wait ms: mean", "at window starts", "elsewhere"])
+    assert [(row.get("step ms"), row["measure"]) for row in rows] == [(None, "loader alone"), ("20", "train from memory"),
+                                                                       ("20", "train from shards")]
+    step_rate = batch / (step_ms / 1000)
+    # timed from the 3rd batch to the last, whose step need not have run: n - 3 batches in at least n - 4 steps
+    ceiling = step_rate * (steps - 3) / (steps - 4)
+    memory, shards = rate(rows[1]["rows/s"]), rate(rows[2]["rows/s"])
+    assert 0.7 * step_rate < memory <= ceiling and shards <= ceiling
+    assert shown_ratio(rows[2]["ratio"], rows[2]["rows/s"], rows[1]["rows/s"])
+    waits = float(rows[1]["wait ms: mean"])
+    assert waits == pytest.approx(step_ms * step_rate / memory - step_ms, abs=0.02 + step_ms * 0.5 / memory)  # per batch
+
+
+def test_stand_in_step_gives_the_step_befores_metrics_when_that_step_would_end():
+    from bench.stage_two_host import StandInStep
+    from pipeline.train_step import METRICS
+
+    step = StandInStep(real=None, seconds=0.05)
+    start = time.perf_counter()
+    assert step(None, None, lr=0.1) is None and time.perf_counter() - start < 0.04  # queued, nothing to read yet
+    assert step(None, None, lr=0.2) == {**dict.fromkeys(METRICS, 0.0), "lr": 0.1}
+    assert 0.05 <= time.perf_counter() - start < 0.09  # the first step's end; the second runs until 0.1
+    assert step.drain() == {**dict.fromkeys(METRICS, 0.0), "lr": 0.2} and time.perf_counter() - start >= 0.1
+    assert step.drain() is None
+
+
+def test_window_starts_marks_each_batch_that_takes_a_new_shuffled_window(tmp_path):
+    from bench.stage_two_host import window_starts
+    from pipeline.loader import ShardLoader
+
+    loader = ShardLoader(write_store(tmp_path / "s", [3000, 2500, 4100, 700]), batch_size=500, window_chunks=3)
+    window_of = {}  # a row's global id (its first feature) -> its window
+    for window, chunk_ids in enumerate(loader._windows(epoch=2)):
+        for chunk_id in chunk_ids:
+            chunk = loader.chunks[chunk_id]
+            first_id = sum(shard.n_rows["train"] for shard in loader.store.shards[: loader.store.shards.index(chunk.shard)])
+            window_of.update(dict.fromkeys(range(first_id + chunk.start, first_id + chunk.end), window))
+    windows_of_batches = [{window_of[i] for i in x[:, 0].long().tolist()} for x, _ in loader.train_batches(epoch=2)]
+    seen, expected = set(), []
+    for windows in windows_of_batches:
+        expected.append(not windows <= seen)
+        seen |= windows
+    begins = window_starts(loader, epoch=2, n_batches=len(windows_of_batches))
+    assert begins.tolist() == expected and 1 < sum(expected) < len(expected)
