@@ -51,11 +51,13 @@ step kernels 90 "$python" -m pytest -q -p no:cacheprovider tests/test_triton_top
 step cache 120 "$python" -m bench.cache_throughput --model random:qwen2.5-coder-1.5b --n-tokens 1M --batch-tokens 16384 \
     --max-seq-len 1024
 step host 60 "$python" -m bench.stage_one_host --n-tokens 1M --repeats 1
-step writer 40 "$python" -m bench.shard_writer --d-model 1536 --n-rows 512K --device cuda
 # stage two's host alone: the loader feeding a stand-in step of the dense 4x/k32 step's time (graphs, no dead latent) and
 # of the 3M rows/s target's
 step train_host 60 "$python" -m bench.stage_two_host --synthetic-rows 1M --d-model 1536 --batch-size 4096 --steps 200 \
     --step-ms 2.5,1.37 --device cuda
+step sae_step_profile 40 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders dense,dense+graph,triton+graph \
+    --repeats 1 --profile
+step writer 40 "$python" -m bench.shard_writer --d-model 1536 --n-rows 512K --device cuda
 if command -v py-spy >/dev/null; then  # which of stage one's threads holds the GIL, and what the main thread waits on
     step cache_gil 90 py-spy record --gil --threads --format raw -r 200 -o "$out/cache_gil.raw" -- "$python" -m bench.cache_throughput \
         --model random:qwen2.5-coder-1.5b --n-tokens 1M --batch-tokens 16384 --max-seq-len 1024 --repeats 1
@@ -66,12 +68,10 @@ if command -v py-spy >/dev/null; then  # which of stage one's threads holds the 
 else
     echo "== no py-spy (bench/gpu_wheels.sh fetches its wheel): stage one's threads not profiled" | tee "$out/cache_gil_threads.txt"
 fi
+step train_graph 70 "$python" -m bench.train_throughput --synthetic-rows 1M --d-model 1536 --batch-size 4096 --steps 200 \
+    --workers 8,14 --cuda-graph --repeats 2
 paths=dense,sparse,triton,dense+graph,sparse+graph,triton+graph,triton+sync,triton+graph+sync
 step sae_step 100 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths --steps 20
 step train 100 "$python" -m bench.train_throughput --synthetic-rows 2M --d-model 1536 --batch-size 4096 --steps 200 \
     --workers 4,8,14
-step sae_step_profile 40 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders dense,dense+graph,triton+graph \
-    --repeats 1 --profile
-step train_graph 70 "$python" -m bench.train_throughput --synthetic-rows 1M --d-model 1536 --batch-size 4096 --steps 200 \
-    --workers 8,14 --cuda-graph --repeats 2
 step sae_step_no_dead 50 "$python" -m bench.sae_step --device cuda --batch-size 4096 --decoders $paths --dead-fraction 0 --steps 20
