@@ -13,7 +13,6 @@ faults: the minor ones, each a fresh page of memory touched.
 
 import itertools
 import os
-import resource
 import tempfile
 
 import torch
@@ -23,6 +22,7 @@ from rich.table import Table
 
 import pipeline.cache as cache_module
 from bench.cache_throughput import tiny_tokenizer
+from bench.resources import usage
 from bench.tables import add_row
 from pipeline.cache import CacheConfig, cache_activations
 from pipeline.corpus import CorpusConfig
@@ -60,12 +60,6 @@ class PoolRows:
 def zero_sums(acts: torch.Tensor, layers: torch.Tensor, n_layers: int, kept: torch.Tensor | None = None):
     return (torch.zeros(n_layers, dtype=torch.int64), torch.zeros(n_layers, acts.shape[1], dtype=torch.float64),
             torch.zeros(n_layers, dtype=torch.float64))
-
-
-def usage() -> tuple[float, int]:
-    """CPU seconds (user and system) and minor page faults so far, of this process and of its children that ended."""
-    this, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (sum(u.ru_utime + u.ru_stime for u in (this, children)), this.ru_minflt + children.ru_minflt)
 
 
 def main(

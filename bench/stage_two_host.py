@@ -7,7 +7,9 @@ that takes --step-ms per step and does nothing: queuing a step returns at once, 
 metrics waits, without the GIL, until that step would have ended, as TrainStep's read-back waits on a GPU. So from
 memory (the same batches held on the device) training runs at the step's rate, and from shards at most at it: the
 gap is the host's. Waits: per batch, how long past the step's time the trainer waited for it, in the mean, on the
-batches that begin a shuffled window of the loader, and on the others.
+batches that begin a shuffled window of the loader, and on the others. For the loader alone, the CPU time of all its
+threads (user and system) and the minor page faults (fresh pages touched) per row: with the rate, whether its threads
+are busy (CPU us/row x rows/s near the reader threads) or wait on each other.
 """
 
 import tempfile
@@ -22,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 import pipeline.train as train_module
+from bench.resources import usage
 from bench.tables import add_row
 from bench.train_throughput import BatchClock, Prefetched, loader_rows_per_s, run_scratch, synthetic_store
 from pipeline.devices import resolve_device
@@ -103,10 +106,14 @@ def main(
             raise typer.BadParameter(f"{steps} steps time no steady state; give --steps 4 or more, and a store of 5 batches or more")
         table = Table(title=f"stage two without the SAE's work: d_model {store.d_model}, batch {batch_size}, {torch_device}, "
                             f"{loader.n_rows:,} rows, {reader_threads(workers)} reader threads")
-        for column in ("step ms", "measure", "rows/s", "ratio", "wait ms: mean", "at window starts", "elsewhere"):
+        for column in ("step ms", "measure", "rows/s", "ratio", "wait ms: mean", "at window starts", "elsewhere", "CPU us/row",
+                       "page faults/row"):
             table.add_column(column, justify="right")
         loader_rows_per_s(loader, steps, torch_device)  # untimed: a GPU's context, pinned buffers; the page cache
-        add_row(table, "-", "loader alone", f"{loader_rows_per_s(loader, steps, torch_device):,.0f}", "", "", "", "")
+        before = usage()
+        rate = loader_rows_per_s(loader, loader.n_train_batches(), torch_device)  # a whole epoch: no window read unused
+        (cpu, faults), rows = (after - start for start, after in zip(before, usage())), loader.n_rows
+        add_row(table, "-", "loader alone", f"{rate:,.0f}", "", "", "", "", f"{cpu / rows * 1e6:.2f}", f"{faults / rows:.3f}")
         memory, begins = Prefetched(loader, steps), window_starts(loader, 0, steps)
         for milliseconds in (float(ms) for ms in step_ms.split(",")):
             cfg = TrainConfig(expansion=1, k=1, batch_size=batch_size, steps=steps, val_every=10**9, save_every=10**9, warmup_steps=1)
@@ -120,7 +127,7 @@ def main(
                 cells = [f"{waits.mean():.2f}", f"{waits[at_start].mean():.2f}" if at_start.any() else "-",
                          f"{waits[~at_start].mean():.2f}"]
                 ratio = f"{rate / rates[0]:.2f}" if name == "from shards" else ""
-                add_row(table, f"{milliseconds:g}", f"train {name}", f"{rate:,.0f}", ratio, *cells)
+                add_row(table, f"{milliseconds:g}", f"train {name}", f"{rate:,.0f}", ratio, *cells, "", "")
     Console(width=160).print(table)
 
 

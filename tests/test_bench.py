@@ -239,7 +239,8 @@ def test_stage_two_host_bench_trains_at_most_at_the_stand_in_steps_rate():
     result = run("-m", "bench.stage_two_host", "--synthetic-rows", "12K", "--d-model", "32", "--batch-size", str(batch),
                  "--steps", str(steps), "--step-ms", str(step_ms), "--repeats", "1", "--workers", "2", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    rows = printed_rows(result.stdout, ["step ms", "measure", "rows/s", "ratio", "wait ms: mean", "at window starts", "elsewhere"])
+    rows = printed_rows(result.stdout, ["step ms", "measure", "rows/s", "ratio", "wait ms: mean", "at window starts", "elsewhere",
+                                        "CPU us/row", "page faults/row"])
     assert [(row.get("step ms"), row["measure"]) for row in rows] == [(None, "loader alone"), ("20", "train from memory"),
                                                                        ("20", "train from shards")]
     step_rate = batch / (step_ms / 1000)
@@ -248,6 +249,7 @@ def test_stage_two_host_bench_trains_at_most_at_the_stand_in_steps_rate():
     memory, shards = rate(rows[1]["rows/s"]), rate(rows[2]["rows/s"])
     assert 0.7 * step_rate < memory <= ceiling and shards <= ceiling
     assert shown_ratio(rows[2]["ratio"], rows[2]["rows/s"], rows[1]["rows/s"])
+    assert float(rows[0]["CPU us/row"]) > 0 and float(rows[0]["page faults/row"]) >= 0
     waits = float(rows[1]["wait ms: mean"])
     assert waits == pytest.approx(step_ms * step_rate / memory - step_ms, abs=0.02 + step_ms * 0.5 / memory)  # per batch
 
