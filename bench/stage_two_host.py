@@ -78,6 +78,18 @@ def window_starts(loader: ShardLoader, epoch: int, n_batches: int) -> np.ndarray
     return begins
 
 
+def waits_past_the_step(asked: np.ndarray, begins: np.ndarray, step_ms: float) -> tuple[float, float | None, float | None]:
+    """Mean ms past the step's time that the trainer waited for a batch, from the 4th batch on (the steady state's
+    batches; asked: when the trainer got each batch, s): over all, over those that begin a window, over the others."""
+    waits = np.diff(asked)[2:] * 1000 - step_ms  # batch b against batch b - 1, for b = 3, 4, ...
+    at_start = begins[3 : len(asked)]
+
+    def mean(kept: np.ndarray) -> float | None:
+        return float(waits[kept].mean()) if kept.any() else None
+
+    return float(waits.mean()), mean(at_start), mean(~at_start)
+
+
 def timed(source, cfg: TrainConfig, device: torch.device) -> np.ndarray:
     """train() over cfg.steps steps: when the trainer got each batch (perf_counter seconds)."""
     clock = BatchClock(source)
@@ -122,10 +134,7 @@ def main(
             fastest = [min(side, key=lambda asked: asked[-1] - asked[2]) for side in zip(*runs)]  # the fastest steady state
             rates = [(len(asked) - 3) * batch_size / (asked[-1] - asked[2]) for asked in fastest]
             for name, asked, rate in zip(("from memory", "from shards"), fastest, rates):
-                waits = np.diff(asked)[2:] * 1000 - milliseconds  # batch b + 1 against b, from the 3rd batch on
-                at_start = begins[3 : len(asked)]
-                cells = [f"{waits.mean():.2f}", f"{waits[at_start].mean():.2f}" if at_start.any() else "-",
-                         f"{waits[~at_start].mean():.2f}"]
+                cells = [f"{wait:.2f}" if wait is not None else "-" for wait in waits_past_the_step(asked, begins, milliseconds)]
                 ratio = f"{rate / rates[0]:.2f}" if name == "from shards" else ""
                 add_row(table, f"{milliseconds:g}", f"train {name}", f"{rate:,.0f}", ratio, *cells, "", "")
     Console(width=160).print(table)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_loader import write_store
@@ -265,6 +266,15 @@ def test_stand_in_step_gives_the_step_befores_metrics_when_that_step_would_end()
     assert 0.05 <= time.perf_counter() - start < 0.09  # the first step's end; the second runs until 0.1
     assert step.drain() == {**dict.fromkeys(METRICS, 0.0), "lr": 0.2} and time.perf_counter() - start >= 0.1
     assert step.drain() is None
+
+
+def test_waits_past_the_step_are_split_between_batches_that_begin_a_window_and_the_others():
+    from bench.stage_two_host import waits_past_the_step
+
+    asked = np.array([0, 10, 20, 30, 45, 55, 65, 83]) / 1000  # batches 4 and 7 waited 5 and 8 ms past a 10 ms step
+    begins = np.array([True, False, False, False, True, False, False, True])
+    assert waits_past_the_step(asked, begins, 10) == pytest.approx((13 / 5, 6.5, 0))
+    assert waits_past_the_step(asked, np.zeros(8, bool), 10)[1:] == (None, pytest.approx(13 / 5))
 
 
 def test_window_starts_marks_each_batch_that_takes_a_new_shuffled_window(tmp_path):
