@@ -194,6 +194,8 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
     if rank == 0:  # one process holds the store for the job, creates it and clears what a killed run left, before anyone writes
         busy = f"another cache-acts job is writing {config.out}; wait for it to end, or choose another --out"
         held.enter_context(exclusive_lock(Location(config.out), busy))  # its clean-up would delete the shards this one writes
+        if not Location(config.out).exists("zarr.json"):  # refused before a new store records this run's options
+            check_disk_space(Location(config.out), config.n_tokens, info.d_model, config.dtype)
         store = create_or_open(config.out, metadata, sources=False)
     distributed.barrier()
     if rank != 0:  # opened once rank 0 has cleaned it (each opening reads every shard's record)
@@ -205,7 +207,7 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
             console.print(Text(f"{store.url} already holds {store.n_pairs:,} pairs (asked for {config.n_tokens:,}); nothing to do"), soft_wrap=True)
         return CacheReport(store.url, 0, store.n_pairs, 0, 0.0)
     check_same_sources(store, metadata)  # documents are about to be added: they must come from the same stream
-    check_disk_space(store, config.n_tokens - store.n_pairs, info.d_model, config.dtype)
+    check_disk_space(store.location, config.n_tokens - store.n_pairs, info.d_model, config.dtype)
 
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -360,14 +362,14 @@ def _to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], "torch.cuda.Ev
     return hosts, event
 
 
-def check_disk_space(store: Store, n_pairs: int, d_model: int, dtype: str) -> None:
+def check_disk_space(location: Location, n_pairs: int, d_model: int, dtype: str) -> None:
     """Refuses a run the disk cannot hold (uncompressed bound: compression only helps)."""
     bytes_per_pair = d_model * STORAGE_DTYPES[dtype].itemsize + sum(np.dtype(t).itemsize for t in ROW_FIELDS.values()) + 4
     needed = n_pairs * bytes_per_pair
-    free = store.location.free_bytes()
+    free = location.free_bytes()
     if free is not None and needed > free:
         raise CrosscodersError(
-            f"{n_pairs:,} more pairs need up to {needed / 2**30:.1f} GiB but {store.url} has {free / 2**30:.1f} GiB free; "
+            f"{n_pairs:,} more pairs need up to {needed / 2**30:,.1f} GiB but {location} has {free / 2**30:,.1f} GiB free; "
             "lower --n-tokens or choose another --out"
         )
 

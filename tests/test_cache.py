@@ -494,12 +494,17 @@ def test_the_dataset_fingerprint_covers_each_files_name_size_and_ends(tmp_path):
     assert dataset_files_fingerprint(CorpusConfig()) is None and dataset_files_fingerprint(CorpusConfig(dataset="org/name")) is None
 
 
-def test_disk_preflight_refuses_a_run_that_cannot_fit(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+def test_disk_preflight_refuses_a_run_that_cannot_fit_before_a_new_store_records_its_options(tiny_model_dir, corpus_file, tmp_path,
+                                                                                             monkeypatch):
     import shutil as shutil_module
 
+    full = shutil_module.disk_usage
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: shutil_module._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(CrosscodersError, match=r"need up to .* GiB but .* GiB free; lower --n-tokens"):
-        run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=1000)
+        run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=1000, dtype="float32")
+    assert not (tmp_path / "s" / "zarr.json").exists()
+    monkeypatch.setattr(shutil_module, "disk_usage", full)
+    assert run_cache(tiny_model_dir, corpus_file, tmp_path / "s", n_tokens=1000, dtype="bf16").n_pairs == 1000  # less, smaller
 
 
 @pytest.mark.integration
