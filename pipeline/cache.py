@@ -32,7 +32,7 @@ from pipeline.models import DEFAULT_MODEL, decoder_layers, load_model
 from pipeline.positions import skipped_positions
 from pipeline.shard_writer import RecordedBatch, ShardWriter
 from pipeline.storage import Location, exclusive_lock
-from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, Store, check_same_sources, create_or_open, layer_sum_tensors, recorded_metadata
+from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, check_same_sources, create_or_open, layer_sum_tensors, recorded_metadata
 from pipeline.units import parse_count
 from pipeline.windows import PairLedger, Window, WindowRecipe, planned_windows, window_rounds
 

@@ -334,6 +334,9 @@ def report_path(cfg: FeaturesConfig, sae_dir: Path) -> Path | None:
     check_output_folder(path.parent, "--html")
     if path.is_dir():  # its folder is readable: checked above
         raise CrosscodersError(f"--html {path} is a folder; pass a file path such as {path / 'features.html'}")
+    if path.suffix.lower() not in (".html", ".htm"):  # a slip such as --html RUN/cfg.json would replace that file
+        raise CrosscodersError(f"--html {cfg.html} is not an .html file, and the report replaces what it names; pass a path "
+                               "ending in .html")
     return path
 
 

@@ -450,13 +450,21 @@ def test_report_of_a_checkpoint_goes_beside_it(sae, run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("html, message", [("newdir/", r"--html newdir/ names a folder; pass a file path such as newdir/features.html"),
-                                           ("s3://b/f.html", r"--html s3://b/f.html must be a local path")])
+                                           ("s3://b/f.html", r"--html s3://b/f.html must be a local path"),
+                                           ("report", r"^--html report is not an \.html file, and the report replaces what it names")])
 def test_an_html_path_that_is_no_local_file_is_refused_before_the_scan(run_dir, tmp_path, monkeypatch, html, message):
     """newdir/ was written as a file named newdir; s3://b/f.html as a local folder named s3:"""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CrosscodersError, match=message):
         explore_features(FeaturesConfig(sae=str(run_dir), html=html, n_rows=300), QUIET)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_html_path_naming_a_file_of_the_run_is_refused_and_the_file_kept(run_dir):
+    config = (run_dir / "cfg.json").read_bytes()
+    with pytest.raises(CrosscodersError, match=r"cfg\.json is not an \.html file"):
+        explore_features(FeaturesConfig(sae=str(run_dir), html=str(run_dir / "cfg.json"), n_rows=300), QUIET)
+    assert (run_dir / "cfg.json").read_bytes() == config
 
 
 def test_a_model_that_does_not_load_is_a_note(run_dir, tmp_path):
