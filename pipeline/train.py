@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import typing
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import product
@@ -21,7 +22,7 @@ from pipeline.files import open_to_all, remove, sync_tree, write_whole
 from pipeline.layers import stored_layers
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
 from pipeline.sae import CHECKPOINT, DECODERS, LAYER_ENCODINGS, SAEConfig, TopKSAE, load
-from pipeline.storage import Location
+from pipeline.storage import Location, exclusive_lock
 from pipeline.store import Store
 from pipeline.train_step import TrainStep, autocast, check_device
 from pipeline.units import parse_count
@@ -312,18 +313,40 @@ def train(
         raise CrosscodersError("runs of a sweep share batches, so batch_size cannot be swept; train them separately")
     if source.n_train_batches() < 1:
         raise CrosscodersError(f"the cache holds less than one batch of {configs[0].batch_size} rows; lower batch_size")
-    started = [(Path(out_dir) / TRAIN_CONFIG_FILE).exists() for out_dir in out_dirs]
-    # a sweep stopped while it wrote its runs' settings: under --resume, the runs it had not reached start afresh
-    resumes = [resume and (run_started or not any(started)) for run_started in started]
-    for cfg, out_dir, run_resumes in zip(configs, out_dirs, resumes):  # every config and folder error before any training
-        cfg.sae_config(source.d_model, source.n_layers)
-        check_device(cfg, device)
-        check_run_folder(cfg, Path(out_dir), run_resumes, data)
-        if cfg.wandb:
-            import_wandb()
-    distributed.barrier()  # every process has checked the folders before the first writes to them
-    with torch.random.fork_rng(devices=[]):  # seeded per run (cfg.seed); the caller's RNG is left as it was
-        return _train(configs, out_dirs, resumes, source, device, progress, data)
+    with ExitStack() as held:
+        if distributed.is_main():  # the one process that writes the runs' files holds their folders
+            for out_dir in out_dirs:
+                held.enter_context(run_folder_held(Path(out_dir)))
+        started = [(Path(out_dir) / TRAIN_CONFIG_FILE).exists() for out_dir in out_dirs]
+        # a sweep stopped while it wrote its runs' settings: under --resume, the runs it had not reached start afresh
+        resumes = [resume and (run_started or not any(started)) for run_started in started]
+        for cfg, out_dir, run_resumes in zip(configs, out_dirs, resumes):  # every config and folder error before any training
+            cfg.sae_config(source.d_model, source.n_layers)
+            check_device(cfg, device)
+            check_run_folder(cfg, Path(out_dir), run_resumes, data)
+            if cfg.wandb:
+                import_wandb()
+        distributed.barrier()  # every process has checked the folders before the first writes to them
+        with torch.random.fork_rng(devices=[]):  # seeded per run (cfg.seed); the caller's RNG is left as it was
+            return _train(configs, out_dirs, resumes, source, device, progress, data)
+
+
+@contextmanager
+def run_folder_held(run_dir: Path) -> typing.Iterator[None]:
+    """Holds run_dir for this job (an exclusive flock, as cache-acts holds its store), so that a second train-sae on it,
+    which would interleave its metrics and checkpoints with this one's, is refused; the folders made for the lock are
+    removed again where the job leaves them empty (refused before it wrote anything)."""
+    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
+    try:
+        with exclusive_lock(Location(str(run_dir)), f"another train-sae job is writing {run_dir}; wait for it to end, "
+                                                    "or choose another --out"):
+            yield
+    finally:
+        for folder in made:
+            try:
+                folder.rmdir()  # an empty folder only
+            except OSError:
+                break
 
 
 def _train(configs: list[TrainConfig], out_dirs: list[Path], resumes: list[bool], source: BatchSource, device: torch.device,

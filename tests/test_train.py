@@ -5,7 +5,9 @@ import json
 import os
 import re
 import sys
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -335,6 +337,29 @@ def test_resume_needs_a_run_and_a_new_run_an_empty_folder(tmp_path):
             train([SMALL], small_source(), [tmp_path / name], resume=resume, progress=False)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["empty", "file", "notes.txt", "other"]  # nothing written
     assert train([replace(SMALL, steps=2)], small_source(), [tmp_path / "empty"], progress=False)[0]["step"] == 2
+
+
+def test_a_second_job_on_a_run_folder_being_trained_is_refused_before_it_writes(tmp_path):
+    """Two jobs on one folder interleaved their metrics and checkpoints; a refused fresh run died halfway instead."""
+    source, run, first_batch_asked, go_on = small_source(), tmp_path / "run", threading.Event(), threading.Event()
+    batches = source.train_batches
+
+    def slow_batches(*args, **kwargs):
+        first_batch_asked.set()
+        go_on.wait(60)
+        return batches(*args, **kwargs)
+
+    source.train_batches = slow_batches
+    first = ThreadPoolExecutor(1).submit(train, [SMALL], source, [run], progress=False)
+    assert first_batch_asked.wait(60)  # the first job has written its settings and waits for its batches
+    written = sorted(path.name for path in run.iterdir())
+    for resume in (False, True):
+        with pytest.raises(CrosscodersError, match=re.escape(f"another train-sae job is writing {run}; wait for it to end")):
+            train([SMALL], small_source(), [run], resume=resume, progress=False)
+    assert sorted(path.name for path in run.iterdir()) == written
+    go_on.set()
+    assert first.result(60)[0]["step"] == 30
+    assert train([SMALL], small_source(), [run], resume=True, progress=False)[0]["step"] == 30  # free again: nothing left to do
 
 
 def test_resuming_a_sweeps_folder_without_its_sweep_names_the_sweeps_runs(tmp_path):
