@@ -123,22 +123,36 @@ def _local_files(folder: str) -> Iterator[str]:
 def exclusive_lock(location: Location, busy: str) -> Iterator[None]:
     """Holds an exclusive flock on a local folder, made if missing; CrosscodersError(busy) while another process holds
     it. Object stores and file systems without flock go unlocked."""
-    descriptor = None
-    if location.is_local:
-        try:
-            os.makedirs(location.root, exist_ok=True)
-            descriptor = os.open(location.root, os.O_RDONLY)
-        except OSError:  # not a folder that can be made: the caller's own checks say why
-            pass
+    descriptor = _locked_folder(location.root, busy) if location.is_local else None
     try:
-        if descriptor is not None:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise CrosscodersError(busy) from None
-            except OSError:  # e.g. NFS, where an exclusive flock needs a file open for writing
-                pass
         yield
     finally:
         if descriptor is not None:
             os.close(descriptor)
+
+
+def _locked_folder(root: str, busy: str) -> int | None:
+    """A descriptor of the folder at root, made if missing, holding its exclusive flock; None where it cannot be made
+    or locked (the caller's own checks say why). A folder removed or replaced between its opening and its lock (a
+    job that held it deleting it empty) is not the one root names any more, so the one there now is locked instead."""
+    while True:
+        try:
+            os.makedirs(root, exist_ok=True)
+            descriptor = os.open(root, os.O_RDONLY)
+        except OSError:  # not a folder that can be made
+            return None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise CrosscodersError(busy) from None
+        except OSError:  # e.g. NFS, where an exclusive flock needs a file open for writing
+            return descriptor
+        try:
+            now = os.stat(root)
+        except OSError:
+            now = None
+        held = os.fstat(descriptor)
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return descriptor
+        os.close(descriptor)

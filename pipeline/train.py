@@ -334,19 +334,21 @@ def train(
 @contextmanager
 def run_folder_held(run_dir: Path) -> typing.Iterator[None]:
     """Holds run_dir for this job (an exclusive flock, as cache-acts holds its store), so that a second train-sae on it,
-    which would interleave its metrics and checkpoints with this one's, is refused; the folders made for the lock are
-    removed again where the job leaves them empty (refused before it wrote anything)."""
+    which would interleave its metrics and checkpoints with this one's, is refused. The folders made for the lock are
+    removed, still under it, where the job leaves them empty (refused before it wrote anything); a job refused the lock
+    removes nothing."""
+    run_dir = run_dir.absolute()  # the folder the run writes, "~" included (Location would expand it)
     made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
-    try:
-        with exclusive_lock(Location(str(run_dir)), f"another train-sae job is writing {run_dir}; wait for it to end, "
-                                                    "or choose another --out"):
+    with exclusive_lock(Location(str(run_dir)), f"another train-sae job is writing {run_dir}; wait for it to end, or "
+                                                "choose another --out"):
+        try:
             yield
-    finally:
-        for folder in made:
-            try:
-                folder.rmdir()  # an empty folder only
-            except OSError:
-                break
+        finally:
+            for folder in made:
+                try:
+                    folder.rmdir()  # an empty folder only
+                except OSError:
+                    break
 
 
 def _train(configs: list[TrainConfig], out_dirs: list[Path], resumes: list[bool], source: BatchSource, device: torch.device,

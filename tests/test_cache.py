@@ -587,6 +587,26 @@ def test_a_second_job_on_the_same_store_is_refused_while_the_first_writes(tiny_m
     assert not writing.exists()  # what a killed job left is cleared
 
 
+
+def test_a_lock_taken_on_a_folder_deleted_meanwhile_is_taken_again_on_the_folder_there_now(tmp_path, monkeypatch):
+    import pipeline.storage as storage
+
+    folder, flock, deleted = tmp_path / "s", storage.fcntl.flock, []
+
+    def flock_after_a_deletion(descriptor, operation):  # a job that held the folder removes it, empty, as this one opens it
+        if not deleted:
+            deleted.append(folder.stat().st_ino)
+            folder.rmdir()
+        return flock(descriptor, operation)
+
+    monkeypatch.setattr(storage.fcntl, "flock", flock_after_a_deletion)
+    with exclusive_lock(Location(folder), "held"):
+        assert folder.is_dir() and deleted
+        monkeypatch.setattr(storage.fcntl, "flock", flock)
+        with pytest.raises(CrosscodersError, match="^busy$"):  # the folder there now is the one held
+            with exclusive_lock(Location(folder), "busy"):
+                pass
+
 def test_a_dataset_file_that_cannot_be_read_is_a_one_line_error(tmp_path, monkeypatch):
     folder = tmp_path / "data"
     folder.mkdir()

@@ -8,6 +8,7 @@ import sys
 import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pipeline.errors import CrosscodersError
 from pipeline.files import NEW_FILE_MODE
 from pipeline.loader import MemoryLoader
 from pipeline.sae import load
+from pipeline.storage import Location, exclusive_lock
 from pipeline.train import Run, TrainConfig, expand_sweep, latest_checkpoint, lr_at, open_store, run_data, train
 
 N_LAYERS = 3
@@ -360,6 +362,29 @@ def test_a_second_job_on_a_run_folder_being_trained_is_refused_before_it_writes(
     go_on.set()
     assert first.result(60)[0]["step"] == 30
     assert train([SMALL], small_source(), [run], resume=True, progress=False)[0]["step"] == 30  # free again: nothing left to do
+
+
+def test_a_job_refused_a_run_folder_leaves_it_to_the_job_that_holds_it(tmp_path, monkeypatch):
+    import pipeline.train as train_module
+
+    run, other_job = tmp_path / "runs" / "run", ExitStack()
+
+    def another_job_gets_there_first(location, busy):  # after this job saw no folder, before it locks one
+        other_job.enter_context(exclusive_lock(Location(run), "held"))
+        return exclusive_lock(location, busy)
+
+    monkeypatch.setattr(train_module, "exclusive_lock", another_job_gets_there_first)
+    with other_job:
+        with pytest.raises(CrosscodersError, match="another train-sae job is writing"):
+            train([SMALL], small_source(), [run], progress=False)
+        assert run.is_dir()  # the other job's folder, empty still, is left to it
+
+
+def test_a_run_folder_given_with_a_tilde_is_locked_where_the_run_writes(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    train([replace(SMALL, steps=2)], small_source(), [Path("~/run")], progress=False)
+    assert (tmp_path / "~" / "run" / "cfg.json").exists() and not (tmp_path / "home").exists()
 
 
 def test_resuming_a_sweeps_folder_without_its_sweep_names_the_sweeps_runs(tmp_path):
