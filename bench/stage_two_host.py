@@ -6,8 +6,8 @@ sent to the device and widened there, every step's metrics logged), except that 
 that takes --step-ms per step and does nothing: queuing a step returns at once, and reading the step before's
 metrics waits, without the GIL, until that step would have ended, as TrainStep's read-back waits on a GPU. So from
 memory (the same batches held on the device) training runs at the step's rate, and from shards at most at it: the
-gap is the host's. Waits: per batch, how long past the step's time the trainer waited for it, in the mean, on the
-batches that begin a shuffled window of the loader, and on the others. For the loader alone, the CPU time of all its
+gap is the host's. Idle: how long the device waited for each step to be queued (a step queued while the one before
+runs costs nothing), in the mean, on the steps whose batch begins a shuffled window of the loader, and on the others. For the loader alone, the CPU time of all its
 threads (user and system) and the minor page faults (fresh pages touched) per row: with the rate, whether its threads
 are busy (CPU us/row x rows/s near the reader threads) or wait on each other.
 """
@@ -37,19 +37,24 @@ from pipeline.units import parse_count
 
 class StandInStep:
     """A TrainStep whose steps take `seconds` each on an imaginary device that runs them one after another: queuing
-    one returns at once, and the step before's metrics (all zero) come back when that step would have ended. What
-    else train() asks of a TrainStep (the optimizer, for a checkpoint) is the real one's."""
+    one returns at once, and the step before's metrics (all zero) come back when that step would have ended. It notes
+    how long the device sat idle before each step was queued: the host's cost. What else train() asks of a TrainStep
+    (the optimizer, for a checkpoint) is the real one's."""
 
     def __init__(self, real: TrainStep, seconds: float):
         self.real, self.seconds = real, seconds
-        self.free_at = 0.0  # when the imaginary device ends the last step queued
+        self.free_at: float | None = None  # when the imaginary device ends the last step queued
         self.in_flight: tuple[float, float] | None = None  # (end, lr) of the step queued last
+        self.idle: list[float] = []  # per step queued, seconds the device waited for it (none for the first)
 
     def __getattr__(self, name: str):
         return getattr(self.real, name)
 
     def __call__(self, x: torch.Tensor, layer: torch.Tensor, lr: float) -> dict[str, float] | None:
-        self.free_at = max(time.perf_counter(), self.free_at) + self.seconds
+        now = time.perf_counter()
+        free_at = now if self.free_at is None else self.free_at
+        self.idle.append(max(0.0, now - free_at))
+        self.free_at = max(now, free_at) + self.seconds
         previous, self.in_flight = self.in_flight, (self.free_at, lr)
         return None if previous is None else self.read(*previous)
 
@@ -63,9 +68,10 @@ class StandInStep:
         return {**dict.fromkeys(METRICS, 0.0), "lr": lr}
 
 
-def stand_in_step(sae, cfg: TrainConfig, device: torch.device, seconds: float) -> StandInStep:
-    """What train() builds in place of TrainStep(sae, cfg, device)."""
-    return StandInStep(TrainStep(sae, cfg, device), seconds)
+def stand_in_step(sae, cfg: TrainConfig, device: torch.device, seconds: float, made: list[StandInStep]) -> StandInStep:
+    """What train() builds in place of TrainStep(sae, cfg, device); each one built is appended to made."""
+    made.append(StandInStep(TrainStep(sae, cfg, device), seconds))
+    return made[-1]
 
 
 def window_starts(loader: ShardLoader, epoch: int, n_batches: int) -> np.ndarray:
@@ -78,24 +84,23 @@ def window_starts(loader: ShardLoader, epoch: int, n_batches: int) -> np.ndarray
     return begins
 
 
-def waits_past_the_step(asked: np.ndarray, begins: np.ndarray, step_ms: float) -> tuple[float, float | None, float | None]:
-    """Mean ms past the step's time that the trainer waited for a batch, from the 4th batch on (the steady state's
-    batches; asked: when the trainer got each batch, s): over all, over those that begin a window, over the others."""
-    waits = np.diff(asked)[2:] * 1000 - step_ms  # batch b against batch b - 1, for b = 3, 4, ...
-    at_start = begins[3 : len(asked)]
+def idle_ms(idle: np.ndarray, begins: np.ndarray) -> tuple[float, float | None, float | None]:
+    """Mean ms the device waited for a step (idle: s per step), from the 4th step on (the steady state's): over all
+    steps, over those whose batch begins a window, over the others."""
+    idle, at_start = idle[3:] * 1000, begins[3 : len(idle)]
 
     def mean(kept: np.ndarray) -> float | None:
-        return float(waits[kept].mean()) if kept.any() else None
+        return float(idle[kept].mean()) if kept.any() else None
 
-    return float(waits.mean()), mean(at_start), mean(~at_start)
+    return float(idle.mean()), mean(at_start), mean(~at_start)
 
 
-def timed(source, cfg: TrainConfig, device: torch.device) -> np.ndarray:
-    """train() over cfg.steps steps: when the trainer got each batch (perf_counter seconds)."""
+def timed(source, cfg: TrainConfig, device: torch.device, made: list[StandInStep]) -> tuple[np.ndarray, np.ndarray]:
+    """train() over cfg.steps steps: when the trainer got each batch, and how long the device waited for each step (s)."""
     clock = BatchClock(source)
     with tempfile.TemporaryDirectory(dir=run_scratch()) as out:
         train([cfg], clock, [Path(out) / "run"], device, progress=False)
-    return np.array(clock.asked)
+    return np.array(clock.asked), np.array(made[-1].idle)
 
 
 def main(
@@ -118,7 +123,7 @@ def main(
             raise typer.BadParameter(f"{steps} steps time no steady state; give --steps 4 or more, and a store of 5 batches or more")
         table = Table(title=f"stage two without the SAE's work: d_model {store.d_model}, batch {batch_size}, {torch_device}, "
                             f"{loader.n_rows:,} rows, {reader_threads(workers)} reader threads")
-        for column in ("step ms", "measure", "rows/s", "ratio", "wait ms: mean", "at window starts", "elsewhere", "CPU us/row",
+        for column in ("step ms", "measure", "rows/s", "ratio", "idle ms/step", "at window starts", "elsewhere", "CPU us/row",
                        "page faults/row"):
             table.add_column(column, justify="right")
         loader_rows_per_s(loader, steps, torch_device)  # untimed: a GPU's context, pinned buffers; the page cache
@@ -126,15 +131,15 @@ def main(
         rate = loader_rows_per_s(loader, loader.n_train_batches(), torch_device)  # a whole epoch: no window read unused
         (cpu, faults), rows = (after - start for start, after in zip(before, usage())), loader.n_rows
         add_row(table, "-", "loader alone", f"{rate:,.0f}", "", "", "", "", f"{cpu / rows * 1e6:.2f}", f"{faults / rows:.3f}")
-        memory, begins = Prefetched(loader, steps), window_starts(loader, 0, steps)
+        memory, begins, made = Prefetched(loader, steps), window_starts(loader, 0, steps), []
         for milliseconds in (float(ms) for ms in step_ms.split(",")):
             cfg = TrainConfig(expansion=1, k=1, batch_size=batch_size, steps=steps, val_every=10**9, save_every=10**9, warmup_steps=1)
-            train_module.TrainStep = partial(stand_in_step, seconds=milliseconds / 1000)
-            runs = [(timed(memory, cfg, torch_device), timed(loader, cfg, torch_device)) for _ in range(repeats)]
-            fastest = [min(side, key=lambda asked: asked[-1] - asked[2]) for side in zip(*runs)]  # the fastest steady state
-            rates = [(len(asked) - 3) * batch_size / (asked[-1] - asked[2]) for asked in fastest]
-            for name, asked, rate in zip(("from memory", "from shards"), fastest, rates):
-                cells = [f"{wait:.2f}" if wait is not None else "-" for wait in waits_past_the_step(asked, begins, milliseconds)]
+            train_module.TrainStep = partial(stand_in_step, seconds=milliseconds / 1000, made=made)
+            runs = [(timed(memory, cfg, torch_device, made), timed(loader, cfg, torch_device, made)) for _ in range(repeats)]
+            fastest = [min(side, key=lambda run: run[0][-1] - run[0][2]) for side in zip(*runs)]  # the fastest steady state
+            rates = [(len(asked) - 3) * batch_size / (asked[-1] - asked[2]) for asked, _ in fastest]
+            for name, (_, idle), rate in zip(("from memory", "from shards"), fastest, rates):
+                cells = [f"{ms:.2f}" if ms is not None else "-" for ms in idle_ms(idle, begins)]
                 ratio = f"{rate / rates[0]:.2f}" if name == "from shards" else ""
                 add_row(table, f"{milliseconds:g}", f"train {name}", f"{rate:,.0f}", ratio, *cells, "", "")
     Console(width=160).print(table)
