@@ -193,9 +193,10 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
         raise CrosscodersError("the corpus yields no documents; check --dataset and its fields")
     if rank == 0:  # one process holds the store for the job, creates it and clears what a killed run left, before anyone writes
         busy = f"another cache-acts job is writing {config.out}; wait for it to end, or choose another --out"
-        held.enter_context(exclusive_lock(Location(config.out), busy))  # its clean-up would delete the shards this one writes
-        if not Location(config.out).exists("zarr.json"):  # refused before a new store records this run's options
-            check_disk_space(Location(config.out), config.n_tokens, info.d_model, config.dtype)
+        out = Location(config.out)
+        held.enter_context(exclusive_lock(out, busy))  # its clean-up would delete the shards this one writes
+        if not out.exists("zarr.json"):  # refused before a new store records this run's options
+            check_disk_space(out, config.n_tokens, info.d_model, config.dtype)
         store = create_or_open(config.out, metadata, sources=False)
     distributed.barrier()
     if rank != 0:  # opened once rank 0 has cleaned it (each opening reads every shard's record)
