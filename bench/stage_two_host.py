@@ -26,7 +26,7 @@ from rich.table import Table
 import pipeline.train as train_module
 from bench.resources import usage
 from bench.tables import add_row
-from bench.train_throughput import BatchClock, Prefetched, loader_rows_per_s, run_scratch, synthetic_store
+from bench.train_throughput import BatchClock, Prefetched, loader_rows_per_s, run_scratch, steady_rows_per_s, synthetic_store
 from pipeline.devices import resolve_device
 from pipeline.loader import ShardLoader, reader_threads
 from pipeline.store import Store
@@ -137,7 +137,7 @@ def main(
             train_module.TrainStep = partial(stand_in_step, seconds=milliseconds / 1000, made=made)
             runs = [(timed(memory, cfg, torch_device, made), timed(loader, cfg, torch_device, made)) for _ in range(repeats)]
             fastest = [min(side, key=lambda run: run[0][-1] - run[0][2]) for side in zip(*runs)]  # the fastest steady state
-            rates = [(len(asked) - 3) * batch_size / (asked[-1] - asked[2]) for asked, _ in fastest]
+            rates = [steady_rows_per_s(asked, batch_size) for asked, _ in fastest]
             for name, (_, idle), rate in zip(("from memory", "from shards"), fastest, rates):
                 cells = [f"{ms:.2f}" if ms is not None else "-" for ms in idle_ms(idle, begins)]
                 ratio = f"{rate / rates[0]:.2f}" if name == "from shards" else ""

@@ -33,10 +33,9 @@ def read_profile(path: str, within: str | None) -> tuple[collections.Counter, di
         for line in lines:
             stack, count = line.rstrip("\n").rsplit(" ", 1)
             frames = stack.split(";")
-            at = next((i for i, frame in enumerate(frames) if THREAD.fullmatch(frame)), None)
-            if at is None:
+            at, match = next(((i, match) for i, match in enumerate(map(THREAD.fullmatch, frames)) if match), (None, None))
+            if match is None:
                 continue
-            match = THREAD.fullmatch(frames[at])
             # with --subprocesses a stack starts with its process's ancestry ("process PID:COMMAND", a command may hold ";")
             processes = [frame.split(":")[0].removeprefix("process ") for frame in frames[:at] if frame.startswith("process ")]
             frames = frames[at:]

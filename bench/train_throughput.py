@@ -124,8 +124,12 @@ def timed_training(source, cfg: TrainConfig, device: torch.device) -> tuple[floa
     clock = BatchClock(source)
     with tempfile.TemporaryDirectory(dir=run_scratch()) as out:
         train([cfg], clock, [Path(out) / "run"], device, progress=False)
-    first, steady = clock.asked[2], clock.asked[-1]
-    return clock.first_wait, (len(clock.asked) - 3) * cfg.batch_size / (steady - first)
+    return clock.first_wait, steady_rows_per_s(clock.asked, cfg.batch_size)
+
+
+def steady_rows_per_s(asked: list[float], batch_size: int) -> float:
+    """Rows/s from the 3rd batch the trainer got to the last (asked: when it got each, s), past the start's waits."""
+    return (len(asked) - 3) * batch_size / (asked[-1] - asked[2])
 
 
 def run_scratch() -> str | None:
