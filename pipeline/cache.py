@@ -191,24 +191,26 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
     }
     if next(iter_documents(corpus), None) is None:  # a bad --dataset fails here, before any store exists
         raise CrosscodersError("the corpus yields no documents; check --dataset and its fields")
-    if rank == 0:  # one process holds the store for the job, creates it and clears what a killed run left, before anyone writes
-        busy = f"another cache-acts job is writing {config.out}; wait for it to end, or choose another --out"
-        out = Location(config.out)
-        held.enter_context(exclusive_lock(out, busy))  # its clean-up would delete the shards this one writes
-        if not out.exists("zarr.json"):  # refused before a new store records this run's options
-            check_disk_space(out, config.n_tokens, info.d_model, config.dtype)
-        store = create_or_open(config.out, metadata, sources=False)
-    distributed.barrier()
-    if rank != 0:  # opened once rank 0 has cleaned it (each opening reads every shard's record)
-        store = create_or_open(config.out, metadata, clean=False, sources=False)
+    with distributed.refused_together():
+        if rank == 0:  # one process holds the store for the job, creates it and clears what a killed run left, before anyone writes
+            busy = f"another cache-acts job is writing {config.out}; wait for it to end, or choose another --out"
+            out = Location(config.out)
+            held.enter_context(exclusive_lock(out, busy))  # its clean-up would delete the shards this one writes
+            if not out.exists("zarr.json"):  # refused before a new store records this run's options
+                check_disk_space(out, config.n_tokens, info.d_model, config.dtype)
+            store = create_or_open(config.out, metadata, sources=False)
+    with distributed.refused_together():
+        if rank != 0:  # opened once rank 0 has cleaned it (each opening reads every shard's record)
+            store = create_or_open(config.out, metadata, clean=False, sources=False)
     stored = store.window_pairs()
     ledger = PairLedger(stored, config.n_tokens)
     if ledger.budget(next(window_rounds(stored, 1))[0]) == 0:  # a store already whole is done, whatever its corpus became
         if rank == 0:
             console.print(Text(f"{store.url} already holds {store.n_pairs:,} pairs (asked for {config.n_tokens:,}); nothing to do"), soft_wrap=True)
         return CacheReport(store.url, 0, store.n_pairs, 0, 0.0)
-    check_same_sources(store, metadata)  # documents are about to be added: they must come from the same stream
-    check_disk_space(store.location, config.n_tokens - store.n_pairs, info.d_model, config.dtype)
+    with distributed.refused_together():
+        check_same_sources(store, metadata)  # documents are about to be added: they must come from the same stream
+        check_disk_space(store.location, config.n_tokens - store.n_pairs, info.d_model, config.dtype)
 
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import typing
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -65,6 +67,27 @@ def from_main(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)  # under NCCL through the process's own GPU, which local_device set
     return box[0]
+
+
+@contextmanager
+def refused_together() -> typing.Iterator[None]:
+    """Checks that some processes may refuse (rank 0's lock on a folder, its disk check): a refusal in any process is
+    raised in every one (its own, else the lowest rank's), so none waits in a collective for a process that stopped."""
+    if world_size() == 1:
+        yield
+        return
+    refusal = None
+    try:
+        yield
+    except CrosscodersError as error:
+        refusal = error
+    refusals = [None] * world_size()
+    dist.all_gather_object(refusals, None if refusal is None else str(refusal))  # NCCL: through local_device's GPU
+    first = next((message for message in refusals if message is not None), None)
+    if refusal is not None:
+        raise refusal
+    if first is not None:
+        raise CrosscodersError(first)
 
 
 def all_gather_ints(values: list[int]) -> list[list[int]]:

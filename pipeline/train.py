@@ -314,19 +314,19 @@ def train(
     if source.n_train_batches() < 1:
         raise CrosscodersError(f"the cache holds less than one batch of {configs[0].batch_size} rows; lower batch_size")
     with ExitStack() as held:
-        if distributed.is_main():  # the one process that writes the runs' files holds their folders
-            for out_dir in out_dirs:
-                held.enter_context(run_folder_held(Path(out_dir)))
-        started = [(Path(out_dir) / TRAIN_CONFIG_FILE).exists() for out_dir in out_dirs]
-        # a sweep stopped while it wrote its runs' settings: under --resume, the runs it had not reached start afresh
-        resumes = [resume and (run_started or not any(started)) for run_started in started]
-        for cfg, out_dir, run_resumes in zip(configs, out_dirs, resumes):  # every config and folder error before any training
-            cfg.sae_config(source.d_model, source.n_layers)
-            check_device(cfg, device)
-            check_run_folder(cfg, Path(out_dir), run_resumes, data)
-            if cfg.wandb:
-                import_wandb()
-        distributed.barrier()  # every process has checked the folders before the first writes to them
+        with distributed.refused_together():  # every process has checked the folders before the first writes to them
+            if distributed.is_main():  # the one process that writes the runs' files holds their folders
+                for out_dir in out_dirs:
+                    held.enter_context(run_folder_held(Path(out_dir)))
+            started = [(Path(out_dir) / TRAIN_CONFIG_FILE).exists() for out_dir in out_dirs]
+            # a sweep stopped while it wrote its runs' settings: under --resume, the runs it had not reached start afresh
+            resumes = [resume and (run_started or not any(started)) for run_started in started]
+            for cfg, out_dir, run_resumes in zip(configs, out_dirs, resumes):  # every config and folder error before any training
+                cfg.sae_config(source.d_model, source.n_layers)
+                check_device(cfg, device)
+                check_run_folder(cfg, Path(out_dir), run_resumes, data)
+                if cfg.wandb:
+                    import_wandb()
         with torch.random.fork_rng(devices=[]):  # seeded per run (cfg.seed); the caller's RNG is left as it was
             return _train(configs, out_dirs, resumes, source, device, progress, data)
 

@@ -21,6 +21,7 @@ from pipeline import distributed
 from pipeline.errors import CrosscodersError
 from pipeline.loader import ShardLoader
 from pipeline.sae import load
+from pipeline.storage import Location, exclusive_lock
 from pipeline.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,3 +291,54 @@ def test_every_process_takes_rank_0s_listing():
     mp.spawn(take_rank_0s_value, args=(free_port(), results), nprocs=2)
     assert results[0] == results[1] == [["shard-00000000", 100, 5]]
 
+
+
+def refuse_in_turn(rank: int, port: int, results):
+    """One process of test_a_refusal_in_one_process_is_raised_in_every_one."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    for case, refusing in {"none": [], "rank 0": [0], "rank 1": [1], "both": [0, 1]}.items():
+        try:
+            with distributed.refused_together():
+                if rank in refusing:
+                    raise CrosscodersError(f"refused by rank {rank}")
+            results[(rank, case)] = None
+        except CrosscodersError as error:
+            results[(rank, case)] = str(error)
+    dist.destroy_process_group()
+
+
+def test_a_refusal_in_one_process_is_raised_in_every_one():
+    """Rank 0 alone holds a job's store or run folder: when it is refused, the others must stop with its reason
+    instead of waiting in the next collective until torchrun kills them."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(refuse_in_turn, args=(free_port(), results), nprocs=2)
+    expected = {"none": [None, None], "rank 0": ["refused by rank 0"] * 2, "rank 1": ["refused by rank 1"] * 2,
+                "both": ["refused by rank 0", "refused by rank 1"]}
+    assert {case: [results[(rank, case)] for rank in range(2)] for case in expected} == expected
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+def test_train_sae_on_a_run_folder_another_job_holds_is_refused_by_every_process(tmp_path):
+    write_store(tmp_path / "shards", [600])
+    out = tmp_path / "run"
+    with exclusive_lock(Location(str(out)), "held by the test"):
+        result = train_sae(out, tmp_path / "shards", 2)
+    assert result.returncode != 0
+    refusal = f"error: another train-sae job is writing {out}; wait for it to end, or choose another --out"
+    assert result.stderr.count(refusal) == 2 and "[rank" not in result.stderr, result.stderr  # no rank's traceback
+    assert list(out.iterdir()) == []  # nothing written into the other job's folder
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed")
+def test_cache_acts_into_a_store_another_job_holds_is_refused_by_every_process(tiny_model_dir, corpus_file, tmp_path):
+    out = tmp_path / "store"
+    with exclusive_lock(Location(str(out)), "held by the test"):
+        result = cache_acts(tiny_model_dir, corpus_file, out, 2)
+    assert result.returncode != 0
+    refusal = f"error: another cache-acts job is writing {out}; wait for it to end, or choose another --out"
+    assert result.stderr.count(refusal) == 2 and "[rank" not in result.stderr, result.stderr  # no rank's traceback
+    assert list(out.iterdir()) == []
