@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 import typing
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -337,7 +338,8 @@ def run_folder_held(run_dir: Path) -> typing.Iterator[None]:
     which would interleave its metrics and checkpoints with this one's, is refused. The folders made for the lock are
     removed, still under it, where the job leaves them empty (refused before it wrote anything); a job refused the lock
     removes nothing."""
-    run_dir = run_dir.absolute()  # the folder the run writes, "~" included (Location would expand it)
+    run_dir = Path(os.path.realpath(run_dir))  # the folder the run writes: a literal "~" (Location would expand it),
+    # and no folder made for a ".." to leave
     made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
     with exclusive_lock(Location(str(run_dir)), f"another train-sae job is writing {run_dir}; wait for it to end, or "
                                                 "choose another --out"):

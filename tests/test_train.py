@@ -333,7 +333,8 @@ def test_resume_needs_a_run_and_a_new_run_an_empty_folder(tmp_path):
                 ("missing", True, "missing holds no training run to resume"),
                 ("other", False, "other holds files but no training run; train into a new or empty folder"),
                 ("file", False, f"file cannot be a run folder: {tmp_path / 'file'} is a file"),
-                ("file/run", True, f"run cannot be a run folder: {tmp_path / 'file'} is a file")]
+                ("file/run", True, f"run cannot be a run folder: {tmp_path / 'file'} is a file"),
+                ("missing/../run", True, "run holds no training run to resume")]
     for name, resume, message in refusals:
         with pytest.raises(CrosscodersError, match=re.escape(message)):
             train([SMALL], small_source(), [tmp_path / name], resume=resume, progress=False)
