@@ -249,7 +249,8 @@ class Run:
             temporary / "trainer_state.safetensors",
         )
         epoch, batch = divmod(self.step, self.n_train_batches)
-        state = {"step": self.step, "epoch": epoch, "batch": batch, "n_train_batches": self.n_train_batches}
+        state = {"step": self.step, "epoch": epoch, "batch": batch, "n_train_batches": self.n_train_batches,
+                 "dead_capacities": [self.trainer.dead_capacity, self.trainer.dead_capacity_after]}
         (temporary / TRAINER_STATE_FILE).write_text(json.dumps({**state, "train_config": asdict(self.cfg)}, indent=2))
         open_to_all(temporary)  # a teammate resuming the run reads it too
         sync_tree(temporary)  # on disk before the swap: else a power cut may leave it swapped in but empty
@@ -265,6 +266,9 @@ class Run:
         try:
             state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
             step, n_train_batches = state["step"], state["n_train_batches"]
+            capacities = state.get("dead_capacities")  # older checkpoints lack them
+            if capacities is not None and not (len(capacities) == 2 and all(type(c) is int and c >= 0 for c in capacities)):
+                raise ValueError(f"dead_capacities {capacities!r}")
             tensors = load_file(checkpoint / "trainer_state.safetensors")
             tokens_since_fired, rng_state = tensors["tokens_since_fired"], tensors["cpu_rng_state"]
             optimizer_state: dict[int, dict] = {}  # {param index: {"step", "exp_avg", "exp_avg_sq"}}
@@ -280,7 +284,7 @@ class Run:
                 f"{self.n_train_batches}; resume on the same cache and batch_size"
             )
         self.step = self.checkpoint_step = step
-        self.trainer.load_state(optimizer_state, tokens_since_fired)
+        self.trainer.load_state(optimizer_state, tokens_since_fired, capacities)
         torch.set_rng_state(rng_state)
 
     def finish(self) -> dict:

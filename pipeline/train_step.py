@@ -86,8 +86,10 @@ class TrainStep:
         """[n_latents] bool: the latents that the next step leaves dead if they do not fire in it."""
         return self.tokens_since_fired + self.cfg.batch_size >= self.cfg.dead_tokens
 
-    def load_state(self, optimizer_state: dict[int, dict], tokens_since_fired: torch.Tensor):
-        """Resume from a checkpoint's optimizer state and dead-latent counter (with no step in flight)."""
+    def load_state(self, optimizer_state: dict[int, dict], tokens_since_fired: torch.Tensor,
+                   dead_capacities: list[int] | None):
+        """Resume from a checkpoint's optimizer state, dead-latent counter and AuxK capacities (dead_capacities;
+        None: counted from the counter) with no step in flight."""
         param_groups = self.optimizer.state_dict()["param_groups"]  # lr etc. come from the config, set every step
         self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": param_groups})
         for parameter, state in self.optimizer.state.items():
@@ -95,7 +97,7 @@ class TrainStep:
                 if value.shape == parameter.shape:  # a parameter and its moments in memory order, so they must match
                     state[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
         self.tokens_since_fired.copy_(tokens_since_fired)
-        self.dead_capacity, self.dead_capacity_after = self.dead_counts().tolist()
+        self.dead_capacity, self.dead_capacity_after = dead_capacities or self.dead_counts().tolist()
 
     def __call__(self, x: torch.Tensor, layer: torch.Tensor, lr: float) -> dict[str, float] | None:
         """Queue one optimizer step at learning rate lr on x: [batch, d_model] of layers layer: [batch] (this
@@ -123,7 +125,9 @@ class TrainStep:
         """Wait for the step in flight; returns its METRICS and lr (None if there is none)."""
         if self.in_flight is None:
             return None
-        metrics, self.dead_capacity, self.dead_capacity_after = self.in_flight.read()
+        # the capacities stay the bounds a step read late gives: AuxK's shapes, and so the weights down to their
+        # rounding, are then the same however often a run validates or saves
+        metrics, _, self.dead_capacity_after = self.in_flight.read()
         self.in_flight = None
         return metrics
 

@@ -151,6 +151,20 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert (tmp_path / "whole/metrics.jsonl").read_text() == (tmp_path / "resumed/metrics.jsonl").read_text()
 
 
+@pytest.mark.parametrize("decoder", ["dense", "sparse"])
+def test_how_often_a_run_validates_and_saves_changes_no_weight(tmp_path, decoder):
+    """A validation or a save waits for the step in flight, which tells the exact dead count; AuxK's shapes, and so
+    the weights' rounding, must not depend on it, also when a resumed run validates and saves at other steps."""
+    base = replace(SMALL, decoder=decoder, steps=60)
+    train([base], small_source(), [tmp_path / "whole"], progress=False)
+    train([replace(base, val_every=7, save_every=4)], small_source(), [tmp_path / "often"], progress=False)
+    assert_same_tensors(weights(tmp_path / "whole"), weights(tmp_path / "often"))
+    with pytest.raises(Interrupted):
+        train([base], InterruptAt(small_source(), at=23), [tmp_path / "resumed"], progress=False)
+    train([replace(base, val_every=3, save_every=7)], small_source(), [tmp_path / "resumed"], resume=True, progress=False)
+    assert_same_tensors(weights(tmp_path / "whole"), weights(tmp_path / "resumed"))
+
+
 @pytest.mark.parametrize("cut", [1, 30])  # the newline alone, or the record's end too
 def test_resume_drops_a_metrics_line_torn_by_a_crash_and_keeps_every_other(tmp_path, cut):
     train([SMALL], small_source(), [tmp_path / "whole"], progress=False)
@@ -417,6 +431,20 @@ def test_run_files_of_the_wrong_shape_are_one_line_errors(tmp_path, file, conten
     (tmp_path / file).write_text(content)
     with pytest.raises(CrosscodersError, match=r"is damaged .*; restore it"):
         train([replace(SMALL, steps=10)], small_source(), [tmp_path], resume=True, progress=False)
+
+
+def test_a_checkpoint_without_auxk_capacities_resumes_and_one_with_bad_ones_is_refused(tmp_path):
+    with pytest.raises(Interrupted):
+        train([SMALL], InterruptAt(small_source(), at=13), [tmp_path], progress=False)
+    state_file = tmp_path / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert len(state["dead_capacities"]) == 2
+    state_file.write_text(json.dumps({**state, "dead_capacities": [3]}))
+    with pytest.raises(CrosscodersError, match=r"checkpoint is damaged .*dead_capacities \[3\].*; restore it"):
+        train([SMALL], small_source(), [tmp_path], resume=True, progress=False)
+    del state["dead_capacities"]  # as checkpoints written before they were saved
+    state_file.write_text(json.dumps(state))
+    assert train([SMALL], small_source(), [tmp_path], resume=True, progress=False)[0]["step"] == 30
 
 
 def test_metrics_of_rows_that_do_not_vary_are_null_not_nan_in_plain_json(tmp_path):
