@@ -24,6 +24,8 @@ CONFIG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 CHECKPOINT = "checkpoint"  # a training run's folder of its latest checkpoint (pipeline/train.py)
 CHECKPOINT_READ_ATTEMPTS = 3  # a reader of a running trainer's checkpoint/ may meet it between two renames
 Selection = tuple[torch.Tensor, torch.Tensor]  # (values, indices) of chosen latents: [batch, m] each
+# AuxK's choice: (values, positions: [batch, k_aux] into candidates: [dead_capacity] latent ids)
+DeadSelection = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 # decoder="auto" picks the training step. On the CPU by density k / n_latents: from python -m bench.sae_step on 2 CPU
 # cores (torch 2.13, d_model 1536, batch 1024, 5% of the latents dead), rows/s of train-sae's whole step:
@@ -34,8 +36,8 @@ Selection = tuple[torch.Tensor, torch.Tensor]  # (values, indices) of chosen lat
 #   4          768   1/8         860 / 1,282
 #   1          384   1/4       3,846 / 4,268
 #   4          1536  1/4         884 /   686
-# Dense pays for every latent in all nine products; sparse pays for the k (and AuxK's k_aux) kept, gathered from
-# memory at random. They cross near 1/4. On CUDA the dense step: on one H200 (torch 2.11, d_model 1536, batch 4096,
+# Dense pays for every latent in six products (AuxK's three more only for the dead ones); sparse pays for the k
+# (and AuxK's k_aux) kept, gathered from memory at random. They cross near 1/4. On CUDA the dense step: on one H200 (torch 2.11, d_model 1536, batch 4096,
 # bf16 autocast, 5% dead) it ran 955K and 347K rows/s at 4x/k32 and 16x/k64, against 191K and 75K for the sparse step
 # and 602K and 236K with its Triton kernels (docs/BENCHMARKS.md), as the tensor cores make the products cheap.
 SPARSE_UP_TO_DENSITY = 1 / 8
@@ -243,35 +245,46 @@ class TopKSAE(nn.Module):
         return ForwardOutput(x_hat, x_hat_normalized, x_normalized, top_values, top_indices, auxk_loss)
 
     def top_latents(self, x_in: torch.Tensor, dead_mask: torch.Tensor | None,
-                    dead_capacity: int) -> tuple[Selection, Selection | None]:
-        """(values, indices) of the top k latents: [batch, k], and of AuxK's top dead ones among dead_capacity
-        candidates: [batch, k_aux] (None when the capacity is 0). The sparse step differentiates only these
-        entries, not the dense pre-acts."""
+                    dead_capacity: int) -> tuple[Selection, DeadSelection | None]:
+        """(values, indices) of the top k latents: [batch, k], and AuxK's top dead ones among dead_capacity
+        candidates (None when the capacity is 0). The sparse step differentiates only these entries, not the dense
+        pre-acts."""
         k_aux = self.cfg.k_aux(dead_capacity)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse_step):
             pre_acts = self.pre_acts_of(x_in)  # [batch, n_latents]: the one dense product
-            selections = [pre_acts.topk(self.cfg.k, sorted=False)]
+            top_values, top_indices = pre_acts.topk(self.cfg.k, sorted=False)
             if k_aux:  # top-k among the dead columns alone: a few percent of the latents, usually
                 # the dead first, then live ones up to the capacity; no read-back, unlike nonzero()
                 candidates = (~dead_mask).to(torch.uint8).argsort(stable=True)[:dead_capacity]
                 live = ~dead_mask[candidates]
                 # -1 ranks a live candidate below every ReLU'd dead one; clamped to 0, it adds nothing
-                values, positions = pre_acts[:, candidates].masked_fill(live, -1).topk(k_aux, sorted=False)
-                selections.append((values.clamp(min=0), candidates[positions]))
+                dead_values, positions = pre_acts[:, candidates].masked_fill(live, -1).topk(k_aux, sorted=False)
+                dead_values = dead_values.clamp(min=0)
         if self.sparse_step:  # one backward over both selections
+            selections = [(top_values, top_indices)] + ([(dead_values, candidates[positions])] if k_aux else [])
             sizes = [indices.shape[1] for _, indices in selections]
             values, indices = (torch.cat(parts, 1) for parts in zip(*selections))
-            values = gather_pre_acts(x_in, self.W_enc, self.b_enc, indices, values, self.kernels)
-            selections = [(v, i) for v, (_, i) in zip(values.split(sizes, 1), selections)]
-        return tuple(selections[0]), tuple(selections[1]) if k_aux else None
+            top_values, *dead = gather_pre_acts(x_in, self.W_enc, self.b_enc, indices, values, self.kernels).split(sizes, 1)
+            dead_values = dead[0] if k_aux else None
+        return (top_values, top_indices), (dead_values, positions, candidates) if k_aux else None
 
-    def auxk_loss(self, dead_top: Selection | None, residual: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
-        """Gao et al. A.2: ||e - e_hat||^2 / ||e||^2, e_hat from dead_top (values, indices) of the top dead latents,
-        so dead ones learn; 0 when none is dead (dead_top None, or candidates among which dead_mask marks none)."""
+    def decode_dead(self, dead_top: DeadSelection) -> torch.Tensor:
+        """AuxK's reconstruction [batch, d_model] from its top dead latents. The dense step multiplies by the
+        candidates' rows of W_dec alone, a few percent of the decoder's product, in the forward and backward alike.
+        (The sparse step gathers their rows: on 2 CPU cores its rate was the same or up to 10% lower with these
+        products in place of its gathers, the encoder's side included.)"""
+        values, positions, candidates = dead_top
+        if self.sparse_step:
+            return self.kernels.decode(values, candidates[positions], self.W_dec)
+        return decode_dense(values, positions, self.W_dec[candidates])
+
+    def auxk_loss(self, dead_top: DeadSelection | None, residual: torch.Tensor, dead_mask: torch.Tensor | None) -> torch.Tensor:
+        """Gao et al. A.2: ||e - e_hat||^2 / ||e||^2, e_hat from dead_top, the top dead latents, so dead ones
+        learn; 0 when none is dead (dead_top None, or candidates among which dead_mask marks none)."""
         if dead_top is None:
             return residual.new_zeros((), dtype=torch.float32)
         error = residual.detach().float()  # the main reconstruction is not pulled towards the dead latents
-        error_hat = self.decode_latents(*dead_top).float()
+        error_hat = self.decode_dead(dead_top).float()
         # clamped: a process whose share of the batch is empty contributes 0, not 0 / 0
         loss = (error - error_hat).pow(2).sum() / error.pow(2).sum().clamp(min=torch.finfo(torch.float32).tiny)
         return loss * dead_mask.any()  # not the 1 of reconstructing from none; a device op, no read-back
