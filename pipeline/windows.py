@@ -9,6 +9,7 @@ was interrupted.
 
 import bisect
 import itertools
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -105,6 +106,9 @@ class PairLedger:
 
     def __init__(self, stored: dict[int, int], n_tokens: int):
         self.n_tokens = n_tokens
+        # a window before one that stored pairs was whole under the budget of the run that stored those: one lost
+        # when that run was killed is redone whole, whatever this run's --n-tokens, so the store stays a prefix
+        self.whole_before = max((window for window, pairs in stored.items() if pairs), default=-1)
         self.stored_windows = sorted(stored)
         self.stored_prefix = [0, *itertools.accumulate(stored[w] for w in self.stored_windows)]
         self.new_windows: list[int] = []
@@ -116,6 +120,8 @@ class PairLedger:
 
     def budget(self, window: int) -> int:
         """Pairs the window may store; 0 once the windows before it hold --n-tokens."""
+        if window < self.whole_before:
+            return sys.maxsize
         return max(self.n_tokens - self.pairs_before(window), 0)
 
     def record(self, windows: list[int], counts: list[int]) -> None:

@@ -78,3 +78,26 @@ def test_windows_are_read_in_order_and_only_wanted_ones_are_tokenized():
     assert [w.index for w in windows] == [1, 3, 4, 6, 9]
     assert [[d for d, _ in w.docs] for w in windows] == [[5, 6, 7, 8, 9], [15, 16, 17, 18, 19], [20, 21, 22], [], []]
     assert tokenized == [5, 6, 7, 8, 9, 15, 16, 17, 18, 19, 20, 21, 22]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_smaller_n_tokens_after_an_interruption_redoes_the_lost_windows_whole(seed):
+    """A killed run may have committed a window after one it lost; a rerun asking for fewer pairs must not cut the lost
+    one (the killed run would have kept it whole), nor stop before it and leave a hole the store never fills."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 50, size=int(rng.integers(4, 40))).tolist()
+    n_tokens = int(rng.integers(1, sum(counts) + 60))
+    expected = sequential(counts, n_tokens)
+    partial = run(counts, n_tokens, 3, {}, stop_after_rounds=int(rng.integers(1, 5)))
+    kept = {w: p for w, p in partial.items() if rng.random() < 0.6}
+    smaller = run(counts, int(rng.integers(1, n_tokens + 1)), int(rng.integers(1, 4)), kept)
+    assert set(smaller) == set(range(len(smaller)))  # no hole
+    last_kept = max(kept, default=-1)
+    assert all(smaller[w] == expected[w] for w in range(last_kept + 1))
+    if max(smaller) <= last_kept:  # the smaller run cut no window of its own
+        assert run(counts, n_tokens, 2, smaller) == expected
+
+
+def test_a_smaller_n_tokens_fills_a_lost_window_whole_then_stops():
+    counts = [10] * 6
+    assert run(counts, 15, 1, {0: 10, 2: 10, 3: 10}) == {0: 10, 1: 10, 2: 10, 3: 10}
