@@ -25,7 +25,7 @@ from pipeline.corpus import (
     mined_files_fingerprint,
 )
 from pipeline.devices import resolve_device, resolve_model_dtype, to_device
-from pipeline.errors import CrosscodersError, Interrupted, out_of_memory
+from pipeline.errors import CrosscodersError, Interrupted, out_of_memory, peer_stopped
 from pipeline.hidden_states import capture_rows
 from pipeline.layers import parse_layers
 from pipeline.models import DEFAULT_MODEL, decoder_layers, load_model
@@ -33,7 +33,7 @@ from pipeline.positions import skipped_positions
 from pipeline.shard_writer import RecordedBatch, ShardWriter
 from pipeline.storage import Location, exclusive_lock
 from pipeline.store import ROW_FIELDS, STORAGE_DTYPES, check_same_sources, create_or_open, layer_sum_tensors, recorded_metadata
-from pipeline.units import parse_count
+from pipeline.units import parse_count, size_text
 from pipeline.windows import PairLedger, Window, WindowRecipe, planned_windows, window_rounds
 
 PLANNED_IN_A_PROCESS = {"cuda"}  # device types whose runs plan their windows in another process
@@ -238,6 +238,8 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
                     n_model_tokens += _cache_window(loaded.model, window, plans, budget, config, corpus, pad_id, device, writer, advance)
                 bar.update(task, completed=ledger.total)  # with the other processes' windows
             writer.close()
+            n_model_tokens = sum(tokens for (tokens,) in distributed.all_gather_ints([n_model_tokens]))
+            distributed.barrier()  # every process's shards are committed
         except BaseException as error:  # Ctrl-C or an error: keep complete shards only, so a rerun resumes exactly
             with contextlib.suppress(Exception):  # the writer's own failure, if it is the error, is raised below
                 writer.close(flush=False)
@@ -247,12 +249,15 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
             raise stopped from None
         finally:
             planned.close()  # waits for the window being prepared: no thread outlives the run
-    n_model_tokens = sum(tokens for (tokens,) in distributed.all_gather_ints([n_model_tokens]))
-    distributed.barrier()  # every process's shards are committed
-    seconds = time.perf_counter() - start_time
-    if ledger.total < config.n_tokens and rank == 0:
-        console.print(f"[yellow]the corpus ran out after {ledger.total:,} pairs (asked for {config.n_tokens:,})[/]")
-    return CacheReport(store.url, ledger.n_new, ledger.total, n_model_tokens, seconds)
+    report = CacheReport(store.url, ledger.n_new, ledger.total, n_model_tokens, time.perf_counter() - start_time)
+    if rank == 0:
+        if ledger.total < config.n_tokens:
+            console.print(f"[yellow]the corpus ran out after {ledger.total:,} pairs (asked for {config.n_tokens:,})[/]")
+        console.print(Text(  # text: the store's path may hold brackets or :codes:
+            f"stored {report.n_pairs_written:,} pairs in {report.seconds:.1f} s ({report.model_tokens_per_s:,.0f} model "
+            f"tokens/s); {report.out} holds {report.n_pairs_total:,} pairs"
+        ), soft_wrap=True)
+    return report
 
 
 def _planned_ahead(recipe: WindowRecipe, device: torch.device):
@@ -270,6 +275,9 @@ def stopped_caching(error: BaseException, url: str) -> BaseException:
     kept = f"{url} keeps its complete shards"
     if isinstance(error, KeyboardInterrupt):
         return Interrupted(f"interrupted; {kept}; run the same command to continue")
+    if reason := peer_stopped(error):
+        return CrosscodersError(f"another process of this torchrun job stopped ({reason}); {kept}; run the same command "
+                                "to continue")
     if memory := out_of_memory(error):
         return CrosscodersError(f"out of memory ({memory}); {kept}; cache with a lower --batch-tokens into a new --out (a store "
                                 "goes on with its own), or run the same command where there is more memory")
@@ -372,7 +380,7 @@ def check_disk_space(location: Location, n_pairs: int, d_model: int, dtype: str)
     free = location.free_bytes()
     if free is not None and needed > free:
         raise CrosscodersError(
-            f"{n_pairs:,} more pairs need up to {needed / 2**30:,.1f} GiB but {location} has {free / 2**30:,.1f} GiB free; "
+            f"{n_pairs:,} more pairs need up to {size_text(needed)} but {location} has {size_text(free)} free; "
             "lower --n-tokens or choose another --out"
         )
 

@@ -72,7 +72,8 @@ def from_main(value):
 @contextmanager
 def refused_together() -> typing.Iterator[None]:
     """Checks that some processes may refuse (rank 0's lock on a folder, its disk check): a refusal in any process is
-    raised in every one (its own, else the lowest rank's), so none waits in a collective for a process that stopped."""
+    raised in every one, the lowest rank's, so none waits in a collective for a process that stopped and all say why
+    alike."""
     if world_size() == 1:
         yield
         return
@@ -84,7 +85,7 @@ def refused_together() -> typing.Iterator[None]:
     refusals = [None] * world_size()
     dist.all_gather_object(refusals, None if refusal is None else str(refusal))  # NCCL: through local_device's GPU
     first = next((message for message in refusals if message is not None), None)
-    if refusal is not None:
+    if refusal is not None and str(refusal) == first:
         raise refusal
     if first is not None:
         raise CrosscodersError(first)

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -19,6 +20,17 @@ def out_of_memory(error: BaseException) -> str | None:
         return text
     if isinstance(error, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text.lower()):
         return text
+    return None
+
+
+def peer_stopped(error: BaseException) -> str | None:
+    """For a collective that failed because another process of a torchrun job stopped (gloo's "closed" or "reset by
+    peer", NCCL's DistBackendError), its first sentence without gloo's source location; None for any other error."""
+    if not isinstance(error, RuntimeError):
+        return None
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0].splitlines()[0] if str(error).strip() else ""
+    if type(error).__name__ in ("DistBackendError", "DistNetworkError") or "by peer" in text:
+        return text or type(error).__name__
     return None
 
 

@@ -122,12 +122,23 @@ def _local_files(folder: str) -> Iterator[str]:
 @contextmanager
 def exclusive_lock(location: Location, busy: str) -> Iterator[None]:
     """Holds an exclusive flock on a local folder, made if missing; CrosscodersError(busy) while another process holds
-    it. Object stores and file systems without flock go unlocked."""
-    descriptor = _locked_folder(location.root, busy) if location.is_local else None
+    it. The folders made for it are removed, still under the lock, where the job leaves them empty (refused before it
+    wrote anything); a job refused the lock removes nothing. Object stores and file systems without flock go unlocked."""
+    if not location.is_local:
+        yield
+        return
+    root = Path(location.root)
+    made = [folder for folder in (root, *root.parents) if not folder.exists()]  # deepest first
+    descriptor = _locked_folder(location.root, busy)
     try:
         yield
     finally:
         if descriptor is not None:
+            for folder in made:
+                try:
+                    folder.rmdir()  # an empty folder only
+                except OSError:
+                    break
             os.close(descriptor)
 
 

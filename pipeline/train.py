@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import distributed
 from pipeline.cli import option, print_note
-from pipeline.errors import CrosscodersError, Interrupted, one_line, out_of_memory
+from pipeline.errors import CrosscodersError, Interrupted, one_line, out_of_memory, peer_stopped
 from pipeline.files import open_to_all, remove, sync_tree, write_whole
 from pipeline.layers import stored_layers
 from pipeline.loader import BatchSource, LoaderConfig, ShardLoader
@@ -319,10 +319,11 @@ def train(
     if source.n_train_batches() < 1:
         raise CrosscodersError(f"the cache holds less than one batch of {configs[0].batch_size} rows; lower batch_size")
     with ExitStack() as held:
-        with distributed.refused_together():  # every process has checked the folders before the first writes to them
+        with distributed.refused_together():  # another job's folder: no process checks what that job writes
             if distributed.is_main():  # the one process that writes the runs' files holds their folders
                 for out_dir in out_dirs:
                     held.enter_context(run_folder_held(Path(out_dir)))
+        with distributed.refused_together():  # every process has checked the folders before the first writes to them
             started = [(Path(out_dir) / TRAIN_CONFIG_FILE).exists() for out_dir in out_dirs]
             # a sweep stopped while it wrote its runs' settings: under --resume, the runs it had not reached start afresh
             resumes = [resume and (run_started or not any(started)) for run_started in started]
@@ -339,22 +340,11 @@ def train(
 @contextmanager
 def run_folder_held(run_dir: Path) -> typing.Iterator[None]:
     """Holds run_dir for this job (an exclusive flock, as cache-acts holds its store), so that a second train-sae on it,
-    which would interleave its metrics and checkpoints with this one's, is refused. The folders made for the lock are
-    removed, still under it, where the job leaves them empty (refused before it wrote anything); a job refused the lock
-    removes nothing."""
-    run_dir = Path(os.path.realpath(run_dir))  # the folder the run writes: a literal "~" (Location would expand it),
-    # and no folder made for a ".." to leave
-    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
-    with exclusive_lock(Location(str(run_dir)), f"another train-sae job is writing {run_dir}; wait for it to end, or "
-                                                "choose another --out"):
-        try:
-            yield
-        finally:
-            for folder in made:
-                try:
-                    folder.rmdir()  # an empty folder only
-                except OSError:
-                    break
+    which would interleave its metrics and checkpoints with this one's, is refused."""
+    run_dir = os.path.realpath(run_dir)  # the folder the run writes: a literal "~" (Location would expand it)
+    with exclusive_lock(Location(run_dir), f"another train-sae job is writing {run_dir}; wait for it to end, or "
+                                          "choose another --out"):
+        yield
 
 
 def _train(configs: list[TrainConfig], out_dirs: list[Path], resumes: list[bool], source: BatchSource, device: torch.device,
@@ -369,6 +359,9 @@ def _train(configs: list[TrainConfig], out_dirs: list[Path], resumes: list[bool]
         raise CrosscodersError(f"cannot write the run ({error}); last checkpoints: {last_checkpoints(runs)}; once it can "
                                f"be written, run the same command{with_resume(runs)} to continue") from None
     except (RuntimeError, MemoryError) as error:
+        if reason := peer_stopped(error):
+            raise CrosscodersError(f"another process of this torchrun job stopped ({reason}); last checkpoints: "
+                                   f"{last_checkpoints(runs)}; run the same command{with_resume(runs)} to continue") from None
         if memory := out_of_memory(error):
             raise CrosscodersError(f"out of memory ({memory}); last checkpoints: {last_checkpoints(runs)}; train with a lower "
                                    "--batch-size or --expansion, or fewer --sweep values, into a new --out (--resume takes a "

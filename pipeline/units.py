@@ -1,4 +1,4 @@
-"""Parsing of the counts users type: `50M` tokens, `20K` steps."""
+"""The counts users type (`50M` tokens, `20K` steps) and the sizes messages print."""
 
 import re
 from decimal import Decimal
@@ -23,3 +23,11 @@ def parse_count(text: str | int, option: str = "--n-tokens") -> int:
     if value <= 0:
         raise CrosscodersError(f"{option} must be positive, got {text!r}")
     return value
+
+
+def size_text(n_bytes: int) -> str:
+    """A byte count in the largest binary unit it reaches: '1,234.5 GiB', '12.0 MiB', '512 bytes'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:,.1f} {unit}"
+    return f"{n_bytes:,} bytes"

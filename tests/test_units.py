@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.errors import CrosscodersError
-from pipeline.units import parse_count
+from pipeline.units import parse_count, size_text
 
 
 @pytest.mark.parametrize("text, count", [("20000", 20_000), ("20K", 20_000), (" 50m ", 50_000_000), ("1B", 10**9), ("1.5M", 1_500_000),
@@ -24,3 +24,9 @@ def test_every_two_decimal_count_with_a_suffix_is_whole():
 def test_what_is_not_a_count_is_a_one_line_error(text, message):
     with pytest.raises(CrosscodersError, match=message):
         parse_count(text, "--steps")
+
+
+@pytest.mark.parametrize("n_bytes, text", [(0, "0 bytes"), (1000, "1,000 bytes"), (1024, "1.0 KiB"), (5 * 2**20 + 2**19, "5.5 MiB"),
+                                            (1234 * 2**30, "1,234.0 GiB")])
+def test_sizes_are_printed_in_the_largest_unit_they_reach(n_bytes, text):
+    assert size_text(n_bytes) == text
