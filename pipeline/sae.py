@@ -30,17 +30,19 @@ DeadSelection = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # decoder="auto" picks the training step. On the CPU by density k / n_latents: from python -m bench.sae_step on 2 CPU
 # cores (torch 2.13, d_model 1536, batch 1024, 5% of the latents dead), rows/s of train-sae's whole step:
 #   expansion  k     density   dense / sparse
-#   4          32    1/192       926 / 2,749
-#   16         64    1/384       201 /   607
-#   1          192   1/8       3,742 / 5,392
-#   4          768   1/8         860 / 1,282
-#   1          384   1/4       3,846 / 4,268
-#   4          1536  1/4         884 /   686
+#   4          32    1/192     1,345 / 2,982
+#   16         64    1/384       313 /   717
+#   1          128   1/12      5,201 / 6,456
+#   1          192   1/8       5,215 / 5,269
+#   4          768   1/8       1,299 / 1,164
+#   1          384   1/4       5,035 / 3,607
+#   4          1536  1/4       1,303 /   685
 # Dense pays for every latent in six products (AuxK's three more only for the dead ones); sparse pays for the k
-# (and AuxK's k_aux) kept, gathered from memory at random. They cross near 1/4. On CUDA the dense step: on one H200 (torch 2.11, d_model 1536, batch 4096,
-# bf16 autocast, 5% dead) it ran 955K and 347K rows/s at 4x/k32 and 16x/k64, against 191K and 75K for the sparse step
-# and 602K and 236K with its Triton kernels (docs/BENCHMARKS.md), as the tensor cores make the products cheap.
-SPARSE_UP_TO_DENSITY = 1 / 8
+# (and AuxK's k_aux) kept, gathered from memory at random. They cross between 1/12 and 1/8. On CUDA the dense step: on
+# one H200 (torch 2.11, d_model 1536, batch 4096, bf16 autocast, 5% dead) it ran 955K and 347K rows/s at 4x/k32 and
+# 16x/k64 (when AuxK still multiplied by every row of W_dec), against 191K and 75K for the sparse step and 602K and
+# 236K with its Triton kernels (docs/BENCHMARKS.md), as the tensor cores make the products cheap.
+SPARSE_UP_TO_DENSITY = 1 / 10
 
 
 @dataclass(frozen=True)

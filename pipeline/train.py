@@ -49,7 +49,7 @@ class TrainConfig:
     k: int = option(32, "Latents kept per row (TopK).")
     layer_encoding: str = option("sinusoidal", "How the encoder is told the layer: sinusoidal, learned (trained, starting as sinusoidal) or none.")
     normalize: bool = option(True, "Normalize each layer to zero mean and E||x||^2 = d_model, from the cache's stats.")
-    decoder: str = option("auto", "Training step: dense (reference), sparse (decoder and encoder gradient touch only the kept latents), triton (sparse, with Triton kernels on CUDA), or auto (dense on CUDA; elsewhere sparse when k / n_latents <= 1/8).")
+    decoder: str = option("auto", "Training step: dense (reference), sparse (decoder and encoder gradient touch only the kept latents), triton (sparse, with Triton kernels on CUDA), or auto (dense on CUDA; elsewhere sparse when k / n_latents <= 1/10).")
     lr: float = option(3e-4, "Adam learning rate after warm-up.")
     weight_decay: float = option(0.0, "Decoupled weight decay (AdamW) of the encoder weights; 0: none.")
     warmup_steps: int = option(100, "Steps of linear learning-rate warm-up from 0.")
