@@ -132,7 +132,7 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
     if cfg.lr_decay == "cosine":
         progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
         return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-    decay_start = int(0.8 * total_steps)
+    decay_start = max(cfg.warmup_steps, int(0.8 * total_steps))  # not before warm-up ends: no jump down
     return cfg.lr * min(1.0, (total_steps - step) / max(1, total_steps - decay_start))
 
 

@@ -502,9 +502,12 @@ def test_lr_warms_up_then_decays():
     cosine = TrainConfig(lr=1.0, warmup_steps=10)
     assert [lr_at(cosine, step, 100) for step in (0, 9)] == [0.1, 1.0]
     assert lr_at(cosine, 10, 100) == 1.0 and lr_at(cosine, 100, 100) == pytest.approx(0.1)
+    assert lr_at(cosine, 55, 100) == pytest.approx(0.55) and lr_at(cosine, 32.5, 100) == pytest.approx(0.1 + 0.45 * (1 + 0.5 ** 0.5))
     linear = TrainConfig(lr=1.0, warmup_steps=10, lr_decay="linear")
     assert lr_at(linear, 79, 100) == 1.0 and lr_at(linear, 90, 100) == pytest.approx(0.5)
     assert lr_at(linear, 99, 100) == pytest.approx(0.05)
+    long_warmup = TrainConfig(lr=1.0, warmup_steps=100, lr_decay="linear")  # past 80% of the run: decays after it
+    assert [lr_at(long_warmup, step, 110) for step in (99, 100, 105)] == [1.0, 1.0, pytest.approx(0.5)]
 
 
 def test_wandb_failing_to_start_is_a_one_line_error_and_resume_goes_on(tmp_path, monkeypatch):
