@@ -148,22 +148,34 @@ def test_bf16_store_rounds_the_float32_values_bit_exactly(tiny_model_dir, corpus
     assert torch.equal(acts32.bfloat16().float(), acts16)
 
 
-def test_layer_sampling_is_uniform():
+@pytest.mark.parametrize("per_token", [1, 3])
+def test_layer_sampling_is_uniform(per_token):
     layers = list(range(29))
     counts = np.zeros(29)
     for doc in range(400):
-        _, chosen = choose_pairs(doc, layers, 1, np.zeros(100, bool), seed=0)
+        _, chosen = choose_pairs(doc, layers, per_token, np.zeros(100, bool), seed=0)
         counts += np.bincount(chosen, minlength=29)
     expected = counts.sum() / 29
     chi_square = ((counts - expected) ** 2 / expected).sum()
     assert chi_square < 56.9  # 99.9th percentile of chi-square with 28 degrees of freedom
 
 
+def test_several_layers_per_token_are_drawn_together_at_random():
+    """Each of the 45 pairs of 10 layers comes up, about as often as the others."""
+    _, chosen = choose_pairs(0, list(range(10)), 2, np.zeros(4500, bool), seed=0)
+    pairs = chosen.reshape(-1, 2)
+    assert (pairs[:, 0] < pairs[:, 1]).all()  # two distinct layers, in order
+    counts = np.unique(pairs[:, 0] * 10 + pairs[:, 1], return_counts=True)[1]
+    assert len(counts) == 45 and counts.min() > 50 and counts.max() < 150  # 100 expected each
+
+
 def test_layer_draw_depends_on_seed_and_document_only():
     skip = np.zeros(50, bool)
-    first = choose_pairs(7, list(range(10)), 1, skip, seed=3)[1]
-    assert np.array_equal(first, choose_pairs(7, list(range(10)), 1, skip, seed=3)[1])
-    assert not np.array_equal(first, choose_pairs(8, list(range(10)), 1, skip, seed=3)[1])
+    for per_token in (1, 2):
+        first = choose_pairs(7, list(range(10)), per_token, skip, seed=3)[1]
+        assert np.array_equal(first, choose_pairs(7, list(range(10)), per_token, skip, seed=3)[1])
+        assert not np.array_equal(first, choose_pairs(8, list(range(10)), per_token, skip, seed=3)[1])
+        assert not np.array_equal(first, choose_pairs(7, list(range(10)), per_token, skip, seed=4)[1])
 
 
 def test_n_tokens_ending_inside_a_window_keeps_a_corpus_order_prefix(tiny_model_dir, corpus_file, tmp_path):

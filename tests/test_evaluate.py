@@ -75,6 +75,18 @@ def held_out(store: Store, n: int = 6) -> list:
     return list(islice(store.documents(split="val"), n))
 
 
+def test_mean_ablation_uses_each_layers_mean_over_the_stored_training_rows(store):
+    means = layer_means(store)
+    for layer in range(store.n_hidden_states):
+        rows = [store.read_acts(shard, "train")[store.read(shard, "train/layer") == layer].double() for shard in store.shards]
+        rows = torch.cat(rows)
+        if len(rows):
+            torch.testing.assert_close(means[layer], rows.mean(0).float(), rtol=1e-5, atol=1e-6)
+        else:
+            assert not means[layer].any()
+    assert means.abs().sum() > 0
+
+
 def test_the_documents_scored_are_the_first_held_out_ones_in_corpus_order(store, tmp_path, monkeypatch):
     """The store's first were a packing window's shortest: it stores them sorted by length."""
     in_corpus_order = sorted(store.documents(split="val"), key=lambda doc: doc[0])[:3]

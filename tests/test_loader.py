@@ -139,10 +139,24 @@ def test_a_layer_filter_that_keeps_no_row_is_a_clear_error(store):
         ShardLoader(store, 64, layers=[7])
 
 
-def test_memory_loader_sees_every_row_once(store):
+def test_memory_loader_sees_every_row_once_in_an_order_of_its_seed_and_epoch(store):
     acts = torch.arange(1000.0)[:, None].repeat(1, D_MODEL)
-    seen = np.concatenate(ids(MemoryLoader(acts, torch.zeros(1000, dtype=torch.long), N_STATES, 300).train_batches(0)))
-    assert np.array_equal(np.sort(seen), np.arange(1000))
+
+    def order(seed: int, epoch: int) -> np.ndarray:
+        loader = MemoryLoader(acts, torch.zeros(1000, dtype=torch.long), N_STATES, 300, seed=seed)
+        return np.concatenate(ids(loader.train_batches(epoch)))
+
+    seen = order(0, 0)
+    assert np.array_equal(np.sort(seen), np.arange(1000)) and np.array_equal(seen, order(0, 0))
+    assert (seen != np.arange(1000)).mean() > 0.9  # shuffled
+    assert (seen != order(0, 1)).mean() > 0.9 and (seen != order(1, 0)).mean() > 0.9
+
+
+def test_windows_of_the_same_size_are_shuffled_differently(tmp_path):
+    loader = ShardLoader(write_store(tmp_path / "s", [2048, 2048]), batch_size=1024, window_chunks=1)
+    local_orders = [batch % 1024 for batch in ids(loader.train_batches(0))]  # one window of one chunk per batch
+    assert len(local_orders) == 4 and all(np.array_equal(np.sort(order), np.arange(1024)) for order in local_orders)
+    assert all((a != b).mean() > 0.9 for i, a in enumerate(local_orders) for b in local_orders[i + 1:])
 
 
 def test_an_empty_store_is_a_clear_error(tmp_path):
