@@ -53,7 +53,7 @@ class TrainConfig:
     lr: float = option(3e-4, "Adam learning rate after warm-up.")
     weight_decay: float = option(0.0, "Decoupled weight decay (AdamW) of the encoder weights; 0: none.")
     warmup_steps: int = option(100, "Steps of linear learning-rate warm-up from 0.")
-    lr_decay: str = option("cosine", "After warm-up: cosine (to 10% of lr) or linear (to 0 over the last 20%).")
+    lr_decay: str = option("cosine", "After warm-up: cosine (to 10% of lr) or linear (to 0 over the last 20% of the steps, or those after warm-up if fewer).")
     batch_size: int = option(4096, "Rows per step; every run of a sweep shares it.")
     steps: int | None = option(None, "Training steps, e.g. 20K; default: one epoch.", counts("--steps"), str)
     tokens: int | None = option(None, "Training rows instead of steps, e.g. 50M.", counts("--tokens"), str)
