@@ -250,9 +250,9 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
         finally:
             planned.close()  # waits for the window being prepared: no thread outlives the run
     report = CacheReport(store.url, ledger.n_new, ledger.total, n_model_tokens, time.perf_counter() - start_time)
-    if rank == 0:
-        if ledger.total < config.n_tokens:
-            console.print(f"[yellow]the corpus ran out after {ledger.total:,} pairs (asked for {config.n_tokens:,})[/]")
+    if rank == 0 and ledger.total < config.n_tokens:
+        console.print(f"[yellow]the corpus ran out after {ledger.total:,} pairs (asked for {config.n_tokens:,})[/]")
+    if progress:  # the summary, once: progress is asked for, and rank 0's alone
         console.print(Text(  # text: the store's path may hold brackets or :codes:
             f"stored {report.n_pairs_written:,} pairs in {report.seconds:.1f} s ({report.model_tokens_per_s:,.0f} model "
             f"tokens/s); {report.out} holds {report.n_pairs_total:,} pairs"
@@ -275,12 +275,12 @@ def stopped_caching(error: BaseException, url: str) -> BaseException:
     kept = f"{url} keeps its complete shards"
     if isinstance(error, KeyboardInterrupt):
         return Interrupted(f"interrupted; {kept}; run the same command to continue")
-    if reason := peer_stopped(error):
-        return CrosscodersError(f"another process of this torchrun job stopped ({reason}); {kept}; run the same command "
-                                "to continue")
     if memory := out_of_memory(error):
         return CrosscodersError(f"out of memory ({memory}); {kept}; cache with a lower --batch-tokens into a new --out (a store "
                                 "goes on with its own), or run the same command where there is more memory")
+    if reason := peer_stopped(error):  # after out_of_memory: NCCL reports a GPU's failed allocation as its own error
+        return CrosscodersError(f"another process of this torchrun job stopped ({reason}); {kept}; run the same command "
+                                "to continue")
     if isinstance(error, OSError):  # a full disk, a store made read-only
         return CrosscodersError(f"cannot write {url} ({error.strerror or error}); {kept}; once it can be written, run the same "
                                 "command to continue")

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import CrosscodersError
+from pipeline.errors import CrosscodersError, one_line
 
 
 def init_from_env(device: torch.device, backend: str | None = None) -> tuple[int, int]:
@@ -80,12 +80,13 @@ def refused_together() -> typing.Iterator[None]:
     refusal = None
     try:
         yield
-    except CrosscodersError as error:
+    except Exception as error:  # an unforeseen error too (a store that cannot be written): the others must not wait
         refusal = error
     refusals = [None] * world_size()
-    dist.all_gather_object(refusals, None if refusal is None else str(refusal))  # NCCL: through local_device's GPU
+    told = None if refusal is None else str(refusal) if isinstance(refusal, CrosscodersError) else one_line(refusal)
+    dist.all_gather_object(refusals, told)  # NCCL: through local_device's GPU
     first = next((message for message in refusals if message is not None), None)
-    if refusal is not None and str(refusal) == first:
+    if refusal is not None and told == first:
         raise refusal
     if first is not None:
         raise CrosscodersError(first)

@@ -28,7 +28,7 @@ def peer_stopped(error: BaseException) -> str | None:
     peer", NCCL's DistBackendError), its first sentence without gloo's source location; None for any other error."""
     if not isinstance(error, RuntimeError):
         return None
-    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0].splitlines()[0] if str(error).strip() else ""
+    text = (re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).split(". ")[0].splitlines() or [""])[0]
     if type(error).__name__ in ("DistBackendError", "DistNetworkError") or "by peer" in text:
         return text or type(error).__name__
     return None

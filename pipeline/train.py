@@ -359,13 +359,13 @@ def _train(configs: list[TrainConfig], out_dirs: list[Path], resumes: list[bool]
         raise CrosscodersError(f"cannot write the run ({error}); last checkpoints: {last_checkpoints(runs)}; once it can "
                                f"be written, run the same command{with_resume(runs)} to continue") from None
     except (RuntimeError, MemoryError) as error:
-        if reason := peer_stopped(error):
-            raise CrosscodersError(f"another process of this torchrun job stopped ({reason}); last checkpoints: "
-                                   f"{last_checkpoints(runs)}; run the same command{with_resume(runs)} to continue") from None
         if memory := out_of_memory(error):
             raise CrosscodersError(f"out of memory ({memory}); last checkpoints: {last_checkpoints(runs)}; train with a lower "
                                    "--batch-size or --expansion, or fewer --sweep values, into a new --out (--resume takes a "
                                    f"run's own settings), or run the same command{with_resume(runs)} where there is more memory") from None
+        if reason := peer_stopped(error):  # after out_of_memory: NCCL reports a GPU's failed allocation as its own error
+            raise CrosscodersError(f"another process of this torchrun job stopped ({reason}); last checkpoints: "
+                                   f"{last_checkpoints(runs)}; run the same command{with_resume(runs)} to continue") from None
         raise
 
 

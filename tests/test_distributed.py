@@ -302,14 +302,14 @@ def refuse_in_turn(rank: int, port: int, results):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    for case, refusing in {"none": [], "rank 0": [0], "rank 1": [1], "both": [0, 1]}.items():
+    for case, refusing in {"none": [], "rank 0": [0], "rank 1": [1], "both": [0, 1], "unforeseen": [0]}.items():
         try:
             with distributed.refused_together():
                 if rank in refusing:
-                    raise CrosscodersError(f"refused by rank {rank}")
+                    raise (OSError(13, "Permission denied") if case == "unforeseen" else CrosscodersError(f"refused by rank {rank}"))
             results[(rank, case)] = None
-        except CrosscodersError as error:
-            results[(rank, case)] = str(error)
+        except (CrosscodersError, OSError) as error:
+            results[(rank, case)] = f"{type(error).__name__}: {error}"
     dist.destroy_process_group()
 
 
@@ -320,8 +320,9 @@ def test_a_refusal_in_one_process_is_raised_in_every_one():
 
     results = mp.Manager().dict()
     mp.spawn(refuse_in_turn, args=(free_port(), results), nprocs=2)
-    expected = {"none": [None, None], "rank 0": ["refused by rank 0"] * 2, "rank 1": ["refused by rank 1"] * 2,
-                "both": ["refused by rank 0"] * 2}
+    refused = "CrosscodersError: refused by rank"
+    expected = {"none": [None, None], "rank 0": [f"{refused} 0"] * 2, "rank 1": [f"{refused} 1"] * 2, "both": [f"{refused} 0"] * 2,
+                "unforeseen": ["PermissionError: [Errno 13] Permission denied", "CrosscodersError: [Errno 13] Permission denied"]}
     assert {case: [results[(rank, case)] for rank in range(2)] for case in expected} == expected
 
 
@@ -376,3 +377,4 @@ def test_a_collective_failed_by_a_stopped_process_is_told_apart():
         process.join(60)
     assert results["reason"].startswith("Connection closed by peer") or "reset by peer" in results["reason"], results["reason"]
     assert results["other"] is None
+    assert peer_stopped(RuntimeError("[pair.cc:1]")) is None and peer_stopped(RuntimeError()) is None
