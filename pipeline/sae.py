@@ -273,8 +273,8 @@ class TopKSAE(nn.Module):
     def decode_dead(self, dead_top: DeadSelection) -> torch.Tensor:
         """AuxK's reconstruction [batch, d_model] from its top dead latents. The dense step multiplies by the
         candidates' rows of W_dec alone, a few percent of the decoder's product, in the forward and backward alike.
-        (The sparse step gathers their rows: on 2 CPU cores its rate was the same or up to 10% lower with these
-        products in place of its gathers, the encoder's side included.)"""
+        (The sparse step gathers their rows: on 2 CPU cores these products in place of its gathers, the encoder's
+        side included, ran at 0.86-1.13x its rate: docs/BENCHMARKS.md.)"""
         values, positions, candidates = dead_top
         if self.sparse_step:
             return self.kernels.decode(values, candidates[positions], self.W_dec)
