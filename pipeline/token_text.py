@@ -1,16 +1,29 @@
 """How tokens are shown on their own: control characters made visible, a character split over tokens kept readable."""
 
 import codecs
+import unicodedata
 
 from tokenizers import decoders
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-# control characters drawn as visible symbols: contexts stay on one line, a token such as "\r" is not blank, and a
-# stored escape sequence never reaches the terminal; C1 controls, bidi overrides (which would reverse the rest of a
-# context), line separators and zero-width characters as escapes
-INVISIBLE = [*range(0x80, 0xA0), 0xAD, *range(0x200B, 0x2010), *range(0x2028, 0x202F), *range(0x2060, 0x2070), 0xFEFF]
-VISIBLE_CONTROLS = {**{code: chr(0x2400 + code) for code in range(32)}, 0x7F: "␡", ord("\n"): "⏎", ord("\t"): "→",
-                    **{code: f"\\u{code:04x}" for code in INVISIBLE}}
+
+class VisibleCharacters(dict):
+    """A str.translate table: control characters as visible symbols (contexts stay on one line, a token such as "\\r"
+    is not blank, a stored escape sequence never reaches the terminal), and every other character that
+    str.isprintable calls invisible as an escape (C1 controls, bidi marks and overrides, which would reverse the rest of
+    a context, zero-width and tag characters, line separators); spaces of every width stay. Filled as characters come."""
+
+    def __init__(self):
+        super().__init__({**{code: chr(0x2400 + code) for code in range(32)}, 0x7F: "␡", ord("\n"): "⏎", ord("\t"): "→"})
+
+    def __missing__(self, code: int) -> str:
+        char = chr(code)
+        shown = char if char.isprintable() or unicodedata.category(char) == "Zs" else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+        self[code] = shown
+        return shown
+
+
+VISIBLE_CHARACTERS = VisibleCharacters()
 BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}  # byte-level BPE's printable stand-ins
 
 
@@ -34,7 +47,7 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
             complete = utf8.decode(piece)
             pending = utf8.getstate()[0][-len(piece) :] if piece else b""  # this token's bytes of an unfinished character
             texts.append(complete + "".join(f"\\x{byte:02x}" for byte in pending))
-    return [text.replace("\r\n", "\n").translate(VISIBLE_CONTROLS) for text in texts]
+    return [text.translate(VISIBLE_CHARACTERS) for text in texts]
 
 
 def token_bytes(tokenizer, ids: list[int]) -> list[bytes] | None:

@@ -14,6 +14,24 @@ def test_control_characters_are_drawn_visibly():
         assert "".join(texts) == shown and all(texts)  # no token blank
 
 
+def test_a_carriage_return_and_line_feed_in_one_token_shows_both():
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE({**{char: i for i, char in enumerate(alphabet)}, "čĊ": len(alphabet)}, [("č", "Ċ")]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)  # as Qwen's, it has one token for "\r\n"
+    ids = tokenizer.encode("x\r\ny\n")
+    assert token_texts(tokenizer, ids) == ["x", "␍⏎", "y", "⏎"]  # a Windows line end is told from a Unix one
+
+
+def test_every_invisible_character_is_an_escape_and_spaces_stay():
+    tokenizer = build_tiny_tokenizer()
+    hidden = "\u0085\u00ad\u061c\u200b\u202e\u2028\U000e0069"  # C1 control, soft hyphen, bidi marks, zero width, tag
+    texts = token_texts(tokenizer, tokenizer.encode(f"k{hidden}\u00a0\u3000v"))
+    shown = "".join(text for text in texts if not text.startswith("\\x"))  # without the first bytes of split characters
+    assert shown == "k\\u0085\\u00ad\\u061c\\u200b\\u202e\\u2028\\U000e0069\u00a0\u3000v"
+
+
 def test_a_character_split_over_tokens_is_shown_on_the_token_that_ends_it():
     tokenizer = build_tiny_tokenizer()  # knows no merges of non-ASCII bytes: each such byte is a token
     ids = tokenizer.encode("x = '🦜é'  # ok")
