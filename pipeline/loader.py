@@ -153,7 +153,7 @@ class LoaderConfig:
             if value is not None and value < least:
                 raise CrosscodersError(f"--{name} {value} must be at least {least}")
         if not 0 <= self.shuffle_seed < 2**32:
-            raise CrosscodersError(f"--shuffle-seed {self.shuffle_seed} must be in 0..2**32-1")
+            raise CrosscodersError(f"--shuffle-seed {self.shuffle_seed} must be from 0 to {2**32 - 1}")
 
 
 def reader_threads(workers: int | None) -> int:

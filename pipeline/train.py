@@ -72,6 +72,8 @@ class TrainConfig:
         for name in ("expansion", "k", "batch_size", "val_every", "save_every", "dead_tokens", "lr"):
             if getattr(self, name) <= 0:
                 raise CrosscodersError(f"{name}={getattr(self, name)} must be positive")
+        if not 0 <= self.seed < 2**32:
+            raise CrosscodersError(f"--seed {self.seed} must be from 0 to {2**32 - 1}")
         if self.warmup_steps < 0:
             raise CrosscodersError(f"warmup_steps={self.warmup_steps} must be at least 0")
         for name in ("lr", "weight_decay", "auxk_alpha"):

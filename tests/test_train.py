@@ -317,6 +317,9 @@ def test_config_errors_come_before_any_training(tmp_path):
         TrainConfig(batch_size=0)
     with pytest.raises(CrosscodersError, match="^warmup_steps=-1 must be at least 0$"):
         TrainConfig(warmup_steps=-1)
+    for seed in (-1, 2**64):  # torch.manual_seed would overflow on the second, a traceback
+        with pytest.raises(CrosscodersError, match=f"^--seed {seed} must be from 0 to 4294967295$"):
+            replace(SMALL, seed=seed)  # as a sweep makes each run's config
     with pytest.raises(CrosscodersError, match="batches of 64 rows, not batch_size=32"):
         train([replace(SMALL, batch_size=32)], small_source(), [tmp_path / "c"], progress=False)
 

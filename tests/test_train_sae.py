@@ -218,7 +218,7 @@ def test_ctrl_c_or_sigterm_says_what_it_kept_in_one_line_and_resume_goes_on_from
         (["--window-chunks", "0"], "--window-chunks 0 must be at least 1"),
         (["--out", "s3://bucket/runs/k32"], "--out s3://bucket/runs/k32 must be a local path; only stores"),  # was ./s3:/bucket/...
         (["--val-rows", "-1"], "--val-rows -1 must be at least 0"),
-        (["--shuffle-seed", "20000000000000"], "--shuffle-seed 20000000000000 must be in 0..2**32-1"),
+        (["--shuffle-seed", "20000000000000"], "--shuffle-seed 20000000000000 must be from 0 to 4294967295"),
         (["--batch-size", "5000"], "training rows, fewer than one batch of 5,000; lower --batch-size"),
         (["--batch-size", "2048", "--layers", "1"], "training rows of hidden states 1, fewer than one batch of 2,048"),
     ],
