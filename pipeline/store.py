@@ -290,14 +290,20 @@ class Store:
         except (FileNotFoundError, NotADirectoryError):
             if not self.location.entries():
                 raise CrosscodersError(f"no activation store at {self.location}; run cache-acts --out {self.location} first") from None
-            raise CrosscodersError(f"{self.location} is not an activation store (no zarr.json); run cache-acts --out {self.location}") from None
+            if any(name.startswith(SHARD_PREFIX) for name in self.location.entries()):  # a store that lost its record
+                raise CrosscodersError(f"{root_meta} is missing: the store's record of its model and recipe; restore it, "
+                                       f"or delete {self.location} and re-run cache-acts") from None
+            raise CrosscodersError(f"{self.location} is not an activation store (no zarr.json); pass the folder cache-acts "
+                                   "wrote (its --out)") from None
         except OSError as error:  # no permission, a network file system's hiccup
             raise CrosscodersError(f"cannot read {root_meta} ({error.strerror or error}); check its permissions and the disk") from None
         except (ValueError, KeyError, TypeError) as error:  # not JSON, or JSON of another shape
-            raise CrosscodersError(f"{root_meta} is damaged or not a crosscoders store ({error!r})") from None
+            raise CrosscodersError(f"{root_meta} is damaged or not a crosscoders store ({error!r}); restore it, or "
+                                   "re-cache into a new --out") from None
         self.metadata = attributes.get("crosscoders", {}) if isinstance(attributes, dict) else None
         if not isinstance(self.metadata, dict):
-            raise CrosscodersError(f"{root_meta} is damaged or not a crosscoders store (its attributes are not a record)")
+            raise CrosscodersError(f"{root_meta} is damaged or not a crosscoders store (its attributes are not a record); "
+                                   "restore it, or re-cache into a new --out")
         if "n_rows" in attributes:  # a shard's commit
             raise CrosscodersError(f"{self.location} is one shard of an activation store; pass the store, the folder above it")
         if self.metadata.get("format") != FORMAT_NAME or self.metadata.get("version") != FORMAT_VERSION:

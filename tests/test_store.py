@@ -190,7 +190,7 @@ def test_opening_something_that_is_not_a_store(tmp_path):
         Store(tmp_path / "missing")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
-    with pytest.raises(CrosscodersError, match="is not an activation store"):
+    with pytest.raises(CrosscodersError, match=r"other is not an activation store \(no zarr.json\); pass the folder cache-acts wrote"):
         Store(tmp_path / "other")
     with pytest.raises(CrosscodersError, match="exists and is not an activation store"):
         create_or_open(tmp_path / "other", METADATA)
@@ -428,11 +428,20 @@ def test_a_link_that_loops_or_doubles_a_shards_files_is_refused(tmp_path, target
         Store(tmp_path / "s")
 
 
+def test_a_store_that_lost_its_record_is_not_sent_to_cache_acts_which_refuses_it(store):
+    os.remove(store.location.path("zarr.json"))
+    message = rf"{re.escape(store.location.path('zarr.json'))} is missing: .* restore it, or delete .* and re-run cache-acts$"
+    with pytest.raises(CrosscodersError, match=message):
+        Store(store.url)
+    with pytest.raises(CrosscodersError, match="exists and is not an activation store"):  # hence not "run cache-acts --out" there
+        create_or_open(store.url, METADATA)
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", '"text"'])
 def test_a_store_record_of_another_json_shape_is_a_one_line_error(store, content):
     with open(store.location.path("zarr.json"), "w") as handle:
         handle.write(content)
-    with pytest.raises(CrosscodersError, match=r"zarr.json is damaged or not a crosscoders store"):
+    with pytest.raises(CrosscodersError, match=r"zarr.json is damaged or not a crosscoders store .*; restore it, or re-cache into a new --out$"):
         Store(store.url)
 
 
