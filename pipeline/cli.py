@@ -204,13 +204,22 @@ def printable(text: str) -> str:
                    for char in text)  # spaces of every width stay, to be copied: a folder may be named with U+3000
 
 
+# click's base of its usage errors: typer from 0.23 on brings its own copy of click, older ones use click itself
+CLICK_ERROR = next(base for base in typer.BadParameter.__mro__ if base.__name__ == "ClickException")
+
+
 def run_app(app: typer.Typer) -> None:
     """Entry point: run the app; a user error never shows a traceback."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # our own progress bars say what is happening
     try:
-        app()
+        exit_code = app(standalone_mode=False)  # click's own errors come here, not as its boxed usage text
     except CrosscodersError as error:
         print_error(error)
         sys.exit(2)
+    except CLICK_ERROR as error:  # a value of the wrong type, an unknown or missing option
+        command = error.ctx.command_path if getattr(error, "ctx", None) else Path(sys.argv[0]).name
+        print_error(CrosscodersError(f"{error.format_message().rstrip('.')}; see {command} --help"))
+        sys.exit(error.exit_code)
+    sys.exit(exit_code if isinstance(exit_code, int) else 0)  # a command's return value is no exit status

@@ -214,6 +214,8 @@ def test_ctrl_c_or_sigterm_says_what_it_kept_in_one_line_and_resume_goes_on_from
         (["--device", "gpu"], "--device 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
         (["--device", "cuda:99"], "--device cuda:99: this machine has"),  # no CUDA GPU, or fewer than 100
         (["--lr", "nan"], "lr=nan must be a finite number >= 0"),
+        (["--batch-size", "1.5"], "Invalid value for '--batch-size'"),  # click's own errors: one line too, not its usage box
+        (["--bogus", "3"], "No such option: --bogus"),
         (["--weight-decay", "-1"], "weight_decay=-1.0 must be a finite number >= 0"),
         (["--window-chunks", "0"], "--window-chunks 0 must be at least 1"),
         (["--out", "s3://bucket/runs/k32"], "--out s3://bucket/runs/k32 must be a local path; only stores"),  # was ./s3:/bucket/...
