@@ -12,7 +12,6 @@ import platform
 import random
 import re
 import sysconfig
-import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,14 @@ FINGERPRINT_BYTES = 1 << 20  # of each dataset file, the first and last MiB coun
 # The layout of mined prompts, in a store's mined_files: a store of another layout is never extended with this one's
 # documents. 2: the docstring first (1 opened with "Write a Python function", which 8% of positions shared).
 # 3: answers cut at the line breaks ast counts (2 also broke lines at form feeds and other separators, so an answer
-# after one lost its last lines).
-MINED_PROMPTS = 3
+# after one lost its last lines). 4: an answer's fence is longer than any backtick run in its code (3 closed it at a
+# docstring's ```), and a method loses its def's indent only (3 kept it where a string has a line at column 0).
+MINED_PROMPTS = 4
 # Tests, caches, GUI demos and Python-2-era code make poor or duplicate examples.
 SKIP_DIRS = {"__pycache__", "site-packages", "test", "tests", "idlelib", "turtledemo", "lib2to3", "pydoc_data", "ensurepip"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
 SPLIT_NAME = re.compile(r"\w+(\.\w+)*")  # as datasets names splits: "train", "test.python"
+BACKTICKS = re.compile(r"`+")
 LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the line breaks ast counts; str.splitlines also breaks at \f, \x1c-\x1e, \x85, \u2028-9
 
 
@@ -200,10 +201,11 @@ def _size(path: Path) -> int:
 
 
 def python_files(root: Path) -> Iterator[Path]:
-    """The .py files under `root`, leaving out tests, caches and nested site-packages."""
+    """The .py files under `root`, leaving out tests, caches, nested site-packages and editable installs' finders (which
+    name their checkout's path, so their size would make each checkout's fingerprint another)."""
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith((".dist-info", ".egg-info"))]
-        yield from (Path(folder, name) for name in files if name.endswith(".py"))
+        yield from (Path(folder, name) for name in files if name.endswith(".py") and not name.startswith("__editable__"))
 
 
 def function_pairs(path: Path) -> list[tuple[str, str, None]]:
@@ -240,8 +242,14 @@ def function_pair(node: ast.AST, lines: list[str], class_name: str | None = None
     signature = f"{prefix} {node.name}({ast.unparse(node.args)}){returns}:"
     owner = f" (a method of class `{class_name}`)" if class_name else ""
     prompt = f"{docstring}\n\nWrite this as a Python function{owner} with the signature `{signature}`."  # its own words first
-    code = textwrap.dedent("\n".join(lines[first - 1 : node.end_lineno]))
-    return prompt, f"```python\n{code}\n```", None
+    code = "\n".join(outdent(line, node.col_offset) for line in lines[first - 1 : node.end_lineno])
+    fence = "`" * max(3, 1 + max(map(len, BACKTICKS.findall(code)), default=0))  # CommonMark: a shorter run cannot close it
+    return prompt, f"{fence}python\n{code}\n{fence}", None
+
+
+def outdent(line: str, indent: int) -> str:
+    """A line of a def `indent` columns in, moved to column 0; a line of a string that starts further left keeps its text."""
+    return line[min(indent, len(line) - len(line.lstrip(" \t"))) :]
 
 
 def buffer_shuffle(items: Iterable, size: int, rng: random.Random) -> Iterator:

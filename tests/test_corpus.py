@@ -230,6 +230,39 @@ def test_mined_answers_keep_their_lines_past_a_form_feed(tmp_path):
     assert answers[1] == '```python\ndef b():\n    """Return two, the second number."""\n    return 2\n```'
 
 
+def test_a_mined_answer_is_the_method_as_code_whatever_its_strings_hold(tmp_path):
+    """A docstring's ``` once closed the answer's fence, and a string line at column 0 kept the whole method indented."""
+    source = (
+        "class C:\n"
+        "    def show(self):\n"
+        '        """Print an example, fenced as markdown:\n\n        ```\n        C().show()\n        ```\n        """\n'
+        '        text = """one\n'
+        'two"""\n'
+        "        return text\n"
+    )
+    (tmp_path / "m.py").write_text(source)
+    [(_, answer, _)] = corpus.function_pairs(tmp_path / "m.py")
+    fence, rest = answer.split("python\n", 1)
+    assert fence == "````" and rest.endswith("\n````") and "````" not in rest[:-4]
+    code = rest[: -len("\n````")]
+    assert code.startswith('def show(self):\n    """Print') and '\ntwo"""\n    return text' in code
+    namespace = {}
+    exec(code, namespace)  # the answer is valid Python, its string as in the source
+    assert namespace["show"](None) == "one\ntwo"
+
+
+def test_editable_install_finders_are_not_mined_nor_fingerprinted(tmp_path, monkeypatch):
+    """Their text names the checkout's path, so two checkouts of one install would read as other packages."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "pkg.py").write_text("x = 1\n")
+    monkeypatch.setattr(corpus, "mined_roots", lambda: [[], [str(site)]])
+    before = corpus.mined_files_fingerprint()
+    (site / "__editable___crosscoders_0_1_0_finder.py").write_text("MAPPING = {'pipeline': '/home/a/checkout/pipeline'}\n")
+    assert corpus.mined_files_fingerprint() == before
+    assert list(corpus.python_files(site)) == [site / "pkg.py"]
+
+
 @pytest.mark.parametrize("options, message", [
     ({"hf_split": "train[:10]"}, "--hf-split 'train[:10]' is not a split name such as train or test; slices"),
     ({"hf_split": ""}, "--hf-split '' is not a split name"),
