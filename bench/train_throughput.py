@@ -5,7 +5,7 @@ Usage: python -m bench.train_throughput --shards /tmp/s --steps 30 --batch-size 
 
 One run measures: training rows/s reading shards (ShardLoader) and reading the very same batches
 already in memory on the device (so both do the same training work), in the steady state from the
-third batch on, their ratio and how long each run waited for its first batch; rows/s of the loader alone (and, with
+third batch on, their ratio and how long each run waited for its first batch; rows/s of the loader alone, timed the same way (and, with
 --layers, keeping only those hidden states' rows, as train-sae --layers does); and rows/s of one
 SAE training step alone, dense, sparse and the step trained with (see bench/sae_step.py), at the seed's size
 (expansion 4, k 32) and a large one (expansion 16, k 64). --decoder and --cuda-graph pick the training step.
@@ -140,14 +140,18 @@ def run_scratch() -> str | None:
 
 
 def loader_rows_per_s(loader: ShardLoader, n_batches: int, device: torch.device) -> float:
-    start, rows = time.perf_counter(), 0
-    for i, (x, _) in enumerate(loader.train_batches(epoch=1)):
-        rows += len(x)
-        if i + 1 == n_batches:
-            break
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return rows / (time.perf_counter() - start)
+    """Rows/s of the loader alone over its first n_batches batches of an epoch, from the 3rd to the last, as training's
+    steady state is timed: not the first windows' read, nor the close, which waits for the windows read ahead."""
+    if n_batches < 4:
+        raise typer.BadParameter(f"{n_batches} batches time no steady state; give --steps 4 or more, and a store of 5 batches or more")
+    batches, asked, rows = loader.train_batches(epoch=1), [], []
+    for i, (x, _) in enumerate(itertools.islice(batches, n_batches)):
+        if device.type == "cuda" and i + 1 == n_batches:
+            torch.cuda.synchronize()  # the last batch's copy to the device has landed
+        asked.append(time.perf_counter())
+        rows.append(len(x))
+    batches.close()
+    return sum(rows[3:]) / (asked[-1] - asked[2])
 
 
 def step_rows_per_s(source, cfg: TrainConfig, device: torch.device, n_steps: int) -> float:
