@@ -7,8 +7,9 @@ replaced: the forward pass hands back copies of rows from a pool of random bf16 
 per-layer statistics (milliseconds of a GPU) are zeros. The model is a Qwen2 of --d-model and --n-layers on the
 meta device, never run. Stage one can reach the bare forward pass's rate (bench.cache_throughput) only where this
 rate is higher. The windows are planned in a process of their own, as on a GPU, and in a thread, as on a CPU
-(--plan-in). CPU s: CPU time (user and system) over the run, of every thread and of the planning process; page
-faults: the minor ones, each a fresh page of memory touched.
+(--plan-in). CPU s: CPU time (user and system) of every thread and of the planning process over the whole call, so
+with the set-up that seconds leaves out (the store's creation, fingerprinting the mined files: about 5% of it on
+dev-cpu); page faults: the minor ones, each a fresh page of memory touched, over the same.
 """
 
 import itertools

@@ -104,8 +104,11 @@ def test_cache_throughput_bench_compares_stage_one_with_the_bare_forward_pass(ti
                  "--max-seq-len", "128", "--repeats", "1", "--device", "cpu", "--model-dtype", "float32")
     assert result.returncode == 0, result.stderr
     assert "torch.float32" in result.stdout  # the table names the dtype both passes ran in
-    [row] = printed_rows(result.stdout, ["repeat", "bare fwd tok/s", "cache-acts tok/s", "ratio", "bytes/pair", "compression"])
+    [row] = printed_rows(result.stdout, ["repeat", "bare fwd tok/s", "cache-acts tok/s", "ratio", "windows tok/s", "windows ratio",
+                                         "start+end s", "bytes/pair", "compression"])
     assert shown_ratio(row["ratio"], row["cache-acts tok/s"], row["bare fwd tok/s"])
+    assert shown_ratio(row["windows ratio"], row["windows tok/s"], row["bare fwd tok/s"])
+    assert rate(row["windows tok/s"]) > rate(row["cache-acts tok/s"]) and float(row["start+end s"]) > 0  # the windows lie within the run
     assert rate(row["bytes/pair"]) > 64 * 2 / 1.5  # 64-wide bf16 rows compress a little, not to nothing
     assert 1 < rate(row["compression"]) < 1.5
 
