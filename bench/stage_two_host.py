@@ -26,7 +26,7 @@ from rich.table import Table
 import pipeline.train as train_module
 from bench.resources import usage
 from bench.tables import add_row
-from bench.train_throughput import BatchClock, Prefetched, loader_rows_per_s, run_scratch, steady_rows_per_s, synthetic_store
+from bench.train_throughput import BatchClock, Prefetched, loader_rows_per_s, run_scratch, steady_rows_per_s, synthetic_store, window_first_batches
 from pipeline.devices import resolve_device
 from pipeline.loader import ShardLoader, reader_threads
 from pipeline.store import Store
@@ -76,10 +76,7 @@ def stand_in_step(sae, cfg: TrainConfig, device: torch.device, seconds: float, m
 
 def window_starts(loader: ShardLoader, epoch: int, n_batches: int) -> np.ndarray:
     """[n_batches] bool: the batches of the epoch whose rows begin a new shuffled window of the loader."""
-    window_rows = [sum(loader.chunks[c].n_rows for c in window) for window in loader._windows(epoch)]
-    starts = np.cumsum([0, *window_rows[:-1]])  # each window's first row in the epoch's row stream
-    begins = np.zeros(n_batches, bool)
-    batches = starts // loader.batch_size
+    begins, batches = np.zeros(n_batches, bool), window_first_batches(loader, epoch)
     begins[batches[batches < n_batches]] = True
     return begins
 
@@ -128,7 +125,7 @@ def main(
             table.add_column(column, justify="right")
         loader_rows_per_s(loader, steps, torch_device)  # untimed: a GPU's context, pinned buffers; the page cache
         before = usage()
-        rate = loader_rows_per_s(loader, loader.n_train_batches(), torch_device)  # a whole epoch: no window read unused
+        rate, _ = loader_rows_per_s(loader, loader.n_train_batches(), torch_device)  # a whole epoch: no window read unused
         (cpu, faults), rows = (after - start for start, after in zip(before, usage())), loader.n_rows
         add_row(table, "-", "loader alone", f"{rate:,.0f}", "", "", "", "", f"{cpu / rows * 1e6:.2f}", f"{faults / rows:.3f}")
         memory, begins, made = Prefetched(loader, steps), window_starts(loader, 0, steps), []

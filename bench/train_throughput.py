@@ -5,7 +5,8 @@ Usage: python -m bench.train_throughput --shards /tmp/s --steps 30 --batch-size 
 
 One run measures: training rows/s reading shards (ShardLoader) and reading the very same batches
 already in memory on the device (so both do the same training work), in the steady state from the
-third batch on, their ratio and how long each run waited for its first batch; rows/s of the loader alone, timed the same way (and, with
+third batch on, their ratio and how long each run waited for its first batch; rows/s of the loader alone, in its steady state from
+its third shuffled window on where the steps reach four windows, else from its start (and, with
 --layers, keeping only those hidden states' rows, as train-sae --layers does); and rows/s of one
 SAE training step alone, dense, sparse and the step trained with (see bench/sae_step.py), at the seed's size
 (expansion 4, k 32) and a large one (expansion 16, k 64). --decoder and --cuda-graph pick the training step.
@@ -34,7 +35,7 @@ from bench.tables import add_row
 from pipeline.devices import resolve_device
 from pipeline.errors import CrosscodersError
 from pipeline.layers import stored_layers
-from pipeline.loader import ShardLoader
+from pipeline.loader import WINDOWS_AHEAD, ShardLoader
 from pipeline.store import ShardData, SplitRows, Store, create_or_open, layer_sums, to_storage
 from pipeline.train import Run, TrainConfig, train
 from pipeline.train_step import check_device
@@ -139,19 +140,31 @@ def run_scratch() -> str | None:
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 4 << 30 else None
 
 
-def loader_rows_per_s(loader: ShardLoader, n_batches: int, device: torch.device) -> float:
-    """Rows/s of the loader alone over its first n_batches batches of an epoch, from the 3rd to the last, as training's
-    steady state is timed: not the first windows' read, nor the close, which waits for the windows read ahead."""
-    if n_batches < 4:
-        raise typer.BadParameter(f"{n_batches} batches time no steady state; give --steps 4 or more, and a store of 5 batches or more")
-    batches, asked, rows = loader.train_batches(epoch=1), [], []
+def loader_rows_per_s(loader: ShardLoader, n_batches: int, device: torch.device) -> tuple[float, bool]:
+    """Rows/s of the loader alone over the first n_batches batches of an epoch, and whether that is its steady state.
+
+    Steady: from the batch that begins window WINDOWS_AHEAD (the first window its readers start only once batches are
+    taken) to the batch that begins the last window reached, the rows of the batches between. Where the batches reach
+    fewer windows, from asking for the first batch to the last, the first windows' reads included. Either way the
+    clock stops before the close, which waits for the windows read ahead.
+    """
+    firsts = [b for b in window_first_batches(loader, epoch=1)[WINDOWS_AHEAD:] if b < n_batches]
+    batches, asked, rows = loader.train_batches(epoch=1), [time.perf_counter()], [0]  # asked[i + 1]: batch i's arrival
     for i, (x, _) in enumerate(itertools.islice(batches, n_batches)):
-        if device.type == "cuda" and i + 1 == n_batches:
-            torch.cuda.synchronize()  # the last batch's copy to the device has landed
+        if device.type == "cuda" and i in (n_batches - 1, *firsts[:1], *firsts[-1:]):
+            torch.cuda.synchronize()  # a batch the clock may stop at: its copy to the device has landed
         asked.append(time.perf_counter())
         rows.append(len(x))
     batches.close()
-    return sum(rows[3:]) / (asked[-1] - asked[2])
+    steady = len(firsts) >= 2 and bool(firsts[-1] > firsts[0])
+    begin, end = (firsts[0] + 1, firsts[-1] + 1) if steady else (0, len(asked) - 1)
+    return sum(rows[begin + 1 : end + 1]) / (asked[end] - asked[begin]), steady
+
+
+def window_first_batches(loader: ShardLoader, epoch: int) -> np.ndarray:
+    """For each of the epoch's shuffled windows, the batch that holds its first row."""
+    window_rows = [sum(loader.chunks[c].n_rows for c in window) for window in loader._windows(epoch)]
+    return np.cumsum([0, *window_rows[:-1]]) // loader.batch_size
 
 
 def step_rows_per_s(source, cfg: TrainConfig, device: torch.device, n_steps: int) -> float:
@@ -206,14 +219,15 @@ def main(
     if torch_device.type == "cuda":  # untimed: the CUDA context, the side stream and the first pinned window buffers
         loader_rows_per_s(loaders[0], steps, torch_device)
     for count, each in zip(counts, loaders):
-        rate = loader_rows_per_s(each, steps, torch_device)
-        add_row(table, f"loader alone, {count} threads", "-", "-", "-", f"{rate:,.0f}", "", "")
+        rate, steady = loader_rows_per_s(each, steps, torch_device)
+        add_row(table, f"loader alone, {count} threads{'' if steady else ', start included'}", "-", "-", "-", f"{rate:,.0f}", "", "")
     if layers is not None:
         kept = stored_layers(layers, store.metadata["layers"], store.n_hidden_states)
         for count in counts:
             each = ShardLoader(store, batch_size, seed=0, device=torch_device, workers=count, layers=kept)
-            rate = loader_rows_per_s(each, min(steps, each.n_train_batches()), torch_device)
-            add_row(table, f"loader alone, {count} threads, layers {layers}", "-", "-", "-", f"{rate:,.0f}", "", "")
+            rate, steady = loader_rows_per_s(each, min(steps, each.n_train_batches()), torch_device)
+            add_row(table, f"loader alone, {count} threads, layers {layers}{'' if steady else ', start included'}", "-", "-", "-",
+                    f"{rate:,.0f}", "", "")
     if not loader_only:
         memory = Prefetched(loader, steps)
         name = decoder + ("+graph" if cuda_graph else "")

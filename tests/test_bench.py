@@ -88,8 +88,9 @@ def test_train_throughput_bench_times_loader_training_from_memory_and_shards_and
                  "--repeats", "1", "--workers", "1,2", "--layers", "3-5", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     rows = printed_rows(result.stdout, ["measure", "expansion", "k", "step", "rows/s", "ratio", "first batch s"])
-    assert [row["measure"] for row in rows[:4]] == ["loader alone, 1 threads", "loader alone, 2 threads",
-                                                    "loader alone, 1 threads, layers 3-5", "loader alone, 2 threads, layers 3-5"]
+    assert [row["measure"] for row in rows[:4]] == [  # 6 steps in one window of 64 chunks: no steady state
+        "loader alone, 1 threads, start included", "loader alone, 2 threads, start included",
+        "loader alone, 1 threads, layers 3-5, start included", "loader alone, 2 threads, layers 3-5, start included"]
     for expansion, k in (("4", "32"), ("16", "64")):
         shape = [row for row in rows if row.get("expansion") == expansion and row.get("k") == k]
         assert [(row["measure"], row["step"]) for row in shape] == [
@@ -300,3 +301,32 @@ def test_window_starts_marks_each_batch_that_takes_a_new_shuffled_window(tmp_pat
         seen |= windows
     begins = window_starts(loader, epoch=2, n_batches=len(windows_of_batches))
     assert begins.tolist() == expected and 1 < sum(expected) < len(expected)
+
+
+def test_the_loader_alone_is_timed_between_window_starts_past_its_read_ahead_and_not_its_close(monkeypatch):
+    from types import SimpleNamespace
+
+    from bench import train_throughput
+
+    clock = SimpleNamespace(now=0.0)
+
+    class FourWindows:  # 4 windows of 4 batches of 10 rows; a window's first batch waits 100 s for its read, others 1 s
+        batch_size, chunks = 10, [SimpleNamespace(n_rows=20)] * 8
+
+        def _windows(self, epoch):
+            return [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+        def train_batches(self, epoch):
+            try:
+                for batch in range(16):
+                    clock.now += 100 if batch % 4 == 0 else 1
+                    yield torch.zeros(10, 3), torch.zeros(10)
+            finally:
+                clock.now += 10**6  # the close waits for the windows read ahead
+
+    monkeypatch.setattr(train_throughput, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    cpu = torch.device("cpu")
+    # windows 2 and 3 begin at batches 8 and 12: batches 9-12 came in 1 + 1 + 1 + 100 s
+    assert train_throughput.loader_rows_per_s(FourWindows(), 16, cpu) == (40 / 103, True)
+    # batch 9 reaches window 2 only: all 10 batches from the request, three window reads included
+    assert train_throughput.loader_rows_per_s(FourWindows(), 10, cpu) == (100 / 307, False)
