@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from forked_cli import run_python
 from test_loader import write_store
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    return run_python(*args, timeout=600)
 
 
 def printed_rows(stdout: str, columns: list[str]) -> list[dict[str, str]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from forked_cli import run_python
 from rich.console import Console
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -255,8 +256,8 @@ def test_a_store_made_before_partial_prefixes_is_extended_with_its_own_rule(tiny
     assert grown.n_pairs == 2500 and "partial_prefix" not in grown.metadata["skipped"]
 
 
-def cli(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "cache_activations.py"), *args], capture_output=True, text=True, cwd=REPO, **kwargs)
+def cli(*args, fresh: bool = False) -> subprocess.CompletedProcess:
+    return run_python("cache_activations.py", *args, fresh=fresh)
 
 
 def cli_args(model_dir, corpus_file, out, n_tokens="6K") -> list[str]:
@@ -370,7 +371,7 @@ def test_a_malformed_dataset_file_is_one_line(tiny_model_dir, corpus_file, tmp_p
     """Not also datasets' own log line of the parse error before it."""
     cut = tmp_path / "cut.jsonl"
     cut.write_text(corpus_file.read_text().splitlines()[0] + '\n{"prompt": "q", "resp')
-    result = cli(*cli_args(tiny_model_dir, cut, tmp_path / "s", n_tokens="100"))
+    result = cli(*cli_args(tiny_model_dir, cut, tmp_path / "s", n_tokens="100"), fresh=True)  # and as a new interpreter starts
     assert result.returncode == 2 and result.stderr.startswith(f"error: could not read dataset {cut}: JSON parse error")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 

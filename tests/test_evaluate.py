@@ -3,8 +3,6 @@ reference, the CLI and its errors."""
 
 import json
 import os
-import subprocess
-import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from itertools import islice
@@ -14,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from forked_cli import run_python
 from rich.console import Console
 from transformers import AutoModelForCausalLM
 
@@ -217,8 +216,7 @@ def test_the_average_is_each_metrics_mean_over_the_layers(l0):
 
 def test_cli_writes_eval_json_and_plot(store, tmp_path):
     run = saved_run(tmp_path / "[b]:smile:run", store)  # printed as text, not rich markup or emoji codes
-    result = subprocess.run([sys.executable, str(REPO / "eval_sae.py"), "--sae", str(run), "--layers", "0,4", "--n-docs", "4"],
-                            capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+    result = run_python("eval_sae.py", "--sae", str(run), "--layers", "0,4", "--n-docs", "4", env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     report = json.loads((run / "eval" / "eval.json").read_text())
     assert [r["layer"] for r in report["layers"]] == [0, 4]
@@ -317,7 +315,7 @@ def test_fewer_held_out_documents_than_asked_for_are_scored_and_said(store, tmp_
 
 def test_sae_of_another_width_is_a_one_line_cli_error(store, tmp_path):
     run = saved_run(tmp_path / "run", store, d_model=32)
-    result = subprocess.run([sys.executable, str(REPO / "eval_sae.py"), "--sae", str(run)], capture_output=True, text=True, cwd=REPO)
+    result = run_python("eval_sae.py", "--sae", str(run), fresh=True)  # as a new interpreter starts
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert "d_model=32" in result.stderr and "d_model=64" in result.stderr

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import asdict, replace
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from forked_cli import run_python
 from rich.cells import cell_len
 from rich.console import Console
 from transformers import AutoTokenizer
@@ -491,8 +491,7 @@ def test_a_full_disk_leaves_the_last_report_whole_and_says_so_in_one_line(store,
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run([sys.executable, str(REPO / "sae_features.py"), *args], capture_output=True, text=True, env=env, cwd=REPO)
+    return run_python("sae_features.py", *args, env={**os.environ, "COLUMNS": "250"})
 
 
 def test_cli_prints_a_feature_and_rejects_an_unknown_one(store, sae, run_dir, tiny_model_dir):

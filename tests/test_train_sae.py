@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked_cli import run_python
 from test_loader import write_store
 
 from pipeline.errors import CrosscodersError, Interrupted
@@ -29,8 +30,8 @@ def store_path(tmp_path) -> Path:
     return tmp_path / "shards"
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train_sae.py"), *args], capture_output=True, text=True, cwd=REPO)
+def cli(*args, fresh: bool = False) -> subprocess.CompletedProcess:
+    return run_python("train_sae.py", *args, fresh=fresh)
 
 
 def test_a_sweep_trains_every_combination_reading_each_chunk_once(store_path, tmp_path, monkeypatch):
@@ -243,7 +244,7 @@ def test_damaged_chunk_is_a_one_line_error(store_path, tmp_path):
     raw = bytearray(data.read_bytes())
     raw[50] ^= 0xFF
     data.write_bytes(bytes(raw))
-    result = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "20")
+    result = cli("--shards", str(store_path), "--out", str(tmp_path / "run"), "--batch-size", "256", "--steps", "20", fresh=True)
     assert result.returncode == 2
     assert "shard-00000001/train/acts is damaged" in result.stderr and "Traceback" not in result.stderr
 
