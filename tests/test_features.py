@@ -490,8 +490,8 @@ def test_a_full_disk_leaves_the_last_report_whole_and_says_so_in_one_line(store,
     assert html.read_text() == before and [p.name for p in tmp_path.glob("report*")] == ["report.html"]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return run_python("sae_features.py", *args, env={**os.environ, "COLUMNS": "250"})
+def cli(*args: str, fresh: bool = False) -> subprocess.CompletedProcess:
+    return run_python("sae_features.py", *args, env={**os.environ, "COLUMNS": "250"}, fresh=fresh)
 
 
 def test_cli_prints_a_feature_and_rejects_an_unknown_one(store, sae, run_dir, tiny_model_dir):
@@ -507,7 +507,7 @@ def test_cli_prints_a_feature_and_rejects_an_unknown_one(store, sae, run_dir, ti
         assert f"doc {int(scan.top_doc[0, j])} pos {int(scan.top_pos[0, j])}" in result.stdout and f"⟦{active}⟧" in result.stdout
     assert not (run_dir / "features.html").exists()  # --feature alone prints, and writes no report
 
-    result = cli("--sae", str(run_dir), "--feature", str(N_LATENTS))
+    result = cli("--sae", str(run_dir), "--feature", str(N_LATENTS), fresh=True)  # and as a new interpreter starts
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "out of range" in result.stderr and "Traceback" not in result.stderr
 
