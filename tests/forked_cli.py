@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -48,20 +49,21 @@ def serve() -> None:
 
 
 def run_child(request: dict, runpy) -> None:
-    """Becomes `python script args...` in the request's folder and environment; never returns."""
+    """Becomes `python script args...` in the server's folder (the repository's) and the request's environment;
+    never returns."""
     os.setpgid(0, 0)  # like a fresh process started by the test: Ctrl-C at the server's terminal is not its
-    for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY), (2, request["stderr"], os.O_WRONLY)):
+    written = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], written), (2, request["stderr"], written)):
         opened = os.open(path, mode)
         os.dup2(opened, fd)
         os.close(opened)
     sys.stdin = open(0, closefd=False)
-    os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if request["argv"][0] == "-m":  # python -m module: sys.path[0] is the folder it runs in
-            sys.argv, sys.path[0] = request["argv"][1:], request["cwd"]
+            sys.argv, sys.path[0] = request["argv"][1:], os.getcwd()
             runpy.run_module(request["argv"][1], run_name="__main__", alter_sys=True)
         else:
             sys.argv, sys.path[0] = request["argv"], str(Path(request["argv"][0]).resolve().parent)
@@ -128,11 +130,12 @@ class ForkServer:
             self._start()
         return True
 
-    def run(self, argv: list[str], env: dict[str, str], cwd: Path, timeout: float | None, scratch: Path) -> subprocess.CompletedProcess:
-        scratch.mkdir(parents=True, exist_ok=True)
-        stdout, stderr = scratch / "stdout", scratch / "stderr"
-        stdout.write_text(""), stderr.write_text("")
-        request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(stdout), "stderr": str(stderr)}
+    def run(self, argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as scratch:  # the child's stdout and stderr
+            return self._run(argv, env, timeout, Path(scratch) / "stdout", Path(scratch) / "stderr")
+
+    def _run(self, argv: list[str], env: dict[str, str], timeout: float, stdout: Path, stderr: Path) -> subprocess.CompletedProcess:
+        request = {"argv": argv, "env": env, "stdout": str(stdout), "stderr": str(stderr)}
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         pid = int(self.process.stdout.readline().split()[1])
@@ -143,12 +146,10 @@ class ForkServer:
             with contextlib.suppress(ProcessLookupError):  # it ended as the time ran out
                 os.killpg(pid, signal.SIGKILL)
 
-        killer = threading.Timer(timeout, kill) if timeout is not None else None
-        if killer is not None:
-            killer.start()
+        killer = threading.Timer(timeout, kill)
+        killer.start()
         returncode = int(self.process.stdout.readline().split()[1])
-        if killer is not None:
-            killer.cancel()
+        killer.cancel()
         if timed_out.is_set():
             raise subprocess.TimeoutExpired(argv, timeout, stdout.read_text(), stderr.read_text())
         return subprocess.CompletedProcess(["python", *argv], returncode, stdout.read_text(), stderr.read_text())
@@ -157,7 +158,7 @@ class ForkServer:
 SERVER = ForkServer()
 
 
-def run_python(*argv: str, env: dict[str, str] | None = None, timeout: float | None = 600,
+def run_python(*argv: str, env: dict[str, str] | None = None, timeout: float = 600,
                fresh: bool = False) -> subprocess.CompletedProcess:
     """`python argv...` (a script or -m module) in the repository root, output captured as text; fresh: a new
     interpreter."""
@@ -165,10 +166,7 @@ def run_python(*argv: str, env: dict[str, str] | None = None, timeout: float | N
     argv = list(argv)
     with SERVER.lock:
         if not fresh and SERVER.forks(env):
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as scratch:
-                return SERVER.run(argv, env, REPO, timeout, Path(scratch))
+            return SERVER.run(argv, env, timeout)
     return subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

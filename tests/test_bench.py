@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return run_python(*args, timeout=600)
+    return run_python(*args)
 
 
 def printed_rows(stdout: str, columns: list[str]) -> list[dict[str, str]]:

@@ -28,7 +28,6 @@ from pipeline.sae import SAEConfig, TopKSAE, load
 from pipeline.store import Store, create_or_open
 from pipeline.train import CHECKPOINT, DATA_FILE
 
-REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(file=open(os.devnull, "w"))
 N_HIDDEN_STATES = 5  # the tiny model: 4 decoder layers, embeddings and final norm
 

@@ -45,7 +45,6 @@ from pipeline.store import Store, create_or_open, proportional_quota
 from pipeline.token_text import token_texts
 from pipeline.train import CHECKPOINT, DATA_FILE
 
-REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(file=open(os.devnull, "w"))
 N_LATENTS = 128
 

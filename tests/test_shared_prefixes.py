@@ -1,13 +1,9 @@
 """scripts/shared_prefixes.py counts the rows whose prefix another document shares, as a brute-force search does."""
 
-from pathlib import Path
-
 from forked_cli import run_python
 from test_cache import run_cache
 
 from pipeline.store import SPLITS
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_counts_the_rows_whose_prefix_another_document_shares(tiny_model_dir, corpus_file, tmp_path):
