@@ -240,14 +240,14 @@ def _cache(config: CacheConfig, corpus: CorpusConfig, console: Console, progress
             writer.close()
             n_model_tokens = sum(tokens for (tokens,) in distributed.all_gather_ints([n_model_tokens]))
             distributed.barrier()  # every process's shards are committed
-        except BaseException as error:  # Ctrl-C or an error: keep complete shards only, so a rerun resumes exactly
-            with contextlib.suppress(Exception):  # the writer's own failure, if it is the error, is raised below
-                writer.close(flush=False)
-            stopped = stopped_caching(error, store.url)
+        except BaseException as error:  # Ctrl-C or an error, said in one line before the clean-up, which a second
+            stopped = stopped_caching(error, store.url)  # stop may interrupt (errors.first_stop)
             if stopped is error:
                 raise
             raise stopped from None
         finally:
+            with contextlib.suppress(Exception):  # the writer's own failure, if it is the error, is raised above
+                writer.close(flush=False)  # after a stop, complete shards only, so a rerun resumes exactly; else closed
             planned.close()  # waits for the window being prepared: no thread outlives the run
     report = CacheReport(store.url, ledger.n_new, ledger.total, n_model_tokens, time.perf_counter() - start_time)
     if rank == 0 and ledger.total < config.n_tokens:

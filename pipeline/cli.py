@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from pipeline.errors import CrosscodersError, out_of_memory, stopping_signals_handled_by
+from pipeline.errors import CrosscodersError, first_stop, out_of_memory, stopping_signals_handled_by
 
 FINALIZER_RETRY_S = 0.05  # a signal that lands in a finalizer is sent again this much later
 
@@ -121,7 +121,10 @@ def config_command(app: typer.Typer, config_classes: list[type], run: Callable, 
                 print_error(CrosscodersError(f"out of memory ({memory}); {memory_advice}"))
                 raise typer.Exit(2) from None
             except KeyboardInterrupt as interrupted:  # Interrupted says what the stage kept
-                Console(stderr=True).print(Text(printable(str(interrupted)) or "interrupted"), highlight=False, soft_wrap=True)
+                if isinstance(stop := first_stop(interrupted), CrosscodersError):
+                    print_error(stop)
+                    raise typer.Exit(2) from None
+                Console(stderr=True).print(Text(printable(str(stop)) or "interrupted"), highlight=False, soft_wrap=True)
                 raise typer.Exit(128 + stopped_by[0]) from None
             finally:
                 retry.end()  # before the handlers go back: a retry must not reach the caller's

@@ -43,6 +43,15 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM, saying what was kept and how to continue; the CLI prints it on one line."""
 
 
+def first_stop(interrupted: KeyboardInterrupt) -> BaseException:
+    """What a stage said of the stop whose clean-up a Ctrl-C or SIGTERM interrupted (a second Ctrl-C; torchrun's SIGTERM
+    just after another process failed), since that says what was kept; the interruption itself where there is none."""
+    stop: BaseException = interrupted
+    while type(stop) is KeyboardInterrupt and isinstance(stop.__context__, (CrosscodersError, KeyboardInterrupt)):
+        stop = stop.__context__
+    return stop
+
+
 @contextlib.contextmanager
 def importing_quietly():
     """Around a command's imports (torch and transformers take seconds): Ctrl-C or SIGTERM there stops it as it does

@@ -58,6 +58,7 @@ class ShardWriter:
         self.store, self.shard_rows = store, shard_rows
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.error: BaseException | None = None
+        self.closing = False
         self.writes = ThreadPoolExecutor(SHARDS_AT_ONCE, thread_name_prefix="shard-write")
         self.free_writers = threading.Semaphore(SHARDS_AT_ONCE)  # a shard waits for a free writer: memory stays bounded
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
@@ -71,9 +72,11 @@ class ShardWriter:
         """Waits for the writes to finish; with flush, the pending batches become a last shard.
 
         An interrupted run closes without flush: its pending batches may end inside a packing
-        window, which the rerun then redoes whole.
+        window, which the rerun then redoes whole. Closing again waits for the same end.
         """
-        self.queue.put(FLUSH if flush else DISCARD)
+        if not self.closing:
+            self.closing = True
+            self.queue.put(FLUSH if flush else DISCARD)
         self.thread.join()
         self._raise_if_failed()
 

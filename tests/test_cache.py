@@ -23,7 +23,8 @@ from pipeline import cache, devices
 from pipeline.background import ahead_in_process
 from pipeline.cache import CacheConfig, cache_activations, pack_batches
 from pipeline.corpus import CorpusConfig, dataset_files_fingerprint
-from pipeline.errors import CrosscodersError
+from pipeline.errors import CrosscodersError, first_stop
+from pipeline.shard_writer import ShardWriter
 from pipeline.storage import Location, exclusive_lock
 from pipeline.store import Store
 from pipeline.windows import choose_pairs
@@ -342,6 +343,27 @@ def test_a_full_disk_or_memory_stops_caching_in_one_line_and_the_same_command_go
     keys, acts = sorted_rows(resumed)
     np.testing.assert_array_equal(ref_keys, keys)
     assert torch.equal(ref_acts, acts)
+
+
+def test_a_stop_during_the_clean_up_after_an_error_leaves_that_error_s_line(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
+    """torchrun's SIGTERM, just after another process failed, landed while the writer closed: the CLI said "interrupted"
+    alone, not what the store kept."""
+    memory = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(cache, "_record_batch", failing_from(5, cache._record_batch, memory))
+    close = ShardWriter.close
+
+    def close_then_stopped(writer, flush=True):
+        close(writer, flush)
+        if not flush:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardWriter, "close", close_then_stopped)
+    out = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt) as stop:
+        run_cache(tiny_model_dir, corpus_file, out)
+    said = first_stop(stop.value)
+    assert isinstance(said, CrosscodersError) and str(said).startswith(f"out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); {out} keeps its complete shards")
+    assert len(Store(out).shards) > 0 and not Store(out).unfinished
 
 
 @pytest.mark.parametrize(

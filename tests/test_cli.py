@@ -66,6 +66,14 @@ def stopping_command(config: StopConfig):
         os.kill(os.getpid(), signal.SIGTERM)
     elif config.how == "ctrl-c-in-a-stage":
         raise Interrupted("interrupted; the store keeps its complete shards")
+    elif config.how.endswith("then-sigterm-in-its-clean-up"):  # torchrun's SIGTERM just after another process failed
+        try:
+            if config.how.startswith("error"):
+                raise CrosscodersError("another process stopped; the store keeps its complete shards")
+            raise Interrupted("interrupted; the store keeps its complete shards")
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the clean-up the signal interrupts
     raise KeyboardInterrupt  # Ctrl-C where no stage says what it kept
 
 
@@ -73,6 +81,8 @@ def stopping_command(config: StopConfig):
     ("sigterm", 143, "interrupted"),
     ("ctrl-c", 130, "interrupted"),
     ("ctrl-c-in-a-stage", 130, "interrupted; the store keeps its complete shards"),
+    ("error-then-sigterm-in-its-clean-up", 2, "error: another process stopped; the store keeps its complete shards"),
+    ("ctrl-c-then-sigterm-in-its-clean-up", 143, "interrupted; the store keeps its complete shards"),
 ])
 def test_ctrl_c_and_sigterm_stop_a_command_with_one_line_and_the_signal_s_status(how, status, line):
     app = typer.Typer()
