@@ -263,16 +263,16 @@ def test_stand_in_step_gives_the_step_befores_metrics_when_that_step_would_end_a
     from bench.stage_two_host import StandInStep
     from pipeline.train_step import METRICS
 
-    step = StandInStep(real=None, seconds=0.05)
+    step = StandInStep(real=None, seconds=0.2)  # long beside a loaded machine's pauses
     start = time.perf_counter()
-    assert step(None, None, lr=0.1) is None and time.perf_counter() - start < 0.04  # queued, nothing to read yet
+    assert step(None, None, lr=0.1) is None and time.perf_counter() - start < 0.15  # queued, nothing to read yet
     assert step(None, None, lr=0.2) == {**dict.fromkeys(METRICS, 0.0), "lr": 0.1}
-    assert 0.05 <= time.perf_counter() - start < 0.09  # the first step's end; the second runs until 0.1
-    time.sleep(0.15 - (time.perf_counter() - start))  # the device waits from 0.1 to 0.15 for the third step
+    assert 0.2 <= time.perf_counter() - start < 0.35  # the first step's end; the second runs until 0.4
+    time.sleep(0.6 - (time.perf_counter() - start))  # the device waits from 0.4 to 0.6 for the third step
     assert step(None, None, lr=0.3) == {**dict.fromkeys(METRICS, 0.0), "lr": 0.2}
-    assert step.drain() == {**dict.fromkeys(METRICS, 0.0), "lr": 0.3} and time.perf_counter() - start >= 0.2
+    assert step.drain() == {**dict.fromkeys(METRICS, 0.0), "lr": 0.3} and time.perf_counter() - start >= 0.8
     assert step.drain() is None
-    assert step.idle[:2] == [0.0, 0.0] and step.idle[2] == pytest.approx(0.05, abs=0.02)
+    assert step.idle[:2] == [0.0, 0.0] and step.idle[2] == pytest.approx(0.2, abs=0.08)
 
 
 def test_idle_ms_splits_the_devices_waits_between_steps_that_begin_a_window_and_the_others():
