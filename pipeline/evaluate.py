@@ -52,7 +52,7 @@ class EvalConfig:
     shards: str | None = option(None, "Activation store whose held-out documents are scored; default: the run's (data.json).")
     layers: str = option("trained", "Hidden states to evaluate: trained (those the SAE was trained on), all (the store's), 0-24, "
                                     "or 4,8,12.")
-    n_docs: int = option(64, "Held-out documents to score, the first ones in corpus order.")
+    n_docs: int = option(64, "Held-out documents to score, evenly spaced over the corpus.")
     batch_tokens: int = option(2048, "Token budget of a forward batch, padding included.")
     device: str = option("auto", "Device for the model and the SAE: auto, cpu, cuda, cuda:1, ...")
     model_dtype: str = option("auto", "Dtype the model runs in: bf16, float16, float32, or auto: the one the store was cached in.")
@@ -360,7 +360,7 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     check_model_of_store(info, store)
     sae.check_compatible(info.d_model, info.n_hidden_states)
     layers = layers_of_run(config.layers, store, data, sae)
-    docs = store.first_documents("val", config.n_docs)
+    docs = store.spread_documents("val", config.n_docs)
     if not docs:
         raise CrosscodersError(f"{store.url} holds no held-out documents; cache more tokens or raise --val-fraction")
     if len(docs) < config.n_docs:

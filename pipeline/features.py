@@ -38,7 +38,8 @@ class FeaturesConfig:
     sae: str = option("./runs/sae", "Training run folder (or its checkpoint/) holding the SAE.")
     shards: str | None = option(None, "Activation store to scan; default: the one the run was trained on (RUN/data.json).")
     split: str = option("train", "Rows to scan: train (most rows, so most contexts; fine for density) or val (held out).")
-    n_rows: int | None = option(200_000, "Rows of the split to scan, each layer its share, e.g. 200K, or all.", parse_rows, str)
+    n_rows: int | None = option(200_000, "Rows of the split to scan, each layer its share, from shards spread over the store, e.g. 200K, or all.",
+                                parse_rows, str)
     layers: str = option("trained", "Hidden states whose rows are scanned: trained (those the SAE was trained on), all (the "
                                     "store's), 0-24, or 4,8,12.")
     feature: int | None = option(None, "Print this latent in the terminal: contexts, density, layer profile, promoted tokens.")
@@ -122,8 +123,8 @@ def scan_features(
     progress: Progress | None = None,
     layers: list[int] | None = None,
 ) -> FeatureScan:
-    """Encodes n_rows rows of a split (all when None) of the given layers (all when None), each layer its share
-    (Store.rows_of_layers), in store order: firing counts and running top-k rows."""
+    """Encodes n_rows rows of a split (all when None) of the given layers (all when None), each layer its share, from
+    shards spread over the store (Store.rows_of_layers), scanned in store order: firing counts and running top-k rows."""
     sae.check_compatible(store.d_model, store.n_hidden_states)
     n_latents, n_layers = sae.cfg.n_latents, sae.cfg.n_layers
     picked = store.rows_of_layers(split, n_rows, layers)

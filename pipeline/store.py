@@ -252,6 +252,12 @@ def _shard_arrays(shard: ShardInfo) -> dict[str, bool]:
     return arrays
 
 
+def spread_order(n: int) -> list[int]:
+    """0 .. n-1 in bit-reversed order (van der Corput's), each prefix spread evenly over them: 0, n/2, n/4, 3n/4, ..."""
+    bits = (n - 1).bit_length() if n > 1 else 0
+    return sorted(range(n), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2) if bits else 0)
+
+
 def proportional_quota(available: np.ndarray, n_rows: int | None) -> np.ndarray:
     """n_rows (all when None or more than there are) apportioned over layers in proportion to their available rows,
     [n_layers] int64, by largest remainder: the quotas sum to n_rows exactly and none exceeds what its layer has."""
@@ -466,7 +472,9 @@ class Store:
 
     def rows_of_layers(self, split: str, n_rows: int | None = None, layers: list[int] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per shard, (offsets, layer ids) of n_rows rows of the split (all when None) of the given layers (all when
-        None): each layer gives its first rows in store order, as many as its share of the split's rows.
+        None): each layer gives as many rows as its share of the split's rows, each shard its first ones, the shards
+        taken in spread_order, so that a few shards' rows come from all over the corpus, not from its first documents
+        alone (a corpus may be grouped by language or source), while each shard is still read from its start.
 
         Not simply the split's first n_rows rows: a forward batch's rows are sorted by layer, so those could hold
         none of the late layers (with --layers-per-token all, whenever one batch holds more than n_rows rows).
@@ -481,15 +489,14 @@ class Store:
         if layers is not None:
             available = np.where(np.isin(np.arange(n_layers), layers), available, 0)
         quota = proportional_quota(available, n_rows)  # [n_layers] rows still to take of each layer
-        picked = []
-        for shard in self.shards:
-            rows = layer_ids = np.zeros(0, np.int64)
+        picked = [(np.zeros(0, np.int64), np.zeros(0, np.int64))] * len(self.shards)
+        for number in spread_order(len(self.shards)):
+            shard = self.shards[number]
             if quota.any() and shard.n_rows[split]:
                 ids = held_out_ids[shard.name] if held_out_ids else self.read(shard, f"{split}/layer")
                 rows = np.sort(np.concatenate([np.flatnonzero(ids == layer)[: quota[layer]] for layer in np.flatnonzero(quota)]))
-                layer_ids = ids[rows]
-                quota -= np.bincount(layer_ids, minlength=n_layers)
-            picked.append((rows, layer_ids))
+                picked[number] = (rows, ids[rows])
+                quota -= np.bincount(ids[rows], minlength=n_layers)
         return picked
 
     def layer_stats_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -515,16 +522,18 @@ class Store:
         for shard in self.shards:
             yield from self.shard_documents(shard, split).items()
 
-    def first_documents(self, split: str, n: int) -> list[tuple[int, np.ndarray]]:
-        """(doc_index, token_ids) of the split's n documents that come first in the corpus. Not the store's first: a
-        packing window's documents are stored sorted by length, so those would be its shortest."""
+    def spread_documents(self, split: str, n: int) -> list[tuple[int, np.ndarray]]:
+        """(doc_index, token_ids) of n of the split's documents (all, if it holds no more), evenly spaced in corpus
+        order, the middle one of each n-th of them: not its first n, which a corpus grouped by language or source may
+        give from one group alone, nor the store's first, as a packing window's documents are stored sorted by length."""
         wanted = SPLITS.index(split)
-        held = [(index, shard_number) for shard_number, shard in enumerate(self.shards)
-                for index, doc_split in zip(self.read(shard, "docs/index").tolist(), self.read(shard, "docs/split").tolist())
-                if doc_split == wanted]
-        first = sorted(held)[:n]
-        documents = {number: self.shard_documents(self.shards[number], split) for number in sorted({number for _, number in first})}
-        return [(index, documents[number][index]) for index, number in first]
+        held = sorted((index, shard_number) for shard_number, shard in enumerate(self.shards)
+                      for index, doc_split in zip(self.read(shard, "docs/index").tolist(), self.read(shard, "docs/split").tolist())
+                      if doc_split == wanted)
+        n = min(n, len(held))
+        chosen = [held[(2 * i + 1) * len(held) // (2 * n)] for i in range(n)]
+        documents = {number: self.shard_documents(self.shards[number], split) for number in sorted({number for _, number in chosen})}
+        return [(index, documents[number][index]) for index, number in chosen]
 
     def document_tokens(self) -> dict[int, np.ndarray]:
         """All stored documents' token ids by document index."""

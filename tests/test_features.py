@@ -110,7 +110,7 @@ def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates, layers):
     scan = scan_features(sae, store, "train", n_rows, top=5, batch_rows=256, layers=layers)
     rows = all_rows(store, "train")
     picked = np.isin(rows["layer"], layers if layers is not None else range(5))
-    if n_rows is not None:  # each layer's first rows in store order, as many as its share of n_rows
+    if n_rows is not None:  # each layer's first rows in store order (spread_order of two shards), as many as its share of n_rows
         assert picked[: store.shards[0].n_rows["train"]].sum() < n_rows < picked.sum()
         quota = proportional_quota(np.bincount(rows["layer"][picked], minlength=5), n_rows)
         for l in range(5):

@@ -14,7 +14,7 @@ import zarr
 from pipeline.chunk_file import ChunkFile
 from pipeline.errors import CrosscodersError
 from pipeline.storage import Location
-from pipeline.store import ShardData, SplitRows, Store, create_or_open, from_storage, layer_sum_tensors, proportional_quota, to_storage
+from pipeline.store import ShardData, SplitRows, Store, create_or_open, from_storage, layer_sum_tensors, proportional_quota, spread_order, to_storage
 
 D_MODEL, N_STATES = 16, 3
 METADATA = {"model": {"name": "m", "fingerprint": "f", "d_model": D_MODEL, "n_hidden_states": N_STATES}, "dtype": "bf16", "layers": [0, 1, 2]}
@@ -348,6 +348,29 @@ def test_every_layer_gives_its_share_of_rows_even_when_rows_are_sorted_by_layer(
     assert np.bincount(np.concatenate([ids for _, ids in store.rows_of_layers("train", 300, [1, 2])])).tolist() == [0, 168, 132]
     every = store.rows_of_layers("train")
     assert [len(rows) for rows, _ in every] == [1500, 60] and all(np.array_equal(rows, np.arange(len(rows))) for rows, _ in every)
+
+
+def test_spread_order_s_every_prefix_is_spread_evenly():
+    for n in range(1, 40):
+        order = spread_order(n)
+        assert sorted(order) == list(range(n))
+        for taken in range(1, n + 1):  # no gap between those taken (the last wraps round) is twice the even spacing
+            gaps = np.diff(sorted(order[:taken]) + [n + order[0]])
+            assert gaps.max() < 2 * n / taken, (n, taken, order)
+
+
+def test_rows_of_a_few_shards_come_from_all_over_the_store(tmp_path):
+    """The first shards hold the corpus's first documents, which may all be of one language or source."""
+    store = create_or_open(tmp_path / "s", METADATA)
+    for window in range(9):
+        shard = make_shard(102, window, window)  # 100 training rows each, 34, 33 and 33 of the 3 hidden states
+        shard.splits["train"].layer[:] = np.arange(100) % N_STATES
+        shard.stats_count[:] = np.bincount(shard.splits["train"].layer)
+        store.write_shard(shard)
+    store = Store(tmp_path / "s")
+    picked = store.rows_of_layers("train", 300)
+    assert [len(rows) for rows, _ in picked] == [100, 0, 0, 0, 100, 0, 0, 0, 100]  # spread_order(9) begins 0, 8, 4
+    assert all(np.array_equal(rows, np.arange(100)) for rows, _ in picked if len(rows))  # each read from its start
 
 
 def test_a_shard_given_as_the_store_names_the_store(store):
