@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on an embedded model, small enough for a laptop CPU (3 to 5 minutes on 2 cores):
+# The whole pipeline on an embedded model, small enough for a laptop CPU (4 to 8 minutes on 2 cores):
 # cache activations, train one layer-agnostic SAE, splice it back into the model, write the feature report.
 # QWEN_MODEL picks the preset (default qwen2.5-coder-0.5b-instruct); N_TOKENS the sample size.
 set -euo pipefail
