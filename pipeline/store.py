@@ -254,8 +254,8 @@ def _shard_arrays(shard: ShardInfo) -> dict[str, bool]:
 
 def spread_order(n: int) -> list[int]:
     """0 .. n-1 in bit-reversed order (van der Corput's), each prefix spread evenly over them: 0, n/2, n/4, 3n/4, ..."""
-    bits = (n - 1).bit_length() if n > 1 else 0
-    return sorted(range(n), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2) if bits else 0)
+    bits = max(n - 1, 0).bit_length()
+    return sorted(range(n), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
 
 
 def proportional_quota(available: np.ndarray, n_rows: int | None) -> np.ndarray:
@@ -495,8 +495,9 @@ class Store:
             if quota.any() and shard.n_rows[split]:
                 ids = held_out_ids[shard.name] if held_out_ids else self.read(shard, f"{split}/layer")
                 rows = np.sort(np.concatenate([np.flatnonzero(ids == layer)[: quota[layer]] for layer in np.flatnonzero(quota)]))
-                picked[number] = (rows, ids[rows])
-                quota -= np.bincount(ids[rows], minlength=n_layers)
+                layer_ids = ids[rows]
+                picked[number] = (rows, layer_ids)
+                quota -= np.bincount(layer_ids, minlength=n_layers)
         return picked
 
     def layer_stats_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
