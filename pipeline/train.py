@@ -381,17 +381,32 @@ def last_checkpoints(runs: list[Run]) -> str:
     return ", ".join(f"{run.dir} {'none yet' if run.checkpoint_step is None else f'step {run.checkpoint_step}'}" for run in runs)
 
 
+def note_settings_the_runs_never_reach(runs: list[Run]):
+    """A note for the runs still to train that are too short for their --dead-tokens (their dead_fraction of 0
+    would read as "no dead latents") or for their --warmup-steps (their learning rate stops short of --lr); the runs
+    of a sweep that share a note share its line."""
+    notes: dict[str, list[str]] = {}
+    for run in (run for run in runs if run.step < run.total_steps):
+        rows = run.total_steps * run.cfg.batch_size
+        if rows < run.cfg.dead_tokens:
+            notes.setdefault(f"--dead-tokens {run.cfg.dead_tokens:,} is more than the {rows:,} rows trained on, so no latent "
+                             "can count as dead and AuxK never runs; lower --dead-tokens to see them", []).append(run.dir.name)
+        if run.total_steps < run.cfg.warmup_steps:
+            peak = lr_at(run.cfg, run.total_steps - 1, run.total_steps)
+            notes.setdefault(f"--warmup-steps {run.cfg.warmup_steps:,} is more than the {run.total_steps:,} steps, so the learning "
+                             f"rate peaks at {peak:.3g}, not --lr {run.cfg.lr:g}; lower --warmup-steps or train longer", []).append(run.dir.name)
+    for note, names in notes.items():
+        print_note(f"{', '.join(names)}: {note}")
+
+
 def train_runs(runs: list[Run], source: BatchSource, device: torch.device, progress: bool, data: dict | None) -> list[dict]:
     """train's loop: write each run's settings, train them all from the same batches, finish each."""
     for run in runs:
         run.begin(data)
     for run in runs:  # after every run's settings are written: wandb takes seconds, in which a Ctrl-C may land
         run.start_wandb()
-    never_dead = [run for run in runs if run.step < run.total_steps and run.total_steps * run.cfg.batch_size < run.cfg.dead_tokens]
-    if never_dead and distributed.is_main():  # else its dead_fraction of 0 reads as "no dead latents"
-        names, run = ", ".join(run.dir.name for run in never_dead), never_dead[0]
-        print_note(f"{names}: --dead-tokens {run.cfg.dead_tokens:,} is more than the {run.total_steps * run.cfg.batch_size:,} "
-                   "rows trained on, so no latent can count as dead and AuxK never runs; lower --dead-tokens to see them")
+    if distributed.is_main():
+        note_settings_the_runs_never_reach(runs)
     start, end = min(run.step for run in runs), max(run.total_steps for run in runs)
     columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())  # a name
     batch_size, world_size = runs[0].cfg.batch_size, distributed.world_size()

@@ -158,6 +158,10 @@ def test_cli_sweep_table_names_each_run_and_shows_its_validation_metrics(store_p
     rows = {line.split("│")[1].strip(): line.split("│")[2:-1] for line in result.stdout.splitlines() if line.startswith("│")}
     assert set(rows) == {"k2", "k4"}  # the runs' folders in --out
     assert "fvu_layer_mean" in result.stdout
+    # the runs share the note their settings share, in one line
+    assert [line for line in result.stderr.splitlines() if "--warmup-steps" in line] == [
+        "note: k2, k4: --warmup-steps 100 is more than the 2 steps, so the learning rate peaks at 6e-06, not --lr 0.0003; "
+        "lower --warmup-steps or train longer"]
     for name, cells in rows.items():
         val = [json.loads(line) for line in (tmp_path / "sweep" / name / "metrics.jsonl").read_text().splitlines()][-1]
         assert val["split"] == "val"
@@ -171,6 +175,7 @@ def test_cli_trains_checkpoints_and_reports(store_path, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "final metrics" in result.stdout and "fvu" in result.stdout
     assert "--dead-tokens 10,000,000 is more than the 3,072 rows trained on, so no latent can count as dead" in result.stderr
+    assert "--warmup-steps 100 is more than the 12 steps, so the learning rate peaks at 3.6e-05, not --lr 0.0003" in result.stderr
     assert "".join(line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")) == str(run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"] for r in records if r.get("split") == "val"} >= {4, 8, 12}
