@@ -1,7 +1,9 @@
-"""What the SAE's latents mean: density, layer profile, top-activating contexts and promoted tokens, from one pass over stored rows."""
+"""What the SAE's latents mean: density, layer profile, top-activating contexts, a random sample of the rows each fires on
+and promoted tokens, from one pass over stored rows."""
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +46,8 @@ class FeaturesConfig:
                                     "store's), 0-24, or 4,8,12.")
     feature: int | None = option(None, "Print this latent in the terminal: contexts, density, layer profile, promoted tokens.")
     top: int = option(10, "Top-activating contexts kept per latent.")
+    samples: int = option(10, "Contexts sampled at random from the rows each latent fires on, shown beside its top ones: what it "
+                              "does typically, not only at its strongest; 0: none.")
     context: int = option(12, "Tokens of context shown on each side of the activating token.")
     html: str | None = option(
         None, "HTML report path; default RUN/features.html, RUN/features-checkpoint.html for RUN/checkpoint (with --feature, written only when given)."
@@ -55,26 +59,39 @@ class FeaturesConfig:
     def __post_init__(self):
         if self.split not in SPLITS:
             raise CrosscodersError(f"--split {self.split!r} is unknown; use one of {', '.join(SPLITS)}")
-        if min(self.top, self.n_report_features) < 1 or self.context < 0:
-            raise CrosscodersError(f"--top and --n-report-features must be positive and --context at least 0; got {self.top}, "
-                                   f"{self.n_report_features} and {self.context}")
+        if min(self.top, self.n_report_features) < 1 or min(self.context, self.samples) < 0:
+            raise CrosscodersError(f"--top and --n-report-features must be positive, --context and --samples at least 0; got "
+                                   f"{self.top}, {self.n_report_features}, {self.context} and {self.samples}")
+
+
+@dataclass(frozen=True)
+class LatentRows:
+    """Scanned rows kept for each latent, [n_latents, m] each, sorted by activation (largest first) and padded at the
+    end with activation 0 and -1 everywhere else."""
+
+    values: torch.Tensor  # the latent's activation on the row
+    rows: torch.Tensor  # int64 index among the scanned rows (scan order)
+    shard: torch.Tensor  # the row's provenance: shard index,
+    layer: torch.Tensor  # hidden state,
+    token: torch.Tensor  # token id,
+    doc: torch.Tensor  # document index
+    pos: torch.Tensor  # and position in the document
+
+    @classmethod
+    def empty(cls, n_latents: int, m: int) -> "LatentRows":
+        return cls(torch.zeros(n_latents, m), *[torch.full((n_latents, m), -1) for _ in range(6)])
 
 
 @dataclass(frozen=True)
 class FeatureScan:
-    """Per-latent statistics over the scanned rows of one split; top_* entries are sorted by activation."""
+    """Per-latent statistics over the scanned rows of one split."""
 
     split: str
     n_rows: int  # rows scanned
     layer_counts: torch.Tensor  # [n_latents, n_layers] int64 rows of each layer a latent fired on
     n_rows_by_layer: torch.Tensor  # [n_layers] int64 scanned rows of each layer
-    top_values: torch.Tensor  # [n_latents, top] largest activations, 0 where a latent fired on fewer rows
-    top_rows: torch.Tensor  # [n_latents, top] int64 index among the scanned rows (store order), -1 where empty
-    top_shard: torch.Tensor  # [n_latents, top] the provenance of those rows: shard index,
-    top_layer: torch.Tensor  # hidden state,
-    top_token: torch.Tensor  # token id,
-    top_doc: torch.Tensor  # document index
-    top_pos: torch.Tensor  # and position in the document (all -1 where empty)
+    top: LatentRows  # the rows of each latent's largest activations (of equal ones, the first scanned)
+    sampled: LatentRows  # a uniform random sample of the rows each latent fired on (sample_priority)
 
     @property
     def counts(self) -> torch.Tensor:
@@ -111,6 +128,19 @@ class FeatureScan:
         return int(self.layer_frequency[feature].argmax())
 
 
+class Kept(NamedTuple):
+    """Each latent's kept firings while scanning, [n_latents, m] each, by key (largest first); -1 rows where empty."""
+
+    keys: torch.Tensor
+    rows: torch.Tensor  # int64 index among the scanned rows
+    values: torch.Tensor  # activations
+
+    @classmethod
+    def empty(cls, n_latents: int, m: int, key_dtype: torch.dtype, device: torch.device | str) -> "Kept":
+        return cls(torch.zeros(n_latents, m, dtype=key_dtype, device=device), torch.full((n_latents, m), -1, device=device),
+                   torch.zeros(n_latents, m, device=device))
+
+
 @torch.no_grad()
 def scan_features(
     sae: TopKSAE,
@@ -122,9 +152,11 @@ def scan_features(
     batch_rows: int = BATCH_ROWS,
     progress: Progress | None = None,
     layers: list[int] | None = None,
+    samples: int = 10,
 ) -> FeatureScan:
     """Encodes n_rows rows of a split (all when None) of the given layers (all when None), each layer its share, from
-    shards spread over the store (Store.rows_of_layers), scanned in store order: firing counts and running top-k rows."""
+    shards spread over the store (Store.rows_of_layers), scanned in store order: firing counts, each latent's top rows
+    and a uniform sample of `samples` of the rows it fires on."""
     sae.check_compatible(store.d_model, store.n_hidden_states)
     n_latents, n_layers = sae.cfg.n_latents, sae.cfg.n_layers
     picked = store.rows_of_layers(split, n_rows, layers)
@@ -134,8 +166,8 @@ def scan_features(
         raise CrosscodersError(f"{store.url} has no {split} rows{held}; scan the other --split, other --layers or cache more tokens")
     layer_counts = torch.zeros(n_latents * n_layers, dtype=torch.int64, device=device)
     n_rows_by_layer = torch.zeros(n_layers, dtype=torch.int64, device=device)
-    top_values = torch.zeros(n_latents, top, device=device)
-    top_rows = torch.full((n_latents, top), -1, dtype=torch.int64, device=device)
+    top_kept = Kept.empty(n_latents, top, torch.float32, device)
+    sampled_kept = Kept.empty(n_latents, samples, torch.int64, device)
     task = progress.add_task("scanning", total=total) if progress is not None else None
     seen = 0  # rows scanned before this batch
     for shard, (rows, layer_ids) in zip(store.shards, picked):
@@ -155,55 +187,74 @@ def scan_features(
             layer_counts += torch.bincount((indices * n_layers + layer[:, None])[fired], minlength=n_latents * n_layers)
             n_rows_by_layer += torch.bincount(layer, minlength=n_layers)
             row, slot = fired.nonzero(as_tuple=True)  # in scan order: row by row
-            top_values, top_rows = merge_top(top_values, top_rows, indices[row, slot], values[row, slot], row + seen)
+            latents, activations, scanned = indices[row, slot], values[row, slot].float(), row + seen
+            top_kept = merge_top(top_kept, latents, activations, scanned, activations)
+            if samples:
+                sampled_kept = merge_top(sampled_kept, latents, sample_priority(scanned, latents), scanned, activations)
             seen += len(layer)
             if task is not None:
                 progress.update(task, advance=len(layer))
-    top_values, top_rows = top_values.cpu(), top_rows.cpu()
-    provenance = _provenance(store, split, picked, top_rows)
-    return FeatureScan(split, total, layer_counts.view(n_latents, n_layers).cpu(), n_rows_by_layer.cpu(), top_values, top_rows, **provenance)
+    by_value = sampled_kept.values.argsort(dim=1, descending=True, stable=True)  # the sample shown largest first, empty last
+    kept = [top_kept, Kept(*(t.gather(1, by_value) for t in sampled_kept))]
+    top_rows, sampled_rows = (_provenance(store, split, picked, k.values.cpu(), k.rows.cpu()) for k in kept)
+    return FeatureScan(split, total, layer_counts.view(n_latents, n_layers).cpu(), n_rows_by_layer.cpu(), top_rows, sampled_rows)
 
 
-def merge_top(top_values: torch.Tensor, top_rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor,
-              rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each latent's largest activations of its held ones (top_values, top_rows: [n_latents, top], largest first, 0 and
-    -1 where empty) and new firings (latents, values, rows: [firings], rows later than any held), as [n_latents, top].
-    Of equal values the earliest row wins, so the rows a report shows depend neither on the scan's batch size nor on
-    the device (torch.topk leaves ties in any order). It sorts the firings only, not a dense [rows, n_latents] code."""
-    held = top_values > 0
-    latents = torch.cat([held.nonzero()[:, 0], latents])
-    values, rows = torch.cat([top_values[held], values]), torch.cat([top_rows[held], rows])
-    order = rows.argsort(stable=True)  # by latent, then value (largest first), then row: stable sorts, last key first
-    order = order[values[order].argsort(descending=True, stable=True)]
+def merge_top(held: Kept, latents: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> Kept:
+    """Each latent's firings of largest key of its held ones and new firings (latents, keys, rows, values: [firings],
+    rows later than any held), as [n_latents, m]. Of equal keys the earliest row wins, so the rows a report shows
+    depend neither on the scan's batch size nor on the device (torch.topk leaves ties in any order). It sorts the
+    firings only, not a dense [rows, n_latents] code."""
+    taken = held.rows >= 0
+    latents = torch.cat([taken.nonzero()[:, 0], latents])
+    keys, rows, values = (torch.cat([kept[taken], new]) for kept, new in zip(held, (keys, rows, values)))
+    order = rows.argsort(stable=True)  # by latent, then key (largest first), then row: stable sorts, last key first
+    order = order[keys[order].argsort(descending=True, stable=True)]
     order = order[latents[order].argsort(stable=True)]
-    latents, values, rows = latents[order], values[order], rows[order]
+    latents = latents[order]
     rank = torch.arange(len(latents), device=latents.device) - torch.searchsorted(latents, latents)  # place in its latent
-    kept = rank < top_values.shape[1]
-    merged_values, merged_rows = torch.zeros_like(top_values), torch.full_like(top_rows, -1)
-    merged_values[latents[kept], rank[kept]] = values[kept]
-    merged_rows[latents[kept], rank[kept]] = rows[kept]
-    return merged_values, merged_rows
+    kept = rank < held.rows.shape[1]
+    merged = Kept(torch.zeros_like(held.keys), torch.full_like(held.rows, -1), torch.zeros_like(held.values))
+    for target, source in zip(merged, (keys, rows, values)):
+        target[latents[kept], rank[kept]] = source[order][kept]
+    return merged
 
 
-def _provenance(store: Store, split: str, picked: list[tuple[np.ndarray, np.ndarray]], top_rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Shard, layer, token, doc and pos of the scanned rows top_rows: [n_latents, top], -1 where a row is -1;
-    picked: each shard's scanned (offsets, layer ids), from Store.rows_of_layers."""
+PRIORITY_BITS = 31  # the hash's state: products of two 31-bit numbers fit in int64 on every device
+
+
+def sample_priority(rows: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """A pseudo-random key in [0, 2**31) of each (scanned row, latent), int64: a latent's firings of largest key are a
+    uniform random sample of them, the same whatever the scan's batches or device. Per latent a bijection of the row
+    mod 2**31 (xor-shifts and odd multipliers, as integer hash finalizers do), so no two of its firings tie in a scan of
+    fewer than 2**31 rows."""
+    mask = (1 << PRIORITY_BITS) - 1
+    h = (rows + latents * 0x5BD1E995) & mask
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x2C1B3C6D), (13, 0x297A2D39)):
+        h = ((h ^ (h >> shift)) * multiplier) & mask
+    return h ^ (h >> 16)
+
+
+def _provenance(store: Store, split: str, picked: list[tuple[np.ndarray, np.ndarray]], values: torch.Tensor,
+                kept_rows: torch.Tensor) -> LatentRows:
+    """The kept rows kept_rows: [n_latents, m] (scan indices, -1 where empty) with their activations and their shard,
+    layer, token, doc and pos; picked: each shard's scanned (offsets, layer ids), from Store.rows_of_layers."""
     names = ("layer", "token", "doc", "pos")
-    valid = top_rows >= 0
-    scanned = top_rows[valid].numpy()  # indices into the scan's rows, shard after shard
+    valid = kept_rows >= 0
+    scanned = kept_rows[valid].numpy()  # indices into the scan's rows, shard after shard
     starts = np.cumsum([0, *(len(rows) for rows, _ in picked)])
     shard_of = np.searchsorted(starts, scanned, side="right") - 1
     found = {"shard": shard_of, **{name: np.zeros(len(scanned), np.int64) for name in names}}
-    for index in np.unique(shard_of):  # only the shards holding a top row: a mask per shard cost shards x latents x top
+    for index in np.unique(shard_of):  # only the shards holding a kept row: a mask per shard cost shards x latents x m
         mine, rows = shard_of == index, picked[index][0]
         offsets = rows[scanned[mine] - starts[index]]
         for name in names:
             found[name][mine] = store.read(store.shards[index], f"{split}/{name}", 0, int(offsets.max()) + 1)[offsets]
     provenance = {}
-    for name, values in found.items():
-        provenance[f"top_{name}"] = torch.full_like(top_rows, -1)
-        provenance[f"top_{name}"][valid] = torch.from_numpy(values.astype(np.int64))
-    return provenance
+    for name, column in found.items():
+        provenance[name] = torch.full_like(kept_rows, -1)
+        provenance[name][valid] = torch.from_numpy(column.astype(np.int64))
+    return LatentRows(values, kept_rows, **provenance)
 
 
 def density_histogram(scan: FeatureScan, n_bins: int = 40) -> tuple[np.ndarray, np.ndarray, int]:
@@ -235,19 +286,36 @@ class Context:
     center: int  # index of the activating token in the window
 
 
-def feature_contexts(scan: FeatureScan, store: Store, tokenizer, feature: int, context: int = 12) -> list[Context]:
-    """The latent's top-activating rows as token windows of `context` tokens each side, from the store's documents."""
+def feature_contexts(kept: LatentRows, store: Store, tokenizer, feature: int, context: int = 12) -> list[Context]:
+    """The latent's kept rows (a scan's top or sampled ones) as token windows of `context` tokens each side, from the
+    store's documents."""
     documents = {}  # shard index -> its documents' tokens by doc index, read once per call
     contexts = []
-    for j in torch.nonzero(scan.top_values[feature] > 0).flatten().tolist():
-        shard, doc, pos = (int(t[feature, j]) for t in (scan.top_shard, scan.top_doc, scan.top_pos))
+    for j in torch.nonzero(kept.rows[feature] >= 0).flatten().tolist():
+        shard, doc, pos = (int(t[feature, j]) for t in (kept.shard, kept.doc, kept.pos))
         if shard not in documents:
             documents[shard] = store.shard_documents(store.shards[shard])
         document = documents[shard][doc]
         start, end = max(0, pos - context), min(len(document), pos + context + 1)
         ids = document[start:end].tolist()
-        contexts.append(Context(float(scan.top_values[feature, j]), int(scan.top_layer[feature, j]), doc, pos, ids, token_texts(tokenizer, ids), pos - start))
+        contexts.append(Context(float(kept.values[feature, j]), int(kept.layer[feature, j]), doc, pos, ids, token_texts(tokenizer, ids), pos - start))
     return contexts
+
+
+@dataclass(frozen=True)
+class LatentContexts:
+    """What a latent's report shows of the rows it fired on: its top contexts and a random sample of them."""
+
+    top: list[Context]
+    sampled: list[Context]
+
+    @classmethod
+    def of(cls, scan: FeatureScan, store: Store, tokenizer, feature: int, context: int = 12) -> "LatentContexts":
+        return cls(*(feature_contexts(kept, store, tokenizer, feature, context) for kept in (scan.top, scan.sampled)))
+
+    def sample_caption(self, n_fired: int) -> str:
+        """What the sample is: "10 of the 2,139 rows it fired on, drawn uniformly"."""
+        return f"{len(self.sampled):,} of the {n_fired:,} rows it fired on, drawn uniformly"
 
 
 @dataclass(frozen=True)
@@ -292,7 +360,7 @@ def sparkline(values: list[float], measured: list[bool]) -> str:
                    for v, seen in zip(values, measured))
 
 
-def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: list[Context], promoted: list[tuple[str, float]] | None):
+def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: LatentContexts, promoted: list[tuple[str, float]] | None):
     """The latent in the terminal: density, layer profile as a sparkline, contexts with the activating token highlighted."""
     count, frequency = int(scan.counts[feature]), float(scan.frequency[feature])
     kind = " [red]dead[/]" if count == 0 else " [yellow]dense[/]" if frequency > DENSE_FREQUENCY else ""
@@ -305,15 +373,23 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: l
     if promoted is not None:
         # quoted as token_texts shows them: repr would double the backslash of an escape such as \xf0
         console.print(Text("promotes " + "  ".join(f"'{text}' {value:+.3g}" for text, value in promoted)))
-    top = max((c.value for c in contexts), default=1.0)
-    for c in contexts:
-        line = Text(f"{c.value:8.3f}  L{c.layer:<3d} doc {c.doc} pos {c.pos}  ", style="dim")
-        active = c.tokens[c.center] if console.color_system else f"⟦{c.tokens[c.center]}⟧"  # still visible without colour
-        # at most half the room left of the activating token, so a long left context never pushes it off the line
-        line.append(left_cropped("".join(c.tokens[: c.center]), (console.width - line.cell_len - cell_len(active)) // 2))
-        line.append(active, style="bold black on rgb({},{},{})".format(*highlight_rgb(c.value / top)))
-        line.append("".join(c.tokens[c.center + 1 :]))
-        console.print(line, no_wrap=True, overflow="ellipsis")
+    top = max((c.value for c in contexts.top), default=1.0)  # the sample's highlights on the same scale: paler when weaker
+    for title, shown in (("top activations", contexts.top), (f"random activations: {contexts.sample_caption(count)}", contexts.sampled)):
+        if shown:
+            console.print(Text(title, style="bold"))
+        for c in shown:
+            print_context(console, c, top)
+
+
+def print_context(console: Console, c: Context, top: float):
+    """One context on one line, the activating token highlighted by its activation relative to top."""
+    line = Text(f"{c.value:8.3f}  L{c.layer:<3d} doc {c.doc} pos {c.pos}  ", style="dim")
+    active = c.tokens[c.center] if console.color_system else f"⟦{c.tokens[c.center]}⟧"  # still visible without colour
+    # at most half the room left of the activating token, so a long left context never pushes it off the line
+    line.append(left_cropped("".join(c.tokens[: c.center]), (console.width - line.cell_len - cell_len(active)) // 2))
+    line.append(active, style="bold black on rgb({},{},{})".format(*highlight_rgb(c.value / top)))
+    line.append("".join(c.tokens[c.center + 1 :]))
+    console.print(line, no_wrap=True, overflow="ellipsis")
 
 
 def left_cropped(text: str, width: int) -> str:
@@ -369,14 +445,14 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
-        scan = scan_features(sae, store, cfg.split, cfg.n_rows, cfg.top, device, progress=bar, layers=layers)
+        scan = scan_features(sae, store, cfg.split, cfg.n_rows, cfg.top, device, progress=bar, layers=layers, samples=cfg.samples)
     tokenizer = lens.tokenizer if lens is not None else None
 
     def promoted(feature: int) -> list[tuple[str, float]] | None:  # none for a dead latent, which has no peak layer
         return None if lens is None or scan.dead[feature] else promoted_tokens(sae, lens, feature, scan.peak_layer(feature))
 
     if cfg.feature is not None:
-        print_feature(console, scan, cfg.feature, feature_contexts(scan, store, tokenizer, cfg.feature, cfg.context), promoted(cfg.feature))
+        print_feature(console, scan, cfg.feature, LatentContexts.of(scan, store, tokenizer, cfg.feature, cfg.context), promoted(cfg.feature))
     console.print(
         f"scanned {scan.n_rows:,} {scan.split} rows: {int((~scan.dead).sum()):,} of {sae.cfg.n_latents:,} latents alive, "
         f"{int(scan.dead.sum()):,} dead, {int(scan.dense.sum()):,} dense (> {DENSE_FREQUENCY:.0%} of rows)"
@@ -385,7 +461,8 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
         return None
     features = ([cfg.feature] if cfg.feature is not None else []) + report_features(scan, cfg.n_report_features)
     features = list(dict.fromkeys(features))
-    contexts, promotions = {f: feature_contexts(scan, store, tokenizer, f, cfg.context) for f in features}, {f: promoted(f) for f in features}
+    contexts = {f: LatentContexts.of(scan, store, tokenizer, f, cfg.context) for f in features}
+    promotions = {f: promoted(f) for f in features}
     try:
         settings = {**asdict(cfg), "sae": str(sae_dir), "shards": store.url, "html": str(path), "layers": layers}  # absolute
         write_html_report(path, scan, contexts, promotions, title=f"{sae_dir} on {store.url}", settings=settings)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: leaves the caller's plotting backend alone
 
-from pipeline.features import DENSE_FREQUENCY, Context, FeatureScan, density_histogram
+from pipeline.features import DENSE_FREQUENCY, Context, FeatureScan, LatentContexts, density_histogram
 from pipeline.files import write_whole
 
 STYLE = """
@@ -97,7 +97,7 @@ def promoted_html(promoted: list[tuple[str, float]] | None, n: int | None = None
 def write_html_report(
     path: Path | str,
     scan: FeatureScan,
-    contexts: dict[int, list[Context]],
+    contexts: dict[int, LatentContexts],
     promoted: dict[int, list[tuple[str, float]] | None],
     title: str,
     settings: dict,
@@ -108,7 +108,7 @@ def write_html_report(
     histogram = density_histogram(scan)
     n_latents = len(scan.counts)
     rows, sections = [], []
-    for feature, feature_contexts in contexts.items():
+    for feature, shown in contexts.items():
         if scan.dead[feature]:  # --feature may name one: no peak layer (argmax of zeros), no promoted tokens, no contexts
             rows.append(f'<tr><td><a href="#f{feature}">{feature}</a></td><td>dead</td><td>0</td><td>-</td><td></td></tr>')
             sections.append(f'<section class="feature" id="f{feature}"><h2>Feature {feature}</h2><p>dead: fires on none of '
@@ -120,14 +120,16 @@ def write_html_report(
             f'<tr><td><a href="#f{feature}">{feature}</a></td><td>{density}</td><td>{int(scan.counts[feature]):,}</td>'
             f"<td>{layer}</td><td>{promoted_html(promoted[feature], 5)}</td></tr>"
         )
-        top_value = max((c.value for c in feature_contexts), default=1.0)
+        top_value = max((c.value for c in shown.top), default=1.0)  # the sample's highlights on the same scale
+        sampled = (f'<h3>Random activations</h3><p class="muted">{shown.sample_caption(int(scan.counts[feature]))}, largest first</p>'
+                   f"{''.join(context_html(c, top_value) for c in shown.sampled)}") if shown.sampled else ""
         sections.append(
             f'<section class="feature" id="f{feature}"><h2>Feature {feature}</h2>'
             f"<p>fires on {int(scan.counts[feature]):,} of {scan.n_rows:,} rows ({density}); most often on layer {layer} "
             f'({float(scan.layer_frequency[feature, layer]):.3%} of its rows). <a href="#index">index</a></p>'
             f'<div class="charts">{feature_charts(scan, feature, histogram)}</div>'
             f"<h3>Promoted tokens (logit lens at layer {layer})</h3><p>{promoted_html(promoted[feature])}</p>"
-            f"<h3>Top activations</h3>{''.join(context_html(c, top_value) for c in feature_contexts)}</section>"
+            f"<h3>Top activations</h3>{''.join(context_html(c, top_value) for c in shown.top)}{sampled}</section>"
         )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>SAE features: {escape(title)}</title><style>{STYLE}</style></head>

@@ -28,6 +28,9 @@ from pipeline.features import (
     Context,
     FeatureScan,
     FeaturesConfig,
+    Kept,
+    LatentContexts,
+    LatentRows,
     Lens,
     density_histogram,
     explore_features,
@@ -35,6 +38,7 @@ from pipeline.features import (
     merge_top,
     print_feature,
     promoted_tokens,
+    sample_priority,
     scan_features,
 )
 from pipeline.loader import layer_stats_of
@@ -107,7 +111,7 @@ def with_few_candidates(sae: TopKSAE) -> TopKSAE:
 def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates, layers):
     assert len(store.shards) > 1
     sae = sae if candidates == "all" else with_few_candidates(sae)
-    scan = scan_features(sae, store, "train", n_rows, top=5, batch_rows=256, layers=layers)
+    scan = scan_features(sae, store, "train", n_rows, top=5, batch_rows=256, layers=layers, samples=4)
     rows = all_rows(store, "train")
     picked = np.isin(rows["layer"], layers if layers is not None else range(5))
     if n_rows is not None:  # each layer's first rows in store order (spread_order of two shards), as many as its share of n_rows
@@ -134,48 +138,78 @@ def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates, layers):
         assert (fired.sum(1) < sae.cfg.k).float().mean() > 0.2 and int(fired[:, 6:].sum()) == 0
     rates = torch.stack([fired[layer == l].float().mean(0).nan_to_num() for l in range(5)], 1)  # [n_latents, layers]
     torch.testing.assert_close(scan.layer_frequency, rates.double(), check_dtype=False)
-    assert torch.equal(scan.top_values, code.T.topk(5, dim=1).values)
+    assert torch.equal(scan.top.values, code.T.topk(5, dim=1).values)
     for feature in [0, 2, 5, 17, 100]:
         expected = code[:, feature].topk(5).values
-        assert torch.equal(scan.top_values[feature], expected)
+        assert torch.equal(scan.top.values[feature], expected)
         live = expected > 0
-        rows_found = scan.top_rows[feature][live]  # of equal activations (repeated prefixes), the first rows scanned
+        rows_found = scan.top.rows[feature][live]  # of equal activations (repeated prefixes), the first rows scanned
         assert torch.equal(rows_found, code[:, feature].argsort(descending=True, stable=True)[:5][live])
-        assert (scan.top_rows[feature][~live] == -1).all()
-        for name in ("layer", "token", "doc", "pos"):
-            stored = torch.from_numpy(rows[name][rows_found.numpy()].astype(np.int64))
-            assert torch.equal(getattr(scan, f"top_{name}")[feature][live], stored)
+        assert (scan.top.rows[feature][~live] == -1).all()
+        # the sample: of the rows the latent fired on, those of largest priority, shown by activation
+        firing = fired[:, feature].nonzero().flatten()
+        priority = sample_priority(firing, torch.full_like(firing, feature))
+        sampled = firing[priority.argsort(descending=True)[:4]]
+        sampled = sampled[code[sampled, feature].argsort(descending=True, stable=True)]
+        n_sampled = len(sampled)
+        assert n_sampled == min(4, len(firing))
+        assert torch.equal(scan.sampled.rows[feature][:n_sampled], sampled) and (scan.sampled.rows[feature][n_sampled:] == -1).all()
+        assert torch.equal(scan.sampled.values[feature][:n_sampled], code[sampled, feature])
+        for kept, found in ((scan.top, rows_found), (scan.sampled, sampled)):
+            for name in ("layer", "token", "doc", "pos"):
+                stored = torch.from_numpy(rows[name][found.numpy()].astype(np.int64))
+                assert torch.equal(getattr(kept, name)[feature][: len(found)], stored)
 
 
 def test_the_scan_is_the_same_whatever_its_batch_size(store, sae):
     scans = [scan_features(sae, store, "train", None, top=5, batch_rows=batch_rows) for batch_rows in (4096, 97)]
-    for name in ("top_values", "top_rows", "top_doc", "top_pos", "counts"):
-        assert torch.equal(getattr(scans[0], name), getattr(scans[1], name)), name
+    assert torch.equal(scans[0].counts, scans[1].counts)
+    for kept in ("top", "sampled"):
+        for name in ("values", "rows", "doc", "pos"):
+            assert torch.equal(getattr(getattr(scans[0], kept), name), getattr(getattr(scans[1], kept), name)), (kept, name)
 
 
 def test_merge_top_keeps_the_largest_and_of_equal_values_the_earliest_rows():
-    empty_values, empty_rows = torch.zeros(3, 3), torch.full((3, 3), -1)
     latents, values = torch.tensor([0, 0, 2, 0, 0, 2, 0]), torch.tensor([1.0, 2, 5, 2, 2, 4, 3])
-    held_values, held_rows = merge_top(empty_values, empty_rows, latents, values, torch.arange(7))
-    assert held_values.tolist() == [[3, 2, 2], [0, 0, 0], [5, 4, 0]]
-    assert held_rows.tolist() == [[6, 1, 3], [-1, -1, -1], [2, 5, -1]]
-    merged_values, merged_rows = merge_top(held_values, held_rows, torch.tensor([0, 2, 1]), torch.tensor([2.0, 4, 1]), torch.tensor([7, 8, 9]))
-    assert merged_values.tolist() == [[3, 2, 2], [1, 0, 0], [5, 4, 4]]  # row 7 ties rows 1 and 3, and comes later
-    assert merged_rows.tolist() == [[6, 1, 3], [9, -1, -1], [2, 5, 8]]
+    held = merge_top(Kept.empty(3, 3, torch.float32, "cpu"), latents, values, torch.arange(7), values * 10)
+    assert held.keys.tolist() == [[3, 2, 2], [0, 0, 0], [5, 4, 0]]
+    assert held.rows.tolist() == [[6, 1, 3], [-1, -1, -1], [2, 5, -1]]
+    assert held.values.tolist() == [[30, 20, 20], [0, 0, 0], [50, 40, 0]]  # each row's value travels with its key
+    new = torch.tensor([2.0, 4, 1])
+    merged = merge_top(held, torch.tensor([0, 2, 1]), new, torch.tensor([7, 8, 9]), new * 10)
+    assert merged.keys.tolist() == [[3, 2, 2], [1, 0, 0], [5, 4, 4]]  # row 7 ties rows 1 and 3, and comes later
+    assert merged.rows.tolist() == [[6, 1, 3], [9, -1, -1], [2, 5, 8]]
+    assert merged.values.tolist() == [[30, 20, 20], [10, 0, 0], [50, 40, 40]]
     generator = torch.Generator().manual_seed(0)
     latents, values = torch.randint(0, 8, (400,), generator=generator), torch.randperm(400, generator=generator).float() + 1
     code = torch.zeros(400, 8).index_put_((torch.arange(400), latents), values)  # [rows, latents], one firing a row
     expected = code.T.topk(7, dim=1)
-    found = merge_top(torch.zeros(8, 7), torch.full((8, 7), -1), latents, values, torch.arange(400))
-    assert torch.equal(found[0], expected.values) and torch.equal(found[1], expected.indices)
+    found = merge_top(Kept.empty(8, 7, torch.float32, "cpu"), latents, values, torch.arange(400), values)
+    assert torch.equal(found.keys, expected.values) and torch.equal(found.rows, expected.indices)
+
+
+def test_the_sample_is_uniform_over_the_rows_a_latent_fires_on_and_differs_between_latents():
+    """Every latent fires on all 1000 rows: its 10 sampled rows should fall evenly over them, as a random draw's would,
+    and two latents' samples should share no more rows than chance."""
+    n_latents, n_rows, samples = 2000, 1000, 10
+    rows = torch.arange(n_rows).repeat_interleave(n_latents)
+    latents = torch.arange(n_latents).repeat(n_rows)
+    found = merge_top(Kept.empty(n_latents, samples, torch.int64, "cpu"), latents, sample_priority(rows, latents), rows,
+                      torch.ones(len(rows)))
+    assert (found.rows >= 0).all() and all(len(set(row)) == samples for row in found.rows.tolist())
+    by_tenth = torch.bincount(found.rows.flatten() // 100, minlength=10)  # 2000 expected in each, sd about 42
+    assert (by_tenth - 2000).abs().max() < 200, by_tenth
+    shared = sum(len(set(a) & set(b)) for a, b in zip(found.rows[::2].tolist(), found.rows[1::2].tolist()))
+    assert shared < 200  # chance: 1000 pairs x 10 x 10 / 1000 = 100 expected
+    far = sample_priority(torch.tensor([2**40, 2**40 + 1]), torch.tensor([10**6, 10**6]))  # no overflow, in range
+    assert ((far >= 0) & (far < 2**31)).all() and far[0] != far[1]
 
 
 def hand_made_scan() -> FeatureScan:
     """Latent 0 fires on 40 of 120 rows, most of them on layer 1, yet at the higher rate on layer 0 (20 rows);
     latent 1 never fires; latent 2 on 65, at the higher rate on layer 1."""
     layer_counts = torch.tensor([[10, 30], [0, 0], [5, 60]])
-    empty = torch.full((3, 1), -1)
-    return FeatureScan("train", 120, layer_counts, torch.tensor([20, 100]), torch.zeros(3, 1), empty, *[empty] * 5)
+    return FeatureScan("train", 120, layer_counts, torch.tensor([20, 100]), LatentRows.empty(3, 1), LatentRows.empty(3, 1))
 
 
 def test_the_peak_layer_is_the_one_with_the_highest_rate_not_the_most_rows():
@@ -188,29 +222,29 @@ def test_the_peak_layer_is_the_one_with_the_highest_rate_not_the_most_rows():
 def test_a_latent_firing_on_exactly_a_tenth_of_the_rows_is_not_dense_anywhere(tmp_path):
     """Dense is more than 10%: in float32, 100 / 1000 came out above 0.1 in the terminal and the report."""
     counts = torch.tensor([[100], [1]])
-    scan = FeatureScan("train", 1000, counts, torch.tensor([1000]), torch.ones(2, 1), *[torch.zeros(2, 1, dtype=torch.long)] * 6)
+    scan = FeatureScan("train", 1000, counts, torch.tensor([1000]), LatentRows.empty(2, 1), LatentRows.empty(2, 1))
     assert scan.dense.tolist() == [False, False] and float(scan.frequency[0]) == 0.1
     console = recording_console()
-    print_feature(console, scan, 0, [], None)
+    print_feature(console, scan, 0, LatentContexts([], []), None)
     assert "dense" not in console.file.getvalue()
-    page = write_html_report(tmp_path / "r.html", scan, {0: []}, {0: None}, "exact", {}).read_text()
+    page = write_html_report(tmp_path / "r.html", scan, {0: LatentContexts([], [])}, {0: None}, "exact", {}).read_text()
     assert 'class="dense">10.000%' not in page and "10.000%" in page
 
 
 def test_a_hidden_state_not_scanned_is_marked_apart_from_one_where_the_latent_is_silent(tmp_path):
     """Scanned with --layers 0,2 (or trained on them): layer 1's rate of 0 is no finding, and layer 3's is."""
-    empty = torch.full((1, 1), -1)
-    scan = FeatureScan("train", 160, torch.tensor([[10, 0, 30, 0]]), torch.tensor([20, 0, 100, 40]), torch.zeros(1, 1), empty, *[empty] * 5)
+    scan = FeatureScan("train", 160, torch.tensor([[10, 0, 30, 0]]), torch.tensor([20, 0, 100, 40]), LatentRows.empty(1, 1),
+                       LatentRows.empty(1, 1))
     console = recording_console()
-    print_feature(console, scan, 0, [], None)
+    print_feature(console, scan, 0, LatentContexts([], []), None)
     assert "layers 0-3 █·▅   peak layer 0" in console.file.getvalue()
-    page = write_html_report(tmp_path / "r.html", scan, {0: []}, {0: None}, "part", {}).read_text()
+    page = write_html_report(tmp_path / "r.html", scan, {0: LatentContexts([], [])}, {0: None}, "part", {}).read_text()
     assert "<title>layer 1 (not scanned): 0</title>" in page and "<title>layer 3 (%): 0</title>" in page
 
 
 def test_a_dead_latents_report_says_so_and_shows_no_peak_layer(tmp_path):
     """Its section read "most often on layer 0 (0.000% of its rows)" under promoted tokens at layer 0: argmax of zeros."""
-    page = write_html_report(tmp_path / "r.html", hand_made_scan(), {1: []}, {1: None}, "hand-made", {}).read_text()
+    page = write_html_report(tmp_path / "r.html", hand_made_scan(), {1: LatentContexts([], [])}, {1: None}, "hand-made", {}).read_text()
     section = page[page.index('<section class="feature" id="f1">') :].split("</section>")[0]
     assert "dead: fires on none of the 120 train rows scanned" in section
     assert "layer" not in section and "Promoted" not in section and "Top activations" not in section
@@ -219,7 +253,7 @@ def test_a_dead_latents_report_says_so_and_shows_no_peak_layer(tmp_path):
 
 def test_html_report_numbers_are_the_scans(tmp_path):
     scan = hand_made_scan()
-    page = write_html_report(tmp_path / "r.html", scan, {0: [], 2: []}, {0: None, 2: None}, "hand-made", {}).read_text()
+    page = write_html_report(tmp_path / "r.html", scan, {0: LatentContexts([], []), 2: LatentContexts([], [])}, {0: None, 2: None}, "hand-made", {}).read_text()
     for feature, density, count, peak, rate in ((0, "33.333%", 40, 0, "50.000%"), (2, "54.167%", 65, 1, "60.000%")):
         assert f'<td><a href="#f{feature}">{feature}</a></td><td><span class="dense">{density}</span></td><td>{count}</td><td>{peak}</td>' in page
         section = page[page.index(f'<section class="feature" id="f{feature}">') :].split("</section>")[0]
@@ -231,7 +265,8 @@ def test_html_report_numbers_are_the_scans(tmp_path):
 def test_dead_dense_and_density_histogram(store, sae):
     scan = scan_features(sae, store, "train", None, top=3)
     assert scan.dense[0] and scan.counts[0] == scan.n_rows
-    assert scan.dead[1] and (scan.top_rows[1] == -1).all() and (scan.top_values[1] == 0).all()
+    for kept in (scan.top, scan.sampled):
+        assert scan.dead[1] and (kept.rows[1] == -1).all() and (kept.values[1] == 0).all()
     assert int(scan.dense.sum()) == int((scan.frequency > 0.1).sum()) and int(scan.dead.sum()) == int((scan.counts == 0).sum())
     counts, edges, n_dead = density_histogram(scan)
     assert counts.sum() + n_dead == N_LATENTS and n_dead == int(scan.dead.sum())
@@ -244,15 +279,16 @@ def test_contexts_are_the_stored_documents_around_the_row(store, sae, tiny_model
     documents = store.document_tokens()
     checked = 0
     for feature in torch.nonzero(~scan.dead).flatten()[:4].tolist():
-        contexts = feature_contexts(scan, store, tokenizer, feature, context=5)
-        assert [c.value for c in contexts] == scan.top_values[feature][scan.top_values[feature] > 0].tolist()
-        for j, c in enumerate(contexts):
-            document = documents[c.doc]
-            assert c.token_ids[c.center] == document[c.pos] == scan.top_token[feature, j]
-            assert c.token_ids == document[max(0, c.pos - 5) : c.pos + 6].tolist()
-            assert c.tokens == token_texts(tokenizer, c.token_ids) and "\n" not in "".join(c.tokens)
-            checked += 1
-    assert checked > 8
+        for kept in (scan.top, scan.sampled):
+            contexts = feature_contexts(kept, store, tokenizer, feature, context=5)
+            assert [c.value for c in contexts] == kept.values[feature][kept.rows[feature] >= 0].tolist()
+            for j, c in enumerate(contexts):
+                document = documents[c.doc]
+                assert c.token_ids[c.center] == document[c.pos] == kept.token[feature, j]
+                assert c.token_ids == document[max(0, c.pos - 5) : c.pos + 6].tolist()
+                assert c.tokens == token_texts(tokenizer, c.token_ids) and "\n" not in "".join(c.tokens)
+                checked += 1
+    assert checked > 16
 
 
 def test_promoted_tokens_are_the_logit_lens_of_the_decoder_direction(sae, tiny_model_dir):
@@ -295,7 +331,7 @@ class ReportParser(HTMLParser):
     def __init__(self):
         super().__init__()
         self.sections, self.links, self.images, self.charts, self.contexts = [], [], [], [], []
-        self.stack = []
+        self.stack, self.heading = [], None  # the last h3 read, with its text: "Top activations" or "Random activations"
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -308,15 +344,19 @@ class ReportParser(HTMLParser):
         if tag == "svg":
             self.charts.append(self.sections[-1])
         if attrs.get("class") == "ctx":
-            self.contexts.append({"text": "", "active": "", "section": self.sections[-1]})
-        if tag in ("div", "span"):
-            self.stack.append(attrs.get("class"))
+            self.contexts.append({"text": "", "active": "", "section": self.sections[-1], "heading": self.heading})
+        if tag in ("div", "span", "h3"):
+            self.stack.append(attrs.get("class") if tag != "h3" else "h3")
+        if tag == "h3":
+            self.heading = ""
 
     def handle_endtag(self, tag):
-        if tag in ("div", "span"):
+        if tag in ("div", "span", "h3"):
             self.stack.pop()
 
     def handle_data(self, data):
+        if self.stack and self.stack[-1] == "h3":
+            self.heading += data
         if "ctx" in self.stack and "where" not in self.stack:
             self.contexts[-1]["text"] += data
             if self.stack[-1] == "act":
@@ -328,7 +368,7 @@ def test_context_html_escapes_code():
     parser = ReportParser()
     parser.sections.append("f0")
     parser.feed(context_html(context, 4.0))
-    assert parser.contexts == [{"text": "if a <&b> '\"x", "active": "<", "section": "f0"}]
+    assert parser.contexts == [{"text": "if a <&b> '\"x", "active": "<", "section": "f0", "heading": None}]
 
 
 def recording_console() -> Console:
@@ -339,7 +379,7 @@ def test_tokens_that_look_like_rich_markup_print_as_text(store, sae):
     scan = scan_features(sae, store, "train", None, top=3)
     console = recording_console()
     context = Context(2.0, 3, 7, 2, [1, 2, 3], ["a[/", "[bold]", "x][/y:smile:"], 1)
-    print_feature(console, scan, 2, [context], [("[/", 1.5), ("[bold]x", 0.5), ("][/", 0.25), (":smile:", 0.125), ("\\xf0", 0.0625)])
+    print_feature(console, scan, 2, LatentContexts([context], []), [("[/", 1.5), ("[bold]x", 0.5), ("][/", 0.25), (":smile:", 0.125), ("\\xf0", 0.0625)])
     shown = console.file.getvalue()
     assert "promotes '[/' +1.5  '[bold]x' +0.5  '][/' +0.25  ':smile:' +0.125  '\\xf0' +0.0625" in shown
     assert "a[/⟦[bold]⟧x][/y:smile:" in shown
@@ -351,7 +391,7 @@ def test_a_long_left_context_never_pushes_the_activating_token_off_the_line(stor
     console = Console(file=io.StringIO(), width=width, color_system=None)
     left = ["    return self._name"] * 12  # a docstring's worth of wide tokens, as in real code
     context = Context(2.0, 3, 7, 12, list(range(25)), left + ["ACT"] + ["x"] * 12, 12)
-    print_feature(console, scan, 2, [context, replace(context, tokens=["a"] * 12 + ["ACT"] + ["b"] * 12)], None)
+    print_feature(console, scan, 2, LatentContexts([context, replace(context, tokens=["a"] * 12 + ["ACT"] + ["b"] * 12)], []), None)
     lines = console.file.getvalue().splitlines()[-2:]
     assert "…" in lines[0] and "_name⟦ACT⟧xx" in lines[0] and "aaaaaaaaaaaa⟦ACT⟧bb" in lines[1]  # cut only where it does not fit
     assert all(cell_len(line) <= width for line in lines)
@@ -377,12 +417,15 @@ def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     documents = store.document_tokens()
     for feature in features:
-        shown = [c for c in parser.contexts if c["section"] == f"f{feature}"]
-        assert len(shown) == int((scan.top_values[feature] > 0).sum()) > 0
-        for j, c in enumerate(shown):
-            doc, pos = int(scan.top_doc[feature, j]), int(scan.top_pos[feature, j])
-            window = token_texts(tokenizer, documents[doc][max(0, pos - 4) : pos + 5].tolist())
-            assert c["active"] == window[min(pos, 4)] and c["text"] == "".join(window)
+        for heading, kept in (("Top activations", scan.top), ("Random activations", scan.sampled)):
+            shown = [c for c in parser.contexts if c["section"] == f"f{feature}" and c["heading"] == heading]
+            assert len(shown) == int((kept.rows[feature] >= 0).sum()) > 0
+            for j, c in enumerate(shown):
+                doc, pos = int(kept.doc[feature, j]), int(kept.pos[feature, j])
+                window = token_texts(tokenizer, documents[doc][max(0, pos - 4) : pos + 5].tolist())
+                assert c["active"] == window[min(pos, 4)] and c["text"] == "".join(window)
+        n_fired, n_sampled = int(scan.counts[feature]), int((scan.sampled.rows[feature] >= 0).sum())
+        assert f"{n_sampled} of the {n_fired:,} rows it fired on, drawn uniformly, largest first" in page
     assert any(ch in c["text"] for c in parser.contexts for ch in "<>&")  # code tokens survived escaping
 
 
@@ -395,8 +438,11 @@ def test_errors_are_one_line(store, sae, run_dir, tmp_path):
         explore_features(FeaturesConfig(sae=str(tmp_path / "other"), shards=store.url), QUIET)
     with pytest.raises(CrosscodersError, match="out of range"):
         explore_features(replace(FeaturesConfig(sae=str(run_dir)), feature=N_LATENTS), QUIET)
-    with pytest.raises(CrosscodersError, match="^--top and --n-report-features must be positive and --context at least 0; got 0, 50 and 12$"):
+    with pytest.raises(CrosscodersError, match="^--top and --n-report-features must be positive, --context and --samples at least 0; "
+                                               "got 0, 50, 12 and 10$"):
         FeaturesConfig(top=0)
+    with pytest.raises(CrosscodersError, match="got 10, 50, 12 and -1$"):
+        FeaturesConfig(samples=-1)
     (tmp_path / "file").write_text("")
     with pytest.raises(CrosscodersError, match="cannot write to .*file .*; pass a writable path as --html"):
         explore_features(FeaturesConfig(sae=str(run_dir), html=str(tmp_path / "file" / "report.html")), QUIET)
@@ -501,9 +547,12 @@ def test_cli_prints_a_feature_and_rejects_an_unknown_one(store, sae, run_dir, ti
     promoted = promoted_tokens(sae, Lens.of(load_model(str(tiny_model_dir))), 0, scan.peak_layer(0))
     assert "promotes " + "  ".join(f"'{text}' {value:+.3g}" for text, value in promoted) in result.stdout
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    for j in range(3):
-        active = token_texts(tokenizer, [int(scan.top_token[0, j])])[0]
-        assert f"doc {int(scan.top_doc[0, j])} pos {int(scan.top_pos[0, j])}" in result.stdout and f"⟦{active}⟧" in result.stdout
+    top, sampled = result.stdout.split("random activations: ")
+    assert "top activations" in top and sampled.startswith(f"10 of the {int(scan.counts[0]):,} rows it fired on, drawn uniformly")
+    for shown, kept, n in ((top, scan.top, 3), (sampled, scan.sampled, 10)):
+        for j in range(n):
+            active = token_texts(tokenizer, [int(kept.token[0, j])])[0]
+            assert f"doc {int(kept.doc[0, j])} pos {int(kept.pos[0, j])}" in shown and f"⟦{active}⟧" in shown
     assert not (run_dir / "features.html").exists()  # --feature alone prints, and writes no report
 
     result = cli("--sae", str(run_dir), "--feature", str(N_LATENTS), fresh=True)  # and as a new interpreter starts
