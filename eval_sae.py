@@ -1,4 +1,6 @@
-"""`eval-sae`: stage three, splice a trained SAE into the model at each layer and measure the loss it costs."""
+"""`eval-sae`: stage three, splice a trained SAE (or each of a sweep's) into the model at each layer and measure the loss it costs."""
+
+from pathlib import Path
 
 from pipeline.errors import importing_quietly
 
@@ -9,8 +11,8 @@ with importing_quietly():
     from rich.table import Table
     from rich.text import Text
 
-    from pipeline.cli import config_command, run_app
-    from pipeline.evaluate import EvalConfig, average, run_eval
+    from pipeline.cli import config_command, local_path, run_app
+    from pipeline.evaluate import EvalConfig, Evaluated, LayerEval, average, run_eval, run_sweep_eval, sweep_runs
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 WIDTH = 110  # the whole table
@@ -22,19 +24,48 @@ COLUMNS = {  # header -> LayerEval field
 
 
 def run(config: EvalConfig) -> None:
-    results, eval_path, plot_path = run_eval(config)
-    table = Table(title=f"SAE spliced in, {results[0].n_tokens:,} held-out tokens (CE and KL in nats per token)", box=box.SIMPLE_HEAD)
-    table.add_column("layer", justify="right")
-    for header in COLUMNS:
-        table.add_column(header, justify="right")
+    if sweep_runs(local_path(config.sae, "--sae")):
+        print_sweep(run_sweep_eval(config))
+    else:
+        print_layers(*run_eval(config))
+
+
+def print_layers(results: list[LayerEval], eval_path: Path, plot_path: Path) -> None:
+    """One row per hidden state, and their mean."""
+    table = metrics_table(f"SAE spliced in, {results[0].n_tokens:,} held-out tokens (CE and KL in nats per token)", "layer", "right")
     for r in results:
         table.add_row(str(r.layer), *(f"{getattr(r, name):.3g}" if getattr(r, name) is not None else "-" for name in COLUMNS.values()))
     mean = average(results)
     table.add_row("mean", *(f"{mean[name]:.3g}" if name in mean else "-" for name in COLUMNS.values()), style="bold")
+    print_table(table)
+    Console(stderr=True).print(Text(f"wrote {eval_path}\nwrote {plot_path}"), soft_wrap=True)
+
+
+def print_sweep(evaluated: list[Evaluated]) -> None:
+    """One row per run: its metrics averaged over the hidden states; each run's own eval.json holds them per layer."""
+    results = evaluated[0].results
+    layers = ",".join(str(r.layer) for r in results)
+    table = metrics_table(f"SAEs spliced in, mean over hidden states {layers}, {results[0].n_tokens:,} held-out tokens "
+                          "(CE and KL in nats per token)", "run", "left")
+    for run in evaluated:
+        mean = average(run.results)
+        table.add_row(Text(Path(run.config.sae).name), *(f"{mean[name]:.3g}" if name in mean else "-" for name in COLUMNS.values()))
+    print_table(table)
+    Console(stderr=True).print(Text("\n".join(f"wrote {run.eval_path} and {run.plot_path.name}" for run in evaluated)), soft_wrap=True)
+
+
+def metrics_table(title: str, first_column: str, justify: str) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    table.add_column(first_column, justify=justify)
+    for header in COLUMNS:
+        table.add_column(header, justify="right")
+    return table
+
+
+def print_table(table: Table) -> None:
     console = Console()
     console.width = max(console.width, WIDTH)  # logs default to 80 columns, which would cut numbers
     console.print(table)
-    Console(stderr=True).print(Text(f"wrote {eval_path}\nwrote {plot_path}"), soft_wrap=True)
 
 
 config_command(app, [EvalConfig], run, help=__doc__, memory_advice="lower --batch-tokens, or use --model-dtype bf16 or another --device")

@@ -25,7 +25,7 @@ from rich.text import Text
 from torch import nn
 
 from pipeline.cache import pack_batches
-from pipeline.cli import local_path, option
+from pipeline.cli import local_path, option, print_note
 from pipeline.devices import resolve_device, resolve_model_dtype
 from pipeline.errors import CrosscodersError
 from pipeline.files import write_whole
@@ -34,10 +34,10 @@ from pipeline.layers import stored_layers
 from pipeline.loader import stats_from_sums
 from pipeline.models import ModelInfo, load_model
 from pipeline.positions import RECORD_ALL, SkippedPositions
-from pipeline.sae import TopKSAE, load
+from pipeline.sae import CONFIG_FILE, TopKSAE, load
 from pipeline.storage import Location
 from pipeline.store import Store
-from pipeline.train import CHECKPOINT, DATA_FILE, finite_or_null, run_data, trained_layers
+from pipeline.train import CHECKPOINT, DATA_FILE, TRAIN_CONFIG_FILE, finite_or_null, run_data, trained_layers
 
 Reconstruct = Callable[[torch.Tensor, int], torch.Tensor]  # (x: [n, d_model], layer) -> x_hat: [n, d_model]
 EVAL_FILE, PLOT_FILE = "eval.json", "recovered.png"
@@ -47,7 +47,8 @@ EVAL_FILE, PLOT_FILE = "eval.json", "recovered.png"
 class EvalConfig:
     """Options of `eval-sae`; saved, with the defaults filled in, inside eval.json."""
 
-    sae: str = option("./runs/sae", "Training run folder (or its checkpoint/) holding the SAE.")
+    sae: str = option("./runs/sae", "Training run folder (or its checkpoint/) holding the SAE, or a sweep's folder (train-sae "
+                                     "--sweep's --out): each of its finished runs, in one pass.")
     model: str | None = option(None, "Model to splice into; default: the one the store was cached from.")
     shards: str | None = option(None, "Activation store whose held-out documents are scored; default: the run's (data.json).")
     layers: str = option("trained", "Hidden states to evaluate: trained (those the SAE was trained on), all (the store's), 0-24, "
@@ -56,7 +57,8 @@ class EvalConfig:
     batch_tokens: int = option(2048, "Token budget of a forward batch, padding included.")
     device: str = option("auto", "Device for the model and the SAE: auto, cpu, cuda, cuda:1, ...")
     model_dtype: str = option("auto", "Dtype the model runs in: bf16, float16, float32, or auto: the one the store was cached in.")
-    out: str | None = option(None, "Folder for eval.json and recovered.png; default: RUN/eval (RUN/eval-checkpoint for RUN/checkpoint).")
+    out: str | None = option(None, "Folder for eval.json and recovered.png; default: RUN/eval (RUN/eval-checkpoint for RUN/checkpoint). "
+                                   "For a sweep, OUT/RUN for each run.")
 
     def __post_init__(self):
         if self.n_docs < 1 or self.batch_tokens < 2:
@@ -119,9 +121,9 @@ def next_token_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_ma
 
 @dataclass
 class _Sums:
-    """Running float64 sums over the evaluated tokens of one layer."""
+    """Running float64 sums over the evaluated tokens of one SAE spliced in at one layer."""
 
-    ce: dict  # "sae" | "zero" | "mean" -> summed next-token loss
+    ce: float = 0.0  # summed next-token loss
     kl: float = 0.0
     n_rows: int = 0
     sum_x: torch.Tensor | float = 0.0  # [d_model] once rows are added
@@ -155,8 +157,25 @@ def evaluate(
     reconstruct(x, layer) -> x_hat function (then l0 is None).
     The model runs clean once per batch and three times per layer (SAE, zeros, mean), on its own device.
     """
+    return evaluate_all([sae], model, docs, layers, means, skipped, batch_tokens, progress)[0]
+
+
+@torch.no_grad()
+def evaluate_all(
+    saes: list[TopKSAE | Reconstruct],
+    model: nn.Module,
+    docs: Iterable[tuple[int, np.ndarray]],
+    layers: list[int],
+    means: torch.Tensor,
+    skipped: SkippedPositions = RECORD_ALL,
+    batch_tokens: int = 2048,
+    progress: Progress | None = None,
+) -> list[list[LayerEval]]:
+    """`evaluate` of each SAE of a sweep on the same documents, the results each would have alone: the model runs clean
+    and ablated once per batch and layer for them all, so n SAEs cost 1 + layers x (2 + n) passes, not n x (1 + 3 x layers)."""
     device = next(model.parameters()).device
-    sums = {layer: _Sums({"sae": 0.0, "zero": 0.0, "mean": 0.0}) for layer in layers}
+    sums = [{layer: _Sums() for layer in layers} for _ in saes]
+    ablated = {layer: {"zero": 0.0, "mean": 0.0} for layer in layers}  # summed next-token loss with the state ablated
     ce_clean, n_scored = 0.0, 0
     batches = list(pack_batches(docs, batch_tokens, pad_id=0))  # padding is masked, so its id does not matter
     task = progress.add_task("evaluating", total=len(batches) * len(layers)) if progress else None
@@ -168,27 +187,28 @@ def evaluate(
         recorded = recorded.to(device)
         scored = recorded[:, :-1] & attention_mask[:, 1:].bool()  # [batch, seq - 1]: has a next token to predict
         targets = input_ids[:, 1:][scored]  # [n]
+
+        def loss_with(layer: int, reconstruct: Reconstruct) -> tuple[float, torch.Tensor]:
+            with splice(model, layer, recorded, reconstruct):
+                log_probs = next_token_log_probs(model, input_ids, attention_mask, scored)
+            return F.nll_loss(log_probs, targets, reduction="sum").item(), log_probs
+
         clean = next_token_log_probs(model, input_ids, attention_mask, scored)  # [n, vocab]
         ce_clean += F.nll_loss(clean, targets, reduction="sum").item()
         n_scored += len(targets)
         for layer in layers:
-            layer_sums = sums[layer]
-            reconstructions = {
-                "sae": _measured(sae, layer_sums),
-                "zero": lambda x, _: torch.zeros_like(x),
-                "mean": lambda x, h: means[h].to(x).expand_as(x),
-            }
-            for name, reconstruct in reconstructions.items():
-                with splice(model, layer, recorded, reconstruct):
-                    log_probs = next_token_log_probs(model, input_ids, attention_mask, scored)
-                layer_sums.ce[name] += F.nll_loss(log_probs, targets, reduction="sum").item()
-                if name == "sae":
-                    layer_sums.kl += F.kl_div(log_probs, clean, log_target=True, reduction="sum").item()
+            for sae, of_sae in zip(saes, sums):
+                loss, log_probs = loss_with(layer, _measured(sae, of_sae[layer]))
+                of_sae[layer].ce += loss
+                of_sae[layer].kl += F.kl_div(log_probs, clean, log_target=True, reduction="sum").item()
+            ablated[layer]["zero"] += loss_with(layer, lambda x, _: torch.zeros_like(x))[0]
+            ablated[layer]["mean"] += loss_with(layer, lambda x, h: means[h].to(x).expand_as(x))[0]
             if progress:
                 progress.advance(task)
     if n_scored == 0:
         raise CrosscodersError("the documents have no scored positions (each needs a recorded token followed by another)")
-    return [_layer_eval(layer, sums[layer], ce_clean, n_scored, isinstance(sae, TopKSAE)) for layer in layers]
+    return [[_layer_eval(layer, of_sae[layer], ablated[layer], ce_clean, n_scored, isinstance(sae, TopKSAE)) for layer in layers]
+            for sae, of_sae in zip(saes, sums)]
 
 
 def _measured(sae: TopKSAE | Reconstruct, sums: _Sums) -> Reconstruct:
@@ -208,15 +228,15 @@ def _measured(sae: TopKSAE | Reconstruct, sums: _Sums) -> Reconstruct:
     return reconstruct
 
 
-def _layer_eval(layer: int, sums: _Sums, ce_clean: float, n_scored: int, is_sae: bool) -> LayerEval:
+def _layer_eval(layer: int, sums: _Sums, ablated: dict, ce_clean: float, n_scored: int, is_sae: bool) -> LayerEval:
     deviation = sums.sum_sq - sums.sum_x.pow(2).sum().item() / sums.n_rows  # sum ||x - mean||^2
     return LayerEval(
         layer=layer,
         n_tokens=n_scored,
         ce_clean=ce_clean / n_scored,
-        ce_sae=sums.ce["sae"] / n_scored,
-        ce_zero=sums.ce["zero"] / n_scored,
-        ce_mean=sums.ce["mean"] / n_scored,
+        ce_sae=sums.ce / n_scored,
+        ce_zero=ablated["zero"] / n_scored,
+        ce_mean=ablated["mean"] / n_scored,
         kl=sums.kl / n_scored,
         mse=sums.sum_error / (sums.n_rows * len(sums.sum_x)),
         fvu=_fraction(sums.sum_error, deviation),
@@ -257,8 +277,12 @@ def resolve(config: EvalConfig, data: dict | None) -> tuple[EvalConfig, Store]:
     run = Path(config.sae)
     store = store_of_run(run, config.shards, data)
     model = config.model or store.metadata["model"]["name"]
-    out = local_path(config.out, "--out") if config.out else default_output(run, "eval")
-    return replace(config, shards=store.url, model=model, out=str(out)), store
+    return replace(config, shards=store.url, model=model, out=str(output_folder(config))), store
+
+
+def output_folder(config: EvalConfig) -> Path:
+    """--out, or RUN/eval (RUN/eval-checkpoint for RUN/checkpoint)."""
+    return local_path(config.out, "--out") if config.out else default_output(Path(config.sae), "eval")
 
 
 def default_output(sae_dir: Path, name: str) -> Path:
@@ -338,53 +362,109 @@ def check_model_of_store(info: ModelInfo, store: Store):
         )
 
 
+@dataclass(frozen=True)
+class Evaluated:
+    """One SAE's evaluation, as eval-sae wrote it."""
+
+    config: EvalConfig  # resolved: its paths absolute, recorded in eval.json
+    results: list[LayerEval]
+    eval_path: Path
+    plot_path: Path
+
+
 def run_eval(config: EvalConfig, console: Console | None = None, progress: bool = True) -> tuple[list[LayerEval], Path, Path]:
     """`eval-sae`: evaluates a trained SAE on the store's held-out documents; returns results, eval.json and the plot."""
+    (evaluated,) = evaluate_runs([replace(config, sae=str(local_path(config.sae, "--sae")))], console, progress)
+    return evaluated.results, evaluated.eval_path, evaluated.plot_path
+
+
+def run_sweep_eval(config: EvalConfig, console: Console | None = None, progress: bool = True) -> list[Evaluated]:
+    """`eval-sae --sae SWEEP`: evaluates every finished run of a sweep's folder (train-sae --sweep's --out) on the same
+    documents, with the model's clean and ablated passes shared; each run's eval.json holds what evaluating it alone
+    would write, in RUN/eval, or OUT/RUN with --out."""
     console = console or Console(stderr=True)
-    device = resolve_device(config.device)
-    config = replace(config, sae=str(local_path(config.sae, "--sae")))
-    sae = load(config.sae, device)
-    data = run_data(Path(config.sae))
-    model_given = config.model is not None
-    config, store = resolve(config, data)
-    out = Path(config.out)
-    check_output_folder(out, "--out")  # before the model loads: an --out that cannot be written fails at once
-    model_dtype = resolve_model_dtype(config.model_dtype, device, store.metadata.get("model_dtype"))
+    sweep = local_path(config.sae, "--sae")
+    runs = sweep_runs(sweep)
+    if not runs:
+        raise CrosscodersError(f"{sweep} holds no finished run of a sweep; pass a sweep's --out, a training run or its checkpoint/")
+    unfinished = sorted({p.parent.parent.name for p in sweep.glob(f"*/{CHECKPOINT}/{CONFIG_FILE}")} - {run.name for run in runs})
+    if unfinished:
+        print_note(f"{', '.join(unfinished)}: no final SAE yet (still training, or stopped): not evaluated; pass RUN/{CHECKPOINT} "
+                   "to evaluate one", console)
+    out = local_path(config.out, "--out") if config.out else None
+    return evaluate_runs([replace(config, sae=str(run), out=str(out / run.name) if out else None) for run in runs], console, progress)
+
+
+def sweep_runs(folder: Path) -> list[Path]:
+    """The runs of a sweep's folder that hold their final SAE, by name; none when folder is no sweep's (an SAE's
+    folder, a run still training, anything else)."""
+    if not folder.is_dir() or (folder / CONFIG_FILE).is_file() or (folder / CHECKPOINT).is_dir():
+        return []
+    return sorted(p.parent for p in folder.glob(f"*/{CONFIG_FILE}") if (p.parent / TRAIN_CONFIG_FILE).is_file())
+
+
+def evaluate_runs(configs: list[EvalConfig], console: Console | None, progress: bool) -> list[Evaluated]:
+    """Evaluates the SAE of each config (its sae an absolute path, its other options the same) on the same documents,
+    and writes each one's eval.json and plot. The runs must have been trained on the same store and hidden states."""
+    console = console or Console(stderr=True)
+    device = resolve_device(configs[0].device)
+    saes = [load(config.sae, device) for config in configs]
+    datas = [run_data(Path(config.sae)) for config in configs]
+    for config, data in zip(configs[1:], datas[1:]):
+        check_trained_alike(Path(configs[0].sae), datas[0], Path(config.sae), data)
+    model_given = configs[0].model is not None
+    first, store = resolve(configs[0], datas[0])
+    configs = [first] + [replace(first, sae=config.sae, out=str(output_folder(config))) for config in configs[1:]]
+    for config in configs:  # before the model loads: an --out that cannot be written fails at once
+        check_output_folder(Path(config.out), "--out")
+    model_dtype = resolve_model_dtype(first.model_dtype, device, store.metadata.get("model_dtype"))
     try:
-        loaded = load_model(config.model, device=device, dtype=model_dtype)
+        loaded = load_model(first.model, device=device, dtype=model_dtype)
     except CrosscodersError as error:
         if model_given:
             raise
         raise CrosscodersError(f"{error} (the model {store.url} was cached from; if it has moved, pass --model)") from None
     info = loaded.info
     check_model_of_store(info, store)
-    sae.check_compatible(info.d_model, info.n_hidden_states)
-    layers = layers_of_run(config.layers, store, data, sae)
-    docs = store.spread_documents("val", config.n_docs)
+    for sae in saes:
+        sae.check_compatible(info.d_model, info.n_hidden_states)
+    layers = layers_of_run(first.layers, store, datas[0], saes[0])
+    for sae in saes[1:]:  # the same hidden states (check_trained_alike), which each SAE must have statistics for
+        sae.check_normalized(layers)
+    docs = store.spread_documents("val", first.n_docs)
     if not docs:
         raise CrosscodersError(f"{store.url} holds no held-out documents; cache more tokens or raise --val-fraction")
-    if len(docs) < config.n_docs:
-        console.print(Text(f"{store.url} holds {len(docs)} held-out documents, fewer than --n-docs {config.n_docs}: scoring those"),
+    if len(docs) < first.n_docs:
+        console.print(Text(f"{store.url} holds {len(docs)} held-out documents, fewer than --n-docs {first.n_docs}: scoring those"),
                       soft_wrap=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=not progress) as bar:
-        results = evaluate(sae, loaded.model, docs, layers, layer_means(store).to(device),
-                           SkippedPositions.from_dict(store.metadata["skipped"]), config.batch_tokens, bar)
+        all_results = evaluate_all(saes, loaded.model, docs, layers, layer_means(store).to(device),
+                                   SkippedPositions.from_dict(store.metadata["skipped"]), first.batch_tokens, bar)
+    model = {"model": info.to_dict(), "model_dtype": str(model_dtype).removeprefix("torch."), "n_docs": len(docs)}
+    return [write_eval(config, results, model) for config, results in zip(configs, all_results)]
 
-    report = {
-        "config": asdict(config),
-        "model": info.to_dict(),
-        "model_dtype": str(model_dtype).removeprefix("torch."),
-        "n_docs": len(docs),
-        "n_tokens": results[0].n_tokens,
-        "layers": [r.to_dict() for r in results],
-        "average": average(results),
-    }
+
+def check_trained_alike(run: Path, data: dict | None, other: Path, its_data: dict | None):
+    """Raise unless two runs of a sweep were trained on the same store, model and hidden states (their data.json)."""
+    def trained(data: dict | None):
+        return None if data is None else (data["shards"], data["model"]["fingerprint"], trained_layers(data))
+
+    if trained(its_data) != trained(data):
+        raise CrosscodersError(f"{other} and {run} were not trained on the same store, model and hidden states "
+                               f"({DATA_FILE}); evaluate them one by one")
+
+
+def write_eval(config: EvalConfig, results: list[LayerEval], model: dict) -> Evaluated:
+    """Writes eval.json (config, the model's record, results, their average) and recovered.png into config.out."""
+    report = {"config": asdict(config), **model, "n_tokens": results[0].n_tokens, "layers": [r.to_dict() for r in results],
+              "average": average(results)}
+    out = Path(config.out)
     eval_path, plot_path = out / EVAL_FILE, out / PLOT_FILE
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_whole(eval_path, lambda path: path.write_text(json.dumps(finite_or_null(report), indent=2)))  # a 0/0 fraction is null
-        plot_recovered(results, plot_path, f"{Path(config.sae).resolve().name} on {info.name}")
+        plot_recovered(results, plot_path, f"{Path(config.sae).resolve().name} on {model['model']['name']}")
     except OSError as error:  # a full disk: the files before stay whole
         raise CrosscodersError(f"cannot write {out} ({error.strerror or error}); free space or pass another --out") from None
-    return results, eval_path, plot_path
+    return Evaluated(config, results, eval_path, plot_path)

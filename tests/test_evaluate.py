@@ -1,6 +1,7 @@
 """Stage three on the tiny model: exact identity splices, known recovered fractions, SAE metrics against a hand-made
 reference, the CLI and its errors."""
 
+import io
 import json
 import os
 from contextlib import ExitStack, contextmanager
@@ -20,13 +21,24 @@ import pipeline.evaluate
 from pipeline.cache import CacheConfig, cache_activations, pack_batches
 from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError
-from pipeline.evaluate import EvalConfig, LayerEval, average, check_model_of_store, evaluate, layer_means, layers_of_run, run_eval, splice
+from pipeline.evaluate import (
+    EvalConfig,
+    LayerEval,
+    average,
+    check_model_of_store,
+    evaluate,
+    layer_means,
+    layers_of_run,
+    run_eval,
+    run_sweep_eval,
+    splice,
+)
 from pipeline.loader import LayerStats, stats_from_sums
 from pipeline.models import load_model
 from pipeline.positions import RECORD_ALL, SkippedPositions
 from pipeline.sae import SAEConfig, TopKSAE, load
 from pipeline.store import Store, create_or_open
-from pipeline.train import CHECKPOINT, DATA_FILE
+from pipeline.train import CHECKPOINT, DATA_FILE, TRAIN_CONFIG_FILE
 
 QUIET = Console(file=open(os.devnull, "w"))
 N_HIDDEN_STATES = 5  # the tiny model: 4 decoder layers, embeddings and final norm
@@ -61,9 +73,9 @@ def float32_model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
 
-def saved_run(folder: Path, store: Store, d_model: int = 64) -> Path:
+def saved_run(folder: Path, store: Store, d_model: int = 64, seed: int = 0) -> Path:
     """A random SAE saved as a training run of the store would be."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     TopKSAE(SAEConfig(d_model=d_model, n_layers=N_HIDDEN_STATES, expansion=2, k=8)).save(folder)
     (folder / DATA_FILE).write_text(json.dumps({"shards": store.url, "model": store.metadata["model"], "layers": store.metadata["layers"]}))
     return folder
@@ -92,8 +104,16 @@ def test_the_documents_scored_are_held_out_ones_evenly_spaced_in_corpus_order(st
     n = len(in_corpus_order)
     assert n >= 6
     scored = []
-    monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda sae, model, docs, *rest: scored.extend(docs) or [])
-    with pytest.raises(IndexError):  # no results to report: the documents are what is checked
+
+    class Scored(Exception):
+        """The documents are what is checked: the evaluation stops once they are handed over."""
+
+    def record(saes, model, docs, *rest):
+        scored.extend(docs)
+        raise Scored
+
+    monkeypatch.setattr(pipeline.evaluate, "evaluate_all", record)
+    with pytest.raises(Scored):
         run_eval(EvalConfig(sae=str(saved_run(tmp_path / "run", store)), n_docs=3), QUIET, progress=False)
     assert len(scored) == 3
     for third, (index, tokens) in enumerate(scored):
@@ -436,8 +456,9 @@ def test_an_sae_scores_on_the_bf16_model_as_on_the_float32_one(float32_model, ti
 def test_a_fraction_with_no_denominator_is_null_in_eval_json(store, tmp_path, monkeypatch):
     """eval.json is plain JSON, as metrics.jsonl is: no NaN where clean and ablated losses tie."""
     run = saved_run(tmp_path / "run", store)
-    real = pipeline.evaluate.evaluate
-    monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda *args: [replace(r, ce_zero=r.ce_clean) for r in real(*args)])
+    real = pipeline.evaluate.evaluate_all
+    monkeypatch.setattr(pipeline.evaluate, "evaluate_all",
+                        lambda *args: [[replace(r, ce_zero=r.ce_clean) for r in results] for results in real(*args)])
     _, eval_path, _ = run_eval(EvalConfig(sae=str(run), layers="1", n_docs=1), QUIET, progress=False)
     report = json.loads(eval_path.read_text(), parse_constant=lambda name: pytest.fail(f"eval.json holds {name}"))
     assert report["layers"][0]["recovered_loss"] is None and report["average"]["recovered_loss"] is None
@@ -478,3 +499,68 @@ def test_an_sae_in_bf16_is_evaluated_like_its_float32_copy(float32_model, store)
         (result,) = evaluate(half, float32_model, docs, [2], means, skipped)
         (same,) = evaluate(half.float(), float32_model, docs, [2], means, skipped)
     assert result.ce_sae == pytest.approx(same.ce_sae, rel=0.05) and result.l0 == pytest.approx(same.l0, rel=0.1)
+
+
+def saved_sweep(folder: Path, store: Store, n: int) -> list[Path]:
+    """n runs of other random SAEs in one folder, as train-sae --sweep leaves them."""
+    runs = [saved_run(folder / f"k{i}", store, seed=i) for i in range(n)]
+    for run in runs:
+        (run / TRAIN_CONFIG_FILE).write_text("{}")
+    return runs
+
+
+def test_a_sweep_is_evaluated_in_one_pass_as_each_of_its_runs_alone(store, tmp_path, monkeypatch):
+    runs = saved_sweep(tmp_path / "sweep", store, 3)
+    training = tmp_path / "sweep" / "k3"  # a run still training: no final SAE
+    TopKSAE(SAEConfig(d_model=64, n_layers=N_HIDDEN_STATES, expansion=2, k=8)).save(training / CHECKPOINT)
+    (training / TRAIN_CONFIG_FILE).write_text("{}")
+    passes = []
+    counted = pipeline.evaluate.next_token_log_probs
+    monkeypatch.setattr(pipeline.evaluate, "next_token_log_probs", lambda *args: passes.append(1) or counted(*args))
+    console = Console(file=io.StringIO(), width=400)
+    evaluated = run_sweep_eval(EvalConfig(sae=str(tmp_path / "sweep"), layers="1,3", n_docs=3), console, progress=False)
+    swept_passes, passes[:] = len(passes), []
+    assert [Path(e.config.sae) for e in evaluated] == runs
+    assert "note: k3: no final SAE yet (still training, or stopped): not evaluated" in console.file.getvalue()
+    for run, e in zip(runs, evaluated):
+        assert (e.eval_path, e.plot_path) == (run / "eval" / "eval.json", run / "eval" / "recovered.png") and e.plot_path.exists()
+        swept = json.loads(e.eval_path.read_text())
+        _, alone_path, _ = run_eval(EvalConfig(sae=str(run), layers="1,3", n_docs=3, out=str(tmp_path / "alone")), QUIET, progress=False)
+        alone = json.loads(alone_path.read_text())
+        assert swept == {**alone, "config": {**alone["config"], "out": str(run / "eval")}}  # bit for bit
+    assert len({e.results[0].ce_sae for e in evaluated}) == 3  # three SAEs, three results
+    n_batches = len(passes) // (3 * (1 + 2 * 3))  # alone: clean, then SAE, zeros and mean at each of 2 layers
+    assert n_batches >= 1 and swept_passes == n_batches * (1 + 2 * (2 + 3))  # swept: zeros and mean once for all
+
+
+def test_a_sweep_with_out_writes_each_run_in_its_own_folder_and_refuses_runs_trained_apart(store, tmp_path):
+    runs = saved_sweep(tmp_path / "sweep", store, 2)
+    evaluated = run_sweep_eval(EvalConfig(sae=str(tmp_path / "sweep"), layers="2", n_docs=1, out=str(tmp_path / "ev")), QUIET,
+                               progress=False)
+    assert [e.eval_path for e in evaluated] == [tmp_path / "ev" / run.name / "eval.json" for run in runs]
+    data = json.loads((runs[1] / DATA_FILE).read_text())
+    (runs[1] / DATA_FILE).write_text(json.dumps({**data, "layers": [1, 2]}))
+    with pytest.raises(CrosscodersError, match=r"^.*k1 and .*k0 were not trained on the same store, model and hidden states "
+                                               r"\(data.json\); evaluate them one by one$"), no_model_loads():
+        run_sweep_eval(EvalConfig(sae=str(tmp_path / "sweep"), n_docs=1), QUIET, progress=False)
+    with pytest.raises(CrosscodersError, match="holds no finished run of a sweep"):
+        run_sweep_eval(EvalConfig(sae=str(runs[0]), n_docs=1), QUIET, progress=False)
+    (runs[1] / DATA_FILE).write_text(json.dumps(data))
+    stats = stats_from_sums(*store.layer_stats_sums())  # the second run's SAE has statistics for hidden state 2 alone
+    only_2 = LayerStats(stats.mean, stats.mean_sq_norm, torch.where(torch.arange(N_HIDDEN_STATES) == 2, stats.count, 0))
+    TopKSAE(SAEConfig(d_model=64, n_layers=N_HIDDEN_STATES, expansion=2, k=8), only_2).save(runs[1])
+    with pytest.raises(CrosscodersError, match=r"k1 has no normalization statistics for hidden states \[3\]"):
+        run_sweep_eval(EvalConfig(sae=str(tmp_path / "sweep"), layers="2,3", n_docs=1), QUIET, progress=False)
+
+
+def test_cli_evaluates_a_sweep_and_shows_a_row_per_run(store, tmp_path):
+    runs = saved_sweep(tmp_path / "sweep", store, 2)
+    result = run_python("eval_sae.py", "--sae", str(tmp_path / "sweep"), "--layers", "0,4", "--n-docs", "2", env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "mean over hidden states 0,4" in result.stdout
+    for run in runs:
+        average = json.loads((run / "eval" / "eval.json").read_text())["average"]
+        row = next(line.split() for line in result.stdout.splitlines() if line.strip().startswith(run.name))
+        assert [float(cell) for cell in row[1:]] == pytest.approx([average[name] for name in (
+            "ce_clean", "ce_sae", "ce_zero", "ce_mean", "recovered_loss", "recovered_loss_mean", "kl", "mse", "fvu", "l0")], rel=1e-2)
+        assert f"wrote {run / 'eval' / 'eval.json'} and recovered.png" in result.stderr
