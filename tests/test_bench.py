@@ -133,6 +133,20 @@ def test_the_bare_pass_runs_over_the_batches_cache_acts_formed(tiny_model_dir, c
     assert all(torch.equal(a.input_ids, b.input_ids.masked_fill(~b.attention_mask.bool(), 0)) for a, b in zip(bare, formed))
 
 
+def test_sweep_eval_bench_times_both_ways_and_counts_their_passes(tiny_model_dir):
+    result = run("-m", "bench.sweep_eval", "--model", str(tiny_model_dir), "--n-tokens", "3000", "--sweep", "k=2,4,8",
+                 "--layers", "1,3", "--n-docs", "1", "--max-seq-len", "128", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "3 SAEs evaluated at hidden states 1,3 on" in result.stdout
+    rows = {cells[0]: cells[1:] for cells in ([cell.strip() for cell in line.split("│")[1:-1]] for line in result.stdout.splitlines()
+                                             if line.startswith("│"))}
+    assert list(rows) == ["eval-sae on each of the 3 runs", "eval-sae on the sweep's folder", "speed-up"]
+    (alone_s, alone_passes), (sweep_s, sweep_passes) = rows["eval-sae on each of the 3 runs"], rows["eval-sae on the sweep's folder"]
+    assert (int(alone_passes), int(sweep_passes)) == (3 * (1 + 2 * 3), 1 + 2 * (2 + 3))  # one document: one batch
+    assert rows["speed-up"][1] == f"{21 / 11:.2f}x"
+    assert float(rows["speed-up"][0].rstrip("x")) == pytest.approx(float(alone_s) / float(sweep_s), abs=0.01 + 0.2 / float(sweep_s))
+
+
 def test_seed_vs_pipeline_bench_times_both_ways(tiny_model_dir):
     result = run("-m", "bench.seed_vs_pipeline", "--model", str(tiny_model_dir), "--n-tokens", "600", "--sweep", "k=2,4",
                  "--batch-size", "64", "--max-seq-len", "128", "--device", "cpu")
