@@ -77,10 +77,6 @@ class LatentRows:
     doc: torch.Tensor  # document index
     pos: torch.Tensor  # and position in the document
 
-    @classmethod
-    def empty(cls, n_latents: int, m: int) -> "LatentRows":
-        return cls(torch.zeros(n_latents, m), *[torch.full((n_latents, m), -1) for _ in range(6)])
-
 
 @dataclass(frozen=True)
 class FeatureScan:
@@ -286,10 +282,11 @@ class Context:
     center: int  # index of the activating token in the window
 
 
-def feature_contexts(kept: LatentRows, store: Store, tokenizer, feature: int, context: int = 12) -> list[Context]:
+def feature_contexts(kept: LatentRows, store: Store, tokenizer, feature: int, context: int = 12,
+                     documents: dict | None = None) -> list[Context]:
     """The latent's kept rows (a scan's top or sampled ones) as token windows of `context` tokens each side, from the
-    store's documents."""
-    documents = {}  # shard index -> its documents' tokens by doc index, read once per call
+    store's documents; documents: shard index -> its documents' tokens, read once per dict (one per call if None)."""
+    documents = {} if documents is None else documents
     contexts = []
     for j in torch.nonzero(kept.rows[feature] >= 0).flatten().tolist():
         shard, doc, pos = (int(t[feature, j]) for t in (kept.shard, kept.doc, kept.pos))
@@ -311,7 +308,8 @@ class LatentContexts:
 
     @classmethod
     def of(cls, scan: FeatureScan, store: Store, tokenizer, feature: int, context: int = 12) -> "LatentContexts":
-        return cls(*(feature_contexts(kept, store, tokenizer, feature, context) for kept in (scan.top, scan.sampled)))
+        documents = {}  # shared: a shard holding both kinds of rows is read once
+        return cls(*(feature_contexts(kept, store, tokenizer, feature, context, documents) for kept in (scan.top, scan.sampled)))
 
     def sample_caption(self, n_fired: int) -> str:
         """What the sample is: "10 of the 2,139 rows it fired on, drawn uniformly"."""

@@ -205,11 +205,16 @@ def test_the_sample_is_uniform_over_the_rows_a_latent_fires_on_and_differs_betwe
     assert ((far >= 0) & (far < 2**31)).all() and far[0] != far[1]
 
 
+def empty_rows(n_latents: int, m: int) -> LatentRows:
+    """No row kept for any latent: activations 0, everything else -1."""
+    return LatentRows(torch.zeros(n_latents, m), *[torch.full((n_latents, m), -1) for _ in range(6)])
+
+
 def hand_made_scan() -> FeatureScan:
     """Latent 0 fires on 40 of 120 rows, most of them on layer 1, yet at the higher rate on layer 0 (20 rows);
     latent 1 never fires; latent 2 on 65, at the higher rate on layer 1."""
     layer_counts = torch.tensor([[10, 30], [0, 0], [5, 60]])
-    return FeatureScan("train", 120, layer_counts, torch.tensor([20, 100]), LatentRows.empty(3, 1), LatentRows.empty(3, 1))
+    return FeatureScan("train", 120, layer_counts, torch.tensor([20, 100]), empty_rows(3, 1), empty_rows(3, 1))
 
 
 def test_the_peak_layer_is_the_one_with_the_highest_rate_not_the_most_rows():
@@ -222,7 +227,7 @@ def test_the_peak_layer_is_the_one_with_the_highest_rate_not_the_most_rows():
 def test_a_latent_firing_on_exactly_a_tenth_of_the_rows_is_not_dense_anywhere(tmp_path):
     """Dense is more than 10%: in float32, 100 / 1000 came out above 0.1 in the terminal and the report."""
     counts = torch.tensor([[100], [1]])
-    scan = FeatureScan("train", 1000, counts, torch.tensor([1000]), LatentRows.empty(2, 1), LatentRows.empty(2, 1))
+    scan = FeatureScan("train", 1000, counts, torch.tensor([1000]), empty_rows(2, 1), empty_rows(2, 1))
     assert scan.dense.tolist() == [False, False] and float(scan.frequency[0]) == 0.1
     console = recording_console()
     print_feature(console, scan, 0, LatentContexts([], []), None)
@@ -233,8 +238,8 @@ def test_a_latent_firing_on_exactly_a_tenth_of_the_rows_is_not_dense_anywhere(tm
 
 def test_a_hidden_state_not_scanned_is_marked_apart_from_one_where_the_latent_is_silent(tmp_path):
     """Scanned with --layers 0,2 (or trained on them): layer 1's rate of 0 is no finding, and layer 3's is."""
-    scan = FeatureScan("train", 160, torch.tensor([[10, 0, 30, 0]]), torch.tensor([20, 0, 100, 40]), LatentRows.empty(1, 1),
-                       LatentRows.empty(1, 1))
+    scan = FeatureScan("train", 160, torch.tensor([[10, 0, 30, 0]]), torch.tensor([20, 0, 100, 40]), empty_rows(1, 1),
+                       empty_rows(1, 1))
     console = recording_console()
     print_feature(console, scan, 0, LatentContexts([], []), None)
     assert "layers 0-3 █·▅   peak layer 0" in console.file.getvalue()
@@ -289,6 +294,19 @@ def test_contexts_are_the_stored_documents_around_the_row(store, sae, tiny_model
                 assert c.tokens == token_texts(tokenizer, c.token_ids) and "\n" not in "".join(c.tokens)
                 checked += 1
     assert checked > 16
+
+
+def test_a_latents_top_and_sampled_contexts_read_each_shard_once(store, sae, tiny_model_dir, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    scan = scan_features(sae, store, "train", None, top=4)
+    reads = []
+    read = store.shard_documents
+    monkeypatch.setattr(store, "shard_documents", lambda shard: reads.append(shard.name) or read(shard))
+    feature = int(scan.counts.argmax())  # fires nearly everywhere: its rows lie in both shards
+    shown = LatentContexts.of(scan, store, tokenizer, feature, context=5)
+    assert len(shown.top) == 4 and len(shown.sampled) == 10
+    held = {int(shard) for kept in (scan.top, scan.sampled) for shard in kept.shard[feature].tolist()}
+    assert len(held) == 2 and sorted(reads) == sorted(store.shards[i].name for i in held)
 
 
 def test_promoted_tokens_are_the_logit_lens_of_the_decoder_direction(sae, tiny_model_dir):
