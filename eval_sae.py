@@ -35,8 +35,7 @@ def print_layers(results: list[LayerEval], eval_path: Path, plot_path: Path) -> 
     table = metrics_table(f"SAE spliced in, {results[0].n_tokens:,} held-out tokens (CE and KL in nats per token)", "layer", "right")
     for r in results:
         table.add_row(str(r.layer), *(f"{getattr(r, name):.3g}" if getattr(r, name) is not None else "-" for name in COLUMNS.values()))
-    mean = average(results)
-    table.add_row("mean", *(f"{mean[name]:.3g}" if name in mean else "-" for name in COLUMNS.values()), style="bold")
+    table.add_row("mean", *mean_cells(results), style="bold")
     print_table(table)
     Console(stderr=True).print(Text(f"wrote {eval_path}\nwrote {plot_path}"), soft_wrap=True)
 
@@ -48,10 +47,15 @@ def print_sweep(evaluated: list[Evaluated]) -> None:
     table = metrics_table(f"SAEs spliced in, mean over hidden states {layers}, {results[0].n_tokens:,} held-out tokens "
                           "(CE and KL in nats per token)", "run", "left")
     for run in evaluated:
-        mean = average(run.results)
-        table.add_row(Text(Path(run.config.sae).name), *(f"{mean[name]:.3g}" if name in mean else "-" for name in COLUMNS.values()))
+        table.add_row(Text(Path(run.config.sae).name), *mean_cells(run.results))
     print_table(table)
     Console(stderr=True).print(Text("\n".join(f"wrote {run.eval_path} and {run.plot_path.name}" for run in evaluated)), soft_wrap=True)
+
+
+def mean_cells(results: list[LayerEval]) -> list[str]:
+    """Each column's metric averaged over the hidden states, "-" where there is none (L0 of a plain function)."""
+    mean = average(results)
+    return [f"{mean[name]:.3g}" if name in mean else "-" for name in COLUMNS.values()]
 
 
 def metrics_table(title: str, first_column: str, justify: str) -> Table:
