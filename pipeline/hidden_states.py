@@ -27,6 +27,15 @@ def hidden_state_module(model: nn.Module, layer: int) -> nn.Module:
     return decoder_layers(model)[layer - 1]
 
 
+def hidden_state_module_name(layer: int, n_layers: int) -> str:
+    """The name of hidden_state_module(model, layer) among the causal LM's named_modules(), without loading it."""
+    if layer == 0:
+        return "model.embed_tokens"
+    if layer == n_layers:
+        return "model.norm"
+    return f"model.layers.{layer - 1}"
+
+
 def output_tensor(output) -> torch.Tensor:
     """Decoder layers return a tensor or a tuple whose first item is the hidden state."""
     return output[0] if isinstance(output, tuple) else output

@@ -18,6 +18,7 @@ from pipeline.cli import config_command, option, print_error
 from pipeline.corpus import CorpusConfig
 from pipeline.errors import CrosscodersError, Interrupted
 from pipeline.evaluate import EvalConfig
+from pipeline.export import ExportConfig
 from pipeline.features import FeaturesConfig
 from pipeline.loader import LoaderConfig
 from pipeline.train import TrainConfig
@@ -27,6 +28,7 @@ COMMANDS = {  # entry script -> its configs, and the options that belong to none
     "train_sae": ([LoaderConfig, TrainConfig], {"out", "sweep", "resume", "device"}),
     "eval_sae": ([EvalConfig], set()),
     "sae_features": ([FeaturesConfig], set()),
+    "export_sae": ([ExportConfig], set()),
 }
 
 
