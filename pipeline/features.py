@@ -123,6 +123,16 @@ class FeatureScan:
         """The layer on whose rows the latent fires most often."""
         return int(self.layer_frequency[feature].argmax())
 
+    @property
+    def layer_breadth(self) -> torch.Tensor:
+        """[n_latents] float64: the effective number of layers a latent fires on, exp of the entropy of its layer
+        profile (layer_frequency, made to sum to 1): 1 for a latent of one layer, the number of scanned layers for one
+        that fires alike on all of them; 0 for a dead latent."""
+        rates = self.layer_frequency
+        profile = rates / rates.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+        entropy = -torch.special.xlogy(profile, profile).sum(1)  # 0 log 0 = 0
+        return torch.where(self.dead, 0.0, entropy.exp())
+
 
 class Kept(NamedTuple):
     """Each latent's kept firings while scanning, [n_latents, m] each, by key (largest first); -1 rows where empty."""
@@ -253,6 +263,16 @@ def _provenance(store: Store, split: str, picked: list[tuple[np.ndarray, np.ndar
     return LatentRows(values, kept_rows, **provenance)
 
 
+def breadth_summary(scan: FeatureScan) -> str:
+    """The quartiles of the alive latents' layer breadth, in words."""
+    breadth = scan.layer_breadth[~scan.dead]
+    if not len(breadth):
+        return "no latent fired"
+    quartiles = torch.quantile(breadth, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return (f"alive latents spread over {quartiles[1]:.1f} of {sum(scan.scanned_layers)} layers (median; quartiles "
+            f"{quartiles[0]:.1f} and {quartiles[2]:.1f})")
+
+
 def density_histogram(scan: FeatureScan, n_bins: int = 40) -> tuple[np.ndarray, np.ndarray, int]:
     """(counts [n_bins] of alive latents by log10 firing frequency, bin edges [n_bins + 1], number of dead latents)."""
     frequency = scan.counts[~scan.dead].numpy() / scan.n_rows  # float64, so a single firing lands on the first edge
@@ -367,7 +387,8 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: L
     if count:  # a dead latent has no peak layer
         peak = scan.peak_layer(feature)
         line = sparkline(rates, scan.scanned_layers)  # a dot: a hidden state not scanned, unlike a blank
-        console.print(f"layers 0-{len(rates) - 1} [cyan]{line}[/]  peak layer {peak} ({rates[peak]:.3%} of its rows)")
+        console.print(f"layers 0-{len(rates) - 1} [cyan]{line}[/]  peak layer {peak} ({rates[peak]:.3%} of its rows), "
+                      f"spread over {float(scan.layer_breadth[feature]):.1f} of {sum(scan.scanned_layers)} layers")
     if promoted is not None:
         # quoted as token_texts shows them: repr would double the backslash of an escape such as \xf0
         console.print(Text("promotes " + "  ".join(f"'{text}' {value:+.3g}" for text, value in promoted)))
@@ -453,7 +474,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
         print_feature(console, scan, cfg.feature, LatentContexts.of(scan, store, tokenizer, cfg.feature, cfg.context), promoted(cfg.feature))
     console.print(
         f"scanned {scan.n_rows:,} {scan.split} rows: {int((~scan.dead).sum()):,} of {sae.cfg.n_latents:,} latents alive, "
-        f"{int(scan.dead.sum()):,} dead, {int(scan.dense.sum()):,} dense (> {DENSE_FREQUENCY:.0%} of rows)"
+        f"{int(scan.dead.sum()):,} dead, {int(scan.dense.sum()):,} dense (> {DENSE_FREQUENCY:.0%} of rows); {breadth_summary(scan)}"
     )
     if path is None:
         return None

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: leaves the caller's plotting backend alone
 
-from pipeline.features import DENSE_FREQUENCY, Context, FeatureScan, LatentContexts, density_histogram
+from pipeline.features import DENSE_FREQUENCY, Context, FeatureScan, LatentContexts, breadth_summary, density_histogram
 from pipeline.files import write_whole
 
 STYLE = """
@@ -41,6 +41,20 @@ def density_figure(histogram: tuple[np.ndarray, np.ndarray, int]) -> str:
     axes.axvline(np.log10(DENSE_FREQUENCY), color="#b60", linestyle="--", linewidth=1, label="dense")
     axes.set(xlabel="log10 firing frequency", ylabel="latents", title=f"feature density ({n_dead:,} dead latents not shown)")
     axes.legend()
+    return png_data_uri(figure)
+
+
+def layers_figure(scan: FeatureScan) -> str:
+    """Across the alive latents: how many layers each spreads over (FeatureScan.layer_breadth), and on which it peaks."""
+    alive = ~scan.dead
+    n_scanned = sum(scan.scanned_layers)
+    figure = Figure(figsize=(12, 3))
+    breadth_axes, peak_axes = figure.subplots(1, 2)
+    breadth_axes.hist(scan.layer_breadth[alive].numpy(), bins=np.arange(1, n_scanned + 1.5, 0.5), color="#4477aa")
+    breadth_axes.set(xlabel="effective number of layers it fires on", ylabel="latents", title="layer breadth of alive latents")
+    peaks = scan.layer_frequency[alive].argmax(1).numpy()
+    peak_axes.bar(np.arange(len(scan.scanned_layers)), np.bincount(peaks, minlength=len(scan.scanned_layers)), color="#4477aa")
+    peak_axes.set(xlabel="hidden state", ylabel="latents", title="the layer each alive latent fires on most often")
     return png_data_uri(figure)
 
 
@@ -110,15 +124,15 @@ def write_html_report(
     rows, sections = [], []
     for feature, shown in contexts.items():
         if scan.dead[feature]:  # --feature may name one: no peak layer (argmax of zeros), no promoted tokens, no contexts
-            rows.append(f'<tr><td><a href="#f{feature}">{feature}</a></td><td>dead</td><td>0</td><td>-</td><td></td></tr>')
+            rows.append(f'<tr><td><a href="#f{feature}">{feature}</a></td><td>dead</td><td>0</td><td>-</td><td>-</td><td></td></tr>')
             sections.append(f'<section class="feature" id="f{feature}"><h2>Feature {feature}</h2><p>dead: fires on none of '
                             f'the {scan.n_rows:,} {scan.split} rows scanned. <a href="#index">index</a></p></section>')
             continue
-        frequency, layer = float(scan.frequency[feature]), scan.peak_layer(feature)
+        frequency, layer, breadth = float(scan.frequency[feature]), scan.peak_layer(feature), float(scan.layer_breadth[feature])
         density = f'<span class="dense">{frequency:.3%}</span>' if frequency > DENSE_FREQUENCY else f"{frequency:.3%}"
         rows.append(
             f'<tr><td><a href="#f{feature}">{feature}</a></td><td>{density}</td><td>{int(scan.counts[feature]):,}</td>'
-            f"<td>{layer}</td><td>{promoted_html(promoted[feature], 5)}</td></tr>"
+            f"<td>{layer}</td><td>{breadth:.1f}</td><td>{promoted_html(promoted[feature], 5)}</td></tr>"
         )
         top_value = max((c.value for c in shown.top), default=1.0)  # the sample's highlights on the same scale
         sampled = (f'<h3>Random activations</h3><p class="muted">{shown.sample_caption(int(scan.counts[feature]))}, largest first</p>'
@@ -126,7 +140,8 @@ def write_html_report(
         sections.append(
             f'<section class="feature" id="f{feature}"><h2>Feature {feature}</h2>'
             f"<p>fires on {int(scan.counts[feature]):,} of {scan.n_rows:,} rows ({density}); most often on layer {layer} "
-            f'({float(scan.layer_frequency[feature, layer]):.3%} of its rows). <a href="#index">index</a></p>'
+            f"({float(scan.layer_frequency[feature, layer]):.3%} of its rows), spread over {breadth:.1f} of "
+            f'{sum(scan.scanned_layers)} layers. <a href="#index">index</a></p>'
             f'<div class="charts">{feature_charts(scan, feature, histogram)}</div>'
             f"<h3>Promoted tokens (logit lens at layer {layer})</h3><p>{promoted_html(promoted[feature])}</p>"
             f"<h3>Top activations</h3>{''.join(context_html(c, top_value) for c in shown.top)}{sampled}</section>"
@@ -135,11 +150,13 @@ def write_html_report(
 <html lang="en"><head><meta charset="utf-8"><title>SAE features: {escape(title)}</title><style>{STYLE}</style></head>
 <body><h1>SAE features</h1>
 <p>{escape(title)}: {scan.n_rows:,} {scan.split} rows scanned; {n_latents:,} latents, {int((~scan.dead).sum()):,} alive,
-{int(scan.dead.sum()):,} dead (never fired), {int(scan.dense.sum()):,} dense (fire on more than {DENSE_FREQUENCY:.0%} of rows).</p>
+{int(scan.dead.sum()):,} dead (never fired), {int(scan.dense.sum()):,} dense (fire on more than {DENSE_FREQUENCY:.0%} of rows);
+{escape(breadth_summary(scan))}, counting a layer by the latent's firing rate among its rows (the exp of that profile's entropy).</p>
 <details><summary>settings</summary><pre id="settings">{escape(json.dumps(settings, indent=2))}</pre></details>
 <img src="{density_figure(histogram)}" alt="density histogram">
+<img src="{layers_figure(scan)}" alt="layer breadth and peak layers of the alive latents">
 <h2 id="index">Reported latents</h2>
-<table class="index"><tr><th>feature</th><th>density</th><th>rows</th><th>peak layer</th><th>promoted tokens</th></tr>
+<table class="index"><tr><th>feature</th><th>density</th><th>rows</th><th>peak layer</th><th>layers</th><th>promoted tokens</th></tr>
 {"".join(rows)}</table>
 {"".join(sections)}
 </body></html>

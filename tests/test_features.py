@@ -32,6 +32,7 @@ from pipeline.features import (
     LatentContexts,
     LatentRows,
     Lens,
+    breadth_summary,
     density_histogram,
     explore_features,
     feature_contexts,
@@ -222,6 +223,27 @@ def test_the_peak_layer_is_the_one_with_the_highest_rate_not_the_most_rows():
     torch.testing.assert_close(scan.layer_frequency, torch.tensor([[0.5, 0.3], [0.0, 0.0], [0.25, 0.6]], dtype=torch.float64))
     assert (scan.peak_layer(0), scan.peak_layer(2)) == (0, 1)
     assert scan.dead.tolist() == [False, True, False] and scan.dense.tolist() == [True, False, True]
+
+
+def test_layer_breadth_counts_the_layers_a_latent_fires_on_by_their_rates(tmp_path):
+    """One layer: 1. Layers at the same rate, however many rows each holds: their number, hidden states not scanned
+    left out. Dead: 0. Between, the exp of the entropy of the rates made to sum to 1."""
+    rows_by_layer = torch.tensor([20, 0, 100, 40])  # hidden state 1 not scanned
+    counts = torch.tensor([[0, 0, 7, 0], [2, 0, 10, 4], [0, 0, 0, 0], [10, 0, 30, 0]])
+    scan = FeatureScan("train", 160, counts, rows_by_layer, empty_rows(4, 1), empty_rows(4, 1))
+    mixed = torch.tensor([0.5, 0.3], dtype=torch.float64) / 0.8
+    torch.testing.assert_close(scan.layer_breadth, torch.tensor([1.0, 3.0, 0.0, float((-(mixed * mixed.log()).sum()).exp())],
+                                                                dtype=torch.float64))
+    console = recording_console()
+    print_feature(console, scan, 3, LatentContexts([], []), None)
+    assert "peak layer 0 (50.000% of its rows), spread over 1.9 of 3 layers" in console.file.getvalue()
+    assert breadth_summary(scan) == "alive latents spread over 1.9 of 3 layers (median; quartiles 1.5 and 2.5)"
+    page = write_html_report(tmp_path / "r.html", scan, {1: LatentContexts([], []), 2: LatentContexts([], [])}, {1: None, 2: None},
+                             "breadth", {}).read_text()
+    assert "<td>0</td><td>3.0</td><td>" in page  # latent 1: peak layer 0 (the first of equal rates), 3.0 layers
+    assert '<td><a href="#f2">2</a></td><td>dead</td><td>0</td><td>-</td><td>-</td>' in page
+    assert "spread over 3.0 of 3 layers." in page and "alive latents spread over 1.9 of 3 layers" in page
+    assert 'alt="layer breadth and peak layers of the alive latents"' in page
 
 
 def test_a_latent_firing_on_exactly_a_tenth_of_the_rows_is_not_dense_anywhere(tmp_path):
@@ -430,7 +452,7 @@ def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
     settings = json.loads(html_module.unescape(page.split('<pre id="settings">')[1].split("</pre>")[0]))
     assert settings == {**asdict(FeaturesConfig(sae=str(run_dir), html=str(html), n_report_features=6, top=4, context=4)),
                         "shards": store.url, "layers": [0, 1, 2, 3, 4]}  # what made the report, resolved
-    assert len(parser.images) == 1 and parser.images[0].startswith("data:image/png;base64,")  # the density histogram
+    assert len(parser.images) == 2 and all(i.startswith("data:image/png;base64,") for i in parser.images)  # density, layers
     assert parser.charts == [section for section in parser.sections for _ in range(2)]  # layer profile and density
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     documents = store.document_tokens()
