@@ -387,7 +387,7 @@ def run_sweep_eval(config: EvalConfig, console: Console | None = None, progress:
     runs = sweep_runs(sweep)
     if not runs:
         raise CrosscodersError(f"{sweep} holds no finished run of a sweep; pass a sweep's --out, a training run or its checkpoint/")
-    unfinished = sorted({p.parent.parent.name for p in sweep.glob(f"*/{CHECKPOINT}/{CONFIG_FILE}")} - {run.name for run in runs})
+    unfinished = unfinished_runs(sweep, runs)
     if unfinished:
         print_note(f"{', '.join(unfinished)}: no final SAE yet (still training, or stopped): not evaluated; pass RUN/{CHECKPOINT} "
                    "to evaluate one", console)
@@ -401,6 +401,11 @@ def sweep_runs(folder: Path) -> list[Path]:
     if not folder.is_dir() or (folder / CONFIG_FILE).is_file() or (folder / CHECKPOINT).is_dir():
         return []
     return sorted(p.parent for p in folder.glob(f"*/{CONFIG_FILE}") if (p.parent / TRAIN_CONFIG_FILE).is_file())
+
+
+def unfinished_runs(sweep: Path, finished: list[Path]) -> list[str]:
+    """The names of the sweep's runs that hold a checkpoint but no final SAE (still training, or stopped)."""
+    return sorted({p.parent.parent.name for p in sweep.glob(f"*/{CHECKPOINT}/{CONFIG_FILE}")} - {run.name for run in finished})
 
 
 def evaluate_runs(configs: list[EvalConfig], console: Console | None, progress: bool) -> list[Evaluated]:
@@ -452,7 +457,7 @@ def check_trained_alike(run: Path, data: dict | None, other: Path, its_data: dic
 
     if trained(its_data) != trained(data):
         raise CrosscodersError(f"{other} and {run} were not trained on the same store, model and hidden states "
-                               f"({DATA_FILE}); evaluate them one by one")
+                               f"({DATA_FILE}); pass them one at a time")
 
 
 def write_eval(config: EvalConfig, results: list[LayerEval], model: dict) -> Evaluated:

@@ -15,9 +15,18 @@ from rich.text import Text
 from pipeline.cli import local_path, option, print_note
 from pipeline.devices import resolve_device
 from pipeline.errors import CrosscodersError
-from pipeline.evaluate import check_model_of_store, check_output_folder, default_output, layers_of_run, store_of_run
+from pipeline.evaluate import (
+    check_model_of_store,
+    check_output_folder,
+    check_trained_alike,
+    default_output,
+    layers_of_run,
+    store_of_run,
+    sweep_runs,
+    unfinished_runs,
+)
 from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix
-from pipeline.sae import TopKSAE, load
+from pipeline.sae import CHECKPOINT, TopKSAE, load
 from pipeline.store import SPLITS, Store
 from pipeline.token_text import token_texts
 from pipeline.train import run_data
@@ -37,7 +46,8 @@ def parse_rows(text: str | int) -> int | None:
 class FeaturesConfig:
     """Options of `sae-features`: which SAE, which stored rows to scan, and what to show."""
 
-    sae: str = option("./runs/sae", "Training run folder (or its checkpoint/) holding the SAE.")
+    sae: str = option("./runs/sae", "Training run folder (or its checkpoint/) holding the SAE, or a sweep's folder (train-sae "
+                                     "--sweep's --out): each of its finished runs, on the same rows, the model loaded once.")
     shards: str | None = option(None, "Activation store to scan; default: the one the run was trained on (RUN/data.json).")
     split: str = option("train", "Rows to scan: train (most rows, so most contexts; fine for density) or val (held out).")
     n_rows: int | None = option(200_000, "Rows of the split to scan, each layer its share, from shards spread over the store, e.g. 200K, or all.",
@@ -50,7 +60,8 @@ class FeaturesConfig:
                               "does typically, not only at its strongest; 0: none.")
     context: int = option(12, "Tokens of context shown on each side of the activating token.")
     html: str | None = option(
-        None, "HTML report path; default RUN/features.html, RUN/features-checkpoint.html for RUN/checkpoint (with --feature, written only when given)."
+        None, "HTML report path; default RUN/features.html, RUN/features-checkpoint.html for RUN/checkpoint (with --feature, "
+              "written only when given). For a sweep, a folder that gets RUN.html for each run."
     )
     n_report_features: int = option(50, "Latents in the HTML report: half the most frequent alive ones, half random alive ones.")
     model: str | None = option(None, "Model for the tokenizer and unembedding; default: the store's model.")
@@ -263,12 +274,17 @@ def _provenance(store: Store, split: str, picked: list[tuple[np.ndarray, np.ndar
     return LatentRows(values, kept_rows, **provenance)
 
 
+def breadth_quartiles(scan: FeatureScan) -> list[float] | None:
+    """The quartiles of the alive latents' layer breadth; None when none fired."""
+    breadth = scan.layer_breadth[~scan.dead]
+    return torch.quantile(breadth, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist() if len(breadth) else None
+
+
 def breadth_summary(scan: FeatureScan) -> str:
     """The quartiles of the alive latents' layer breadth, in words."""
-    breadth = scan.layer_breadth[~scan.dead]
-    if not len(breadth):
+    quartiles = breadth_quartiles(scan)
+    if quartiles is None:
         return "no latent fired"
-    quartiles = torch.quantile(breadth, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
     return (f"alive latents spread over {quartiles[1]:.1f} of {sum(scan.scanned_layers)} layers (median; quartiles "
             f"{quartiles[0]:.1f} and {quartiles[2]:.1f})")
 
@@ -436,56 +452,141 @@ def report_path(cfg: FeaturesConfig, sae_dir: Path) -> Path | None:
     return path
 
 
-def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = True) -> Path | None:
-    """`sae-features`: scan the store, print --feature, write the HTML report; returns the report's path (None if not written)."""
-    from pipeline.report import write_html_report  # here, not at the top: report.py builds on this module
+@dataclass(frozen=True)
+class OpenedRun:
+    """A run's SAE with the store and the hidden states to scan, checked to fit each other."""
 
-    device = resolve_device(cfg.device)
-    sae_dir = local_path(cfg.sae, "--sae")
-    sae = load(sae_dir, device)
-    data = run_data(sae_dir)
-    store = store_of_run(sae_dir, cfg.shards, data)  # first: a store of another model is named as such, whatever its shape
+    folder: Path
+    sae: TopKSAE
+    data: dict | None  # its data.json
+    store: Store
+    layers: list[int]
+
+
+def open_run(cfg: FeaturesConfig, folder: Path, device: torch.device) -> OpenedRun:
+    """The run's SAE on device, its store (--shards, else data.json's) and the hidden states --layers names; --feature
+    checked against its latents."""
+    sae = load(folder, device)
+    data = run_data(folder)
+    store = store_of_run(folder, cfg.shards, data)  # first: a store of another model is named as such, whatever its shape
     sae.check_compatible(store.d_model, store.n_hidden_states)
-    layers = layers_of_run(cfg.layers, store, data, sae)
     if cfg.feature is not None and not 0 <= cfg.feature < sae.cfg.n_latents:
         raise CrosscodersError(f"--feature {cfg.feature} is out of range: the SAE has latents 0 to {sae.cfg.n_latents - 1}")
-    path = report_path(cfg, sae_dir)
+    return OpenedRun(folder, sae, data, store, layers_of_run(cfg.layers, store, data, sae))
 
-    spec = cfg.model or store.metadata["model"]["name"]  # loaded before the scan: a wrong model stops it at once
+
+def load_lens(cfg: FeaturesConfig, store: Store, console: Console) -> Lens | None:
+    """The model's tokenizer and unembedding, loaded before the scan (a wrong model stops it at once); None, with a
+    note, where the model does not load."""
+    spec = cfg.model or store.metadata["model"]["name"]
     try:
         loaded = load_model(spec)
     except (CrosscodersError, OSError) as error:
         print_note(f"model {spec!r} did not load ({error}): no promoted tokens, contexts shown as token ids (--model names it)",
                    console)
-        lens = None
-    else:
-        check_model_of_store(loaded.info, store)
-        lens = Lens.of(loaded)
+        return None
+    check_model_of_store(loaded.info, store)
+    return Lens.of(loaded)
 
+
+def scan_run(cfg: FeaturesConfig, run: OpenedRun, device: torch.device, console: Console, progress: bool) -> FeatureScan:
+    """scan_features with the options, under a progress bar."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
-        scan = scan_features(sae, store, cfg.split, cfg.n_rows, cfg.top, device, progress=bar, layers=layers, samples=cfg.samples)
+        return scan_features(run.sae, run.store, cfg.split, cfg.n_rows, cfg.top, device, progress=bar, layers=run.layers,
+                             samples=cfg.samples)
+
+
+def summary_line(scan: FeatureScan) -> str:
+    """Latents alive, dead and dense, and the layers they spread over, in words."""
+    return (f"{int((~scan.dead).sum()):,} of {len(scan.dead):,} latents alive, {int(scan.dead.sum()):,} dead, "
+            f"{int(scan.dense.sum()):,} dense (> {DENSE_FREQUENCY:.0%} of rows); {breadth_summary(scan)}")
+
+
+def write_report(cfg: FeaturesConfig, run: OpenedRun, scan: FeatureScan, lens: Lens | None, path: Path) -> Path:
+    """The HTML report of the scan: --feature (if given), then the latents report_features picks."""
+    from pipeline.report import write_html_report  # here, not at the top: report.py builds on this module
+
     tokenizer = lens.tokenizer if lens is not None else None
-
-    def promoted(feature: int) -> list[tuple[str, float]] | None:  # none for a dead latent, which has no peak layer
-        return None if lens is None or scan.dead[feature] else promoted_tokens(sae, lens, feature, scan.peak_layer(feature))
-
-    if cfg.feature is not None:
-        print_feature(console, scan, cfg.feature, LatentContexts.of(scan, store, tokenizer, cfg.feature, cfg.context), promoted(cfg.feature))
-    console.print(
-        f"scanned {scan.n_rows:,} {scan.split} rows: {int((~scan.dead).sum()):,} of {sae.cfg.n_latents:,} latents alive, "
-        f"{int(scan.dead.sum()):,} dead, {int(scan.dense.sum()):,} dense (> {DENSE_FREQUENCY:.0%} of rows); {breadth_summary(scan)}"
-    )
-    if path is None:
-        return None
-    features = ([cfg.feature] if cfg.feature is not None else []) + report_features(scan, cfg.n_report_features)
-    features = list(dict.fromkeys(features))
-    contexts = {f: LatentContexts.of(scan, store, tokenizer, f, cfg.context) for f in features}
-    promotions = {f: promoted(f) for f in features}
+    features = list(dict.fromkeys(([cfg.feature] if cfg.feature is not None else []) + report_features(scan, cfg.n_report_features)))
+    contexts = {f: LatentContexts.of(scan, run.store, tokenizer, f, cfg.context) for f in features}
+    promotions = {f: promoted_of(run.sae, lens, scan, f) for f in features}
     try:
-        settings = {**asdict(cfg), "sae": str(sae_dir), "shards": store.url, "html": str(path), "layers": layers}  # absolute
-        write_html_report(path, scan, contexts, promotions, title=f"{sae_dir} on {store.url}", settings=settings)
+        settings = {**asdict(cfg), "sae": str(run.folder), "shards": run.store.url, "html": str(path), "layers": run.layers}  # absolute
+        write_html_report(path, scan, contexts, promotions, title=f"{run.folder} on {run.store.url}", settings=settings)
     except OSError as error:  # a full disk: a report there before stays whole
         raise CrosscodersError(f"cannot write {path} ({error.strerror or error}); free space or pass another --html") from None
+    return path
+
+
+def promoted_of(sae: TopKSAE, lens: Lens | None, scan: FeatureScan, feature: int) -> list[tuple[str, float]] | None:
+    """The latent's promoted tokens at its peak layer; none without the model, or for a dead latent (no peak layer)."""
+    return None if lens is None or scan.dead[feature] else promoted_tokens(sae, lens, feature, scan.peak_layer(feature))
+
+
+def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = True) -> Path | None:
+    """`sae-features`: scan the store, print --feature, write the HTML report; returns the report's path (None if not written)."""
+    device = resolve_device(cfg.device)
+    run = open_run(cfg, local_path(cfg.sae, "--sae"), device)
+    path = report_path(cfg, run.folder)
+    lens = load_lens(cfg, run.store, console)
+    scan = scan_run(cfg, run, device, console, progress)
+    if cfg.feature is not None:
+        contexts = LatentContexts.of(scan, run.store, lens.tokenizer if lens is not None else None, cfg.feature, cfg.context)
+        print_feature(console, scan, cfg.feature, contexts, promoted_of(run.sae, lens, scan, cfg.feature))
+    console.print(f"scanned {scan.n_rows:,} {scan.split} rows: {summary_line(scan)}")
+    if path is None:
+        return None
+    write_report(cfg, run, scan, lens, path)
     console.print(Text(f"wrote {path}"))
+    return path
+
+
+@dataclass(frozen=True)
+class SweepFeatures:
+    """One run's scan and report, of `sae-features --sae SWEEP`."""
+
+    run: Path
+    scan: FeatureScan
+    report: Path
+
+
+def explore_sweep(cfg: FeaturesConfig, console: Console, progress: bool = True) -> list[SweepFeatures]:
+    """`sae-features --sae SWEEP`: each finished run of a sweep's folder scanned on the same rows, with the model loaded
+    once, and its report written to RUN/features.html, or HTML/RUN.html when --html names a folder."""
+    sweep = local_path(cfg.sae, "--sae")
+    runs = sweep_runs(sweep)
+    if not runs:
+        raise CrosscodersError(f"{sweep} holds no finished run of a sweep; pass a sweep's --out, a training run or its checkpoint/")
+    if cfg.feature is not None:
+        raise CrosscodersError(f"--feature names a latent of one SAE, and the runs of a sweep share none; pass one run, e.g. "
+                               f"--sae {runs[0]}")
+    unfinished = unfinished_runs(sweep, runs)
+    if unfinished:
+        print_note(f"{', '.join(unfinished)}: no final SAE yet (still training, or stopped): not scanned; pass RUN/{CHECKPOINT} "
+                   "to scan one", console)
+    device = resolve_device(cfg.device)
+    opened = [open_run(cfg, run, device) for run in runs]
+    for run in opened[1:]:
+        check_trained_alike(opened[0].folder, opened[0].data, run.folder, run.data)
+    paths = [sweep_report_path(cfg, run) for run in runs]
+    lens = load_lens(cfg, opened[0].store, console)
+    found = []
+    for run, path in zip(opened, paths):
+        scan = scan_run(cfg, run, device, console, progress)
+        found.append(SweepFeatures(run.folder, scan, write_report(cfg, run, scan, lens, path)))
+    return found
+
+
+def sweep_report_path(cfg: FeaturesConfig, run: Path) -> Path:
+    """RUN/features.html, or HTML/RUN.html for --html HTML, a folder; checked before the scans."""
+    if cfg.html is None:
+        path = run / "features.html"
+    else:
+        folder = local_path(cfg.html, "--html")
+        if folder.suffix.lower() in (".html", ".htm"):
+            raise CrosscodersError(f"--html {cfg.html} names a file, and a sweep writes one report per run; pass a folder, "
+                                   "which gets RUN.html for each run")
+        path = folder / f"{run.name}.html"
+    check_output_folder(path.parent, "--html")
     return path

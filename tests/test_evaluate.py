@@ -541,7 +541,7 @@ def test_a_sweep_with_out_writes_each_run_in_its_own_folder_and_refuses_runs_tra
     data = json.loads((runs[1] / DATA_FILE).read_text())
     (runs[1] / DATA_FILE).write_text(json.dumps({**data, "layers": [1, 2]}))
     with pytest.raises(CrosscodersError, match=r"^.*k1 and .*k0 were not trained on the same store, model and hidden states "
-                                               r"\(data.json\); evaluate them one by one$"), no_model_loads():
+                                               r"\(data.json\); pass them one at a time$"), no_model_loads():
         run_sweep_eval(EvalConfig(sae=str(tmp_path / "sweep"), n_docs=1), QUIET, progress=False)
     with pytest.raises(CrosscodersError, match="holds no finished run of a sweep"):
         run_sweep_eval(EvalConfig(sae=str(runs[0]), n_docs=1), QUIET, progress=False)

@@ -32,9 +32,11 @@ from pipeline.features import (
     LatentContexts,
     LatentRows,
     Lens,
+    breadth_quartiles,
     breadth_summary,
     density_histogram,
     explore_features,
+    explore_sweep,
     feature_contexts,
     merge_top,
     print_feature,
@@ -45,10 +47,10 @@ from pipeline.features import (
 from pipeline.loader import layer_stats_of
 from pipeline.models import load_model
 from pipeline.report import context_html, write_html_report
-from pipeline.sae import SAEConfig, TopKSAE
+from pipeline.sae import SAEConfig, TopKSAE, load
 from pipeline.store import Store, create_or_open, proportional_quota
 from pipeline.token_text import token_texts
-from pipeline.train import CHECKPOINT, DATA_FILE
+from pipeline.train import CHECKPOINT, DATA_FILE, TRAIN_CONFIG_FILE
 
 QUIET = Console(file=open(os.devnull, "w"))
 N_LATENTS = 128
@@ -606,3 +608,64 @@ def test_an_sae_in_bf16_scans_as_its_float32_copy(store, sae):
     scan = scan_features(half, store, "train", 500, top=3)
     same = scan_features(copy.deepcopy(half).float(), store, "train", 500, top=3)
     assert scan.n_rows == 500 and (scan.counts - same.counts).abs().sum() <= 0.05 * same.counts.sum()
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(store, sae, tmp_path_factory) -> Path:
+    """A sweep's folder as train-sae --sweep leaves it: runs k=4 (the fixture's SAE) and k=2 (other weights), and a run
+    still training (a checkpoint alone)."""
+    folder = tmp_path_factory.mktemp("sweep")
+    rows = all_rows(store, "train")
+    torch.manual_seed(1)
+    other = TopKSAE(SAEConfig(d_model=64, n_layers=5, expansion=2, k=2), layer_stats_of(rows["acts"], torch.from_numpy(rows["layer"].astype(np.int64)), 5))
+    data = {"shards": store.url, "model": store.metadata["model"], "layers": store.metadata["layers"]}
+    for name, run_sae in (("k=4", sae), ("k=2", other)):
+        run_sae.save(folder / name)
+        (folder / name / TRAIN_CONFIG_FILE).write_text("{}")
+        (folder / name / DATA_FILE).write_text(json.dumps(data))
+    other.save(folder / "k=8" / CHECKPOINT)
+    return folder
+
+
+def test_a_sweep_gets_each_runs_report_as_it_alone_would(sweep_dir, store, sae):
+    console = recording_console()
+    found = explore_sweep(FeaturesConfig(sae=str(sweep_dir), n_rows=600, n_report_features=4, top=3, samples=2), console, progress=False)
+    assert [f.run.name for f in found] == ["k=2", "k=4"] and [f.report for f in found] == [sweep_dir / n / "features.html" for n in ("k=2", "k=4")]
+    assert "note: k=8: no final SAE yet (still training, or stopped): not scanned" in console.file.getvalue()
+    alone = scan_features(sae, store, "train", 600, top=3, samples=2)
+    assert torch.equal(found[1].scan.layer_counts, alone.layer_counts) and torch.equal(found[1].scan.top.rows, alone.top.rows)
+    pages = [f.report.read_text() for f in found]
+    for f, page in zip(found, pages):
+        f.report.unlink()
+        assert explore_features(FeaturesConfig(sae=str(f.run), n_rows=600, n_report_features=4, top=3, samples=2), QUIET, progress=False) == f.report
+        assert f.report.read_text() == page  # settings included: the run's own folder and report
+    out = sweep_dir.parent / "reports"
+    found = explore_sweep(FeaturesConfig(sae=str(sweep_dir), n_rows=600, n_report_features=4, top=3, samples=2, html=str(out)), QUIET, progress=False)
+    assert [f.report for f in found] == [out / "k=2.html", out / "k=4.html"]
+
+
+def test_a_sweep_refuses_a_feature_a_report_file_and_runs_trained_apart(sweep_dir, tmp_path):
+    with pytest.raises(CrosscodersError, match=r"--feature names a latent of one SAE.*pass one run, e\.g\. --sae .*k=2$"):
+        explore_sweep(FeaturesConfig(sae=str(sweep_dir), feature=3), QUIET)
+    with pytest.raises(CrosscodersError, match=r"names a file, and a sweep writes one report per run; pass a folder"):
+        explore_sweep(FeaturesConfig(sae=str(sweep_dir), html=str(tmp_path / "r.html")), QUIET)
+    apart = tmp_path / "apart"
+    shutil.copytree(sweep_dir, apart, ignore=shutil.ignore_patterns("*.html"))
+    data = json.loads((apart / "k=4" / DATA_FILE).read_text())
+    (apart / "k=4" / DATA_FILE).write_text(json.dumps({**data, "train_layers": [0, 1]}))
+    with pytest.raises(CrosscodersError, match="were not trained on the same store, model and hidden states"):
+        explore_sweep(FeaturesConfig(sae=str(apart)), QUIET)
+    assert not list(apart.glob("*/features.html"))
+
+
+def test_cli_prints_a_row_per_run_of_a_sweep(sweep_dir, tmp_path):
+    out = tmp_path / "reports"
+    result = cli("--sae", str(sweep_dir), "--n-rows", "600", "--n-report-features", "2", "--html", str(out))
+    assert result.returncode == 0, result.stderr
+    found = {run: scan_features(load(sweep_dir / run), Store(json.loads((sweep_dir / run / DATA_FILE).read_text())["shards"]),
+                                "train", 600, top=10, samples=0) for run in ("k=2", "k=4")}
+    for run, scan in found.items():
+        cells = (run, str(N_LATENTS), str(int((~scan.dead).sum())), str(int(scan.dead.sum())), str(int(scan.dense.sum())),
+                 " / ".join(f"{q:.1f}" for q in breadth_quartiles(scan)))
+        assert re.search(r"\s+".join(map(re.escape, cells)), result.stdout), cells
+        assert f"wrote {out / (run + '.html')}" in result.stderr
