@@ -58,6 +58,8 @@ class FeaturesConfig:
     top: int = option(10, "Top-activating contexts kept per latent.")
     samples: int = option(10, "Contexts sampled at random from the rows each latent fires on, shown beside its top ones: what it "
                               "does typically, not only at its strongest; 0: none.")
+    per_layer: int = option(1, "Top contexts kept per latent at each hidden state, shown layer by layer: whether it means the "
+                               "same at every depth; 0: none.")
     context: int = option(12, "Tokens of context shown on each side of the activating token.")
     html: str | None = option(
         None, "HTML report path; default RUN/features.html, RUN/features-checkpoint.html for RUN/checkpoint (with --feature, "
@@ -70,15 +72,16 @@ class FeaturesConfig:
     def __post_init__(self):
         if self.split not in SPLITS:
             raise CrosscodersError(f"--split {self.split!r} is unknown; use one of {', '.join(SPLITS)}")
-        if min(self.top, self.n_report_features) < 1 or min(self.context, self.samples) < 0:
-            raise CrosscodersError(f"--top and --n-report-features must be positive, --context and --samples at least 0; got "
-                                   f"{self.top}, {self.n_report_features}, {self.context} and {self.samples}")
+        if min(self.top, self.n_report_features) < 1 or min(self.context, self.samples, self.per_layer) < 0:
+            raise CrosscodersError(f"--top and --n-report-features must be positive, --context, --samples and --per-layer at "
+                                   f"least 0; got {self.top}, {self.n_report_features}, {self.context}, {self.samples} and "
+                                   f"{self.per_layer}")
 
 
 @dataclass(frozen=True)
 class LatentRows:
-    """Scanned rows kept for each latent, [n_latents, m] each, sorted by activation (largest first) and padded at the
-    end with activation 0 and -1 everywhere else."""
+    """Scanned rows kept for each latent, [n_latents, m] each, sorted by activation (largest first; FeatureScan.by_layer:
+    by layer, then activation), an empty place holding activation 0 and -1 everywhere else."""
 
     values: torch.Tensor  # the latent's activation on the row
     rows: torch.Tensor  # int64 index among the scanned rows (scan order)
@@ -99,6 +102,7 @@ class FeatureScan:
     n_rows_by_layer: torch.Tensor  # [n_layers] int64 scanned rows of each layer
     top: LatentRows  # the rows of each latent's largest activations (of equal ones, the first scanned)
     sampled: LatentRows  # a uniform random sample of the rows each latent fired on (sample_priority)
+    by_layer: LatentRows  # [n_latents, n_layers * m]: each latent's top m rows of hidden state 0, then 1, ...
 
     @property
     def counts(self) -> torch.Tensor:
@@ -170,10 +174,11 @@ def scan_features(
     progress: Progress | None = None,
     layers: list[int] | None = None,
     samples: int = 10,
+    per_layer: int = 1,
 ) -> FeatureScan:
     """Encodes n_rows rows of a split (all when None) of the given layers (all when None), each layer its share, from
-    shards spread over the store (Store.rows_of_layers), scanned in store order: firing counts, each latent's top rows
-    and a uniform sample of `samples` of the rows it fires on."""
+    shards spread over the store (Store.rows_of_layers), scanned in store order: firing counts, each latent's top rows,
+    a uniform sample of `samples` of the rows it fires on, and its top `per_layer` rows of each hidden state."""
     sae.check_compatible(store.d_model, store.n_hidden_states)
     n_latents, n_layers = sae.cfg.n_latents, sae.cfg.n_layers
     picked = store.rows_of_layers(split, n_rows, layers)
@@ -185,6 +190,7 @@ def scan_features(
     n_rows_by_layer = torch.zeros(n_layers, dtype=torch.int64, device=device)
     top_kept = Kept.empty(n_latents, top, torch.float32, device)
     sampled_kept = Kept.empty(n_latents, samples, torch.int64, device)
+    layer_kept = Kept.empty(n_latents * n_layers, per_layer, torch.float32, device)  # by (latent, layer)
     task = progress.add_task("scanning", total=total) if progress is not None else None
     seen = 0  # rows scanned before this batch
     for shard, (rows, layer_ids) in zip(store.shards, picked):
@@ -208,13 +214,16 @@ def scan_features(
             top_kept = merge_top(top_kept, latents, activations, scanned, activations)
             if samples:
                 sampled_kept = merge_top(sampled_kept, latents, sample_priority(scanned, latents), scanned, activations)
+            if per_layer:
+                layer_kept = merge_top(layer_kept, latents * n_layers + layer[row], activations, scanned, activations)
             seen += len(layer)
             if task is not None:
                 progress.update(task, advance=len(layer))
     by_value = sampled_kept.values.argsort(dim=1, descending=True, stable=True)  # the sample shown largest first, empty last
-    kept = [top_kept, Kept(*(t.gather(1, by_value) for t in sampled_kept))]
-    top_rows, sampled_rows = (_provenance(store, split, picked, k.values.cpu(), k.rows.cpu()) for k in kept)
-    return FeatureScan(split, total, layer_counts.view(n_latents, n_layers).cpu(), n_rows_by_layer.cpu(), top_rows, sampled_rows)
+    kept = [top_kept, Kept(*(t.gather(1, by_value) for t in sampled_kept)), Kept(*(t.view(n_latents, -1) for t in layer_kept))]
+    top_rows, sampled_rows, layer_rows = (_provenance(store, split, picked, k.values.cpu(), k.rows.cpu()) for k in kept)
+    return FeatureScan(split, total, layer_counts.view(n_latents, n_layers).cpu(), n_rows_by_layer.cpu(), top_rows, sampled_rows,
+                       layer_rows)
 
 
 def merge_top(held: Kept, latents: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> Kept:
@@ -337,15 +346,18 @@ def feature_contexts(kept: LatentRows, store: Store, tokenizer, feature: int, co
 
 @dataclass(frozen=True)
 class LatentContexts:
-    """What a latent's report shows of the rows it fired on: its top contexts and a random sample of them."""
+    """What a latent's report shows of the rows it fired on: its top contexts, a random sample of them, and its top
+    contexts at each hidden state, layer by layer."""
 
     top: list[Context]
     sampled: list[Context]
+    by_layer: list[Context]
 
     @classmethod
     def of(cls, scan: FeatureScan, store: Store, tokenizer, feature: int, context: int = 12) -> "LatentContexts":
-        documents = {}  # shared: a shard holding both kinds of rows is read once
-        return cls(*(feature_contexts(kept, store, tokenizer, feature, context, documents) for kept in (scan.top, scan.sampled)))
+        documents = {}  # shared: a shard holding rows of several kinds is read once
+        return cls(*(feature_contexts(kept, store, tokenizer, feature, context, documents)
+                     for kept in (scan.top, scan.sampled, scan.by_layer)))
 
     def sample_caption(self, n_fired: int) -> str:
         """What the sample is: "10 of the 2,139 rows it fired on, drawn uniformly"."""
@@ -409,7 +421,8 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: L
         # quoted as token_texts shows them: repr would double the backslash of an escape such as \xf0
         console.print(Text("promotes " + "  ".join(f"'{text}' {value:+.3g}" for text, value in promoted)))
     top = max((c.value for c in contexts.top), default=1.0)  # the sample's highlights on the same scale: paler when weaker
-    for title, shown in (("top activations", contexts.top), (f"random activations: {contexts.sample_caption(count)}", contexts.sampled)):
+    for title, shown in (("top activations", contexts.top), (f"random activations: {contexts.sample_caption(count)}", contexts.sampled),
+                         ("top activations at each layer", contexts.by_layer)):
         if shown:
             console.print(Text(title, style="bold"))
         for c in shown:
@@ -494,7 +507,7 @@ def scan_run(cfg: FeaturesConfig, run: OpenedRun, device: torch.device, console:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
         return scan_features(run.sae, run.store, cfg.split, cfg.n_rows, cfg.top, device, progress=bar, layers=run.layers,
-                             samples=cfg.samples)
+                             samples=cfg.samples, per_layer=cfg.per_layer)
 
 
 def summary_line(scan: FeatureScan) -> str:

@@ -137,6 +137,8 @@ def write_html_report(
         top_value = max((c.value for c in shown.top), default=1.0)  # the sample's highlights on the same scale
         sampled = (f'<h3>Random activations</h3><p class="muted">{shown.sample_caption(int(scan.counts[feature]))}, largest first</p>'
                    f"{''.join(context_html(c, top_value) for c in shown.sampled)}") if shown.sampled else ""
+        by_layer = (f'<h3>Top activations at each layer</h3><p class="muted">what it fires on most at each hidden state, layer '
+                    f"by layer</p>{''.join(context_html(c, top_value) for c in shown.by_layer)}") if shown.by_layer else ""
         sections.append(
             f'<section class="feature" id="f{feature}"><h2>Feature {feature}</h2>'
             f"<p>fires on {int(scan.counts[feature]):,} of {scan.n_rows:,} rows ({density}); most often on layer {layer} "
@@ -144,7 +146,7 @@ def write_html_report(
             f'{sum(scan.scanned_layers)} layers. <a href="#index">index</a></p>'
             f'<div class="charts">{feature_charts(scan, feature, histogram)}</div>'
             f"<h3>Promoted tokens (logit lens at layer {layer})</h3><p>{promoted_html(promoted[feature])}</p>"
-            f"<h3>Top activations</h3>{''.join(context_html(c, top_value) for c in shown.top)}{sampled}</section>"
+            f"<h3>Top activations</h3>{''.join(context_html(c, top_value) for c in shown.top)}{sampled}{by_layer}</section>"
         )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>SAE features: {escape(title)}</title><style>{STYLE}</style></head>

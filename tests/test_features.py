@@ -114,7 +114,7 @@ def with_few_candidates(sae: TopKSAE) -> TopKSAE:
 def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates, layers):
     assert len(store.shards) > 1
     sae = sae if candidates == "all" else with_few_candidates(sae)
-    scan = scan_features(sae, store, "train", n_rows, top=5, batch_rows=256, layers=layers, samples=4)
+    scan = scan_features(sae, store, "train", n_rows, top=5, batch_rows=256, layers=layers, samples=4, per_layer=2)
     rows = all_rows(store, "train")
     picked = np.isin(rows["layer"], layers if layers is not None else range(5))
     if n_rows is not None:  # each layer's first rows in store order (spread_order of two shards), as many as its share of n_rows
@@ -158,6 +158,17 @@ def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates, layers):
         assert n_sampled == min(4, len(firing))
         assert torch.equal(scan.sampled.rows[feature][:n_sampled], sampled) and (scan.sampled.rows[feature][n_sampled:] == -1).all()
         assert torch.equal(scan.sampled.values[feature][:n_sampled], code[sampled, feature])
+        # at each hidden state, its top 2 rows of that state, state after state
+        for l in range(5):
+            of_layer = (layer == l).nonzero().flatten()
+            expected = code[of_layer, feature].topk(min(2, len(of_layer))).values if len(of_layer) else torch.zeros(0)
+            live = expected > 0
+            found = of_layer[code[of_layer, feature].argsort(descending=True, stable=True)[: len(expected)][live]]
+            place = slice(2 * l, 2 * l + 2)
+            assert torch.equal(scan.by_layer.rows[feature][place][: len(found)], found)
+            assert (scan.by_layer.rows[feature][place][len(found) :] == -1).all()
+            assert torch.equal(scan.by_layer.values[feature][place][: len(found)], expected[live])
+            assert (scan.by_layer.layer[feature][place][: len(found)] == l).all()
         for kept, found in ((scan.top, rows_found), (scan.sampled, sampled)):
             for name in ("layer", "token", "doc", "pos"):
                 stored = torch.from_numpy(rows[name][found.numpy()].astype(np.int64))
@@ -167,7 +178,7 @@ def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates, layers):
 def test_the_scan_is_the_same_whatever_its_batch_size(store, sae):
     scans = [scan_features(sae, store, "train", None, top=5, batch_rows=batch_rows) for batch_rows in (4096, 97)]
     assert torch.equal(scans[0].counts, scans[1].counts)
-    for kept in ("top", "sampled"):
+    for kept in ("top", "sampled", "by_layer"):
         for name in ("values", "rows", "doc", "pos"):
             assert torch.equal(getattr(getattr(scans[0], kept), name), getattr(getattr(scans[1], kept), name)), (kept, name)
 
@@ -217,7 +228,7 @@ def hand_made_scan() -> FeatureScan:
     """Latent 0 fires on 40 of 120 rows, most of them on layer 1, yet at the higher rate on layer 0 (20 rows);
     latent 1 never fires; latent 2 on 65, at the higher rate on layer 1."""
     layer_counts = torch.tensor([[10, 30], [0, 0], [5, 60]])
-    return FeatureScan("train", 120, layer_counts, torch.tensor([20, 100]), empty_rows(3, 1), empty_rows(3, 1))
+    return FeatureScan("train", 120, layer_counts, torch.tensor([20, 100]), empty_rows(3, 1), empty_rows(3, 1), empty_rows(3, 2))
 
 
 def test_the_peak_layer_is_the_one_with_the_highest_rate_not_the_most_rows():
@@ -232,15 +243,15 @@ def test_layer_breadth_counts_the_layers_a_latent_fires_on_by_their_rates(tmp_pa
     left out. Dead: 0. Between, the exp of the entropy of the rates made to sum to 1."""
     rows_by_layer = torch.tensor([20, 0, 100, 40])  # hidden state 1 not scanned
     counts = torch.tensor([[0, 0, 7, 0], [2, 0, 10, 4], [0, 0, 0, 0], [10, 0, 30, 0]])
-    scan = FeatureScan("train", 160, counts, rows_by_layer, empty_rows(4, 1), empty_rows(4, 1))
+    scan = FeatureScan("train", 160, counts, rows_by_layer, empty_rows(4, 1), empty_rows(4, 1), empty_rows(4, 4))
     mixed = torch.tensor([0.5, 0.3], dtype=torch.float64) / 0.8
     torch.testing.assert_close(scan.layer_breadth, torch.tensor([1.0, 3.0, 0.0, float((-(mixed * mixed.log()).sum()).exp())],
                                                                 dtype=torch.float64))
     console = recording_console()
-    print_feature(console, scan, 3, LatentContexts([], []), None)
+    print_feature(console, scan, 3, LatentContexts([], [], []), None)
     assert "peak layer 0 (50.000% of its rows), spread over 1.9 of 3 layers" in console.file.getvalue()
     assert breadth_summary(scan) == "alive latents spread over 1.9 of 3 layers (median; quartiles 1.5 and 2.5)"
-    page = write_html_report(tmp_path / "r.html", scan, {1: LatentContexts([], []), 2: LatentContexts([], [])}, {1: None, 2: None},
+    page = write_html_report(tmp_path / "r.html", scan, {1: LatentContexts([], [], []), 2: LatentContexts([], [], [])}, {1: None, 2: None},
                              "breadth", {}).read_text()
     assert "<td>0</td><td>3.0</td><td>" in page  # latent 1: peak layer 0 (the first of equal rates), 3.0 layers
     assert '<td><a href="#f2">2</a></td><td>dead</td><td>0</td><td>-</td><td>-</td>' in page
@@ -251,29 +262,29 @@ def test_layer_breadth_counts_the_layers_a_latent_fires_on_by_their_rates(tmp_pa
 def test_a_latent_firing_on_exactly_a_tenth_of_the_rows_is_not_dense_anywhere(tmp_path):
     """Dense is more than 10%: in float32, 100 / 1000 came out above 0.1 in the terminal and the report."""
     counts = torch.tensor([[100], [1]])
-    scan = FeatureScan("train", 1000, counts, torch.tensor([1000]), empty_rows(2, 1), empty_rows(2, 1))
+    scan = FeatureScan("train", 1000, counts, torch.tensor([1000]), empty_rows(2, 1), empty_rows(2, 1), empty_rows(2, 1))
     assert scan.dense.tolist() == [False, False] and float(scan.frequency[0]) == 0.1
     console = recording_console()
-    print_feature(console, scan, 0, LatentContexts([], []), None)
+    print_feature(console, scan, 0, LatentContexts([], [], []), None)
     assert "dense" not in console.file.getvalue()
-    page = write_html_report(tmp_path / "r.html", scan, {0: LatentContexts([], [])}, {0: None}, "exact", {}).read_text()
+    page = write_html_report(tmp_path / "r.html", scan, {0: LatentContexts([], [], [])}, {0: None}, "exact", {}).read_text()
     assert 'class="dense">10.000%' not in page and "10.000%" in page
 
 
 def test_a_hidden_state_not_scanned_is_marked_apart_from_one_where_the_latent_is_silent(tmp_path):
     """Scanned with --layers 0,2 (or trained on them): layer 1's rate of 0 is no finding, and layer 3's is."""
     scan = FeatureScan("train", 160, torch.tensor([[10, 0, 30, 0]]), torch.tensor([20, 0, 100, 40]), empty_rows(1, 1),
-                       empty_rows(1, 1))
+                       empty_rows(1, 1), empty_rows(1, 4))
     console = recording_console()
-    print_feature(console, scan, 0, LatentContexts([], []), None)
+    print_feature(console, scan, 0, LatentContexts([], [], []), None)
     assert "layers 0-3 █·▅   peak layer 0" in console.file.getvalue()
-    page = write_html_report(tmp_path / "r.html", scan, {0: LatentContexts([], [])}, {0: None}, "part", {}).read_text()
+    page = write_html_report(tmp_path / "r.html", scan, {0: LatentContexts([], [], [])}, {0: None}, "part", {}).read_text()
     assert "<title>layer 1 (not scanned): 0</title>" in page and "<title>layer 3 (%): 0</title>" in page
 
 
 def test_a_dead_latents_report_says_so_and_shows_no_peak_layer(tmp_path):
     """Its section read "most often on layer 0 (0.000% of its rows)" under promoted tokens at layer 0: argmax of zeros."""
-    page = write_html_report(tmp_path / "r.html", hand_made_scan(), {1: LatentContexts([], [])}, {1: None}, "hand-made", {}).read_text()
+    page = write_html_report(tmp_path / "r.html", hand_made_scan(), {1: LatentContexts([], [], [])}, {1: None}, "hand-made", {}).read_text()
     section = page[page.index('<section class="feature" id="f1">') :].split("</section>")[0]
     assert "dead: fires on none of the 120 train rows scanned" in section
     assert "layer" not in section and "Promoted" not in section and "Top activations" not in section
@@ -282,7 +293,7 @@ def test_a_dead_latents_report_says_so_and_shows_no_peak_layer(tmp_path):
 
 def test_html_report_numbers_are_the_scans(tmp_path):
     scan = hand_made_scan()
-    page = write_html_report(tmp_path / "r.html", scan, {0: LatentContexts([], []), 2: LatentContexts([], [])}, {0: None, 2: None}, "hand-made", {}).read_text()
+    page = write_html_report(tmp_path / "r.html", scan, {0: LatentContexts([], [], []), 2: LatentContexts([], [], [])}, {0: None, 2: None}, "hand-made", {}).read_text()
     for feature, density, count, peak, rate in ((0, "33.333%", 40, 0, "50.000%"), (2, "54.167%", 65, 1, "60.000%")):
         assert f'<td><a href="#f{feature}">{feature}</a></td><td><span class="dense">{density}</span></td><td>{count}</td><td>{peak}</td>' in page
         section = page[page.index(f'<section class="feature" id="f{feature}">') :].split("</section>")[0]
@@ -421,7 +432,7 @@ def test_tokens_that_look_like_rich_markup_print_as_text(store, sae):
     scan = scan_features(sae, store, "train", None, top=3)
     console = recording_console()
     context = Context(2.0, 3, 7, 2, [1, 2, 3], ["a[/", "[bold]", "x][/y:smile:"], 1)
-    print_feature(console, scan, 2, LatentContexts([context], []), [("[/", 1.5), ("[bold]x", 0.5), ("][/", 0.25), (":smile:", 0.125), ("\\xf0", 0.0625)])
+    print_feature(console, scan, 2, LatentContexts([context], [], []), [("[/", 1.5), ("[bold]x", 0.5), ("][/", 0.25), (":smile:", 0.125), ("\\xf0", 0.0625)])
     shown = console.file.getvalue()
     assert "promotes '[/' +1.5  '[bold]x' +0.5  '][/' +0.25  ':smile:' +0.125  '\\xf0' +0.0625" in shown
     assert "a[/⟦[bold]⟧x][/y:smile:" in shown
@@ -433,7 +444,7 @@ def test_a_long_left_context_never_pushes_the_activating_token_off_the_line(stor
     console = Console(file=io.StringIO(), width=width, color_system=None)
     left = ["    return self._name"] * 12  # a docstring's worth of wide tokens, as in real code
     context = Context(2.0, 3, 7, 12, list(range(25)), left + ["ACT"] + ["x"] * 12, 12)
-    print_feature(console, scan, 2, LatentContexts([context, replace(context, tokens=["a"] * 12 + ["ACT"] + ["b"] * 12)], []), None)
+    print_feature(console, scan, 2, LatentContexts([context, replace(context, tokens=["a"] * 12 + ["ACT"] + ["b"] * 12)], [], []), None)
     lines = console.file.getvalue().splitlines()[-2:]
     assert "…" in lines[0] and "_name⟦ACT⟧xx" in lines[0] and "aaaaaaaaaaaa⟦ACT⟧bb" in lines[1]  # cut only where it does not fit
     assert all(cell_len(line) <= width for line in lines)
@@ -459,10 +470,12 @@ def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     documents = store.document_tokens()
     for feature in features:
-        for heading, kept in (("Top activations", scan.top), ("Random activations", scan.sampled)):
+        for heading, kept in (("Top activations", scan.top), ("Random activations", scan.sampled),
+                              ("Top activations at each layer", scan.by_layer)):
             shown = [c for c in parser.contexts if c["section"] == f"f{feature}" and c["heading"] == heading]
-            assert len(shown) == int((kept.rows[feature] >= 0).sum()) > 0
-            for j, c in enumerate(shown):
+            places = (kept.rows[feature] >= 0).nonzero().flatten().tolist()  # by_layer: empty where a layer has no firing
+            assert len(shown) == len(places) > 0
+            for j, c in zip(places, shown):
                 doc, pos = int(kept.doc[feature, j]), int(kept.pos[feature, j])
                 window = token_texts(tokenizer, documents[doc][max(0, pos - 4) : pos + 5].tolist())
                 assert c["active"] == window[min(pos, 4)] and c["text"] == "".join(window)
@@ -480,11 +493,13 @@ def test_errors_are_one_line(store, sae, run_dir, tmp_path):
         explore_features(FeaturesConfig(sae=str(tmp_path / "other"), shards=store.url), QUIET)
     with pytest.raises(CrosscodersError, match="out of range"):
         explore_features(replace(FeaturesConfig(sae=str(run_dir)), feature=N_LATENTS), QUIET)
-    with pytest.raises(CrosscodersError, match="^--top and --n-report-features must be positive, --context and --samples at least 0; "
-                                               "got 0, 50, 12 and 10$"):
+    with pytest.raises(CrosscodersError, match="^--top and --n-report-features must be positive, --context, --samples and "
+                                               "--per-layer at least 0; got 0, 50, 12, 10 and 1$"):
         FeaturesConfig(top=0)
-    with pytest.raises(CrosscodersError, match="got 10, 50, 12 and -1$"):
+    with pytest.raises(CrosscodersError, match="got 10, 50, 12, -1 and 1$"):
         FeaturesConfig(samples=-1)
+    with pytest.raises(CrosscodersError, match="got 10, 50, 12, 10 and -1$"):
+        FeaturesConfig(per_layer=-1)
     (tmp_path / "file").write_text("")
     with pytest.raises(CrosscodersError, match="cannot write to .*file .*; pass a writable path as --html"):
         explore_features(FeaturesConfig(sae=str(run_dir), html=str(tmp_path / "file" / "report.html")), QUIET)
@@ -590,8 +605,10 @@ def test_cli_prints_a_feature_and_rejects_an_unknown_one(store, sae, run_dir, ti
     assert "promotes " + "  ".join(f"'{text}' {value:+.3g}" for text, value in promoted) in result.stdout
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     top, sampled = result.stdout.split("random activations: ")
+    sampled, by_layer = sampled.split("top activations at each layer")
     assert "top activations" in top and sampled.startswith(f"10 of the {int(scan.counts[0]):,} rows it fired on, drawn uniformly")
-    for shown, kept, n in ((top, scan.top, 3), (sampled, scan.sampled, 10)):
+    assert [int(layer) for layer in re.findall(r" L(\d+) +doc", by_layer)] == list(range(5))  # latent 0 fires on every row
+    for shown, kept, n in ((top, scan.top, 3), (sampled, scan.sampled, 10), (by_layer, scan.by_layer, 5)):
         for j in range(n):
             active = token_texts(tokenizer, [int(kept.token[0, j])])[0]
             assert f"doc {int(kept.doc[0, j])} pos {int(kept.pos[0, j])}" in shown and f"⟦{active}⟧" in shown
