@@ -384,13 +384,8 @@ def run_sweep_eval(config: EvalConfig, console: Console | None = None, progress:
     would write, in RUN/eval, or OUT/RUN with --out."""
     console = console or Console(stderr=True)
     sweep = local_path(config.sae, "--sae")
-    runs = sweep_runs(sweep)
-    if not runs:
-        raise CrosscodersError(f"{sweep} holds no finished run of a sweep; pass a sweep's --out, a training run or its checkpoint/")
-    unfinished = unfinished_runs(sweep, runs)
-    if unfinished:
-        print_note(f"{', '.join(unfinished)}: no final SAE yet (still training, or stopped): not evaluated; pass RUN/{CHECKPOINT} "
-                   "to evaluate one", console)
+    runs = finished_runs(sweep)
+    note_unfinished(sweep, runs, console, ("evaluated", "evaluate"))
     out = local_path(config.out, "--out") if config.out else None
     return evaluate_runs([replace(config, sae=str(run), out=str(out / run.name) if out else None) for run in runs], console, progress)
 
@@ -403,9 +398,22 @@ def sweep_runs(folder: Path) -> list[Path]:
     return sorted(p.parent for p in folder.glob(f"*/{CONFIG_FILE}") if (p.parent / TRAIN_CONFIG_FILE).is_file())
 
 
-def unfinished_runs(sweep: Path, finished: list[Path]) -> list[str]:
-    """The names of the sweep's runs that hold a checkpoint but no final SAE (still training, or stopped)."""
-    return sorted({p.parent.parent.name for p in sweep.glob(f"*/{CHECKPOINT}/{CONFIG_FILE}")} - {run.name for run in finished})
+def finished_runs(sweep: Path) -> list[Path]:
+    """sweep_runs, refused in one line when there is none."""
+    runs = sweep_runs(sweep)
+    if not runs:
+        raise CrosscodersError(f"{sweep} holds no finished run of a sweep; pass a sweep's --out, a training run or its checkpoint/")
+    return runs
+
+
+def note_unfinished(sweep: Path, finished: list[Path], console: Console, verbs: tuple[str, str]):
+    """Names in a note the sweep's runs that hold a checkpoint but no final SAE yet, as not done (verbs: ("evaluated",
+    "evaluate"), what the command does to a run)."""
+    unfinished = sorted({p.parent.parent.name for p in sweep.glob(f"*/{CHECKPOINT}/{CONFIG_FILE}")} - {run.name for run in finished})
+    if unfinished:
+        done, do = verbs
+        print_note(f"{', '.join(unfinished)}: no final SAE yet (still training, or stopped): not {done}; pass RUN/{CHECKPOINT} "
+                   f"to {do} one", console)
 
 
 def evaluate_runs(configs: list[EvalConfig], console: Console | None, progress: bool) -> list[Evaluated]:

@@ -20,13 +20,13 @@ from pipeline.evaluate import (
     check_output_folder,
     check_trained_alike,
     default_output,
+    finished_runs,
     layers_of_run,
+    note_unfinished,
     store_of_run,
-    sweep_runs,
-    unfinished_runs,
 )
 from pipeline.models import LoadedModel, final_norm, load_model, unembedding_matrix
-from pipeline.sae import CHECKPOINT, TopKSAE, load
+from pipeline.sae import TopKSAE, load
 from pipeline.store import SPLITS, Store
 from pipeline.token_text import token_texts
 from pipeline.train import run_data
@@ -568,16 +568,11 @@ def explore_sweep(cfg: FeaturesConfig, console: Console, progress: bool = True) 
     """`sae-features --sae SWEEP`: each finished run of a sweep's folder scanned on the same rows, with the model loaded
     once, and its report written to RUN/features.html, or HTML/RUN.html when --html names a folder."""
     sweep = local_path(cfg.sae, "--sae")
-    runs = sweep_runs(sweep)
-    if not runs:
-        raise CrosscodersError(f"{sweep} holds no finished run of a sweep; pass a sweep's --out, a training run or its checkpoint/")
+    runs = finished_runs(sweep)
     if cfg.feature is not None:
         raise CrosscodersError(f"--feature names a latent of one SAE, and the runs of a sweep share none; pass one run, e.g. "
                                f"--sae {runs[0]}")
-    unfinished = unfinished_runs(sweep, runs)
-    if unfinished:
-        print_note(f"{', '.join(unfinished)}: no final SAE yet (still training, or stopped): not scanned; pass RUN/{CHECKPOINT} "
-                   "to scan one", console)
+    note_unfinished(sweep, runs, console, ("scanned", "scan"))
     device = resolve_device(cfg.device)
     opened = [open_run(cfg, run, device) for run in runs]
     for run in opened[1:]:
