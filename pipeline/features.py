@@ -1,7 +1,7 @@
 """What the SAE's latents mean: density, layer profile, top-activating contexts, a random sample of the rows each fires on
 and promoted tokens, from one pass over stored rows."""
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -221,7 +221,9 @@ def scan_features(
                 progress.update(task, advance=len(layer))
     by_value = sampled_kept.values.argsort(dim=1, descending=True, stable=True)  # the sample shown largest first, empty last
     kept = [top_kept, Kept(*(t.gather(1, by_value) for t in sampled_kept)), Kept(*(t.view(n_latents, -1) for t in layer_kept))]
-    top_rows, sampled_rows, layer_rows = (_provenance(store, split, picked, k.values.cpu(), k.rows.cpu()) for k in kept)
+    sizes = [k.rows.shape[1] for k in kept]  # one provenance pass for all three: each shard's columns read once
+    found = _provenance(store, split, picked, torch.cat([k.values for k in kept], 1).cpu(), torch.cat([k.rows for k in kept], 1).cpu())
+    top_rows, sampled_rows, layer_rows = (LatentRows(*parts) for parts in zip(*(getattr(found, f.name).split(sizes, 1) for f in fields(found))))
     return FeatureScan(split, total, layer_counts.view(n_latents, n_layers).cpu(), n_rows_by_layer.cpu(), top_rows, sampled_rows,
                        layer_rows)
 

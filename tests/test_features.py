@@ -344,6 +344,17 @@ def test_a_latents_top_and_sampled_contexts_read_each_shard_once(store, sae, tin
     assert len(held) == 2 and sorted(reads) == sorted(store.shards[i].name for i in held)
 
 
+def test_the_scan_reads_each_shards_provenance_columns_once(store, sae, monkeypatch):
+    """The top, sampled and per-layer rows of the latents lie in both shards; their provenance is read in one pass."""
+    reads = []
+    read = store.read
+    monkeypatch.setattr(store, "read", lambda shard, column, *args: reads.append((shard.name, column)) or read(shard, column, *args))
+    scan = scan_features(sae, store, "train", None, top=4)
+    columns = [(shard, column) for shard, column in reads if column.split("/")[1] in ("token", "doc", "pos")]  # read only for provenance
+    assert sorted(columns) == sorted((shard.name, f"train/{name}") for shard in store.shards for name in ("token", "doc", "pos"))
+    assert {int(s) for kept in (scan.top, scan.sampled, scan.by_layer) for s in kept.shard[kept.rows >= 0].tolist()} == {0, 1}
+
+
 def test_promoted_tokens_are_the_logit_lens_of_the_decoder_direction(sae, tiny_model_dir):
     loaded = load_model(str(tiny_model_dir))
     lens = Lens.of(loaded)
