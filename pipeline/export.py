@@ -61,11 +61,12 @@ def fold_layer(sae: TopKSAE, layer: int) -> StandardTopK:
     """The SAE at hidden state `layer`. With x_n = (x - mean) * scale, it computes relu((x_n - b_dec + encoding) @ W_enc
     + b_enc), and x_hat = (latents @ W_dec + b_dec) / scale + mean; dividing the latents by scale > 0 keeps the same top
     k and leaves W_enc and W_dec as they are. Folded in float64."""
-    W_enc, b_enc, W_dec, b_dec = (t.detach().cpu().double() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    W_enc, b_enc, b_dec = (t.detach().cpu().double() for t in (sae.W_enc, sae.b_enc, sae.b_dec))
     mean, scale = sae.norm_mean[layer].cpu().double(), float(sae.norm_scale[layer])
     encoding = sae.layer_embedding[layer].cpu().double() if sae.layer_embedding is not None else torch.zeros_like(b_dec)
     folded_b_enc = ((encoding - b_dec - scale * mean) @ W_enc + b_enc) / scale
-    return StandardTopK(W_enc.float(), folded_b_enc.float(), W_dec.float(), (b_dec / scale + mean).float(), sae.cfg.k)
+    return StandardTopK(sae.W_enc.detach().float().cpu(), folded_b_enc.float(), sae.W_dec.detach().float().cpu(),
+                        (b_dec / scale + mean).float(), sae.cfg.k)
 
 
 def hook_name(layer: int, n_layers: int, format: str) -> str:
