@@ -12,12 +12,15 @@ with importing_quietly():
     from pipeline.cli import config_command, local_path, run_app
     from pipeline.evaluate import sweep_runs
     from pipeline.features import DENSE_FREQUENCY, FeaturesConfig, SweepFeatures, breadth_quartiles, explore_features, explore_sweep
+    from pipeline.text_latents import explore_text
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def run(features: FeaturesConfig) -> None:
-    if sweep_runs(local_path(features.sae, "--sae")):
+    if features.text is not None:
+        explore_text(features, Console())
+    elif sweep_runs(local_path(features.sae, "--sae")):
         print_sweep(explore_sweep(features, Console(stderr=True)))
     else:
         explore_features(features, Console())

@@ -55,7 +55,10 @@ class FeaturesConfig:
     layers: str = option("trained", "Hidden states whose rows are scanned: trained (those the SAE was trained on), all (the "
                                     "store's), 0-24, or 4,8,12.")
     feature: int | None = option(None, "Print this latent in the terminal: contexts, density, layer profile, promoted tokens.")
-    top: int = option(10, "Top-activating contexts kept per latent.")
+    text: str | None = option(None, "Instead of scanning the store, run the model over this text (as given: paste a chat template's "
+                                    "markup to see it as in a chat) and print the latents firing most on each token over --layers, "
+                                    "or with --feature that latent's activation on each token at each hidden state.")
+    top: int = option(10, "Top-activating contexts kept per latent (with --text: latents shown per token).")
     samples: int = option(10, "Contexts sampled at random from the rows each latent fires on, shown beside its top ones: what it "
                               "does typically, not only at its strongest; 0: none.")
     per_layer: int = option(1, "Top contexts kept per latent at each hidden state, shown layer by layer: whether it means the "
@@ -70,6 +73,8 @@ class FeaturesConfig:
     device: str = option("auto", "Device for encoding: auto, cpu, cuda, cuda:1, ...")
 
     def __post_init__(self):
+        if self.text is not None and self.html is not None:
+            raise CrosscodersError("--text prints to the terminal and writes no report; drop --html")
         if self.split not in SPLITS:
             raise CrosscodersError(f"--split {self.split!r} is unknown; use one of {', '.join(SPLITS)}")
         if min(self.top, self.n_report_features) < 1 or min(self.context, self.samples, self.per_layer) < 0:

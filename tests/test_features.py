@@ -46,9 +46,11 @@ from pipeline.features import (
 )
 from pipeline.loader import layer_stats_of
 from pipeline.models import load_model
+from pipeline.positions import SkippedPositions
 from pipeline.report import context_html, write_html_report
 from pipeline.sae import SAEConfig, TopKSAE, load
 from pipeline.store import Store, create_or_open, proportional_quota
+from pipeline.text_latents import explore_text, layer_ranges, text_latents
 from pipeline.token_text import token_texts
 from pipeline.train import CHECKPOINT, DATA_FILE, TRAIN_CONFIG_FILE
 
@@ -697,3 +699,79 @@ def test_cli_prints_a_row_per_run_of_a_sweep(sweep_dir, tmp_path):
                  " / ".join(f"{q:.1f}" for q in breadth_quartiles(scan)))
         assert re.search(r"\s+".join(map(re.escape, cells)), result.stdout), cells
         assert f"wrote {out / (run + '.html')}" in result.stderr
+
+
+TEXT = "<|im_start|>user\nAdd them.<|im_end|>\n<|im_start|>assistant\ndef add(a, b):\n    return a + b\n"
+
+
+def test_text_latents_are_the_sae_on_the_models_own_hidden_states(store, sae, tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir))
+    skipped = SkippedPositions.from_dict(store.metadata["skipped"])
+    found = text_latents(loaded, sae, skipped, TEXT, [0, 2, 4])
+    ids = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    recorded = ~skipped.mask(np.asarray(ids))
+    assert found.token_ids == ids and found.recorded == recorded.tolist() and 0 < recorded.sum() < len(ids) - 2  # specials skipped
+    with torch.no_grad():
+        states = loaded.model.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    for i, layer in enumerate([0, 2, 4]):
+        values, indices = sae.encode(states[layer][0, torch.from_numpy(recorded)], layer)
+        want = torch.zeros(len(ids), N_LATENTS)
+        want[torch.from_numpy(recorded)] = torch.zeros(int(recorded.sum()), N_LATENTS).scatter(1, indices, values)
+        got = torch.zeros(len(ids), N_LATENTS).scatter_add(1, found.indices[i].clamp(min=0), found.values[i])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert (found.indices[i, ~torch.from_numpy(recorded)] == -1).all() and (found.values[i, ~torch.from_numpy(recorded)] == 0).all()
+        torch.testing.assert_close(found.activations(5)[i], want[:, 5])
+
+
+def test_the_strongest_latents_of_a_token_are_those_of_largest_activation_over_the_layers(store, sae, tiny_model_dir):
+    found = text_latents(load_model(str(tiny_model_dir)), sae, SkippedPositions.from_dict(store.metadata["skipped"]), TEXT, list(range(5)))
+    dense = torch.stack([found.activations(latent) for latent in range(N_LATENTS)], -1)  # [layers, seq, latents]
+    for position in [p for p, kept in enumerate(found.recorded) if kept]:
+        best, order = dense[:, position].max(0)[0].sort(descending=True, stable=True)
+        want = [(int(latent), float(value), [layer for layer in range(5) if dense[layer, position, latent] > 0])
+                for value, latent in zip(best[:6], order[:6]) if value > 0]
+        assert found.strongest(position, 6) == want
+    assert found.strongest(0, 6) == []  # not recorded: nothing encoded
+
+
+def test_a_text_without_a_recorded_position_or_too_long_is_refused(store, sae, tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir))
+    skipped = SkippedPositions.from_dict(store.metadata["skipped"])
+    for text, message in ((" \n", r"^--text is empty; pass the text"), ("<|im_start|>", r"^--text has no position the store records"),
+                          ("def f(x):\n    return x\n" * 200, r"^--text is [\d,]+ tokens, over the model's 512; shorten it$")):
+        with pytest.raises(CrosscodersError, match=message):
+            text_latents(loaded, sae, skipped, text, [2])
+    assert layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and layer_ranges([3]) == "3"
+
+
+def test_text_latents_print_per_token_and_for_one_latent_per_layer(store, sae, run_dir, sweep_dir):
+    console = recording_console()
+    found = explore_text(FeaturesConfig(sae=str(run_dir), text=TEXT, top=3), console)
+    shown = console.file.getvalue()
+    assert "over hidden states 0-4" in shown and shown.count("not recorded by the store, not encoded") == found.recorded.count(False)
+    for position in (p for p, kept in enumerate(found.recorded) if kept):
+        cell = "  ".join(f"{latent} {value:.2f} ({layer_ranges(where)})" for latent, value, where in found.strongest(position, 3))
+        assert re.search(rf"\b{position} +'{re.escape(found.tokens[position])}' +{re.escape(cell)}", shown), position
+    console = recording_console()
+    explore_text(FeaturesConfig(sae=str(run_dir), text=TEXT, feature=0, layers="1-3"), console)  # latent 0: every recorded row
+    lines = console.file.getvalue().splitlines()
+    assert lines[0].startswith("feature 0 on the text: largest ") and [line[:5] for line in lines[1:]] == ["L1   ", "L2   ", "L3   "]
+    marked = "".join(f"⟦{t}⟧" if kept else t for t, kept in zip(found.tokens, found.recorded))
+    assert [line[5:] for line in lines[1:]] == [marked] * 3
+    console = recording_console()
+    explore_text(FeaturesConfig(sae=str(run_dir), text=TEXT, feature=1), console)  # dead
+    assert console.file.getvalue() == "feature 1 fires on no token of the text at hidden states 0-4\n"
+    with pytest.raises(CrosscodersError, match=r"^--text reads one SAE, and .* holds a sweep; pass one of its runs, e\.g\. --sae .*k=2$"):
+        explore_text(FeaturesConfig(sae=str(sweep_dir), text=TEXT), QUIET)
+    with pytest.raises(CrosscodersError, match=r"^--text prints to the terminal and writes no report; drop --html$"):
+        FeaturesConfig(sae=str(run_dir), text=TEXT, html="r.html")
+
+
+def test_cli_shows_the_latents_of_a_text(store, sae, run_dir, tiny_model_dir):
+    result = cli("--sae", str(run_dir), "--text", "def add(a, b):\n    return a + b\n", "--top", "2", "--layers", "3")
+    assert result.returncode == 0, result.stderr
+    found = text_latents(load_model(str(tiny_model_dir)), sae, SkippedPositions.from_dict(store.metadata["skipped"]),
+                         "def add(a, b):\n    return a + b\n", [3])
+    assert "over hidden states 3" in result.stdout and not (run_dir / "features.html").exists()
+    latent, value, _ = found.strongest(len(found.tokens) - 1, 1)[0]
+    assert f"{latent} {value:.2f} (3)" in result.stdout.splitlines()[-2]  # the last token's row (a blank line ends the table)

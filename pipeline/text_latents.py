@@ -1,0 +1,157 @@
+"""The latents an SAE fires on a text of one's own (`sae-features --text`): the model run over it, each recorded
+position's hidden states encoded, shown token by token or, for one latent, token by token at each hidden state."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.cli import local_path
+from pipeline.devices import resolve_device, resolve_model_dtype
+from pipeline.errors import CrosscodersError
+from pipeline.evaluate import check_model_of_store, sweep_runs
+from pipeline.features import FeaturesConfig, highlight_rgb, open_run
+from pipeline.hidden_states import capture_rows
+from pipeline.models import LoadedModel, load_model
+from pipeline.positions import SkippedPositions
+from pipeline.sae import TopKSAE
+from pipeline.token_text import token_texts
+
+
+@dataclass(frozen=True)
+class TextLatents:
+    """The SAE's top-k latents on each token of a text at each hidden state; positions the store does not record (the
+    first, special tokens, the chat template's shared start) are not encoded: index -1, value 0."""
+
+    token_ids: list[int]
+    tokens: list[str]  # each token's text, as token_texts shows it
+    recorded: list[bool]  # [seq] whether the store records this position, so the SAE was trained on its like
+    layers: list[int]  # the hidden states encoded
+    values: torch.Tensor  # [len(layers), seq, k] float32 activations (0: not firing)
+    indices: torch.Tensor  # [len(layers), seq, k] int64 latent ids
+
+    def activations(self, feature: int) -> torch.Tensor:
+        """[len(layers), seq] the latent's activation on each token at each hidden state (0 where it is not in the top k)."""
+        return torch.where(self.indices == feature, self.values, 0).sum(-1)
+
+    def strongest(self, position: int, n: int) -> list[tuple[int, float, list[int]]]:
+        """The n latents firing most on the token at position, over the hidden states: (latent, its largest activation,
+        the hidden states it fires at), largest first; of equal ones, the lower latent first."""
+        values, indices = self.values[:, position], self.indices[:, position]  # [layers, k]
+        firing = values > 0
+        latents = torch.unique(indices[firing]).tolist()
+        found = []
+        for latent in latents:
+            at = firing & (indices == latent)
+            found.append((latent, float(values[at].max()), [self.layers[i] for i in torch.nonzero(at.any(1)).flatten().tolist()]))
+        return sorted(found, key=lambda item: (-item[1], item[0]))[:n]
+
+
+@torch.no_grad()
+def text_latents(loaded: LoadedModel, sae: TopKSAE, skipped: SkippedPositions, text: str, layers: list[int]) -> TextLatents:
+    """Runs the model over text, as given (no chat template added), and encodes each recorded position's hidden state at
+    each of layers."""
+    if not text.strip():
+        raise CrosscodersError("--text is empty; pass the text whose latents to show, e.g. --text 'def add(a, b):'")
+    tokenizer, model = loaded.tokenizer, loaded.model
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and len(ids) > limit:
+        raise CrosscodersError(f"--text is {len(ids):,} tokens, over the model's {limit:,}; shorten it")
+    recorded = ~skipped.mask(np.asarray(ids, dtype=np.int64))
+    if not recorded.any():
+        raise CrosscodersError("--text has no position the store records (it records neither the first position, nor special "
+                               "tokens, nor the chat template's shared start); pass a longer text")
+    device = next(model.parameters()).device
+    positions = torch.from_numpy(np.flatnonzero(recorded)).to(device)
+    input_ids = torch.tensor([ids], device=device)
+    selections = {layer: (torch.zeros_like(positions), positions) for layer in layers}
+    captured = capture_rows(model, input_ids, torch.ones_like(input_ids), selections)
+    k = sae.cfg.k
+    values = torch.zeros(len(layers), len(ids), k)
+    indices = torch.full((len(layers), len(ids), k), -1, dtype=torch.int64)
+    sae_device, sae_dtype = sae.W_enc.device, sae.W_enc.dtype
+    for i, layer in enumerate(layers):
+        top_values, top_indices = sae.encode(captured[layer].to(sae_device, sae_dtype), layer)
+        values[i, positions.cpu()] = top_values.float().cpu()
+        indices[i, positions.cpu()] = top_indices.cpu()
+    return TextLatents(ids, token_texts(tokenizer, ids), recorded.tolist(), layers, values, indices)
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[4, 5, 6, 9] -> '4-6,9'."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ",".join(parts)
+
+
+def print_text_latents(console: Console, found: TextLatents, n: int):
+    """One row per token: the n latents that fire most on it, with their largest activation and where they fire."""
+    table = Table(title=f"the latents firing most on each token, over hidden states {layer_ranges(found.layers)}",
+                  box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("pos", justify="right")
+    table.add_column("token")
+    table.add_column("latent activation (hidden states it fires at)")
+    for position, (token, recorded) in enumerate(zip(found.tokens, found.recorded)):
+        if not recorded:
+            cell = Text("not recorded by the store, not encoded", style="dim")
+        else:
+            cell = Text("  ".join(f"{latent} {value:.2f} ({layer_ranges(where)})" for latent, value, where in found.strongest(position, n))
+                        or "none fires")
+        table.add_row(str(position), Text(f"'{token}'"), cell)  # quoted: a token of spaces is seen
+    console.print(table)
+
+
+def print_text_feature(console: Console, found: TextLatents, feature: int):
+    """The latent's activation on each token, one line per hidden state, highlighted relative to its largest."""
+    acts = found.activations(feature)
+    top = float(acts.max())
+    if top <= 0:
+        console.print(f"feature {feature} fires on no token of the text at hidden states {layer_ranges(found.layers)}")
+        return
+    layer_index, position = divmod(int(acts.argmax()), acts.shape[1])
+    console.print(Text(f"feature {feature} on the text: largest {top:.3f} at hidden state {found.layers[layer_index]} on "
+                       f"'{found.tokens[position]}' (pos {position}); fires on {int((acts > 0).sum()):,} of "
+                       f"{sum(found.recorded) * len(found.layers):,} (token, hidden state) pairs"))
+    for i, layer in enumerate(found.layers):
+        line = Text(f"L{layer:<3d} ", style="dim")
+        for token, value, recorded in zip(found.tokens, acts[i].tolist(), found.recorded):
+            if value > 0:
+                shown = token if console.color_system else f"⟦{token}⟧"  # still visible without colour
+                line.append(shown, style="bold black on rgb({},{},{})".format(*highlight_rgb(value / top)))
+            else:
+                line.append(token, style=None if recorded else "dim")
+        console.print(line)
+
+
+def explore_text(cfg: FeaturesConfig, console: Console) -> TextLatents:
+    """`sae-features --text`: the run's SAE on the text at --layers, printed; the store is read for its metadata alone."""
+    folder = local_path(cfg.sae, "--sae")
+    runs = sweep_runs(folder)
+    if runs:
+        raise CrosscodersError(f"--text reads one SAE, and {folder} holds a sweep; pass one of its runs, e.g. --sae {runs[0]}")
+    device = resolve_device(cfg.device)
+    run = open_run(cfg, folder, device)
+    store = run.store
+    spec = cfg.model or store.metadata["model"]["name"]
+    dtype = resolve_model_dtype("auto", device, store.metadata.get("model_dtype"))
+    try:
+        loaded = load_model(spec, device=device, dtype=dtype)
+    except (CrosscodersError, OSError) as error:
+        raise CrosscodersError(f"model {spec!r} did not load ({error}); --text runs it, pass --model") from None
+    check_model_of_store(loaded.info, store)
+    found = text_latents(loaded, run.sae, SkippedPositions.from_dict(store.metadata["skipped"]), cfg.text, run.layers)
+    if cfg.feature is None:
+        print_text_latents(console, found, cfg.top)
+    else:
+        print_text_feature(console, found, cfg.feature)
+    return found
