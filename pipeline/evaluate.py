@@ -32,7 +32,7 @@ from pipeline.files import write_whole
 from pipeline.hidden_states import hidden_state_module, hooked, output_tensor
 from pipeline.layers import stored_layers
 from pipeline.loader import stats_from_sums
-from pipeline.models import ModelInfo, load_model
+from pipeline.models import LoadedModel, ModelInfo, load_model
 from pipeline.positions import RECORD_ALL, SkippedPositions
 from pipeline.sae import CONFIG_FILE, TopKSAE, load
 from pipeline.storage import Location
@@ -349,6 +349,18 @@ def layers_of_run(spec: str, store: Store, data: dict | None, sae: TopKSAE) -> l
     return layers
 
 
+def load_model_of_store(store: Store, model: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """--model (model), else the model the store was cached from, checked to be the store's."""
+    try:
+        loaded = load_model(model or store.metadata["model"]["name"], device=device, dtype=dtype)
+    except CrosscodersError as error:
+        if model is not None:
+            raise
+        raise CrosscodersError(f"{error} (the model {store.url} was cached from; if it has moved, pass --model)") from None
+    check_model_of_store(loaded.info, store)
+    return loaded
+
+
 def check_model_of_store(info: ModelInfo, store: Store):
     """Raise unless the model is the one the store was cached from: another model of the same shape would pass unnoticed."""
     fingerprint = store.metadata["model"]["fingerprint"]
@@ -425,20 +437,14 @@ def evaluate_runs(configs: list[EvalConfig], console: Console | None, progress: 
     datas = [run_data(Path(config.sae)) for config in configs]
     for config, data in zip(configs[1:], datas[1:]):
         check_trained_alike(Path(configs[0].sae), datas[0], Path(config.sae), data)
-    model_given = configs[0].model is not None
+    given_model = configs[0].model
     first, store = resolve(configs[0], datas[0])
     configs = [first] + [replace(first, sae=config.sae, out=str(output_folder(config))) for config in configs[1:]]
     for config in configs:  # before the model loads: an --out that cannot be written fails at once
         check_output_folder(Path(config.out), "--out")
     model_dtype = resolve_model_dtype(first.model_dtype, device, store.metadata.get("model_dtype"))
-    try:
-        loaded = load_model(first.model, device=device, dtype=model_dtype)
-    except CrosscodersError as error:
-        if model_given:
-            raise
-        raise CrosscodersError(f"{error} (the model {store.url} was cached from; if it has moved, pass --model)") from None
+    loaded = load_model_of_store(store, given_model, device, model_dtype)
     info = loaded.info
-    check_model_of_store(info, store)
     for sae in saes:
         sae.check_compatible(info.d_model, info.n_hidden_states)
     layers = layers_of_run(first.layers, store, datas[0], saes[0])

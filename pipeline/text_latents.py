@@ -13,10 +13,10 @@ from rich.text import Text
 from pipeline.cli import local_path
 from pipeline.devices import resolve_device, resolve_model_dtype
 from pipeline.errors import CrosscodersError
-from pipeline.evaluate import check_model_of_store, sweep_runs
+from pipeline.evaluate import load_model_of_store, sweep_runs
 from pipeline.features import FeaturesConfig, highlight_rgb, open_run
 from pipeline.hidden_states import capture_rows
-from pipeline.models import LoadedModel, load_model
+from pipeline.models import LoadedModel
 from pipeline.positions import SkippedPositions
 from pipeline.sae import TopKSAE
 from pipeline.token_text import token_texts
@@ -142,13 +142,7 @@ def explore_text(cfg: FeaturesConfig, console: Console) -> TextLatents:
     device = resolve_device(cfg.device)
     run = open_run(cfg, folder, device)
     store = run.store
-    spec = cfg.model or store.metadata["model"]["name"]
-    dtype = resolve_model_dtype("auto", device, store.metadata.get("model_dtype"))
-    try:
-        loaded = load_model(spec, device=device, dtype=dtype)
-    except (CrosscodersError, OSError) as error:
-        raise CrosscodersError(f"model {spec!r} did not load ({error}); --text runs it, pass --model") from None
-    check_model_of_store(loaded.info, store)
+    loaded = load_model_of_store(store, cfg.model, device, resolve_model_dtype("auto", device, store.metadata.get("model_dtype")))
     found = text_latents(loaded, run.sae, SkippedPositions.from_dict(store.metadata["skipped"]), cfg.text, run.layers)
     if cfg.feature is None:
         print_text_latents(console, found, cfg.top)

@@ -20,6 +20,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from transformers import AutoTokenizer
 
+import pipeline.evaluate
 from pipeline import features
 from pipeline.cache import CacheConfig, cache_activations
 from pipeline.corpus import CorpusConfig
@@ -775,3 +776,13 @@ def test_cli_shows_the_latents_of_a_text(store, sae, run_dir, tiny_model_dir):
     assert "over hidden states 3" in result.stdout and not (run_dir / "features.html").exists()
     latent, value, _ = found.strongest(len(found.tokens) - 1, 1)[0]
     assert f"{latent} {value:.2f} (3)" in result.stdout.splitlines()[-2]  # the last token's row (a blank line ends the table)
+
+
+def test_text_asks_for_model_where_the_stores_does_not_load(run_dir, store, monkeypatch):
+    def gone(spec, **kwargs):
+        raise CrosscodersError(f"could not load model {spec!r}")
+
+    monkeypatch.setattr(pipeline.evaluate, "load_model", gone)
+    with pytest.raises(CrosscodersError, match=f"^could not load model .* \\(the model {store.url} was cached from; if it has "
+                                               "moved, pass --model\\)$"):
+        explore_text(FeaturesConfig(sae=str(run_dir), text=TEXT), QUIET)
