@@ -1,5 +1,5 @@
 """What the SAE's latents mean: density, layer profile, top-activating contexts, a random sample of the rows each fires on
-and promoted tokens, from one pass over stored rows."""
+and the tokens each promotes and suppresses, from one pass over stored rows."""
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -54,7 +54,7 @@ class FeaturesConfig:
                                 parse_rows, str)
     layers: str = option("trained", "Hidden states whose rows are scanned: trained (those the SAE was trained on), all (the "
                                     "store's), 0-24, or 4,8,12.")
-    feature: int | None = option(None, "Print this latent in the terminal: contexts, density, layer profile, promoted tokens.")
+    feature: int | None = option(None, "Print this latent in the terminal: contexts, density, layer profile, promoted and suppressed tokens.")
     text: str | None = option(None, "Instead of scanning the store, run the model over this text (as given: paste a chat template's "
                                     "markup to see it as in a chat) and print the latents firing most on each token over --layers, "
                                     "or with --feature that latent's activation on each token at each hidden state.")
@@ -388,17 +388,29 @@ class Lens:
         return cls(loaded.tokenizer, unembedding_matrix(model).detach(), final_norm(model).weight.detach(), loaded.info.n_layers)
 
 
+class LogitEffects(NamedTuple):
+    """The tokens a latent's decoder direction raises and lowers most through the logit lens at one layer: (text, logit
+    per unit activation), the largest rise first, then the largest fall first."""
+
+    promoted: list[tuple[str, float]]
+    suppressed: list[tuple[str, float]]
+
+
 @torch.no_grad()
-def promoted_tokens(sae: TopKSAE, lens: Lens, feature: int, layer: int, n_tokens: int = 10) -> list[tuple[str, float]]:
-    """Tokens the latent's decoder direction raises most through the logit lens at layer: (text, logit per unit activation,
-    leaving out the final norm's division by the state's rms, as logit-lens weights do: it ranks tokens the same)."""
+def logit_effects(sae: TopKSAE, lens: Lens, feature: int, layer: int, n_tokens: int = 10) -> LogitEffects:
+    """The latent's promoted and suppressed tokens at layer, leaving out the final norm's division by the state's rms, as
+    logit-lens weights do: it ranks tokens the same."""
     direction = (sae.W_dec[feature] / sae.norm_scale[layer]).to(lens.unembedding)  # [d_model] in the layer's raw space
     if layer != lens.final_layer:  # earlier states still pass through the final norm, whose weight scales each dimension
         direction = direction * lens.norm_weight
     logits = lens.unembedding @ direction  # [vocab]
-    values, ids = logits.topk(n_tokens)
-    texts = [token_texts(lens.tokenizer, [i])[0] for i in ids.tolist()]  # each on its own: ranked tokens are no text
-    return list(zip(texts, values.tolist()))
+
+    def shown(largest: bool) -> list[tuple[str, float]]:
+        values, ids = logits.topk(n_tokens, largest=largest)
+        texts = [token_texts(lens.tokenizer, [i])[0] for i in ids.tolist()]  # each on its own: ranked tokens are no text
+        return list(zip(texts, values.tolist()))
+
+    return LogitEffects(shown(True), shown(False))
 
 
 def highlight_rgb(fraction: float) -> tuple[int, int, int]:
@@ -413,7 +425,7 @@ def sparkline(values: list[float], measured: list[bool]) -> str:
                    for v, seen in zip(values, measured))
 
 
-def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: LatentContexts, promoted: list[tuple[str, float]] | None):
+def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: LatentContexts, effects: LogitEffects | None):
     """The latent in the terminal: density, layer profile as a sparkline, contexts with the activating token highlighted."""
     count, frequency = int(scan.counts[feature]), float(scan.frequency[feature])
     kind = " [red]dead[/]" if count == 0 else " [yellow]dense[/]" if frequency > DENSE_FREQUENCY else ""
@@ -424,9 +436,10 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: L
         line = sparkline(rates, scan.scanned_layers)  # a dot: a hidden state not scanned, unlike a blank
         console.print(f"layers 0-{len(rates) - 1} [cyan]{line}[/]  peak layer {peak} ({rates[peak]:.3%} of its rows), "
                       f"spread over {float(scan.layer_breadth[feature]):.1f} of {sum(scan.scanned_layers)} layers")
-    if promoted is not None:
+    if effects is not None:
         # quoted as token_texts shows them: repr would double the backslash of an escape such as \xf0
-        console.print(Text("promotes " + "  ".join(f"'{text}' {value:+.3g}" for text, value in promoted)))
+        for verb, tokens in (("promotes", effects.promoted), ("suppresses", effects.suppressed)):
+            console.print(Text(f"{verb} " + "  ".join(f"'{text}' {value:+.3g}" for text, value in tokens)))
     top = max((c.value for c in contexts.top), default=1.0)  # the sample's highlights on the same scale: paler when weaker
     for title, shown in (("top activations", contexts.top), (f"random activations: {contexts.sample_caption(count)}", contexts.sampled),
                          ("top activations at each layer", contexts.by_layer)):
@@ -502,7 +515,7 @@ def load_lens(cfg: FeaturesConfig, store: Store, console: Console) -> Lens | Non
     try:
         loaded = load_model(spec)
     except (CrosscodersError, OSError) as error:
-        print_note(f"model {spec!r} did not load ({error}): no promoted tokens, contexts shown as token ids (--model names it)",
+        print_note(f"model {spec!r} did not load ({error}): no promoted or suppressed tokens, contexts shown as token ids (--model names it)",
                    console)
         return None
     check_model_of_store(loaded.info, store)
@@ -530,18 +543,19 @@ def write_report(cfg: FeaturesConfig, run: OpenedRun, scan: FeatureScan, lens: L
     tokenizer = lens.tokenizer if lens is not None else None
     features = list(dict.fromkeys(([cfg.feature] if cfg.feature is not None else []) + report_features(scan, cfg.n_report_features)))
     contexts = {f: LatentContexts.of(scan, run.store, tokenizer, f, cfg.context) for f in features}
-    promotions = {f: promoted_of(run.sae, lens, scan, f) for f in features}
+    effects = {f: effects_of(run.sae, lens, scan, f) for f in features}
     try:
         settings = {**asdict(cfg), "sae": str(run.folder), "shards": run.store.url, "html": str(path), "layers": run.layers}  # absolute
-        write_html_report(path, scan, contexts, promotions, title=f"{run.folder} on {run.store.url}", settings=settings)
+        write_html_report(path, scan, contexts, effects, title=f"{run.folder} on {run.store.url}", settings=settings)
     except OSError as error:  # a full disk: a report there before stays whole
         raise CrosscodersError(f"cannot write {path} ({error.strerror or error}); free space or pass another --html") from None
     return path
 
 
-def promoted_of(sae: TopKSAE, lens: Lens | None, scan: FeatureScan, feature: int) -> list[tuple[str, float]] | None:
-    """The latent's promoted tokens at its peak layer; none without the model, or for a dead latent (no peak layer)."""
-    return None if lens is None or scan.dead[feature] else promoted_tokens(sae, lens, feature, scan.peak_layer(feature))
+def effects_of(sae: TopKSAE, lens: Lens | None, scan: FeatureScan, feature: int) -> LogitEffects | None:
+    """The latent's promoted and suppressed tokens at its peak layer; none without the model, or for a dead latent (no
+    peak layer)."""
+    return None if lens is None or scan.dead[feature] else logit_effects(sae, lens, feature, scan.peak_layer(feature))
 
 
 def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = True) -> Path | None:
@@ -553,7 +567,7 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     scan = scan_run(cfg, run, device, console, progress)
     if cfg.feature is not None:
         contexts = LatentContexts.of(scan, run.store, lens.tokenizer if lens is not None else None, cfg.feature, cfg.context)
-        print_feature(console, scan, cfg.feature, contexts, promoted_of(run.sae, lens, scan, cfg.feature))
+        print_feature(console, scan, cfg.feature, contexts, effects_of(run.sae, lens, scan, cfg.feature))
     console.print(f"scanned {scan.n_rows:,} {scan.split} rows: {summary_line(scan)}")
     if path is None:
         return None

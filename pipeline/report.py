@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: leaves the caller's plotting backend alone
 
-from pipeline.features import DENSE_FREQUENCY, Context, FeatureScan, LatentContexts, breadth_summary, density_histogram
+from pipeline.features import DENSE_FREQUENCY, Context, FeatureScan, LatentContexts, LogitEffects, breadth_summary, density_histogram
 from pipeline.files import write_whole
 
 STYLE = """
@@ -102,17 +102,18 @@ def context_html(context: Context, top_value: float) -> str:
     return f'<div class="ctx">{where}{before}{active}{after}</div>'
 
 
-def promoted_html(promoted: list[tuple[str, float]] | None, n: int | None = None) -> str:
-    if promoted is None:
+def tokens_html(tokens: list[tuple[str, float]] | None, n: int | None = None) -> str:
+    """Ranked tokens, each with its logit in its title; a note where the model did not load (None)."""
+    if tokens is None:
         return '<span class="muted">model not loaded</span>'
-    return "".join(f'<span class="tok" title="logit {value:+.3f}">{escape(text)}</span>' for text, value in promoted[:n])
+    return "".join(f'<span class="tok" title="logit {value:+.3f}">{escape(text)}</span>' for text, value in tokens[:n])
 
 
 def write_html_report(
     path: Path | str,
     scan: FeatureScan,
     contexts: dict[int, LatentContexts],
-    promoted: dict[int, list[tuple[str, float]] | None],
+    effects: dict[int, LogitEffects | None],
     title: str,
     settings: dict,
 ) -> Path:
@@ -129,10 +130,11 @@ def write_html_report(
                             f'the {scan.n_rows:,} {scan.split} rows scanned. <a href="#index">index</a></p></section>')
             continue
         frequency, layer, breadth = float(scan.frequency[feature]), scan.peak_layer(feature), float(scan.layer_breadth[feature])
+        promoted, suppressed = effects[feature] or (None, None)
         density = f'<span class="dense">{frequency:.3%}</span>' if frequency > DENSE_FREQUENCY else f"{frequency:.3%}"
         rows.append(
             f'<tr><td><a href="#f{feature}">{feature}</a></td><td>{density}</td><td>{int(scan.counts[feature]):,}</td>'
-            f"<td>{layer}</td><td>{breadth:.1f}</td><td>{promoted_html(promoted[feature], 5)}</td></tr>"
+            f"<td>{layer}</td><td>{breadth:.1f}</td><td>{tokens_html(promoted, 5)}</td></tr>"
         )
         top_value = max((c.value for c in shown.top), default=1.0)  # the sample's highlights on the same scale
         sampled = (f'<h3>Random activations</h3><p class="muted">{shown.sample_caption(int(scan.counts[feature]))}, largest first</p>'
@@ -145,7 +147,8 @@ def write_html_report(
             f"({float(scan.layer_frequency[feature, layer]):.3%} of its rows), spread over {breadth:.1f} of "
             f'{sum(scan.scanned_layers)} layers. <a href="#index">index</a></p>'
             f'<div class="charts">{feature_charts(scan, feature, histogram)}</div>'
-            f"<h3>Promoted tokens (logit lens at layer {layer})</h3><p>{promoted_html(promoted[feature])}</p>"
+            f"<h3>Promoted tokens (logit lens at layer {layer})</h3><p>{tokens_html(promoted)}</p>"
+            f"<h3>Suppressed tokens</h3><p>{tokens_html(suppressed)}</p>"
             f"<h3>Top activations</h3>{''.join(context_html(c, top_value) for c in shown.top)}{sampled}{by_layer}</section>"
         )
     page = f"""<!doctype html>

@@ -33,15 +33,16 @@ from pipeline.features import (
     LatentContexts,
     LatentRows,
     Lens,
+    LogitEffects,
     breadth_quartiles,
     breadth_summary,
     density_histogram,
     explore_features,
     explore_sweep,
     feature_contexts,
+    logit_effects,
     merge_top,
     print_feature,
-    promoted_tokens,
     sample_priority,
     scan_features,
 )
@@ -358,7 +359,7 @@ def test_the_scan_reads_each_shards_provenance_columns_once(store, sae, monkeypa
     assert {int(s) for kept in (scan.top, scan.sampled, scan.by_layer) for s in kept.shard[kept.rows >= 0].tolist()} == {0, 1}
 
 
-def test_promoted_tokens_are_the_logit_lens_of_the_decoder_direction(sae, tiny_model_dir):
+def test_promoted_and_suppressed_tokens_are_the_logit_lens_of_the_decoder_direction(sae, tiny_model_dir):
     loaded = load_model(str(tiny_model_dir))
     lens = Lens.of(loaded)
     assert lens.final_layer == 4 and torch.equal(lens.unembedding, loaded.model.lm_head.weight)
@@ -372,13 +373,14 @@ def test_promoted_tokens_are_the_logit_lens_of_the_decoder_direction(sae, tiny_m
             2: lm_head(sae.W_dec[feature] / sae.norm_scale[2] * lens.norm_weight),  # earlier ones still pass its weight
         }
     for layer, logits in expected.items():
-        values, ids = logits.topk(7)
-        promoted = promoted_tokens(sae, lens, feature, layer, n_tokens=7)
-        assert [text for text, _ in promoted] == [token_texts(loaded.tokenizer, [i])[0] for i in ids.tolist()]
-        assert [value for _, value in promoted] == pytest.approx(values.tolist(), rel=1e-5)
+        effects = logit_effects(sae, lens, feature, layer, n_tokens=7)
+        for shown, (values, ids) in ((effects.promoted, logits.topk(7)), (effects.suppressed, (-logits).topk(7))):
+            assert [text for text, _ in shown] == [token_texts(loaded.tokenizer, [i])[0] for i in ids.tolist()]
+            assert [value for _, value in shown] == pytest.approx([float(logits[i]) for i in ids], rel=1e-5)
+        assert effects.promoted[-1][1] > 0 > effects.suppressed[-1][1]  # a random direction raises some tokens, lowers others
 
 
-def test_promoted_tokens_are_each_shown_on_their_own(sae, tiny_model_dir):
+def test_ranked_tokens_are_each_shown_on_their_own(sae, tiny_model_dir):
     """Ranked tokens are no text: the bytes of 中 ranked in a row must not be drawn as the character."""
     loaded = load_model(str(tiny_model_dir))
     ids = loaded.tokenizer.encode("中")  # three one-byte tokens in the tiny vocabulary
@@ -388,8 +390,8 @@ def test_promoted_tokens_are_each_shown_on_their_own(sae, tiny_model_dir):
     unembedding = torch.zeros_like(lens.unembedding)
     for i, logit in zip(ids, (3.0, 2.5, 2.0)):
         unembedding[i] = direction * logit / direction.pow(2).sum()
-    promoted = promoted_tokens(sae, replace(lens, unembedding=unembedding), 5, lens.final_layer, n_tokens=3)
-    assert [text for text, _ in promoted] == ["\\xe4", "\\xb8", "\\xad"]
+    effects = logit_effects(sae, replace(lens, unembedding=-unembedding), 5, lens.final_layer, n_tokens=3)
+    assert [text for text, _ in effects.suppressed] == ["\\xe4", "\\xb8", "\\xad"]
 
 
 class ReportParser(HTMLParser):
@@ -446,9 +448,10 @@ def test_tokens_that_look_like_rich_markup_print_as_text(store, sae):
     scan = scan_features(sae, store, "train", None, top=3)
     console = recording_console()
     context = Context(2.0, 3, 7, 2, [1, 2, 3], ["a[/", "[bold]", "x][/y:smile:"], 1)
-    print_feature(console, scan, 2, LatentContexts([context], [], []), [("[/", 1.5), ("[bold]x", 0.5), ("][/", 0.25), (":smile:", 0.125), ("\\xf0", 0.0625)])
+    effects = LogitEffects([("[/", 1.5), ("[bold]x", 0.5), ("][/", 0.25), (":smile:", 0.125), ("\\xf0", 0.0625)], [("[red]", -2.0)])
+    print_feature(console, scan, 2, LatentContexts([context], [], []), effects)
     shown = console.file.getvalue()
-    assert "promotes '[/' +1.5  '[bold]x' +0.5  '][/' +0.25  ':smile:' +0.125  '\\xf0' +0.0625" in shown
+    assert "promotes '[/' +1.5  '[bold]x' +0.5  '][/' +0.25  ':smile:' +0.125  '\\xf0' +0.0625\nsuppresses '[red]' -2\n" in shown
     assert "a[/⟦[bold]⟧x][/y:smile:" in shown
 
 
@@ -482,6 +485,7 @@ def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
     assert len(parser.images) == 2 and all(i.startswith("data:image/png;base64,") for i in parser.images)  # density, layers
     assert parser.charts == [section for section in parser.sections for _ in range(2)]  # layer profile and density
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lens = Lens.of(load_model(str(tiny_model_dir)))
     documents = store.document_tokens()
     for feature in features:
         for heading, kept in (("Top activations", scan.top), ("Random activations", scan.sampled),
@@ -495,6 +499,12 @@ def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
                 assert c["active"] == window[min(pos, 4)] and c["text"] == "".join(window)
         n_fired, n_sampled = int(scan.counts[feature]), int((scan.sampled.rows[feature] >= 0).sum())
         assert f"{n_sampled} of the {n_fired:,} rows it fired on, drawn uniformly, largest first" in page
+        section = page.split(f'id="f{feature}"')[1].split("</section>")[0]
+        effects = logit_effects(sae, lens, feature, scan.peak_layer(feature))
+        for heading, tokens in ((f"Promoted tokens (logit lens at layer {scan.peak_layer(feature)})", effects.promoted),
+                                ("Suppressed tokens", effects.suppressed)):
+            shown = re.findall(r'<span class="tok" title="logit ([^"]+)">(.*?)</span>', section.split(f"<h3>{heading}</h3><p>")[1].split("</p>")[0])
+            assert shown == [(f"{value:+.3f}", html_module.escape(text)) for text, value in tokens]
     assert any(ch in c["text"] for c in parser.contexts for ch in "<>&")  # code tokens survived escaping
 
 
@@ -615,8 +625,9 @@ def test_cli_prints_a_feature_and_rejects_an_unknown_one(store, sae, run_dir, ti
     assert result.returncode == 0, result.stderr
     scan = scan_features(sae, store, "train", 200_000, top=3)
     assert "feature 0" in result.stdout and "dense" in result.stdout
-    promoted = promoted_tokens(sae, Lens.of(load_model(str(tiny_model_dir))), 0, scan.peak_layer(0))
-    assert "promotes " + "  ".join(f"'{text}' {value:+.3g}" for text, value in promoted) in result.stdout
+    effects = logit_effects(sae, Lens.of(load_model(str(tiny_model_dir))), 0, scan.peak_layer(0))
+    assert "promotes " + "  ".join(f"'{text}' {value:+.3g}" for text, value in effects.promoted) in result.stdout
+    assert "suppresses " + "  ".join(f"'{text}' {value:+.3g}" for text, value in effects.suppressed) in result.stdout
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     top, sampled = result.stdout.split("random activations: ")
     sampled, by_layer = sampled.split("top activations at each layer")
