@@ -19,3 +19,5 @@ $bin/sae-features --sae "$run" --n-report-features 40
 echo
 echo "feature report: $(pwd)/$run/features.html"
 echo "evaluation:     $(pwd)/$run/eval/eval.json and recovered.png"
+echo "next, in the terminal: $bin/sae-features --sae $run --feature N   (one latent of the report)"
+echo "                       $bin/sae-features --sae $run --text 'def add(a, b):'   (the latents of a text of your own)"
