@@ -33,6 +33,9 @@ from pipeline.train import run_data
 from pipeline.units import parse_count
 
 DENSE_FREQUENCY = 0.1  # a latent firing on more rows than this is "dense"
+# the bins of each latent's activation histogram: 20 a decade from 0.001 to 10,000 (the first and last also take what
+# lies beyond them); float32, as activations are compared with them
+ACTIVATION_EDGES = torch.logspace(-3, 4, 141, dtype=torch.float64).float()
 BATCH_ROWS = 4096
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -108,6 +111,7 @@ class FeatureScan:
     top: LatentRows  # the rows of each latent's largest activations (of equal ones, the first scanned)
     sampled: LatentRows  # a uniform random sample of the rows each latent fired on (sample_priority)
     by_layer: LatentRows  # [n_latents, n_layers * m]: each latent's top m rows of hidden state 0, then 1, ...
+    activation_counts: torch.Tensor  # [n_latents, len(ACTIVATION_EDGES) - 1] int64 firings in each activation bin
 
     @property
     def counts(self) -> torch.Tensor:
@@ -142,6 +146,23 @@ class FeatureScan:
     def peak_layer(self, feature: int) -> int:
         """The layer on whose rows the latent fires most often."""
         return int(self.layer_frequency[feature].argmax())
+
+    def activation_histogram(self, feature: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The latent's activation histogram from its lowest occupied bin to its highest (log-spaced bins): (counts, their
+        edges, one more); None for a dead latent."""
+        counts = self.activation_counts[feature]
+        occupied = torch.nonzero(counts).flatten()
+        if not len(occupied):
+            return None
+        first, last = int(occupied[0]), int(occupied[-1])
+        return counts[first : last + 1].numpy(), ACTIVATION_EDGES[first : last + 2].numpy()
+
+    def median_activation(self, feature: int) -> float:
+        """The latent's median activation to its histogram's precision: the geometric middle of the bin holding it
+        (within 6% of the median, for activations inside the bins' range)."""
+        cumulative = self.activation_counts[feature].cumsum(0)
+        middle = int(torch.searchsorted(cumulative, (cumulative[-1] + 1) // 2))
+        return float((ACTIVATION_EDGES[middle].double() * ACTIVATION_EDGES[middle + 1].double()).sqrt())
 
     @property
     def layer_breadth(self) -> torch.Tensor:
@@ -196,6 +217,9 @@ def scan_features(
     top_kept = Kept.empty(n_latents, top, torch.float32, device)
     sampled_kept = Kept.empty(n_latents, samples, torch.int64, device)
     layer_kept = Kept.empty(n_latents * n_layers, per_layer, torch.float32, device)  # by (latent, layer)
+    n_bins = len(ACTIVATION_EDGES) - 1
+    inner_edges = ACTIVATION_EDGES[1:-1].to(device)
+    activation_counts = torch.zeros(n_latents * n_bins, dtype=torch.int64, device=device)
     task = progress.add_task("scanning", total=total) if progress is not None else None
     seen = 0  # rows scanned before this batch
     for shard, (rows, layer_ids) in zip(store.shards, picked):
@@ -217,6 +241,8 @@ def scan_features(
             row, slot = fired.nonzero(as_tuple=True)  # in scan order: row by row
             latents, activations, scanned = indices[row, slot], values[row, slot].float(), row + seen
             top_kept = merge_top(top_kept, latents, activations, scanned, activations)
+            bins = torch.bucketize(activations, inner_edges, right=True)  # edges[i] <= activation < edges[i + 1]
+            activation_counts += torch.bincount(latents * n_bins + bins, minlength=n_latents * n_bins)
             if samples:
                 sampled_kept = merge_top(sampled_kept, latents, sample_priority(scanned, latents), scanned, activations)
             if per_layer:
@@ -230,7 +256,7 @@ def scan_features(
     found = _provenance(store, split, picked, torch.cat([k.values for k in kept], 1).cpu(), torch.cat([k.rows for k in kept], 1).cpu())
     top_rows, sampled_rows, layer_rows = (LatentRows(*parts) for parts in zip(*(getattr(found, f.name).split(sizes, 1) for f in fields(found))))
     return FeatureScan(split, total, layer_counts.view(n_latents, n_layers).cpu(), n_rows_by_layer.cpu(), top_rows, sampled_rows,
-                       layer_rows)
+                       layer_rows, activation_counts.view(n_latents, n_bins).cpu())
 
 
 def merge_top(held: Kept, latents: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> Kept:
@@ -436,6 +462,9 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: L
         line = sparkline(rates, scan.scanned_layers)  # a dot: a hidden state not scanned, unlike a blank
         console.print(f"layers 0-{len(rates) - 1} [cyan]{line}[/]  peak layer {peak} ({rates[peak]:.3%} of its rows), "
                       f"spread over {float(scan.layer_breadth[feature]):.1f} of {sum(scan.scanned_layers)} layers")
+        fired, edges = scan.activation_histogram(feature)
+        console.print(f"activations {edges[0]:.3g} [cyan]{sparkline(fired.tolist(), [True] * len(fired))}[/] {edges[-1]:.3g} "
+                      f"(log-spaced bins), median about {scan.median_activation(feature):.3g}")
     if effects is not None:
         # quoted as token_texts shows them: repr would double the backslash of an escape such as \xf0
         for verb, tokens in (("promotes", effects.promoted), ("suppresses", effects.suppressed)):

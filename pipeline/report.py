@@ -77,16 +77,21 @@ def bar_chart_svg(values: np.ndarray, title: str, labels: list[str], axis: tuple
 
 
 def feature_charts(scan: FeatureScan, feature: int, histogram: tuple[np.ndarray, np.ndarray, int]) -> str:
-    """Layer profile (firing rate among each layer's rows) and the density histogram with the latent's bin in red."""
+    """Layer profile (firing rate among each layer's rows), the latent's activation histogram and the density histogram
+    with the latent's bin in red."""
     rates = scan.layer_frequency[feature].numpy() * 100
     layers = [f"layer {layer} (%)" if scanned else f"layer {layer} (not scanned)" for layer, scanned in enumerate(scan.scanned_layers)]
     profile = bar_chart_svg(rates, "layer profile: % of each layer's rows", layers, ("layer 0", f"layer {len(rates) - 1}"))
+    fired, bins = scan.activation_histogram(feature)
+    title = f"activations (log scale), median about {scan.median_activation(feature):.3g}"
+    activations = bar_chart_svg(fired, title, [f"activation {a:.3g} to {b:.3g} (rows)" for a, b in zip(bins[:-1], bins[1:])],
+                                (f"{bins[0]:.3g}", f"{bins[-1]:.3g}"))
     counts, edges, _ = histogram
     frequency = float(scan.frequency[feature])
     where = int(np.clip(np.searchsorted(edges, np.log10(frequency), side="right") - 1, 0, len(counts) - 1)) if frequency > 0 else None
     labels = [f"frequency 10^{a:.2f} to 10^{b:.2f} (latents)" for a, b in zip(edges[:-1], edges[1:])]
     axis = (f"frequency 10^{edges[0]:.1f}", "1")
-    return profile + bar_chart_svg(counts, "density of all latents: this one in red", labels, axis, where)
+    return profile + activations + bar_chart_svg(counts, "density of all latents: this one in red", labels, axis, where)
 
 
 def context_html(context: Context, top_value: float) -> str:

@@ -146,6 +146,11 @@ def test_scan_agrees_with_brute_force(store, sae, n_rows, candidates, layers):
     rates = torch.stack([fired[layer == l].float().mean(0).nan_to_num() for l in range(5)], 1)  # [n_latents, layers]
     torch.testing.assert_close(scan.layer_frequency, rates.double(), check_dtype=False)
     assert torch.equal(scan.top.values, code.T.topk(5, dim=1).values)
+    row, latent = fired.nonzero(as_tuple=True)  # each firing's activation bin, counted per latent
+    bins = np.searchsorted(features.ACTIVATION_EDGES.numpy()[1:-1], code[row, latent].numpy(), side="right")
+    expected = np.zeros(scan.activation_counts.shape, np.int64)
+    np.add.at(expected, (latent.numpy(), bins), 1)
+    assert torch.equal(scan.activation_counts, torch.from_numpy(expected)) and int(scan.activation_counts[0, -1]) == n  # dense: 1e6
     for feature in [0, 2, 5, 17, 100]:
         expected = code[:, feature].topk(5).values
         assert torch.equal(scan.top.values[feature], expected)
@@ -228,11 +233,19 @@ def empty_rows(n_latents: int, m: int) -> LatentRows:
     return LatentRows(torch.zeros(n_latents, m), *[torch.full((n_latents, m), -1) for _ in range(6)])
 
 
+def firing_at(layer_counts: torch.Tensor, activation: float = 1.0) -> torch.Tensor:
+    """A scan's activation_counts where every firing had this activation."""
+    counts = torch.zeros(len(layer_counts), len(features.ACTIVATION_EDGES) - 1, dtype=torch.int64)
+    counts[:, int(np.searchsorted(features.ACTIVATION_EDGES.numpy(), activation, side="right")) - 1] = layer_counts.sum(1)
+    return counts
+
+
 def hand_made_scan() -> FeatureScan:
     """Latent 0 fires on 40 of 120 rows, most of them on layer 1, yet at the higher rate on layer 0 (20 rows);
     latent 1 never fires; latent 2 on 65, at the higher rate on layer 1."""
     layer_counts = torch.tensor([[10, 30], [0, 0], [5, 60]])
-    return FeatureScan("train", 120, layer_counts, torch.tensor([20, 100]), empty_rows(3, 1), empty_rows(3, 1), empty_rows(3, 2))
+    return FeatureScan("train", 120, layer_counts, torch.tensor([20, 100]), empty_rows(3, 1), empty_rows(3, 1), empty_rows(3, 2),
+                       firing_at(layer_counts))
 
 
 def test_the_peak_layer_is_the_one_with_the_highest_rate_not_the_most_rows():
@@ -247,7 +260,7 @@ def test_layer_breadth_counts_the_layers_a_latent_fires_on_by_their_rates(tmp_pa
     left out. Dead: 0. Between, the exp of the entropy of the rates made to sum to 1."""
     rows_by_layer = torch.tensor([20, 0, 100, 40])  # hidden state 1 not scanned
     counts = torch.tensor([[0, 0, 7, 0], [2, 0, 10, 4], [0, 0, 0, 0], [10, 0, 30, 0]])
-    scan = FeatureScan("train", 160, counts, rows_by_layer, empty_rows(4, 1), empty_rows(4, 1), empty_rows(4, 4))
+    scan = FeatureScan("train", 160, counts, rows_by_layer, empty_rows(4, 1), empty_rows(4, 1), empty_rows(4, 4), firing_at(counts))
     mixed = torch.tensor([0.5, 0.3], dtype=torch.float64) / 0.8
     torch.testing.assert_close(scan.layer_breadth, torch.tensor([1.0, 3.0, 0.0, float((-(mixed * mixed.log()).sum()).exp())],
                                                                 dtype=torch.float64))
@@ -266,7 +279,7 @@ def test_layer_breadth_counts_the_layers_a_latent_fires_on_by_their_rates(tmp_pa
 def test_a_latent_firing_on_exactly_a_tenth_of_the_rows_is_not_dense_anywhere(tmp_path):
     """Dense is more than 10%: in float32, 100 / 1000 came out above 0.1 in the terminal and the report."""
     counts = torch.tensor([[100], [1]])
-    scan = FeatureScan("train", 1000, counts, torch.tensor([1000]), empty_rows(2, 1), empty_rows(2, 1), empty_rows(2, 1))
+    scan = FeatureScan("train", 1000, counts, torch.tensor([1000]), empty_rows(2, 1), empty_rows(2, 1), empty_rows(2, 1), firing_at(counts))
     assert scan.dense.tolist() == [False, False] and float(scan.frequency[0]) == 0.1
     console = recording_console()
     print_feature(console, scan, 0, LatentContexts([], [], []), None)
@@ -278,7 +291,7 @@ def test_a_latent_firing_on_exactly_a_tenth_of_the_rows_is_not_dense_anywhere(tm
 def test_a_hidden_state_not_scanned_is_marked_apart_from_one_where_the_latent_is_silent(tmp_path):
     """Scanned with --layers 0,2 (or trained on them): layer 1's rate of 0 is no finding, and layer 3's is."""
     scan = FeatureScan("train", 160, torch.tensor([[10, 0, 30, 0]]), torch.tensor([20, 0, 100, 40]), empty_rows(1, 1),
-                       empty_rows(1, 1), empty_rows(1, 4))
+                       empty_rows(1, 1), empty_rows(1, 4), firing_at(torch.tensor([[10, 0, 30, 0]])))
     console = recording_console()
     print_feature(console, scan, 0, LatentContexts([], [], []), None)
     assert "layers 0-3 █·▅   peak layer 0" in console.file.getvalue()
@@ -483,7 +496,7 @@ def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
     assert settings == {**asdict(FeaturesConfig(sae=str(run_dir), html=str(html), n_report_features=6, top=4, context=4)),
                         "shards": store.url, "layers": [0, 1, 2, 3, 4]}  # what made the report, resolved
     assert len(parser.images) == 2 and all(i.startswith("data:image/png;base64,") for i in parser.images)  # density, layers
-    assert parser.charts == [section for section in parser.sections for _ in range(2)]  # layer profile and density
+    assert parser.charts == [section for section in parser.sections for _ in range(3)]  # layer profile, activations, density
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     lens = Lens.of(load_model(str(tiny_model_dir)))
     documents = store.document_tokens()
@@ -797,3 +810,24 @@ def test_text_asks_for_model_where_the_stores_does_not_load(run_dir, store, monk
     with pytest.raises(CrosscodersError, match=f"^could not load model .* \\(the model {store.url} was cached from; if it has "
                                                "moved, pass --model\\)$"):
         explore_text(FeaturesConfig(sae=str(run_dir), text=TEXT), QUIET)
+
+
+def test_a_latents_activation_histogram_and_median(store, sae):
+    scan = scan_features(sae, store, "train", None, top=3)
+    rows = all_rows(store, "train")
+    with torch.no_grad():
+        values, indices = sae.encode(rows["acts"], torch.from_numpy(rows["layer"].astype(np.int64)))
+    for feature in (2, 5, 17, 100):
+        fired = values[indices == feature]
+        fired = fired[fired > 0].sort().values
+        counts, edges = scan.activation_histogram(feature)
+        assert counts.sum() == len(fired) and counts[0] > 0 and counts[-1] > 0 and len(edges) == len(counts) + 1
+        assert edges[0] <= fired[0] < edges[1] and edges[-2] <= fired[-1] < edges[-1]
+        median = float(fired[(len(fired) - 1) // 2])  # the lower median
+        assert median / 1.06 < scan.median_activation(feature) < median * 1.06
+    assert scan.activation_histogram(1) is None  # dead
+    console = recording_console()
+    print_feature(console, scan, 5, LatentContexts([], [], []), None)
+    counts, edges = scan.activation_histogram(5)
+    line = f"activations {edges[0]:.3g} {features.sparkline(counts.tolist(), [True] * len(counts))} {edges[-1]:.3g} (log-spaced bins), "
+    assert line + f"median about {scan.median_activation(5):.3g}\n" in console.file.getvalue()
