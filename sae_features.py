@@ -1,4 +1,5 @@
-"""`sae-features`: what the SAE's latents mean: density, layer profile, top contexts, promoted tokens, an HTML report."""
+"""`sae-features`: what the SAE's latents mean: density, layer profile, activations, top contexts, promoted and suppressed tokens,
+an HTML report; or the latents of a text of one's own (--text)."""
 
 from pipeline.errors import importing_quietly
 

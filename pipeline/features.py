@@ -1,5 +1,5 @@
-"""What the SAE's latents mean: density, layer profile, top-activating contexts, a random sample of the rows each fires on
-and the tokens each promotes and suppresses, from one pass over stored rows."""
+"""What the SAE's latents mean: density, layer profile, activation histogram, top-activating contexts, a random sample of
+the rows each fires on and the tokens each promotes and suppresses, from one pass over stored rows."""
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -57,7 +57,8 @@ class FeaturesConfig:
                                 parse_rows, str)
     layers: str = option("trained", "Hidden states whose rows are scanned: trained (those the SAE was trained on), all (the "
                                     "store's), 0-24, or 4,8,12.")
-    feature: int | None = option(None, "Print this latent in the terminal: contexts, density, layer profile, promoted and suppressed tokens.")
+    feature: int | None = option(None, "Print this latent in the terminal: contexts, density, layer profile, activations, promoted "
+                                       "and suppressed tokens.")
     text: str | None = option(None, "Instead of scanning the store, run the model over this text (as given: paste a chat template's "
                                     "markup to see it as in a chat) and print the latents firing most on each token over --layers, "
                                     "or with --feature that latent's activation on each token at each hidden state.")
@@ -452,7 +453,8 @@ def sparkline(values: list[float], measured: list[bool]) -> str:
 
 
 def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: LatentContexts, effects: LogitEffects | None):
-    """The latent in the terminal: density, layer profile as a sparkline, contexts with the activating token highlighted."""
+    """The latent in the terminal: density, layer profile and activation histogram as sparklines, promoted and suppressed
+    tokens, contexts with the activating token highlighted."""
     count, frequency = int(scan.counts[feature]), float(scan.frequency[feature])
     kind = " [red]dead[/]" if count == 0 else " [yellow]dense[/]" if frequency > DENSE_FREQUENCY else ""
     console.print(f"[bold]feature {feature}[/]{kind}: fires on {count:,} of {scan.n_rows:,} {scan.split} rows ({frequency:.3%})")
@@ -544,8 +546,8 @@ def load_lens(cfg: FeaturesConfig, store: Store, console: Console) -> Lens | Non
     try:
         loaded = load_model(spec)
     except (CrosscodersError, OSError) as error:
-        print_note(f"model {spec!r} did not load ({error}): no promoted or suppressed tokens, contexts shown as token ids (--model names it)",
-                   console)
+        print_note(f"model {spec!r} did not load ({error}): no promoted or suppressed tokens, contexts shown as token ids "
+                   "(--model names it)", console)
         return None
     check_model_of_store(loaded.info, store)
     return Lens.of(loaded)
