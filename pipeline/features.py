@@ -59,9 +59,11 @@ class FeaturesConfig:
                                     "store's), 0-24, or 4,8,12.")
     feature: int | None = option(None, "Print this latent in the terminal: contexts, density, layer profile, activations, promoted "
                                        "and suppressed tokens.")
-    text: str | None = option(None, "Instead of scanning the store, run the model over this text (as given: paste a chat template's "
-                                    "markup to see it as in a chat) and print the latents firing most on each token over --layers, "
-                                    "or with --feature that latent's activation on each token at each hidden state.")
+    text: str | None = option(None, "Instead of scanning the store, run the model over this text (as given, or with --prompt in the "
+                                    "chat) and print the latents firing most on each token over --layers, or with --feature that "
+                                    "latent's activation on each token at each hidden state.")
+    prompt: str | None = option(None, "With --text: show the text as the assistant's answer to this user prompt, in the model's chat "
+                                      "template after the store's system prompt, as cache-acts renders a corpus's documents.")
     top: int = option(10, "Top-activating contexts kept per latent (with --text: latents shown per token).")
     samples: int = option(10, "Contexts sampled at random from the rows each latent fires on, shown beside its top ones: what it "
                               "does typically, not only at its strongest; 0: none.")
@@ -79,6 +81,8 @@ class FeaturesConfig:
     def __post_init__(self):
         if self.text is not None and self.html is not None:
             raise CrosscodersError("--text prints to the terminal and writes no report; drop --html")
+        if self.prompt is not None and self.text is None:
+            raise CrosscodersError("--prompt is the user's turn before --text's answer; pass --text too")
         if self.split not in SPLITS:
             raise CrosscodersError(f"--split {self.split!r} is unknown; use one of {', '.join(SPLITS)}")
         if min(self.top, self.n_report_features) < 1 or min(self.context, self.samples, self.per_layer) < 0:

@@ -1,6 +1,7 @@
 """The latents an SAE fires on a text of one's own (`sae-features --text`): the model run over it, each recorded
 position's hidden states encoded, shown token by token or, for one latent, token by token at each hidden state."""
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.cli import local_path
+from pipeline.corpus import SYSTEM_PROMPT, Document, chat_messages, tokenize_document
 from pipeline.devices import resolve_device, resolve_model_dtype
 from pipeline.errors import CrosscodersError
 from pipeline.evaluate import load_model_of_store, sweep_runs
@@ -52,13 +54,19 @@ class TextLatents:
 
 
 @torch.no_grad()
-def text_latents(loaded: LoadedModel, sae: TopKSAE, skipped: SkippedPositions, text: str, layers: list[int]) -> TextLatents:
-    """Runs the model over text, as given (no chat template added), and encodes each recorded position's hidden state at
-    each of layers."""
+def text_latents(loaded: LoadedModel, sae: TopKSAE, skipped: SkippedPositions, text: str, layers: list[int],
+                 prompt: str | None = None, system_prompt: str = SYSTEM_PROMPT) -> TextLatents:
+    """Runs the model over text and encodes each recorded position's hidden state at each of layers. The text is taken as
+    given, or with a prompt, as the assistant's answer to it after system_prompt, in the model's chat template."""
     if not text.strip():
         raise CrosscodersError("--text is empty; pass the text whose latents to show, e.g. --text 'def add(a, b):'")
     tokenizer, model = loaded.tokenizer, loaded.model
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if prompt is None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    elif not tokenizer.chat_template:
+        raise CrosscodersError(f"model {loaded.info.name} has no chat template to put --prompt and --text in; drop --prompt")
+    else:  # as cache-acts tokenizes a corpus's chat documents
+        ids = tokenize_document(Document(0, chat_messages(system_prompt, prompt, text), None), tokenizer, sys.maxsize)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and len(ids) > limit:
         raise CrosscodersError(f"--text is {len(ids):,} tokens, over the model's {limit:,}; shorten it")
@@ -143,7 +151,9 @@ def explore_text(cfg: FeaturesConfig, console: Console) -> TextLatents:
     run = open_run(cfg, folder, device)
     store = run.store
     loaded = load_model_of_store(store, cfg.model, device, resolve_model_dtype("auto", device, store.metadata.get("model_dtype")))
-    found = text_latents(loaded, run.sae, SkippedPositions.from_dict(store.metadata["skipped"]), cfg.text, run.layers)
+    system_prompt = store.metadata.get("corpus", {}).get("system_prompt") or SYSTEM_PROMPT  # a store recording none: the default
+    found = text_latents(loaded, run.sae, SkippedPositions.from_dict(store.metadata["skipped"]), cfg.text, run.layers, cfg.prompt,
+                         system_prompt)
     if cfg.feature is None:
         print_text_latents(console, found, cfg.top)
     else:

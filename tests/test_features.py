@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 import pipeline.evaluate
 from pipeline import features
 from pipeline.cache import CacheConfig, cache_activations
-from pipeline.corpus import CorpusConfig
+from pipeline.corpus import CorpusConfig, Document, chat_messages, tokenize_document
 from pipeline.errors import CrosscodersError
 from pipeline.features import (
     Context,
@@ -831,3 +831,21 @@ def test_a_latents_activation_histogram_and_median(store, sae):
     counts, edges = scan.activation_histogram(5)
     line = f"activations {edges[0]:.3g} {features.sparkline(counts.tolist(), [True] * len(counts))} {edges[-1]:.3g} (log-spaced bins), "
     assert line + f"median about {scan.median_activation(5):.3g}\n" in console.file.getvalue()
+
+
+def test_a_prompt_puts_the_text_in_the_chat_as_cache_acts_renders_documents(store, sae, run_dir, tiny_model_dir):
+    answer = "def add(a, b):\n    return a + b\n"
+    found = explore_text(FeaturesConfig(sae=str(run_dir), text=answer, prompt="Add them."), recording_console())
+    loaded = load_model(str(tiny_model_dir))
+    system_prompt = store.metadata["corpus"]["system_prompt"]
+    assert found.token_ids == tokenize_document(Document(0, chat_messages(system_prompt, "Add them.", answer), None), loaded.tokenizer, 10**6)
+    skipped = SkippedPositions.from_dict(store.metadata["skipped"])
+    assert len(skipped.shared_prefix) > 5 and found.token_ids[: len(skipped.shared_prefix)] == list(skipped.shared_prefix)
+    assert found.recorded == (~skipped.mask(np.asarray(found.token_ids))).tolist() and not any(found.recorded[: len(skipped.shared_prefix)])
+    other = text_latents(loaded, sae, skipped, answer, [2], prompt="Add them.", system_prompt="Be brief.")
+    assert loaded.tokenizer.decode(other.token_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    loaded.tokenizer.chat_template = None
+    with pytest.raises(CrosscodersError, match=r"^model .* has no chat template to put --prompt and --text in; drop --prompt$"):
+        text_latents(loaded, sae, skipped, answer, [2], prompt="Add them.")
+    with pytest.raises(CrosscodersError, match=r"^--prompt is the user's turn before --text's answer; pass --text too$"):
+        FeaturesConfig(sae=str(run_dir), prompt="Add them.")
