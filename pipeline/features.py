@@ -444,9 +444,11 @@ def logit_effects(sae: TopKSAE, lens: Lens, feature: int, layer: int, n_tokens: 
     return LogitEffects(shown(True), shown(False))
 
 
-def highlight_rgb(fraction: float) -> tuple[int, int, int]:
-    """Background of an activating token: pale to orange as its activation nears the latent's maximum."""
-    return 255, round(235 - 115 * fraction), round(200 - 200 * fraction)
+def highlighted(console: Console, token: str, fraction: float) -> Text:
+    """An activating token, its background pale to orange as its activation nears the latent's maximum (fraction of it);
+    marked ⟦ ⟧ on a console without colour, so that it still shows."""
+    style = f"bold black on rgb(255,{round(235 - 115 * fraction)},{round(200 - 200 * fraction)})"
+    return Text(token if console.color_system else f"⟦{token}⟧", style=style)
 
 
 def sparkline(values: list[float], measured: list[bool]) -> str:
@@ -487,10 +489,10 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: L
 def print_context(console: Console, c: Context, top: float):
     """One context on one line, the activating token highlighted by its activation relative to top."""
     line = Text(f"{c.value:8.3f}  L{c.layer:<3d} doc {c.doc} pos {c.pos}  ", style="dim")
-    active = c.tokens[c.center] if console.color_system else f"⟦{c.tokens[c.center]}⟧"  # still visible without colour
+    active = highlighted(console, c.tokens[c.center], c.value / top)
     # at most half the room left of the activating token, so a long left context never pushes it off the line
-    line.append(left_cropped("".join(c.tokens[: c.center]), (console.width - line.cell_len - cell_len(active)) // 2))
-    line.append(active, style="bold black on rgb({},{},{})".format(*highlight_rgb(c.value / top)))
+    line.append(left_cropped("".join(c.tokens[: c.center]), (console.width - line.cell_len - active.cell_len) // 2))
+    line.append_text(active)
     line.append("".join(c.tokens[c.center + 1 :]))
     console.print(line, no_wrap=True, overflow="ellipsis")
 

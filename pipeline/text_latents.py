@@ -16,7 +16,7 @@ from pipeline.corpus import SYSTEM_PROMPT, Document, chat_messages, tokenize_doc
 from pipeline.devices import resolve_device, resolve_model_dtype
 from pipeline.errors import CrosscodersError
 from pipeline.evaluate import load_model_of_store, sweep_runs
-from pipeline.features import FeaturesConfig, highlight_rgb, open_run
+from pipeline.features import FeaturesConfig, highlighted, open_run
 from pipeline.hidden_states import capture_rows
 from pipeline.models import LoadedModel
 from pipeline.positions import SkippedPositions
@@ -75,7 +75,8 @@ def text_latents(loaded: LoadedModel, sae: TopKSAE, skipped: SkippedPositions, t
         raise CrosscodersError("--text has no position the store records (it records neither the first position, nor special "
                                "tokens, nor the chat template's shared start); pass a longer text")
     device = next(model.parameters()).device
-    positions = torch.from_numpy(np.flatnonzero(recorded)).to(device)
+    kept = torch.from_numpy(np.flatnonzero(recorded))
+    positions = kept.to(device)
     input_ids = torch.tensor([ids], device=device)
     selections = {layer: (torch.zeros_like(positions), positions) for layer in layers}
     captured = capture_rows(model, input_ids, torch.ones_like(input_ids), selections)
@@ -85,8 +86,8 @@ def text_latents(loaded: LoadedModel, sae: TopKSAE, skipped: SkippedPositions, t
     sae_device, sae_dtype = sae.W_enc.device, sae.W_enc.dtype
     for i, layer in enumerate(layers):
         top_values, top_indices = sae.encode(captured[layer].to(sae_device, sae_dtype), layer)
-        values[i, positions.cpu()] = top_values.float().cpu()
-        indices[i, positions.cpu()] = top_indices.cpu()
+        values[i, kept] = top_values.float().cpu()
+        indices[i, kept] = top_indices.cpu()
     return TextLatents(ids, token_texts(tokenizer, ids), recorded.tolist(), layers, values, indices)
 
 
@@ -134,8 +135,7 @@ def print_text_feature(console: Console, found: TextLatents, feature: int):
         line = Text(f"L{layer:<3d} ", style="dim")
         for token, value, recorded in zip(found.tokens, acts[i].tolist(), found.recorded):
             if value > 0:
-                shown = token if console.color_system else f"⟦{token}⟧"  # still visible without colour
-                line.append(shown, style="bold black on rgb({},{},{})".format(*highlight_rgb(value / top)))
+                line.append_text(highlighted(console, token, value / top))
             else:
                 line.append(token, style=None if recorded else "dim")
         console.print(line)
