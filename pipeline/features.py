@@ -488,7 +488,7 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: L
 
 def print_context(console: Console, c: Context, top: float):
     """One context on one line, the activating token highlighted by its activation relative to top."""
-    line = Text(f"{c.value:8.3f}  L{c.layer:<3d} doc {c.doc} pos {c.pos}  ", style="dim")
+    line = Text.assemble((f"{c.value:8.3f}  L{c.layer:<3d} doc {c.doc} pos {c.pos}  ", "dim"))  # the context itself not dim
     active = highlighted(console, c.tokens[c.center], c.value / top)
     # at most half the room left of the activating token, so a long left context never pushes it off the line
     line.append(left_cropped("".join(c.tokens[: c.center]), (console.width - line.cell_len - active.cell_len) // 2))

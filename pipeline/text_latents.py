@@ -132,7 +132,7 @@ def print_text_feature(console: Console, found: TextLatents, feature: int):
                        f"'{found.tokens[position]}' (pos {position}); fires on {int((acts > 0).sum()):,} of "
                        f"{sum(found.recorded) * len(found.layers):,} (token, hidden state) pairs"))
     for i, layer in enumerate(found.layers):
-        line = Text(f"L{layer:<3d} ", style="dim")
+        line = Text.assemble((f"L{layer:<3d} ", "dim"))  # the tokens not recorded alone dim
         for token, value, recorded in zip(found.tokens, acts[i].tolist(), found.recorded):
             if value > 0:
                 line.append_text(highlighted(console, token, value / top))

@@ -52,7 +52,7 @@ from pipeline.positions import SkippedPositions
 from pipeline.report import context_html, write_html_report
 from pipeline.sae import SAEConfig, TopKSAE, load
 from pipeline.store import Store, create_or_open, proportional_quota
-from pipeline.text_latents import explore_text, layer_ranges, text_latents
+from pipeline.text_latents import TextLatents, explore_text, layer_ranges, print_text_feature, text_latents
 from pipeline.token_text import token_texts
 from pipeline.train import CHECKPOINT, DATA_FILE, TRAIN_CONFIG_FILE
 
@@ -849,3 +849,16 @@ def test_a_prompt_puts_the_text_in_the_chat_as_cache_acts_renders_documents(stor
         text_latents(loaded, sae, skipped, answer, [2], prompt="Add them.")
     with pytest.raises(CrosscodersError, match=r"^--prompt is the user's turn before --text's answer; pass --text too$"):
         FeaturesConfig(sae=str(run_dir), prompt="Add them.")
+
+
+def test_in_colour_only_the_labels_and_unrecorded_tokens_are_dim():
+    """A line's dim label dimmed the whole line: a context's tokens, and --text's recorded tokens like its unrecorded ones."""
+    console = Console(file=io.StringIO(), force_terminal=True, color_system="truecolor", width=200)
+    features.print_context(console, Context(2.0, 3, 7, 2, [1, 2, 3], ["ab", "cd", "ef"], 1), 4.0)
+    found = TextLatents([1, 2, 3], ["<s>", "ab", "cd"], [False, True, True], [0], torch.tensor([[[0.0], [0.0], [2.0]]]),
+                        torch.tensor([[[-1], [5], [7]]]))
+    print_text_feature(console, found, 7)
+    shown = console.file.getvalue()
+    dim = "\x1b[2m"
+    assert f"{dim}   2.000  L3   doc 7 pos 2  \x1b[0mab\x1b[1;30;48;2;255;178;100mcd\x1b[0mef\n" in shown
+    assert f"{dim}L0   \x1b[0m{dim}<s>\x1b[0mab\x1b[1;30;48;2;255;120;0mcd\x1b[0m\n" in shown
