@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def run(features: FeaturesConfig) -> None:
-    if features.text is not None:
+    if features.reads_text:
         explore_text(features, Console())
     elif sweep_runs(local_path(features.sae, "--sae")):
         print_sweep(explore_sweep(features, Console(stderr=True)))

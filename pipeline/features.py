@@ -62,6 +62,7 @@ class FeaturesConfig:
     text: str | None = option(None, "Instead of scanning the store, run the model over this text (as given, or with --prompt in the "
                                     "chat) and print the latents firing most on each token over --layers, or with --feature that "
                                     "latent's activation on each token at each hidden state.")
+    text_file: str | None = option(None, "--text read from this file, as it is (its last newline too); -: standard input.")
     prompt: str | None = option(None, "With --text: show the text as the assistant's answer to this user prompt, in the model's chat "
                                       "template after the store's system prompt, as cache-acts renders a corpus's documents.")
     top: int = option(10, "Top-activating contexts kept per latent (with --text: latents shown per token).")
@@ -79,9 +80,11 @@ class FeaturesConfig:
     device: str = option("auto", "Device for encoding: auto, cpu, cuda, cuda:1, ...")
 
     def __post_init__(self):
-        if self.text is not None and self.html is not None:
+        if self.text is not None and self.text_file is not None:
+            raise CrosscodersError("--text and --text-file both give the text; pass one")
+        if self.reads_text and self.html is not None:
             raise CrosscodersError("--text prints to the terminal and writes no report; drop --html")
-        if self.prompt is not None and self.text is None:
+        if self.prompt is not None and not self.reads_text:
             raise CrosscodersError("--prompt is the user's turn before --text's answer; pass --text too")
         if self.split not in SPLITS:
             raise CrosscodersError(f"--split {self.split!r} is unknown; use one of {', '.join(SPLITS)}")
@@ -89,6 +92,11 @@ class FeaturesConfig:
             raise CrosscodersError(f"--top and --n-report-features must be positive, --context, --samples and --per-layer at "
                                    f"least 0; got {self.top}, {self.n_report_features}, {self.context}, {self.samples} and "
                                    f"{self.per_layer}")
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether a text of one's own is shown (--text or --text-file) instead of the store scanned."""
+        return self.text is not None or self.text_file is not None
 
 
 @dataclass(frozen=True)

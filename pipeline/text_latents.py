@@ -141,8 +141,30 @@ def print_text_feature(console: Console, found: TextLatents, feature: int):
         console.print(line)
 
 
+def text_of(cfg: FeaturesConfig) -> str:
+    """--text, or the UTF-8 text of the file --text-file names (-: standard input), as it is."""
+    if cfg.text_file is None:
+        return cfg.text
+    if cfg.text_file == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = local_path(cfg.text_file, "--text-file").read_bytes()
+        except OSError as error:
+            raise CrosscodersError(f"cannot read --text-file {cfg.text_file} ({error.strerror or error}); pass a text file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CrosscodersError(f"--text-file {cfg.text_file} is not UTF-8 text (byte {error.start:,} is not); convert it, e.g. with "
+                               "iconv -t utf-8") from None
+    if not text.strip():
+        raise CrosscodersError(f"--text-file {cfg.text_file} is empty; pass a file with the text whose latents to show")
+    return text
+
+
 def explore_text(cfg: FeaturesConfig, console: Console) -> TextLatents:
     """`sae-features --text`: the run's SAE on the text at --layers, printed; the store is read for its metadata alone."""
+    text = text_of(cfg)
     folder = local_path(cfg.sae, "--sae")
     runs = sweep_runs(folder)
     if runs:
@@ -152,7 +174,7 @@ def explore_text(cfg: FeaturesConfig, console: Console) -> TextLatents:
     store = run.store
     loaded = load_model_of_store(store, cfg.model, device, resolve_model_dtype("auto", device, store.metadata.get("model_dtype")))
     system_prompt = store.metadata.get("corpus", {}).get("system_prompt") or SYSTEM_PROMPT  # a store recording none: the default
-    found = text_latents(loaded, run.sae, SkippedPositions.from_dict(store.metadata["skipped"]), cfg.text, run.layers, cfg.prompt,
+    found = text_latents(loaded, run.sae, SkippedPositions.from_dict(store.metadata["skipped"]), text, run.layers, cfg.prompt,
                          system_prompt)
     if cfg.feature is None:
         print_text_latents(console, found, cfg.top)

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import asdict, replace
 from html.parser import HTMLParser
 from pathlib import Path
@@ -792,7 +793,7 @@ def test_text_latents_print_per_token_and_for_one_latent_per_layer(store, sae, r
         FeaturesConfig(sae=str(run_dir), text=TEXT, html="r.html")
 
 
-def test_cli_shows_the_latents_of_a_text(store, sae, run_dir, tiny_model_dir):
+def test_cli_shows_the_latents_of_a_text(store, sae, run_dir, tiny_model_dir, tmp_path):
     result = cli("--sae", str(run_dir), "--text", "def add(a, b):\n    return a + b\n", "--top", "2", "--layers", "3")
     assert result.returncode == 0, result.stderr
     found = text_latents(load_model(str(tiny_model_dir)), sae, SkippedPositions.from_dict(store.metadata["skipped"]),
@@ -800,6 +801,42 @@ def test_cli_shows_the_latents_of_a_text(store, sae, run_dir, tiny_model_dir):
     assert "over hidden states 3" in result.stdout and not (run_dir / "features.html").exists()
     latent, value, _ = found.strongest(len(found.tokens) - 1, 1)[0]
     assert f"{latent} {value:.2f} (3)" in result.stdout.splitlines()[-2]  # the last token's row (a blank line ends the table)
+    path = tmp_path / "add.py"
+    path.write_text("def add(a, b):\n    return a + b\n")
+    from_file = cli("--sae", str(run_dir), "--text-file", str(path), "--top", "2", "--layers", "3")
+    assert from_file.returncode == 0 and from_file.stdout == result.stdout, from_file.stderr
+
+
+def test_a_text_file_or_standard_input_gives_the_text_as_it_is(store, sae, run_dir, tmp_path, monkeypatch):
+    path = tmp_path / "add.py"
+    path.write_bytes(TEXT.encode())  # its last newline is part of the text, as --text "$(cat f)" would drop it
+    want = explore_text(FeaturesConfig(sae=str(run_dir), text=TEXT), QUIET)
+    found = explore_text(FeaturesConfig(sae=str(run_dir), text_file=str(path)), QUIET)
+    assert found.token_ids == want.token_ids and found.tokens[-1].endswith("⏎")
+    torch.testing.assert_close(found.values, want.values)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(TEXT.encode())))
+    assert explore_text(FeaturesConfig(sae=str(run_dir), text_file="-"), QUIET).token_ids == want.token_ids
+    answer = tmp_path / "answer.py"
+    answer.write_text("def add(a, b):\n    return a + b\n")
+    prompted = explore_text(FeaturesConfig(sae=str(run_dir), text_file=str(answer), prompt="Add them."), QUIET)
+    assert prompted.token_ids == explore_text(FeaturesConfig(sae=str(run_dir), text=answer.read_text(), prompt="Add them."), QUIET).token_ids
+
+
+def test_a_text_file_that_cannot_be_read_as_text_is_refused(run_dir, tmp_path):
+    (tmp_path / "latin1.py").write_bytes("# café\n".encode("latin-1"))
+    (tmp_path / "blank.py").write_text(" \n\n")
+    for name, message in (("missing.py", r"cannot read --text-file .*missing\.py \(No such file or directory\); pass a text file"),
+                          (".", r"cannot read --text-file \. \(Is a directory\); pass a text file"),
+                          ("latin1.py", r"--text-file .*latin1\.py is not UTF-8 text \(byte 5 is not\); convert it, e\.g\. with iconv"),
+                          ("blank.py", r"--text-file .*blank\.py is empty; pass a file with the text")):
+        text_file = name if name == "." else str(tmp_path / name)
+        with pytest.raises(CrosscodersError, match=f"^{message}"):
+            explore_text(FeaturesConfig(sae=str(run_dir), text_file=text_file), QUIET)
+    with pytest.raises(CrosscodersError, match=r"^--text and --text-file both give the text; pass one$"):
+        FeaturesConfig(sae=str(run_dir), text=TEXT, text_file="f.py")
+    with pytest.raises(CrosscodersError, match=r"^--text prints to the terminal and writes no report; drop --html$"):
+        FeaturesConfig(sae=str(run_dir), text_file="f.py", html="r.html")
+    FeaturesConfig(sae=str(run_dir), text_file="f.py", prompt="Add them.")  # --prompt goes with either
 
 
 def test_text_asks_for_model_where_the_stores_does_not_load(run_dir, store, monkeypatch):
