@@ -73,7 +73,8 @@ class FeaturesConfig:
     context: int = option(12, "Tokens of context shown on each side of the activating token.")
     html: str | None = option(
         None, "HTML report path; default RUN/features.html, RUN/features-checkpoint.html for RUN/checkpoint (with --feature, "
-              "written only when given). For a sweep, a folder that gets RUN.html for each run."
+              "written only when given). For a sweep, a folder that gets RUN.html for each run. With --text, a page of the "
+              "text's latents, written only when given."
     )
     n_report_features: int = option(50, "Latents in the HTML report: half the most frequent alive ones, half random alive ones.")
     model: str | None = option(None, "Model for the tokenizer and unembedding; default: the store's model.")
@@ -82,8 +83,6 @@ class FeaturesConfig:
     def __post_init__(self):
         if self.text is not None and self.text_file is not None:
             raise CrosscodersError("--text and --text-file both give the text; pass one")
-        if self.reads_text and self.html is not None:
-            raise CrosscodersError("--text prints to the terminal and writes no report; drop --html")
         if self.prompt is not None and not self.reads_text:
             raise CrosscodersError("--prompt is the user's turn before --text's answer; pass --text too")
         if self.split not in SPLITS:
@@ -515,17 +514,23 @@ def left_cropped(text: str, width: int) -> str:
 
 
 def report_path(cfg: FeaturesConfig, sae_dir: Path) -> Path | None:
-    """Where the HTML report goes (None when --feature alone is printed), its folder made and checked before the scan."""
+    """Where the HTML report goes (None when --feature alone is printed), its folder checked before the scan."""
     if cfg.feature is not None and cfg.html is None:
         return None
-    if cfg.html is not None and cfg.html.endswith("/"):
-        raise CrosscodersError(f"--html {cfg.html} names a folder; pass a file path such as {cfg.html}features.html")
-    path = local_path(cfg.html, "--html") if cfg.html is not None else default_output(sae_dir, "features.html")
+    return html_path(cfg.html, default_output(sae_dir, "features.html"))
+
+
+def html_path(html: str | None, default: Path) -> Path:
+    """--html's file (default where not given), its folder checked to be writable; a folder or another kind of file,
+    which the page would replace, refused."""
+    if html is not None and html.endswith("/"):
+        raise CrosscodersError(f"--html {html} names a folder; pass a file path such as {html}{default.name}")
+    path = local_path(html, "--html") if html is not None else default
     check_output_folder(path.parent, "--html")
     if path.is_dir():  # its folder is readable: checked above
-        raise CrosscodersError(f"--html {path} is a folder; pass a file path such as {path / 'features.html'}")
+        raise CrosscodersError(f"--html {path} is a folder; pass a file path such as {path / default.name}")
     if path.suffix.lower() not in (".html", ".htm"):  # a slip such as --html RUN/cfg.json would replace that file
-        raise CrosscodersError(f"--html {cfg.html} is not an .html file, and the report replaces what it names; pass a path "
+        raise CrosscodersError(f"--html {html} is not an .html file, and the report replaces what it names; pass a path "
                                "ending in .html")
     return path
 

@@ -94,15 +94,18 @@ def feature_charts(scan: FeatureScan, feature: int, histogram: tuple[np.ndarray,
     return profile + activations + bar_chart_svg(counts, "density of all latents: this one in red", labels, axis, where)
 
 
+def active_span(token: str, fraction: float, title: str) -> str:
+    """A token in a span whose background grows with its activation (fraction of the largest shown), title on hover."""
+    return (f'<span class="act" style="background: rgba(255, 120, 0, {0.15 + 0.85 * fraction:.2f})" '
+            f'title="{escape(title)}">{escape(token)}</span>')
+
+
 def context_html(context: Context, top_value: float) -> str:
     """One context on one line, the activating token in a span whose background grows with its activation."""
     before = escape("".join(context.tokens[: context.center]))
     after = escape("".join(context.tokens[context.center + 1 :]))
-    alpha = 0.15 + 0.85 * context.value / top_value
-    active = (
-        f'<span class="act" style="background: rgba(255, 120, 0, {alpha:.2f})" '
-        f'title="activation {context.value:.4g} at layer {context.layer}">{escape(context.tokens[context.center])}</span>'
-    )
+    active = active_span(context.tokens[context.center], context.value / top_value,
+                         f"activation {context.value:.4g} at layer {context.layer}")
     where = f'<span class="where">{context.value:8.3f}  L{context.layer} doc {context.doc} pos {context.pos}</span>'
     return f'<div class="ctx">{where}{before}{active}{after}</div>'
 

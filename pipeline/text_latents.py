@@ -2,7 +2,8 @@
 position's hidden states encoded, shown token by token or, for one latent, token by token at each hidden state."""
 
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from pipeline.corpus import SYSTEM_PROMPT, Document, chat_messages, tokenize_doc
 from pipeline.devices import resolve_device, resolve_model_dtype
 from pipeline.errors import CrosscodersError
 from pipeline.evaluate import load_model_of_store, sweep_runs
-from pipeline.features import FeaturesConfig, highlighted, open_run
+from pipeline.features import FeaturesConfig, OpenedRun, highlighted, html_path, open_run
 from pipeline.hidden_states import capture_rows
 from pipeline.models import LoadedModel
 from pipeline.positions import SkippedPositions
@@ -51,6 +52,15 @@ class TextLatents:
             at = firing & (indices == latent)
             found.append((latent, float(values[at].max()), [self.layers[i] for i in torch.nonzero(at.any(1)).flatten().tolist()]))
         return sorted(found, key=lambda item: (-item[1], item[0]))[:n]
+
+    def strongest_latents(self, n: int) -> list[int]:
+        """The n latents of largest activation anywhere on the text, largest first; of equal ones, the lower first."""
+        firing = self.values > 0
+        latents, values = self.indices[firing], self.values[firing]
+        if not len(latents):
+            return []
+        best = torch.zeros(int(latents.max()) + 1).scatter_reduce(0, latents, values, "amax")
+        return sorted(torch.unique(latents).tolist(), key=lambda latent: (-float(best[latent]), latent))[:n]
 
 
 @torch.no_grad()
@@ -169,6 +179,7 @@ def explore_text(cfg: FeaturesConfig, console: Console) -> TextLatents:
     runs = sweep_runs(folder)
     if runs:
         raise CrosscodersError(f"--text reads one SAE, and {folder} holds a sweep; pass one of its runs, e.g. --sae {runs[0]}")
+    path = html_path(cfg.html, Path("text.html")) if cfg.html is not None else None
     device = resolve_device(cfg.device)
     run = open_run(cfg, folder, device)
     store = run.store
@@ -180,4 +191,18 @@ def explore_text(cfg: FeaturesConfig, console: Console) -> TextLatents:
         print_text_latents(console, found, cfg.top)
     else:
         print_text_feature(console, found, cfg.feature)
+    if path is not None:
+        write_text_page(cfg, run, found, path)
+        console.print(Text(f"wrote {path}"))
     return found
+
+
+def write_text_page(cfg: FeaturesConfig, run: OpenedRun, found: TextLatents, path: Path) -> Path:
+    """The HTML page of the text's latents (text_report), the settings that made it at its top."""
+    from pipeline.text_report import write_text_report  # here, not at the top: text_report builds on this module
+
+    try:
+        settings = {**asdict(cfg), "sae": str(run.folder), "shards": run.store.url, "html": str(path), "layers": run.layers}
+        return write_text_report(path, found, cfg.feature, cfg.top, f"{run.folder} on a text", settings)
+    except OSError as error:  # a full disk: a page there before stays whole
+        raise CrosscodersError(f"cannot write {path} ({error.strerror or error}); free space or pass another --html") from None

@@ -789,8 +789,6 @@ def test_text_latents_print_per_token_and_for_one_latent_per_layer(store, sae, r
     assert console.file.getvalue() == "feature 1 fires on no token of the text at hidden states 0-4\n"
     with pytest.raises(CrosscodersError, match=r"^--text reads one SAE, and .* holds a sweep; pass one of its runs, e\.g\. --sae .*k=2$"):
         explore_text(FeaturesConfig(sae=str(sweep_dir), text=TEXT), QUIET)
-    with pytest.raises(CrosscodersError, match=r"^--text prints to the terminal and writes no report; drop --html$"):
-        FeaturesConfig(sae=str(run_dir), text=TEXT, html="r.html")
 
 
 def test_cli_shows_the_latents_of_a_text(store, sae, run_dir, tiny_model_dir, tmp_path):
@@ -834,9 +832,81 @@ def test_a_text_file_that_cannot_be_read_as_text_is_refused(run_dir, tmp_path):
             explore_text(FeaturesConfig(sae=str(run_dir), text_file=text_file), QUIET)
     with pytest.raises(CrosscodersError, match=r"^--text and --text-file both give the text; pass one$"):
         FeaturesConfig(sae=str(run_dir), text=TEXT, text_file="f.py")
-    with pytest.raises(CrosscodersError, match=r"^--text prints to the terminal and writes no report; drop --html$"):
-        FeaturesConfig(sae=str(run_dir), text_file="f.py", html="r.html")
     FeaturesConfig(sae=str(run_dir), text_file="f.py", prompt="Add them.")  # --prompt goes with either
+
+
+class TextPageParser(HTMLParser):
+    """Each div.text of a --text page: its pieces of text, each with the attributes of the span it is in (None outside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.texts, self.sections, self.span, self.in_text = [], [], None, False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs["id"])
+        if tag == "div" and attrs.get("class") == "text":
+            self.texts.append([])
+            self.in_text = True
+        if tag == "span" and self.in_text:
+            self.span = attrs
+
+    def handle_endtag(self, tag):
+        self.span = None if tag == "span" else self.span
+        self.in_text = self.in_text and tag != "div"
+
+    def handle_data(self, data):
+        if self.in_text:
+            self.texts[-1].append((data, self.span))
+
+
+def test_a_text_page_shows_each_tokens_latents_and_the_latents_firing_most_over_the_text(store, sae, run_dir, tmp_path):
+    path = tmp_path / "pages" / "add.html"
+    console = recording_console()
+    found = explore_text(FeaturesConfig(sae=str(run_dir), text=TEXT, top=3, html=str(path)), console)
+    assert console.file.getvalue().endswith(f"wrote {path}\n")
+    page = TextPageParser()
+    page.feed(path.read_text())
+    whole, *shown = page.texts
+    lines = "".join(token.replace("⏎", "⏎\n") for token in found.tokens)  # the text keeps its lines
+    assert "".join(data for data, _ in whole) == lines and len(whole) == len(found.tokens)
+    for position, ((_, span), recorded) in enumerate(zip(whole, found.recorded)):
+        strongest = "; ".join(f"{latent} {value:.2f} ({layer_ranges(where)})" for latent, value, where in found.strongest(position, 3))
+        assert span["title"] == f"pos {position}: " + ((strongest or "none fires") if recorded else "not recorded by the store, not encoded")
+    dense = torch.stack([found.activations(latent) for latent in range(N_LATENTS)], -1)  # [layers, seq, latents]
+    best = dense.amax((0, 1))
+    want = sorted((latent for latent in range(N_LATENTS) if best[latent] > 0), key=lambda latent: (-float(best[latent]), latent))[:3]
+    assert found.strongest_latents(3) == want and page.sections == [f"f{latent}" for latent in want] and len(shown) == 3
+    for latent, pieces in zip(want, shown):
+        acts = dense[..., latent]
+        peak = acts.amax(0)
+        assert "".join(data for data, _ in pieces) == lines
+        active = [(data, span) for data, span in pieces if span and span.get("class") == "act"]
+        fired = torch.nonzero(peak > 0).flatten().tolist()
+        assert [data for data, _ in active] == [found.tokens[p].replace("⏎", "⏎\n") for p in fired]
+        for p, (_, span) in zip(fired, active):
+            at = [(layer, float(acts[i, p])) for i, layer in enumerate(found.layers) if acts[i, p] > 0]
+            assert span["title"] == (f"pos {p}: {float(peak[p]):.3f}, at hidden states {layer_ranges([layer for layer, _ in at])}: "
+                                     + ", ".join(f"L{layer} {value:.3f}" for layer, value in at))
+            assert span["style"] == f"background: rgba(255, 120, 0, {0.15 + 0.85 * float(peak[p] / best[latent]):.2f})"
+
+
+def test_a_text_page_for_one_feature_and_its_refusals(store, sae, run_dir, tmp_path):
+    path = tmp_path / "one.html"
+    found = explore_text(FeaturesConfig(sae=str(run_dir), text=TEXT, feature=0, html=str(path)), QUIET)  # 0: every recorded row
+    page = TextPageParser()
+    page.feed(path.read_text())
+    active = [data for data, span in page.texts[1] if span and span.get("class") == "act"]
+    assert page.sections == ["f0"] and active == [t.replace("⏎", "⏎\n") for t, kept in zip(found.tokens, found.recorded) if kept]
+    explore_text(FeaturesConfig(sae=str(run_dir), text=TEXT, feature=1, html=str(path)), QUIET)  # dead
+    page = TextPageParser()
+    page.feed(path.read_text())
+    assert page.sections == ["f1"] and len(page.texts) == 1 and "fires on no token of the text at hidden states 0-4." in path.read_text()
+    for html, message in (("p.txt", r"--html p\.txt is not an \.html file"),
+                          ("dir/", r"--html dir/ names a folder; pass a file path such as dir/text\.html")):
+        with pytest.raises(CrosscodersError, match=f"^{message}"):
+            explore_text(FeaturesConfig(sae=str(run_dir), text=TEXT, html=html), QUIET)
 
 
 def test_text_asks_for_model_where_the_stores_does_not_load(run_dir, store, monkeypatch):
