@@ -58,7 +58,7 @@ class FeaturesConfig:
     layers: str = option("trained", "Hidden states whose rows are scanned: trained (those the SAE was trained on), all (the "
                                     "store's), 0-24, or 4,8,12.")
     feature: int | None = option(None, "Print this latent in the terminal: contexts, density, layer profile, activations, promoted "
-                                       "and suppressed tokens.")
+                                       "and suppressed tokens, similar latents.")
     text: str | None = option(None, "Instead of scanning the store, run the model over this text (as given, or with --prompt in the "
                                     "chat) and print the latents firing most on each token over --layers, or with --feature that "
                                     "latent's activation on each token at each hidden state.")
@@ -451,6 +451,20 @@ def logit_effects(sae: TopKSAE, lens: Lens, feature: int, layer: int, n_tokens: 
     return LogitEffects(shown(True), shown(False))
 
 
+@torch.no_grad()
+def similar_latents(sae: TopKSAE, alive: torch.Tensor, feature: int, n: int = 8) -> list[tuple[int, float]]:
+    """The n alive latents (other than feature) whose decoder directions are closest to the latent's, with their cosine,
+    closest first: where a concept split into several latents, or a latent's neighbours in meaning. One decoder serves
+    every layer, each layer's normalization a scalar, so the cosine is the same at every layer."""
+    W_dec = sae.W_dec.float()
+    cosine = (W_dec @ W_dec[feature]) / (W_dec.norm(dim=1) * W_dec[feature].norm()).clamp_min(1e-12)
+    candidates = alive.to(cosine.device).clone()
+    candidates[feature] = False
+    cosine = cosine.masked_fill(~candidates, -float("inf"))
+    values, indices = cosine.topk(min(n, int(candidates.sum())))
+    return list(zip(indices.tolist(), values.tolist()))
+
+
 def highlighted(console: Console, token: str, fraction: float) -> Text:
     """An activating token, its background pale to orange as its activation nears the latent's maximum (fraction of it);
     marked ⟦ ⟧ on a console without colour, so that it still shows."""
@@ -465,9 +479,10 @@ def sparkline(values: list[float], measured: list[bool]) -> str:
                    for v, seen in zip(values, measured))
 
 
-def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: LatentContexts, effects: LogitEffects | None):
+def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: LatentContexts, effects: LogitEffects | None,
+                  similar: list[tuple[int, float]] | None = None):
     """The latent in the terminal: density, layer profile and activation histogram as sparklines, promoted and suppressed
-    tokens, contexts with the activating token highlighted."""
+    tokens, the latents of the closest decoder directions (similar_latents), contexts with the activating token highlighted."""
     count, frequency = int(scan.counts[feature]), float(scan.frequency[feature])
     kind = " [red]dead[/]" if count == 0 else " [yellow]dense[/]" if frequency > DENSE_FREQUENCY else ""
     console.print(f"[bold]feature {feature}[/]{kind}: fires on {count:,} of {scan.n_rows:,} {scan.split} rows ({frequency:.3%})")
@@ -484,6 +499,8 @@ def print_feature(console: Console, scan: FeatureScan, feature: int, contexts: L
         # quoted as token_texts shows them: repr would double the backslash of an escape such as \xf0
         for verb, tokens in (("promotes", effects.promoted), ("suppresses", effects.suppressed)):
             console.print(Text(f"{verb} " + "  ".join(f"'{text}' {value:+.3g}" for text, value in tokens)))
+    if similar:
+        console.print("similar decoder directions (cosine): " + "  ".join(f"{latent} {cosine:+.3f}" for latent, cosine in similar))
     top = max((c.value for c in contexts.top), default=1.0)  # the sample's highlights on the same scale: paler when weaker
     for title, shown in (("top activations", contexts.top), (f"random activations: {contexts.sample_caption(count)}", contexts.sampled),
                          ("top activations at each layer", contexts.by_layer)):
@@ -594,9 +611,10 @@ def write_report(cfg: FeaturesConfig, run: OpenedRun, scan: FeatureScan, lens: L
     features = list(dict.fromkeys(([cfg.feature] if cfg.feature is not None else []) + report_features(scan, cfg.n_report_features)))
     contexts = {f: LatentContexts.of(scan, run.store, tokenizer, f, cfg.context) for f in features}
     effects = {f: effects_of(run.sae, lens, scan, f) for f in features}
+    similar = {f: similar_latents(run.sae, ~scan.dead, f) for f in features}
     try:
         settings = {**asdict(cfg), "sae": str(run.folder), "shards": run.store.url, "html": str(path), "layers": run.layers}  # absolute
-        write_html_report(path, scan, contexts, effects, title=f"{run.folder} on {run.store.url}", settings=settings)
+        write_html_report(path, scan, contexts, effects, title=f"{run.folder} on {run.store.url}", settings=settings, similar=similar)
     except OSError as error:  # a full disk: a report there before stays whole
         raise CrosscodersError(f"cannot write {path} ({error.strerror or error}); free space or pass another --html") from None
     return path
@@ -617,7 +635,8 @@ def explore_features(cfg: FeaturesConfig, console: Console, progress: bool = Tru
     scan = scan_run(cfg, run, device, console, progress)
     if cfg.feature is not None:
         contexts = LatentContexts.of(scan, run.store, lens.tokenizer if lens is not None else None, cfg.feature, cfg.context)
-        print_feature(console, scan, cfg.feature, contexts, effects_of(run.sae, lens, scan, cfg.feature))
+        print_feature(console, scan, cfg.feature, contexts, effects_of(run.sae, lens, scan, cfg.feature),
+                      similar_latents(run.sae, ~scan.dead, cfg.feature))
     console.print(f"scanned {scan.n_rows:,} {scan.split} rows: {summary_line(scan)}")
     if path is None:
         return None

@@ -117,6 +117,13 @@ def tokens_html(tokens: list[tuple[str, float]] | None, n: int | None = None) ->
     return "".join(f'<span class="tok" title="logit {value:+.3f}">{escape(text)}</span>' for text, value in tokens[:n])
 
 
+def similar_html(similar: list[tuple[int, float]], reported: dict) -> str:
+    """The latents of the closest decoder directions with their cosine, each linked to its section where the report has one."""
+    latents = "  ".join((f'<a class="sim" href="#f{latent}">{latent}</a>' if latent in reported else str(latent)) + f" {cosine:+.3f}"
+                        for latent, cosine in similar)
+    return f'<h3>Similar decoder directions</h3><p><span class="muted">alive latents, cosine:</span> {latents}</p>'
+
+
 def write_html_report(
     path: Path | str,
     scan: FeatureScan,
@@ -124,9 +131,10 @@ def write_html_report(
     effects: dict[int, LogitEffects | None],
     title: str,
     settings: dict,
+    similar: dict[int, list[tuple[int, float]]] | None = None,
 ) -> Path:
     """Writes the report: summary, the settings that made it (`sae-features`' options, resolved), density histogram, an
-    index of the latents in contexts, then a section per latent."""
+    index of the latents in contexts, then a section per latent (with its similar latents where given)."""
     path = Path(path)
     histogram = density_histogram(scan)
     n_latents = len(scan.counts)
@@ -157,6 +165,7 @@ def write_html_report(
             f'<div class="charts">{feature_charts(scan, feature, histogram)}</div>'
             f"<h3>Promoted tokens (logit lens at layer {layer})</h3><p>{tokens_html(promoted)}</p>"
             f"<h3>Suppressed tokens</h3><p>{tokens_html(suppressed)}</p>"
+            f"{similar_html(similar[feature], contexts) if similar else ''}"
             f"<h3>Top activations</h3>{''.join(context_html(c, top_value) for c in shown.top)}{sampled}{by_layer}</section>"
         )
     page = f"""<!doctype html>

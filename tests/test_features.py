@@ -46,6 +46,7 @@ from pipeline.features import (
     print_feature,
     sample_priority,
     scan_features,
+    similar_latents,
 )
 from pipeline.loader import layer_stats_of
 from pipeline.models import load_model
@@ -413,7 +414,7 @@ class ReportParser(HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.sections, self.links, self.images, self.charts, self.contexts = [], [], [], [], []
+        self.sections, self.links, self.similar, self.images, self.charts, self.contexts = [], [], [], [], [], []
         self.stack, self.heading = [], None  # the last h3 read, with its text: "Top activations" or "Random activations"
 
     def handle_starttag(self, tag, attrs):
@@ -421,7 +422,7 @@ class ReportParser(HTMLParser):
         if tag == "section":
             self.sections.append(attrs["id"])
         if tag == "a" and attrs.get("href", "").startswith("#f"):
-            self.links.append(attrs["href"][1:])
+            (self.similar if attrs.get("class") == "sim" else self.links).append(attrs["href"][1:])
         if tag == "img":
             self.images.append(attrs["src"])
         if tag == "svg":
@@ -519,7 +520,33 @@ def test_html_report_structure(store, sae, run_dir, tiny_model_dir, tmp_path):
                                 ("Suppressed tokens", effects.suppressed)):
             shown = re.findall(r'<span class="tok" title="logit ([^"]+)">(.*?)</span>', section.split(f"<h3>{heading}</h3><p>")[1].split("</p>")[0])
             assert shown == [(f"{value:+.3f}", html_module.escape(text)) for text, value in tokens]
+        similar = similar_latents(sae, ~scan.dead, feature)
+        shown = section.split("<h3>Similar decoder directions</h3><p>")[1].split("</p>")[0]
+        assert re.findall(r"(\d+)(?:</a>)? ([+-][\d.]+)", shown) == [(str(latent), f"{cosine:+.3f}") for latent, cosine in similar]
+        assert re.findall(r'href="#f(\d+)"', shown) == [str(latent) for latent, _ in similar if latent in features]
+    assert parser.similar and set(parser.similar) <= set(parser.sections)  # linked where the report has the latent
     assert any(ch in c["text"] for c in parser.contexts for ch in "<>&")  # code tokens survived escaping
+
+
+def test_similar_latents_are_the_closest_alive_decoder_directions(store, sae):
+    alive = torch.ones(N_LATENTS, dtype=torch.bool)
+    alive[[1, 7]] = False
+    W = sae.W_dec.detach().double().numpy()
+    for feature in (0, 5, 7):
+        cosine = W @ W[feature] / (np.linalg.norm(W, axis=1) * np.linalg.norm(W[feature]))
+        want = [int(i) for i in np.argsort(-cosine) if i != feature and alive[i]][:8]
+        found = similar_latents(sae, alive, feature)
+        assert [latent for latent, _ in found] == want
+        np.testing.assert_allclose([value for _, value in found], cosine[want], atol=1e-5)
+    assert similar_latents(sae, alive, 0, n=N_LATENTS) == similar_latents(sae, alive, 0, n=N_LATENTS - 3)  # all alive others
+    twin = copy.deepcopy(sae)
+    with torch.no_grad():
+        twin.W_dec[9] = -3 * twin.W_dec[4]  # opposite: the last; a scaled copy would be the first
+        twin.W_dec[11] = 2 * twin.W_dec[4]
+    assert similar_latents(twin, alive, 4)[0] == (11, pytest.approx(1.0)) and similar_latents(twin, alive, 4, n=N_LATENTS)[-1] == (9, pytest.approx(-1.0))
+    console = recording_console()
+    print_feature(console, scan_features(sae, store, "train", None, top=3), 0, LatentContexts([], [], []), None, [(5, 0.5), (3, -0.25)])
+    assert "similar decoder directions (cosine): 5 +0.500  3 -0.250\n" in console.file.getvalue()
 
 
 def test_errors_are_one_line(store, sae, run_dir, tmp_path):
@@ -642,6 +669,8 @@ def test_cli_prints_a_feature_and_rejects_an_unknown_one(store, sae, run_dir, ti
     effects = logit_effects(sae, Lens.of(load_model(str(tiny_model_dir))), 0, scan.peak_layer(0))
     assert "promotes " + "  ".join(f"'{text}' {value:+.3g}" for text, value in effects.promoted) in result.stdout
     assert "suppresses " + "  ".join(f"'{text}' {value:+.3g}" for text, value in effects.suppressed) in result.stdout
+    similar = "  ".join(f"{latent} {cosine:+.3f}" for latent, cosine in similar_latents(sae, ~scan.dead, 0))
+    assert f"similar decoder directions (cosine): {similar}\n" in result.stdout
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     top, sampled = result.stdout.split("random activations: ")
     sampled, by_layer = sampled.split("top activations at each layer")
