@@ -12,7 +12,8 @@ with importing_quietly():
     from rich.text import Text
 
     from pipeline.cli import config_command, local_path, run_app
-    from pipeline.evaluate import EvalConfig, Evaluated, LayerEval, average, run_eval, run_sweep_eval, sweep_runs
+    from pipeline.evaluate import EvalConfig, LayerEval, average, run_eval, sweep_runs
+    from pipeline.sweep_eval import SweepEval, run_sweep_eval
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 WIDTH = 110  # the whole table
@@ -40,16 +41,19 @@ def print_layers(results: list[LayerEval], eval_path: Path, plot_path: Path) -> 
     Console(stderr=True).print(Text(f"wrote {eval_path}\nwrote {plot_path}"), soft_wrap=True)
 
 
-def print_sweep(evaluated: list[Evaluated]) -> None:
+def print_sweep(sweep: SweepEval) -> None:
     """One row per run: its metrics averaged over the hidden states; each run's own eval.json holds them per layer."""
+    evaluated = sweep.runs
     results = evaluated[0].results
     layers = ",".join(str(r.layer) for r in results)
     table = metrics_table(f"SAEs spliced in, mean over hidden states {layers}, {results[0].n_tokens:,} held-out tokens "
                           "(CE and KL in nats per token)", "run", "left")
-    for run in evaluated:
-        table.add_row(Text(Path(run.config.sae).name), *mean_cells(run.results))
-    print_table(table)
-    Console(stderr=True).print(Text("\n".join(f"wrote {run.eval_path} and {run.plot_path.name}" for run in evaluated)), soft_wrap=True)
+    names = [Path(run.config.sae).name for run in evaluated]
+    for name, run in zip(names, evaluated):
+        table.add_row(Text(name), *mean_cells(run.results))
+    print_table(table, WIDTH + max(map(len, names)))  # the runs' names whole: they tell the runs apart
+    wrote = [f"wrote {run.eval_path} and {run.plot_path.name}" for run in evaluated] + [f"wrote {sweep.summary} and {sweep.frontier.name}"]
+    Console(stderr=True).print(Text("\n".join(wrote)), soft_wrap=True)
 
 
 def mean_cells(results: list[LayerEval]) -> list[str]:
@@ -66,9 +70,9 @@ def metrics_table(title: str, first_column: str, justify: str) -> Table:
     return table
 
 
-def print_table(table: Table) -> None:
+def print_table(table: Table, width: int = WIDTH) -> None:
     console = Console()
-    console.width = max(console.width, WIDTH)  # logs default to 80 columns, which would cut numbers
+    console.width = max(console.width, width)  # logs default to 80 columns, which would cut numbers
     console.print(table)
 
 

@@ -21,8 +21,9 @@ import pipeline.evaluate as evaluate_module
 from pipeline.cache import CacheConfig, cache_activations
 from pipeline.corpus import CorpusConfig
 from pipeline.devices import resolve_device
-from pipeline.evaluate import EvalConfig, run_eval, run_sweep_eval
+from pipeline.evaluate import EvalConfig, run_eval
 from pipeline.loader import LoaderConfig
+from pipeline.sweep_eval import run_sweep_eval
 from pipeline.train import TrainConfig, train_on_store
 from pipeline.units import parse_count
 
@@ -66,7 +67,7 @@ def main(
         alone_s, alone_passes = time.perf_counter() - start, len(passes)
         passes.clear()
         start = time.perf_counter()
-        evaluated = run_sweep_eval(config, progress=False)
+        evaluated = run_sweep_eval(config, progress=False).runs
         sweep_s, sweep_passes = time.perf_counter() - start, len(passes)
     n_tokens_scored = evaluated[0].results[0].n_tokens
     table = Table(title=f"{len(run_folders)} SAEs evaluated at hidden states {layers} on {n_tokens_scored:,} held-out tokens of "

@@ -390,18 +390,6 @@ def run_eval(config: EvalConfig, console: Console | None = None, progress: bool 
     return evaluated.results, evaluated.eval_path, evaluated.plot_path
 
 
-def run_sweep_eval(config: EvalConfig, console: Console | None = None, progress: bool = True) -> list[Evaluated]:
-    """`eval-sae --sae SWEEP`: evaluates every finished run of a sweep's folder (train-sae --sweep's --out) on the same
-    documents, with the model's clean and ablated passes shared; each run's eval.json holds what evaluating it alone
-    would write, in RUN/eval, or OUT/RUN with --out."""
-    console = console or Console(stderr=True)
-    sweep = local_path(config.sae, "--sae")
-    runs = finished_runs(sweep)
-    note_unfinished(sweep, runs, console, ("evaluated", "evaluate"))
-    out = local_path(config.out, "--out") if config.out else None
-    return evaluate_runs([replace(config, sae=str(run), out=str(out / run.name) if out else None) for run in runs], console, progress)
-
-
 def sweep_runs(folder: Path) -> list[Path]:
     """The runs of a sweep's folder that hold their final SAE, by name; none when folder is no sweep's (an SAE's
     folder, a run still training, anything else)."""

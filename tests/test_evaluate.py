@@ -30,7 +30,6 @@ from pipeline.evaluate import (
     layer_means,
     layers_of_run,
     run_eval,
-    run_sweep_eval,
     splice,
 )
 from pipeline.loader import LayerStats, stats_from_sums
@@ -38,6 +37,7 @@ from pipeline.models import load_model
 from pipeline.positions import RECORD_ALL, SkippedPositions
 from pipeline.sae import SAEConfig, TopKSAE, load
 from pipeline.store import Store, create_or_open
+from pipeline.sweep_eval import frontier_lines, run_sweep_eval, swept_settings
 from pipeline.train import CHECKPOINT, DATA_FILE, TRAIN_CONFIG_FILE
 
 QUIET = Console(file=open(os.devnull, "w"))
@@ -504,8 +504,8 @@ def test_an_sae_in_bf16_is_evaluated_like_its_float32_copy(float32_model, store)
 def saved_sweep(folder: Path, store: Store, n: int) -> list[Path]:
     """n runs of other random SAEs in one folder, as train-sae --sweep leaves them."""
     runs = [saved_run(folder / f"k{i}", store, seed=i) for i in range(n)]
-    for run in runs:
-        (run / TRAIN_CONFIG_FILE).write_text("{}")
+    for i, run in enumerate(runs):
+        (run / TRAIN_CONFIG_FILE).write_text(json.dumps({"expansion": 2, "k": 8, "seed": i, "lr": 0.0003}))
     return runs
 
 
@@ -518,7 +518,8 @@ def test_a_sweep_is_evaluated_in_one_pass_as_each_of_its_runs_alone(store, tmp_p
     counted = pipeline.evaluate.next_token_log_probs
     monkeypatch.setattr(pipeline.evaluate, "next_token_log_probs", lambda *args: passes.append(1) or counted(*args))
     console = Console(file=io.StringIO(), width=400)
-    evaluated = run_sweep_eval(EvalConfig(sae=str(tmp_path / "sweep"), layers="1,3", n_docs=3), console, progress=False)
+    sweep = run_sweep_eval(EvalConfig(sae=str(tmp_path / "sweep"), layers="1,3", n_docs=3), console, progress=False)
+    evaluated = sweep.runs
     swept_passes, passes[:] = len(passes), []
     assert [Path(e.config.sae) for e in evaluated] == runs
     assert "note: k3: no final SAE yet (still training, or stopped): not evaluated" in console.file.getvalue()
@@ -529,15 +530,24 @@ def test_a_sweep_is_evaluated_in_one_pass_as_each_of_its_runs_alone(store, tmp_p
         alone = json.loads(alone_path.read_text())
         assert swept == {**alone, "config": {**alone["config"], "out": str(run / "eval")}}  # bit for bit
     assert len({e.results[0].ce_sae for e in evaluated}) == 3  # three SAEs, three results
+    assert (sweep.summary, sweep.frontier) == (tmp_path / "sweep" / "sweep_eval.json", tmp_path / "sweep" / "frontier.png")
+    summary = json.loads(sweep.summary.read_text())
+    assert {key: summary[key] for key in ("sweep", "layers", "n_tokens")} == {"sweep": str(tmp_path / "sweep"), "layers": [1, 3],
+                                                                              "n_tokens": evaluated[0].results[0].n_tokens}
+    assert summary["runs"] == [{"run": run.name, "swept": {"seed": i}, "sae": str(run), "eval": str(run / "eval" / "eval.json"),
+                                "average": json.loads((run / "eval" / "eval.json").read_text())["average"]} for i, run in enumerate(runs)]
+    assert sweep.frontier.read_bytes().startswith(b"\x89PNG")
     n_batches = len(passes) // (3 * (1 + 2 * 3))  # alone: clean, then SAE, zeros and mean at each of 2 layers
     assert n_batches >= 1 and swept_passes == n_batches * (1 + 2 * (2 + 3))  # swept: zeros and mean once for all
 
 
 def test_a_sweep_with_out_writes_each_run_in_its_own_folder_and_refuses_runs_trained_apart(store, tmp_path):
     runs = saved_sweep(tmp_path / "sweep", store, 2)
-    evaluated = run_sweep_eval(EvalConfig(sae=str(tmp_path / "sweep"), layers="2", n_docs=1, out=str(tmp_path / "ev")), QUIET,
-                               progress=False)
-    assert [e.eval_path for e in evaluated] == [tmp_path / "ev" / run.name / "eval.json" for run in runs]
+    sweep = run_sweep_eval(EvalConfig(sae=str(tmp_path / "sweep"), layers="2", n_docs=1, out=str(tmp_path / "ev")), QUIET,
+                           progress=False)
+    assert [e.eval_path for e in sweep.runs] == [tmp_path / "ev" / run.name / "eval.json" for run in runs]
+    assert (sweep.summary, sweep.frontier) == (tmp_path / "ev" / "sweep_eval.json", tmp_path / "ev" / "frontier.png")
+    assert not (tmp_path / "sweep" / "sweep_eval.json").exists()
     data = json.loads((runs[1] / DATA_FILE).read_text())
     (runs[1] / DATA_FILE).write_text(json.dumps({**data, "layers": [1, 2]}))
     with pytest.raises(CrosscodersError, match=r"^.*k1 and .*k0 were not trained on the same store, model and hidden states "
@@ -554,8 +564,8 @@ def test_a_sweep_with_out_writes_each_run_in_its_own_folder_and_refuses_runs_tra
 
 
 def test_cli_evaluates_a_sweep_and_shows_a_row_per_run(store, tmp_path):
-    runs = saved_sweep(tmp_path / "sweep", store, 2)
-    result = run_python("eval_sae.py", "--sae", str(tmp_path / "sweep"), "--layers", "0,4", "--n-docs", "2", env={**os.environ, "COLUMNS": "200"})
+    runs = [run.rename(run.with_name(f"{run.name}-expansion2-lr0.0003-seed0")) for run in saved_sweep(tmp_path / "sweep", store, 2)]
+    result = run_python("eval_sae.py", "--sae", str(tmp_path / "sweep"), "--layers", "0,4", "--n-docs", "2", env={**os.environ, "COLUMNS": "80"})
     assert result.returncode == 0, result.stderr
     assert "mean over hidden states 0,4" in result.stdout
     for run in runs:
@@ -564,3 +574,15 @@ def test_cli_evaluates_a_sweep_and_shows_a_row_per_run(store, tmp_path):
         assert [float(cell) for cell in row[1:]] == pytest.approx([average[name] for name in (
             "ce_clean", "ce_sae", "ce_zero", "ce_mean", "recovered_loss", "recovered_loss_mean", "kl", "mse", "fvu", "l0")], rel=1e-2)
         assert f"wrote {run / 'eval' / 'eval.json'} and recovered.png" in result.stderr
+    assert f"wrote {tmp_path / 'sweep' / 'sweep_eval.json'} and frontier.png" in result.stderr
+
+
+def test_a_sweeps_frontier_joins_the_runs_that_differ_in_k_alone():
+    configs = [{"expansion": e, "k": k, "lr": 0.0003, "seed": 0} for e in (4, 8) for k in (64, 16, 32)] + [{"expansion": 4, "k": 16, "lr": 0.001, "seed": 0, "new": 1}]
+    swept = swept_settings(configs)
+    assert swept[0] == {"expansion": 4, "k": 64, "lr": 0.0003, "new": None} and swept[-1] == {"expansion": 4, "k": 16, "lr": 0.001, "new": 1}
+    runs = [{"run": f"r{i}", "swept": settings, "average": {"l0": float(settings["k"])}} for i, settings in enumerate(swept)]
+    lines = frontier_lines(runs)
+    assert list(lines) == ["expansion=4, lr=0.0003, new=None", "expansion=8, lr=0.0003, new=None", "expansion=4, lr=0.001, new=1"]
+    assert [[run["run"] for run in line] for line in lines.values()] == [["r1", "r2", "r0"], ["r4", "r5", "r3"], ["r6"]]  # by L0
+    assert list(frontier_lines([{"run": "a", "swept": {"k": 8}, "average": {"l0": 8.0}}])) == ["every run"]
