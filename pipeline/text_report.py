@@ -42,9 +42,9 @@ def latent_section(found: TextLatents, latent: int) -> tuple[str, str]:
     layer_index, position = divmod(int(acts.argmax()), acts.shape[1])
     peak = acts.max(0).values  # [seq] over the hidden states
     spans = []
-    for p, (token, value, recorded) in enumerate(zip(found.tokens, peak.tolist(), found.recorded)):
+    for p, (token, value, recorded, by_layer) in enumerate(zip(found.tokens, peak.tolist(), found.recorded, acts.T.tolist())):
         if value > 0:
-            at = [(layer, float(acts[i, p])) for i, layer in enumerate(found.layers) if acts[i, p] > 0]
+            at = [(layer, v) for layer, v in zip(found.layers, by_layer) if v > 0]
             title = (f"pos {p}: {value:.3f}, at hidden states {layer_ranges([layer for layer, _ in at])}: "
                      + ", ".join(f"L{layer} {v:.3f}" for layer, v in at))
             spans.append(active_span(with_breaks(token), value / top, title))
