@@ -44,14 +44,13 @@ class TextLatents:
     def strongest(self, position: int, n: int) -> list[tuple[int, float, list[int]]]:
         """The n latents firing most on the token at position, over the hidden states: (latent, its largest activation,
         the hidden states it fires at), largest first; of equal ones, the lower latent first."""
-        values, indices = self.values[:, position], self.indices[:, position]  # [layers, k]
-        firing = values > 0
-        latents = torch.unique(indices[firing]).tolist()
-        found = []
-        for latent in latents:
-            at = firing & (indices == latent)
-            found.append((latent, float(values[at].max()), [self.layers[i] for i in torch.nonzero(at.any(1)).flatten().tolist()]))
-        return sorted(found, key=lambda item: (-item[1], item[0]))[:n]
+        values, indices = self.values[:, position].numpy(), self.indices[:, position].numpy()  # [layers, k]
+        at_layer, slot = np.nonzero(values > 0)
+        latents, group = np.unique(indices[at_layer, slot], return_inverse=True)
+        largest = np.zeros(len(latents), dtype=values.dtype)
+        np.maximum.at(largest, group, values[at_layer, slot])
+        return [(int(latents[i]), float(largest[i]), [self.layers[j] for j in np.unique(at_layer[group == i])])
+                for i in np.lexsort((latents, -largest))[:n]]
 
     def strongest_latents(self, n: int) -> list[int]:
         """The n latents of largest activation anywhere on the text, largest first; of equal ones, the lower first."""
