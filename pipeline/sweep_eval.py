@@ -12,7 +12,7 @@ from pipeline.cli import local_path
 from pipeline.errors import CrosscodersError
 from pipeline.evaluate import EvalConfig, Evaluated, average, evaluate_runs, finished_runs, note_unfinished
 from pipeline.files import write_whole
-from pipeline.train import TRAIN_CONFIG_FILE, finite_or_null
+from pipeline.train import TRAIN_CONFIG_FILE, finite_or_null, read_json
 
 SUMMARY_FILE, FRONTIER_FILE = "sweep_eval.json", "frontier.png"
 
@@ -35,8 +35,9 @@ def run_sweep_eval(config: EvalConfig, console: Console | None = None, progress:
     runs = finished_runs(sweep)
     note_unfinished(sweep, runs, console, ("evaluated", "evaluate"))
     out = local_path(config.out, "--out") if config.out else None
+    train_configs = [read_json(run / TRAIN_CONFIG_FILE) for run in runs]  # a damaged one fails now, not after the passes
     evaluated = evaluate_runs([replace(config, sae=str(run), out=str(out / run.name) if out else None) for run in runs], console, progress)
-    return SweepEval(evaluated, *write_sweep_summary(evaluated, sweep, out or sweep))
+    return SweepEval(evaluated, *write_sweep_summary(evaluated, train_configs, sweep, out or sweep))
 
 
 def swept_settings(train_configs: list[dict]) -> list[dict]:
@@ -55,9 +56,8 @@ def frontier_lines(runs: list[dict]) -> dict[str, list[dict]]:
     return {label: sorted(line, key=lambda run: (run["average"]["l0"], run["run"])) for label, line in lines.items()}
 
 
-def write_sweep_summary(evaluated: list[Evaluated], sweep: Path, out: Path) -> tuple[Path, Path]:
-    """Writes sweep_eval.json and frontier.png into out."""
-    train_configs = [json.loads((Path(run.config.sae) / TRAIN_CONFIG_FILE).read_text()) for run in evaluated]
+def write_sweep_summary(evaluated: list[Evaluated], train_configs: list[dict], sweep: Path, out: Path) -> tuple[Path, Path]:
+    """Writes sweep_eval.json and frontier.png into out; train_configs: each run's train_config.json."""
     runs = [{"run": Path(run.config.sae).name, "swept": swept, "sae": run.config.sae, "eval": str(run.eval_path),
              "average": average(run.results)} for run, swept in zip(evaluated, swept_settings(train_configs))]
     first = evaluated[0]

@@ -556,6 +556,10 @@ def test_a_sweep_with_out_writes_each_run_in_its_own_folder_and_refuses_runs_tra
     with pytest.raises(CrosscodersError, match="holds no finished run of a sweep"):
         run_sweep_eval(EvalConfig(sae=str(runs[0]), n_docs=1), QUIET, progress=False)
     (runs[1] / DATA_FILE).write_text(json.dumps(data))
+    (runs[1] / TRAIN_CONFIG_FILE).write_text('{"k": 8, "expan')  # cut short
+    with pytest.raises(CrosscodersError, match=r"^.*k1/train_config\.json is damaged \(.*\); restore it"), no_model_loads():
+        run_sweep_eval(EvalConfig(sae=str(tmp_path / "sweep"), n_docs=1), QUIET, progress=False)
+    (runs[1] / TRAIN_CONFIG_FILE).write_text("{}")
     stats = stats_from_sums(*store.layer_stats_sums())  # the second run's SAE has statistics for hidden state 2 alone
     only_2 = LayerStats(stats.mean, stats.mean_sq_norm, torch.where(torch.arange(N_HIDDEN_STATES) == 2, stats.count, 0))
     TopKSAE(SAEConfig(d_model=64, n_layers=N_HIDDEN_STATES, expansion=2, k=8), only_2).save(runs[1])
