@@ -13,6 +13,7 @@ with importing_quietly():
 
     from pipeline.cli import config_command, local_path, run_app
     from pipeline.evaluate import EvalConfig, LayerEval, average, run_eval, sweep_runs
+    from pipeline.layers import layer_ranges
     from pipeline.sweep_eval import SweepEval, run_sweep_eval
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -45,7 +46,7 @@ def print_sweep(sweep: SweepEval) -> None:
     """One row per run: its metrics averaged over the hidden states; each run's own eval.json holds them per layer."""
     evaluated = sweep.runs
     results = evaluated[0].results
-    layers = ",".join(str(r.layer) for r in results)
+    layers = layer_ranges([r.layer for r in results])
     table = metrics_table(f"SAEs spliced in, mean over hidden states {layers}, {results[0].n_tokens:,} held-out tokens "
                           "(CE and KL in nats per token)", "run", "left")
     names = [Path(run.config.sae).name for run in evaluated]

@@ -16,6 +16,18 @@ def parse_layers(spec: str, n_hidden_states: int) -> list[int]:
     return sorted({layer for layers in ranges for layer in layers})
 
 
+def layer_ranges(layers: list[int]) -> str:
+    """[4, 5, 6, 9] -> '4-6,9': sorted layer ids in the --layers syntax (parse_layers' inverse), as a title shows them."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ",".join(parts)
+
+
 def _layer_range(part: str, spec: str) -> range:
     """'4' or '0-28' (one item of --layers) -> its layers."""
     first, dash, last = part.partition("-")

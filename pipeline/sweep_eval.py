@@ -12,6 +12,7 @@ from pipeline.cli import local_path
 from pipeline.errors import CrosscodersError
 from pipeline.evaluate import EvalConfig, Evaluated, average, evaluate_runs, finished_runs, note_unfinished
 from pipeline.files import write_whole
+from pipeline.layers import layer_ranges
 from pipeline.train import TRAIN_CONFIG_FILE, finite_or_null, read_json
 
 SUMMARY_FILE, FRONTIER_FILE = "sweep_eval.json", "frontier.png"
@@ -67,7 +68,7 @@ def write_sweep_summary(evaluated: list[Evaluated], train_configs: list[dict], s
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_whole(summary_path, lambda path: path.write_text(json.dumps(finite_or_null(summary), indent=2)))
-        plot_frontier(runs, frontier_path, f"{sweep.name}: mean over hidden states {','.join(map(str, summary['layers']))}")
+        plot_frontier(runs, frontier_path, f"{sweep.name}: mean over hidden states {layer_ranges(summary['layers'])}")
     except OSError as error:  # a full disk: the files before stay whole
         raise CrosscodersError(f"cannot write {out} ({error.strerror or error}); free space or pass another --out") from None
     return summary_path, frontier_path

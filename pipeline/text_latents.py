@@ -19,6 +19,7 @@ from pipeline.errors import CrosscodersError
 from pipeline.evaluate import load_model_of_store, sweep_runs
 from pipeline.features import FeaturesConfig, OpenedRun, highlighted, html_path, open_run
 from pipeline.hidden_states import capture_rows
+from pipeline.layers import layer_ranges
 from pipeline.models import LoadedModel
 from pipeline.positions import SkippedPositions
 from pipeline.sae import TopKSAE
@@ -98,18 +99,6 @@ def text_latents(loaded: LoadedModel, sae: TopKSAE, skipped: SkippedPositions, t
         values[i, kept] = top_values.float().cpu()
         indices[i, kept] = top_indices.cpu()
     return TextLatents(ids, token_texts(tokenizer, ids), recorded.tolist(), layers, values, indices)
-
-
-def layer_ranges(layers: list[int]) -> str:
-    """[4, 5, 6, 9] -> '4-6,9'."""
-    parts, start = [], None
-    for i, layer in enumerate(layers):
-        if start is None:
-            start = layer
-        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
-            parts.append(str(start) if start == layer else f"{start}-{layer}")
-            start = None
-    return ",".join(parts)
 
 
 def print_text_latents(console: Console, found: TextLatents, n: int):

@@ -6,8 +6,9 @@ from html import escape
 from pathlib import Path
 
 from pipeline.files import write_whole
+from pipeline.layers import layer_ranges
 from pipeline.report import STYLE, active_span, bar_chart_svg
-from pipeline.text_latents import TextLatents, layer_ranges
+from pipeline.text_latents import TextLatents
 
 TEXT_STYLE = ".text { font-family: ui-monospace, monospace; white-space: pre-wrap; border: 1px solid #ddd; padding: 0.5em; }"
 

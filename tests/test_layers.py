@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.errors import CrosscodersError
-from pipeline.layers import parse_layers, stored_layers
+from pipeline.layers import layer_ranges, parse_layers, stored_layers
 
 
 def test_parse_layers():
@@ -29,3 +29,9 @@ def test_stored_layers_are_the_stores_or_a_list_it_holds():
         stored_layers("1-2", [1, 3], 5)
     with pytest.raises(CrosscodersError, match="layer 7 is out of range"):
         stored_layers("7", [1, 3], 5)
+
+
+def test_layer_ranges_write_a_layer_list_in_the_layers_syntax():
+    assert layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and layer_ranges([3]) == "3" and layer_ranges([]) == ""
+    for layers in ([0, 2, 4], list(range(25)), [1, 2, 3, 10, 11, 24], [24]):
+        assert parse_layers(layer_ranges(layers), 25) == layers
