@@ -10,7 +10,10 @@ from pipeline.layers import layer_ranges
 from pipeline.report import STYLE, active_span, bar_chart_svg
 from pipeline.text_latents import TextLatents
 
-TEXT_STYLE = ".text { font-family: ui-monospace, monospace; white-space: pre-wrap; border: 1px solid #ddd; padding: 0.5em; }"
+TEXT_STYLE = """
+.text { font-family: ui-monospace, monospace; white-space: pre-wrap; border: 1px solid #ddd; padding: 0.5em; }
+.text span[title]:hover { outline: 1px solid #555; cursor: help; }
+"""
 
 
 def with_breaks(token: str) -> str:
