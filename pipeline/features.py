@@ -612,12 +612,8 @@ def write_report(cfg: FeaturesConfig, run: OpenedRun, scan: FeatureScan, lens: L
     contexts = {f: LatentContexts.of(scan, run.store, tokenizer, f, cfg.context) for f in features}
     effects = {f: effects_of(run.sae, lens, scan, f) for f in features}
     similar = {f: similar_latents(run.sae, ~scan.dead, f) for f in features}
-    try:
-        settings = {**asdict(cfg), "sae": str(run.folder), "shards": run.store.url, "html": str(path), "layers": run.layers}  # absolute
-        write_html_report(path, scan, contexts, effects, title=f"{run.folder} on {run.store.url}", settings=settings, similar=similar)
-    except OSError as error:  # a full disk: a report there before stays whole
-        raise CrosscodersError(f"cannot write {path} ({error.strerror or error}); free space or pass another --html") from None
-    return path
+    settings = {**asdict(cfg), "sae": str(run.folder), "shards": run.store.url, "html": str(path), "layers": run.layers}  # absolute
+    return write_html_report(path, scan, contexts, effects, title=f"{run.folder} on {run.store.url}", settings=settings, similar=similar)
 
 
 def effects_of(sae: TopKSAE, lens: Lens | None, scan: FeatureScan, feature: int) -> LogitEffects | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: leaves the caller's plotting backend alone
 
+from pipeline.errors import CrosscodersError
 from pipeline.features import DENSE_FREQUENCY, Context, FeatureScan, LatentContexts, LogitEffects, breadth_summary, density_histogram
 from pipeline.files import write_whole
 
@@ -168,21 +169,36 @@ def write_html_report(
             f"{similar_html(similar[feature], contexts) if similar else ''}"
             f"<h3>Top activations</h3>{''.join(context_html(c, top_value) for c in shown.top)}{sampled}{by_layer}</section>"
         )
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>SAE features: {escape(title)}</title><style>{STYLE}</style></head>
-<body><h1>SAE features</h1>
-<p>{escape(title)}: {scan.n_rows:,} {scan.split} rows scanned; {n_latents:,} latents, {int((~scan.dead).sum()):,} alive,
+    body = f"""<p>{escape(title)}: {scan.n_rows:,} {scan.split} rows scanned; {n_latents:,} latents, {int((~scan.dead).sum()):,} alive,
 {int(scan.dead.sum()):,} dead (never fired), {int(scan.dense.sum()):,} dense (fire on more than {DENSE_FREQUENCY:.0%} of rows);
 {escape(breadth_summary(scan))}, counting a layer by the latent's firing rate among its rows (the exp of that profile's entropy).</p>
-<details><summary>settings</summary><pre id="settings">{escape(json.dumps(settings, indent=2))}</pre></details>
+{settings_html(settings)}
 <img src="{density_figure(histogram)}" alt="density histogram">
 <img src="{layers_figure(scan)}" alt="layer breadth and peak layers of the alive latents">
 <h2 id="index">Reported latents</h2>
 <table class="index"><tr><th>feature</th><th>density</th><th>rows</th><th>peak layer</th><th>layers</th><th>promoted tokens</th></tr>
 {"".join(rows)}</table>
 {"".join(sections)}
-</body></html>
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_whole(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))
+    return write_page(path, "SAE features", title, STYLE, body)
+
+
+def settings_html(settings: dict) -> str:
+    """The settings that made a page (the command's options, resolved), folded under a summary."""
+    return f'<details><summary>settings</summary><pre id="settings">{escape(json.dumps(settings, indent=2))}</pre></details>'
+
+
+def write_page(path: Path, heading: str, title: str, style: str, body: str) -> Path:
+    """Writes one self-contained HTML page, whole or not at all (a page there before stays whole): heading as its h1
+    and, with title, its tab's name; the page is what --html names, so a failure says to pass another."""
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{heading}: {escape(title)}</title><style>{style}</style></head>
+<body><h1>{heading}</h1>
+{body}</body></html>
+"""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_whole(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))
+    except OSError as error:  # a full disk
+        raise CrosscodersError(f"cannot write {path} ({error.strerror or error}); free space or pass another --html") from None
     return path

@@ -189,8 +189,5 @@ def write_text_page(cfg: FeaturesConfig, run: OpenedRun, found: TextLatents, pat
     """The HTML page of the text's latents (text_report), the settings that made it at its top."""
     from pipeline.text_report import write_text_report  # here, not at the top: text_report builds on this module
 
-    try:
-        settings = {**asdict(cfg), "sae": str(run.folder), "shards": run.store.url, "html": str(path), "layers": run.layers}
-        return write_text_report(path, found, cfg.feature, cfg.top, f"{run.folder} on a text", settings)
-    except OSError as error:  # a full disk: a page there before stays whole
-        raise CrosscodersError(f"cannot write {path} ({error.strerror or error}); free space or pass another --html") from None
+    settings = {**asdict(cfg), "sae": str(run.folder), "shards": run.store.url, "html": str(path), "layers": run.layers}
+    return write_text_report(path, found, cfg.feature, cfg.top, f"{run.folder} on a text", settings)

@@ -1,13 +1,11 @@
 """The HTML page of `sae-features --text ... --html`: the text, each token's strongest latents on hover, then the latents
 firing most on it (or --feature's), each over the text with its largest activation at each hidden state."""
 
-import json
 from html import escape
 from pathlib import Path
 
-from pipeline.files import write_whole
 from pipeline.layers import layer_ranges
-from pipeline.report import STYLE, active_span, bar_chart_svg
+from pipeline.report import STYLE, active_span, bar_chart_svg, settings_html, write_page
 from pipeline.text_latents import TextLatents
 
 TEXT_STYLE = """
@@ -77,12 +75,9 @@ def write_text_report(path: Path | str, found: TextLatents, feature: int | None,
     latents = [feature] if feature is not None else found.strongest_latents(n)
     rows, sections = zip(*(latent_section(found, latent) for latent in latents)) if latents else ((), ())
     shown = "--feature's latent" if feature is not None else f"the {len(latents)} latents of largest activation on the text"
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>SAE latents on a text: {escape(title)}</title><style>{STYLE}{TEXT_STYLE}</style></head>
-<body><h1>SAE latents on a text</h1>
-<p>{escape(title)}: {len(found.tokens):,} tokens, {sum(found.recorded):,} of them recorded by the store and encoded at hidden
+    body = f"""<p>{escape(title)}: {len(found.tokens):,} tokens, {sum(found.recorded):,} of them recorded by the store and encoded at hidden
 states {layer_ranges(found.layers)}; the others (the first, special tokens, the chat template's shared start) in grey.</p>
-<details><summary>settings</summary><pre id="settings">{escape(json.dumps(settings, indent=2))}</pre></details>
+{settings_html(settings)}
 <h2>The text</h2><p class="muted">each token's {n} strongest latents on hover: latent, largest activation, the hidden states it
 fires at</p>
 {text_html(found, n)}
@@ -90,8 +85,5 @@ fires at</p>
 <table class="index"><tr><th>feature</th><th>largest</th><th>at hidden state</th><th>on token</th><th>tokens</th><th>hidden states</th></tr>
 {"".join(rows)}</table>
 {"".join(sections)}
-</body></html>
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_whole(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))
-    return path
+    return write_page(path, "SAE latents on a text", title, STYLE + TEXT_STYLE, body)
