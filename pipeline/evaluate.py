@@ -466,12 +466,20 @@ def write_eval(config: EvalConfig, results: list[LayerEval], model: dict) -> Eva
     """Writes eval.json (config, the model's record, results, their average) and recovered.png into config.out."""
     report = {"config": asdict(config), **model, "n_tokens": results[0].n_tokens, "layers": [r.to_dict() for r in results],
               "average": average(results)}
-    out = Path(config.out)
-    eval_path, plot_path = out / EVAL_FILE, out / PLOT_FILE
+    title = f"{Path(config.sae).resolve().name} on {model['model']['name']}"
+    eval_path, plot_path = write_record_and_plot(Path(config.out), EVAL_FILE, report, PLOT_FILE,
+                                                 lambda path: plot_recovered(results, path, title))
+    return Evaluated(config, results, eval_path, plot_path)
+
+
+def write_record_and_plot(out: Path, record_name: str, record: dict, plot_name: str, plot: Callable[[Path], None]) -> tuple[Path, Path]:
+    """record as out/record_name (a figure that is not finite, such as a 0/0 fraction, as null) and plot(out/plot_name),
+    each whole; a failure in one line. Returns both paths."""
+    record_path, plot_path = out / record_name, out / plot_name
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_whole(eval_path, lambda path: path.write_text(json.dumps(finite_or_null(report), indent=2)))  # a 0/0 fraction is null
-        plot_recovered(results, plot_path, f"{Path(config.sae).resolve().name} on {model['model']['name']}")
+        write_whole(record_path, lambda path: path.write_text(json.dumps(finite_or_null(record), indent=2)))
+        plot(plot_path)
     except OSError as error:  # a full disk: the files before stay whole
         raise CrosscodersError(f"cannot write {out} ({error.strerror or error}); free space or pass another --out") from None
-    return Evaluated(config, results, eval_path, plot_path)
+    return record_path, plot_path

@@ -9,11 +9,10 @@ from pathlib import Path
 from rich.console import Console
 
 from pipeline.cli import local_path
-from pipeline.errors import CrosscodersError
-from pipeline.evaluate import EvalConfig, Evaluated, average, evaluate_runs, finished_runs, note_unfinished
+from pipeline.evaluate import EvalConfig, Evaluated, average, evaluate_runs, finished_runs, note_unfinished, write_record_and_plot
 from pipeline.files import write_whole
 from pipeline.layers import layer_ranges
-from pipeline.train import TRAIN_CONFIG_FILE, finite_or_null, read_json
+from pipeline.train import TRAIN_CONFIG_FILE, read_json
 
 SUMMARY_FILE, FRONTIER_FILE = "sweep_eval.json", "frontier.png"
 
@@ -64,14 +63,8 @@ def write_sweep_summary(evaluated: list[Evaluated], train_configs: list[dict], s
     first = evaluated[0]
     summary = {"sweep": str(sweep), "model": first.config.model, "shards": first.config.shards,
                "layers": [r.layer for r in first.results], "n_tokens": first.results[0].n_tokens, "runs": runs}
-    summary_path, frontier_path = out / SUMMARY_FILE, out / FRONTIER_FILE
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_whole(summary_path, lambda path: path.write_text(json.dumps(finite_or_null(summary), indent=2)))
-        plot_frontier(runs, frontier_path, f"{sweep.name}: mean over hidden states {layer_ranges(summary['layers'])}")
-    except OSError as error:  # a full disk: the files before stay whole
-        raise CrosscodersError(f"cannot write {out} ({error.strerror or error}); free space or pass another --out") from None
-    return summary_path, frontier_path
+    title = f"{sweep.name}: mean over hidden states {layer_ranges(summary['layers'])}"
+    return write_record_and_plot(out, SUMMARY_FILE, summary, FRONTIER_FILE, lambda path: plot_frontier(runs, path, title))
 
 
 def plot_frontier(runs: list[dict], path: Path, title: str):
